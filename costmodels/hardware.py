@@ -1,0 +1,173 @@
+"""Accelerator spec sheets: Ascend 910C, H100, H800, H200 (and a nominal CPU process for `local:N`).
+
+Values are per die (the unit podplan computes on) and one direction for links; a chip's
+totals are the `chip_*` properties. Source keys refer to `shared/reference/cloudmatrix384.md`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from costmodels.errors import InputError
+
+# Bytes per element of each numeric format podplan prices.
+DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator. Compute and memory per die; link bandwidths per die, one direction, GB/s."""
+
+    name: str
+    dies: int
+    bf16_tflops: float  # dense, per die
+    fp8_tflops: float  # dense, per die; 0 = not supported
+    int8_tops: float  # dense, per die
+    hbm_gb: float  # per die
+    hbm_tbps: float  # per die
+    scaleup_gbps: float  # per die, one direction (UB / NVLink / shared memory)
+    scaleout_gbps: float  # per die, one direction (RoCE / InfiniBand); 0 = none
+    scaleup_fabric: str
+    scaleout_fabric: str
+    source: str
+
+    @property
+    def chip_bf16_tflops(self) -> float:
+        return self.bf16_tflops * self.dies
+
+    @property
+    def chip_int8_tops(self) -> float:
+        return self.int8_tops * self.dies
+
+    @property
+    def chip_hbm_gb(self) -> float:
+        return self.hbm_gb * self.dies
+
+    @property
+    def chip_hbm_tbps(self) -> float:
+        return self.hbm_tbps * self.dies
+
+    @property
+    def chip_scaleup_gbps(self) -> float:
+        return self.scaleup_gbps * self.dies
+
+    @property
+    def chip_scaleout_gbps(self) -> float:
+        return self.scaleout_gbps * self.dies
+
+    def supports(self, dtype: str) -> bool:
+        """True if the die has tensor-core/cube support for matmuls in `dtype`."""
+        return self.peak_tflops_or_zero(dtype) > 0
+
+    def peak_tflops_or_zero(self, dtype: str) -> float:
+        return {"bf16": self.bf16_tflops, "fp16": self.bf16_tflops, "fp8": self.fp8_tflops,
+                "int8": self.int8_tops}.get(dtype, 0.0)
+
+    def peak_tflops(self, dtype: str) -> float:
+        """Dense peak of one die for matmuls in `dtype` (TFLOPS or TOPS)."""
+        peak = self.peak_tflops_or_zero(dtype)
+        if peak <= 0:
+            raise InputError(
+                f"{self.name}: {dtype} matmuls are not supported on this device; "
+                f"use one of {', '.join(d for d in ('bf16', 'fp8', 'int8') if self.supports(d))}"
+            )
+        return peak
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ASCEND_910C = DeviceSpec(
+    name="Ascend 910C",
+    dies=2,  # XDS §2.2 [P]
+    bf16_tflops=376.0,  # CMI §3.3 [S]: 376 per die, 752 per chip
+    fp8_tflops=0.0,  # XDS §4.7 [P]: FP8 not supported, INT8 used instead
+    int8_tops=752.0,  # CMI Tables 2-3 [D]: 1,504 TOPS per chip, the efficiency denominator
+    hbm_gb=64.0,  # CMI §3.3, Table 9 [S]: 128 GB per chip
+    hbm_tbps=1.6,  # CMI §3.3, Table 9 [S]: 3.2 TB/s per chip
+    scaleup_gbps=196.0,  # CMI §3.2 [S]: UB 7 links x 224 Gbps = 196 GB/s per die
+    scaleout_gbps=25.0,  # CMI §3.2 [S]: RDMA 200 Gbps per die
+    scaleup_fabric="UB",
+    scaleout_fabric="RoCE",
+    source="CMI §3.2-3.3, Tables 2-3, 9; XDS §2.2, §4.7",
+)
+
+# NVIDIA SXM parts: spec sheet (reference §8). INT8 dense = FP8 dense on Hopper (datasheet:
+# 3,958 TOPS INT8 with sparsity, half of it dense). NVLink is quoted bidirectional: halve it.
+# Scale-out: 8 x 400 Gb/s InfiniBand per 8-GPU node = 50 GB/s per GPU (reference §8).
+H100 = DeviceSpec(
+    name="H100 SXM",
+    dies=1,
+    bf16_tflops=989.0,  # spec sheet
+    fp8_tflops=1979.0,  # spec sheet
+    int8_tops=1979.0,  # spec sheet (3,958 sparse / 2)
+    hbm_gb=80.0,  # spec sheet
+    hbm_tbps=3.35,  # spec sheet
+    scaleup_gbps=450.0,  # spec sheet: NVLink 900 GB/s bidirectional
+    scaleout_gbps=50.0,  # reference §8: 400 Gb/s IB per GPU
+    scaleup_fabric="NVLink",
+    scaleout_fabric="InfiniBand",
+    source="NVIDIA H100 SXM spec sheet (reference §8)",
+)
+
+H800 = DeviceSpec(
+    name="H800 SXM",
+    dies=1,
+    bf16_tflops=989.0,  # spec sheet
+    fp8_tflops=1979.0,  # spec sheet
+    int8_tops=1979.0,  # spec sheet (same tensor cores as H100)
+    hbm_gb=80.0,  # spec sheet
+    hbm_tbps=3.35,  # spec sheet
+    scaleup_gbps=200.0,  # spec sheet: NVLink 400 GB/s bidirectional
+    scaleout_gbps=50.0,  # reference §8: 400 Gb/s IB per GPU
+    scaleup_fabric="NVLink",
+    scaleout_fabric="InfiniBand",
+    source="NVIDIA H800 SXM spec sheet (reference §8)",
+)
+
+H200 = DeviceSpec(
+    name="H200 SXM",
+    dies=1,
+    bf16_tflops=989.0,  # spec sheet
+    fp8_tflops=1979.0,  # spec sheet
+    int8_tops=1979.0,  # spec sheet
+    hbm_gb=141.0,  # spec sheet
+    hbm_tbps=4.8,  # spec sheet
+    scaleup_gbps=450.0,  # spec sheet: NVLink 900 GB/s bidirectional
+    scaleout_gbps=50.0,  # reference §8: 400 Gb/s IB per GPU
+    scaleup_fabric="NVLink",
+    scaleout_fabric="InfiniBand",
+    source="NVIDIA H200 SXM spec sheet (reference §8)",
+)
+
+# `local:N` runs the plan on CPU processes to check numerics; its numbers are nominal
+# placeholders (no source: predictions on it are not meaningful and never calibrated).
+CPU_PROCESS = DeviceSpec(
+    name="CPU process",
+    dies=1,
+    bf16_tflops=0.5,  # nominal
+    fp8_tflops=0.0,  # no fp8 matmuls on CPU
+    int8_tops=0.5,  # nominal
+    hbm_gb=16.0,  # nominal share of host memory
+    hbm_tbps=0.05,  # nominal
+    scaleup_gbps=5.0,  # nominal shared-memory copy rate (gloo)
+    scaleout_gbps=0.0,
+    scaleup_fabric="shm",
+    scaleout_fabric="none",
+    source="nominal placeholder (local runtime only)",
+)
+
+DEVICES: dict[str, DeviceSpec] = {
+    "ascend-910c": ASCEND_910C,
+    "h100": H100,
+    "h800": H800,
+    "h200": H200,
+    "cpu": CPU_PROCESS,
+}
+
+
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per element of `dtype`; unknown formats are an InputError naming the known ones."""
+    if dtype not in DTYPE_BYTES:
+        raise InputError(f"unknown dtype '{dtype}'; known: {', '.join(sorted(DTYPE_BYTES))}")
+    return DTYPE_BYTES[dtype]

@@ -1,0 +1,1 @@
+"""FX graph passes over the traced model and the pass manager that runs them."""

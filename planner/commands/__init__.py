@@ -1,0 +1,1 @@
+"""One module per `podplan` subcommand; each exports `register(subparsers)`."""

@@ -1,0 +1,1 @@
+"""Executes a plan on local processes with torch.distributed."""
