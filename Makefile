@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 OUT    := out
 
-.PHONY: all setup demo test plans bench clean
+.PHONY: all setup browser demo test plans bench clean
 
 all: test
 
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	@mkdir -p $(OUT)
 	$(VENV)/bin/podplan trace deepseek-v3
 
-test: $(STAMP)
+# Headless Chromium for the HTML view's browser test (Debian package; needs root, as on CI).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 plans: $(STAMP)

@@ -330,3 +330,10 @@ def trace(model_name: str, *, device: str = "meta", seed: int = 0, dtype: torch.
     src = load_source(model_name)
     model = build_model(src, device=device, seed=seed, dtype=dtype)
     return trace_model(model, src)
+
+
+def model_shape(model_name: str) -> ModelShape:
+    """The cost models' view of a model (bundled name or config path), built on meta in ~1 s."""
+    from planner.shape import shape_of
+
+    return shape_of(model_name)

@@ -1,0 +1,254 @@
+"""Communication cost: MoE dispatch/combine, AFD attention<->expert transfers, TP collectives, KV transfer.
+
+Every transfer is priced as a software floor plus bytes over an effective bandwidth. The
+effective bandwidths are derived from the operator measurements of reference §5 (so the
+model reproduces them exactly at the measured point); the slowest rank sets the time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from costmodels.errors import InputError
+from costmodels.topology import Topology
+
+# --- measured operators (reference §5) ------------------------------------------------------------
+
+# Every row of reference §5 was measured with 128 tokens per rank, top-8, hidden 7,168,
+# INT8/FP8 dispatch (one fp32 scale per token) and BF16 combine.
+MEASURED_TOKENS = 128
+MEASURED_TOP_K = 8
+MEASURED_HIDDEN = 7168
+
+# XCCL point-to-point: < 20 us end to end for messages < 1 MB (XDS §3.1 [P]). Used as the
+# latency floor of every collective; DeepEP publishes no small-message figure, so GPUs reuse it.
+FLOOR_US = 20.0
+
+# (EP, dispatch us, combine us), CMI Table 6 [S]: 116/118 us at EP8, 152/149 us at EP256 on UB.
+ASCEND_A2A_US = ((8, 116.0, 118.0), (256, 152.0, 149.0))
+# (EP, dispatch us, combine us), DeepEP README [P] on H800 (low-latency kernels, RDMA).
+DEEPEP_H800_A2A_US = ((8, 77.0, 114.0), (32, 155.0, 273.0), (128, 192.0, 369.0), (256, 194.0, 360.0))
+# xDeepServe AFD, XDS §3.3 [P]: attention->expert 172 us, expert->attention 193 us per layer,
+# batch 96 per attention die, 480 attention dies, 288 MoE dies (256 routed + 32 shared, one each).
+XDS_AFD_A2E_US = 172.0
+XDS_AFD_E2A_US = 193.0
+XDS_AFD_BATCH = 96
+XDS_AFD_ATTN_DIES = 480
+XDS_AFD_MOE_DIES = 288
+XDS_AFD_DESTS = MEASURED_TOP_K + 1  # 8 routed + the shared expert on its own dies
+
+
+def dispatch_dest_bytes(hidden: int, act_dtype: str) -> float:
+    """Bytes of one token to one expert in dispatch: hidden state, a per-token scale if quantised, routing."""
+    from costmodels.hardware import dtype_bytes
+
+    scale = 4.0 if act_dtype in ("int8", "fp8") else 0.0  # one fp32 scale per token (CMI: 7,168 + scale)
+    return hidden * dtype_bytes(act_dtype) + scale + 8.0  # + int32 expert id + fp32 weight (opcount)
+
+
+def combine_dest_bytes(hidden: int) -> float:
+    """Bytes of one expert output back to its token: BF16 (CMI §3, DeepEP)."""
+    return hidden * 2.0
+
+
+_MEASURED_DISPATCH_BYTES = MEASURED_TOKENS * MEASURED_TOP_K * dispatch_dest_bytes(MEASURED_HIDDEN, "int8")
+_MEASURED_COMBINE_BYTES = MEASURED_TOKENS * MEASURED_TOP_K * combine_dest_bytes(MEASURED_HIDDEN)
+
+
+@dataclass(frozen=True)
+class A2AProfile:
+    """Effective all-to-all bandwidth (GB/s per rank) by EP size, derived from measured times.
+
+    bw(EP) = measured bytes / (measured time - FLOOR_US): the model then reproduces each
+    measured point exactly; between points 1/bw is interpolated linearly in log2(EP).
+    """
+
+    fabric: str
+    dispatch: tuple[tuple[int, float], ...]  # (EP, GB/s)
+    combine: tuple[tuple[int, float], ...]
+    source: str
+
+    def bandwidth(self, op: str, ep: int) -> float:
+        points = self.dispatch if op == "dispatch" else self.combine
+        return _interp_bw(points, ep)
+
+
+def _interp_bw(points: tuple[tuple[int, float], ...], ep: int) -> float:
+    if ep <= points[0][0]:
+        return points[0][1]
+    if ep >= points[-1][0]:
+        return points[-1][1]
+    x = math.log2(ep)
+    for (e0, b0), (e1, b1) in zip(points, points[1:]):
+        if e0 <= ep <= e1:
+            t = (x - math.log2(e0)) / (math.log2(e1) - math.log2(e0))
+            return 1.0 / ((1 - t) / b0 + t / b1)  # interpolate time per byte, not bandwidth
+    raise AssertionError("unreachable: points are sorted")
+
+
+def _derive(rows: tuple[tuple[int, float, float], ...], fabric: str, source: str) -> A2AProfile:
+    gbps = lambda nbytes, us: nbytes / ((us - FLOOR_US) * 1e-6) / 1e9  # noqa: E731
+    return A2AProfile(
+        fabric=fabric,
+        dispatch=tuple((ep, gbps(_MEASURED_DISPATCH_BYTES, d)) for ep, d, _ in rows),
+        combine=tuple((ep, gbps(_MEASURED_COMBINE_BYTES, c)) for ep, _, c in rows),
+        source=source,
+    )
+
+
+ASCEND_UB_PROFILE = _derive(ASCEND_A2A_US, "UB", "CMI Table 6 [S] with XDS §3.1 floor")
+# H100/H200 clusters reuse H800's: beyond one node the same 400 Gb/s NIC per GPU bounds EP > 8.
+NVIDIA_IB_PROFILE = _derive(DEEPEP_H800_A2A_US, "NVLink+InfiniBand", "DeepEP README (H800) [P] with XDS §3.1 floor")
+# Nominal for local CPU processes: gloo over shared memory (never calibrated).
+LOCAL_PROFILE = A2AProfile("shm", ((1, 5.0),), ((1, 5.0),), "nominal")
+
+
+def profile_for(topo: Topology) -> A2AProfile:
+    """The measured all-to-all profile matching the topology's fabric."""
+    if topo.kind == "cloudmatrix384":
+        return ASCEND_UB_PROFILE
+    if topo.kind == "local":
+        return LOCAL_PROFILE
+    return NVIDIA_IB_PROFILE
+
+
+@functools.lru_cache(maxsize=64)
+def collective_efficiency(kind: str) -> float:
+    """Achieved / link bandwidth for bulk collectives: the EP8 combine of the fabric's profile [D].
+
+    CMI Table 6 EP8 combine (one server, UB) and DeepEP EP8 combine (one node, NVLink) are the
+    measured large-message transfers that stay on the scale-up link.
+    """
+    from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800
+
+    if kind == "cloudmatrix384":
+        return ASCEND_UB_PROFILE.bandwidth("combine", 8) / ASCEND_910C.scaleup_gbps
+    if kind == "local":
+        return LOCAL_PROFILE.bandwidth("combine", 1) / CPU_PROCESS.scaleup_gbps
+    return min(1.0, NVIDIA_IB_PROFILE.bandwidth("combine", 8) / H800.scaleup_gbps)
+
+
+# --- MoE all-to-all --------------------------------------------------------------------------------
+
+
+def _check(**values: float) -> None:
+    for name, v in values.items():
+        if not (v >= 0 and math.isfinite(v)):
+            raise InputError(f"communication cost: {name} must be a finite number >= 0, got {v}")
+
+
+def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_token: float,
+                  bytes_per_dest: float, ep: int, imbalance: float = 1.0) -> float:
+    """One MoE dispatch or combine (op) across `ep` ranks (dies), slowest rank, in microseconds.
+
+    tokens_per_rank: tokens each rank routes (per microbatch); dests_per_token: top-k (+1 for a
+    shared expert on its own dies); imbalance: max/mean received load, >= 1, multiplies the bytes.
+    Off-island traffic (other pods on CloudMatrix, other nodes beyond the measured layouts) is
+    bounded by the scale-out link as well.
+    """
+    _check(tokens_per_rank=tokens_per_rank, dests_per_token=dests_per_token, bytes_per_dest=bytes_per_dest)
+    if op not in ("dispatch", "combine"):
+        raise InputError(f"communication cost: op must be dispatch or combine, got {op!r}")
+    if imbalance < 1.0:
+        raise InputError(f"communication cost: imbalance is max/mean load and must be >= 1, got {imbalance}")
+    if ep <= 1 or tokens_per_rank == 0:
+        return 0.0
+    nbytes = tokens_per_rank * dests_per_token * bytes_per_dest * imbalance
+    transfer = nbytes / (profile_for(topo).bandwidth(op, ep) * 1e3)  # GB/s -> bytes/us
+    off = topo.offisland_fraction(ep)
+    if off > 0 and topo.kind == "cloudmatrix384" and topo.hardware.scaleout_gbps > 0:
+        # K SuperPods: the share bound for other pods crosses RDMA at 25 GB/s per die
+        transfer = max(transfer, off * nbytes / (topo.hardware.scaleout_gbps * 1e3))
+    return FLOOR_US + transfer
+
+
+def dispatch_us(topo: Topology, tokens_per_rank: float, hidden: int, act_dtype: str, dests_per_token: float,
+                ep: int, imbalance: float = 1.0) -> float:
+    """MoE dispatch (attention -> experts) of `tokens_per_rank` tokens, activations in `act_dtype`."""
+    return all_to_all_us(topo, "dispatch", tokens_per_rank, dests_per_token,
+                         dispatch_dest_bytes(hidden, act_dtype), ep, imbalance)
+
+
+def combine_us(topo: Topology, tokens_per_rank: float, hidden: int, dests_per_token: float, ep: int,
+               imbalance: float = 1.0) -> float:
+    """MoE combine (experts -> attention), BF16 expert outputs."""
+    return all_to_all_us(topo, "combine", tokens_per_rank, dests_per_token, combine_dest_bytes(hidden), ep, imbalance)
+
+
+# --- disaggregated MoE-attention (AFD) ------------------------------------------------------------
+
+
+def _afd_bw(one_way_us: float, bytes_per_dest: float) -> float:
+    """GB/s of the XDS §3.3 measurement, priced on its bottleneck side (the MoE die receiving)."""
+    recv_tokens = XDS_AFD_ATTN_DIES * XDS_AFD_BATCH * XDS_AFD_DESTS / XDS_AFD_MOE_DIES
+    return recv_tokens * bytes_per_dest / ((one_way_us - FLOOR_US) * 1e-6) / 1e9
+
+
+AFD_A2E_GBPS = _afd_bw(XDS_AFD_A2E_US, dispatch_dest_bytes(MEASURED_HIDDEN, "int8"))  # [D] XDS §3.3
+AFD_E2A_GBPS = _afd_bw(XDS_AFD_E2A_US, combine_dest_bytes(MEASURED_HIDDEN))  # [D] XDS §3.3
+
+
+def afd_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
+                    recv_tokens_per_moe_die: float, bytes_per_dest: float, imbalance: float = 1.0) -> float:
+    """One-way attention->expert ('a2e') or expert->attention ('e2a') transfer for one layer, in us.
+
+    Both sides are priced; the slower (usually the MoE die receiving from many attention dies)
+    sets the time. Token counts are token-expert pairs (a token sent to k experts counts k times).
+    """
+    _check(sent=sent_tokens_per_attn_die, recv=recv_tokens_per_moe_die, bytes_per_dest=bytes_per_dest)
+    if direction not in ("a2e", "e2a"):
+        raise InputError(f"communication cost: AFD direction must be a2e or e2a, got {direction!r}")
+    if sent_tokens_per_attn_die == 0 and recv_tokens_per_moe_die == 0:
+        return 0.0
+    bw = (AFD_A2E_GBPS if direction == "a2e" else AFD_E2A_GBPS) * _afd_fabric_scale(topo)
+    nbytes = max(sent_tokens_per_attn_die, recv_tokens_per_moe_die * imbalance) * bytes_per_dest
+    return FLOOR_US + nbytes / (bw * 1e3)
+
+
+def _afd_fabric_scale(topo: Topology) -> float:
+    """AFD bandwidth relative to the measured fabric (CloudMatrix UB), by the link the traffic takes."""
+    from costmodels.hardware import ASCEND_910C
+
+    if topo.kind == "cloudmatrix384":
+        return 1.0
+    # GPU: most attention GPUs sit in other nodes than the MoE GPU, so InfiniBand bounds it.
+    link = topo.hardware.scaleout_gbps or topo.hardware.scaleup_gbps
+    return link / ASCEND_910C.scaleup_gbps
+
+
+# --- tensor-parallel collectives and KV transfer --------------------------------------------------
+
+
+def all_reduce_us(topo: Topology, nbytes: float, group_dies: int) -> float:
+    """Ring all-reduce of `nbytes` per rank over `group_dies` contiguous dies."""
+    _check(nbytes=nbytes)
+    if group_dies <= 1 or nbytes == 0:
+        return 0.0
+    return FLOOR_US + 2.0 * (group_dies - 1) / group_dies * nbytes / (_group_bw(topo, group_dies) * 1e3)
+
+
+def all_gather_us(topo: Topology, nbytes_total: float, group_dies: int) -> float:
+    """Ring all-gather (or reduce-scatter) of a `nbytes_total` tensor over `group_dies` dies."""
+    _check(nbytes=nbytes_total)
+    if group_dies <= 1 or nbytes_total == 0:
+        return 0.0
+    return FLOOR_US + (group_dies - 1) / group_dies * nbytes_total / (_group_bw(topo, group_dies) * 1e3)
+
+
+def _group_bw(topo: Topology, group_dies: int) -> float:
+    """Per-die GB/s inside a contiguous group: scale-up link unless it spills off the island."""
+    hw = topo.hardware
+    link = hw.scaleup_gbps if topo.offisland_fraction(group_dies) == 0 or not hw.scaleout_gbps else hw.scaleout_gbps
+    return link * collective_efficiency(topo.kind)
+
+
+def kv_transfer_us(topo: Topology, nbytes_per_die: float) -> float:
+    """Prefill -> decode KV-cache transfer of `nbytes_per_die` over the RDMA plane (XDS §2.2)."""
+    _check(nbytes=nbytes_per_die)
+    if nbytes_per_die == 0:
+        return 0.0
+    link = topo.hardware.scaleout_gbps or topo.hardware.scaleup_gbps  # local: no RDMA plane
+    return FLOOR_US + nbytes_per_die / (link * 1e3)
+

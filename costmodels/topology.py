@@ -1,0 +1,311 @@
+"""Named cluster topologies as networkx graphs, with O(1) path bandwidth/latency between devices.
+
+The graph is compact: dies hang off one aggregated scale-up switch node per server (UB L1 /
+NVSwitch), servers off one node per scale-up plane (UB L2), and every die off a scale-out
+(RDMA / InfiniBand) node. Path figures are computed once per pair class (same chip, same
+server, same pod, across pods) on the graph and then looked up.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import networkx as nx
+
+from costmodels.errors import TopologyError
+from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H100, H200, H800, DeviceSpec
+
+VALID_NAMES = (
+    "cloudmatrix384, cloudmatrix384:K (K SuperPods joined by RDMA), h100-cluster:N, h800-cluster:N, "
+    "h200-cluster:N (N nodes of 8 GPUs), local:N (N CPU processes on this host)"
+)
+
+# Hop latencies (us). The papers give end-to-end software floors (XCCL < 20 us, XDS §3.1), which
+# comm.py uses; the per-hop figures below only order paths and are assumptions, except where noted.
+UB_DIE_HOP_US = 0.5  # assumed: die <-> on-board L1 switch
+UB_PLANE_HOP_US = 0.5  # CMI §3 [S]: inter-node adds < 1 us = two L1<->L2 hops of 0.5 us
+UB_SERVERS_PER_POD = 48  # XDS §2.2 [P]
+CM_NPUS_PER_SERVER = 8  # XDS §2.2 [P]
+RDMA_HOP_US = 2.0  # assumed: RoCE NIC + switch
+NVLINK_HOP_US = 0.5  # assumed: GPU <-> NVSwitch
+IB_HOP_US = 1.5  # assumed: HCA + leaf switch
+SHM_HOP_US = 5.0  # nominal: gloo shared-memory copy
+GPUS_PER_NODE = 8  # reference §8: 8-GPU nodes
+
+MAX_PODS = 16
+MAX_NODES = 1024
+MAX_LOCAL = 64
+
+# Pair classes, from nearest to farthest.
+PAIR_CLASSES = ("die", "device", "server", "pod", "cluster")
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """Bottleneck bandwidth (GB/s per die, one direction), latency (us) and plane of a die-to-die path."""
+
+    bandwidth_gbps: float
+    latency_us: float
+    plane: str
+    hops: int
+
+
+class Topology:
+    """A named cluster: devices (NPU chips / GPUs / processes) made of dies, grouped in servers and pods."""
+
+    def __init__(self, name: str, kind: str, params: dict, hardware: DeviceSpec, devices_per_server: int,
+                 servers_per_pod: int, pods: int, graph: nx.Graph, scaleup_scope: str):
+        self.name = name
+        self.kind = kind
+        self.params = dict(params)
+        self.hardware = hardware
+        self.dies_per_device = hardware.dies
+        self.devices_per_server = devices_per_server
+        self.servers_per_pod = servers_per_pod
+        self.pods = pods
+        self.num_servers = servers_per_pod * pods
+        self.num_devices = devices_per_server * self.num_servers
+        self.num_dies = self.num_devices * self.dies_per_device
+        self.devices = list(range(self.num_devices))
+        self.graph = graph
+        self.scaleup_scope = scaleup_scope  # "pod" (UB) or "server" (NVLink, shm)
+        self.paths = self._classify_paths()
+
+    # --- membership -------------------------------------------------------------------------
+
+    def _check_device(self, device: int) -> None:
+        if not 0 <= device < self.num_devices:
+            raise TopologyError(f"{self.name}: device {device} out of range 0..{self.num_devices - 1}")
+
+    def server_of(self, device: int) -> int:
+        self._check_device(device)
+        return device // self.devices_per_server
+
+    def pod_of(self, device: int) -> int:
+        return self.server_of(device) // self.servers_per_pod
+
+    def dies_of(self, device: int) -> list[int]:
+        self._check_device(device)
+        return [device * self.dies_per_device + i for i in range(self.dies_per_device)]
+
+    def device_of_die(self, die: int) -> int:
+        if not 0 <= die < self.num_dies:
+            raise TopologyError(f"{self.name}: die {die} out of range 0..{self.num_dies - 1}")
+        return die // self.dies_per_device
+
+    @property
+    def scaleup_devices(self) -> int:
+        """Devices in one scale-up domain (UB: the whole pod; NVLink: one server)."""
+        if self.scaleup_scope == "pod":
+            return self.devices_per_server * self.servers_per_pod
+        return self.devices_per_server
+
+    # --- paths ------------------------------------------------------------------------------
+
+    def pair_class(self, a: int, b: int) -> str:
+        """How far apart devices a and b are: 'die' (same device), 'server', 'pod' or 'cluster'."""
+        if a == b:
+            self._check_device(a)
+            return "die"
+        if self.server_of(a) == self.server_of(b):
+            return "server"
+        if self.pod_of(a) == self.pod_of(b):
+            return "pod"
+        return "cluster"
+
+    def bandwidth(self, a: int, b: int) -> float:
+        """GB/s one direction from device a to device b (all dies of a device together)."""
+        if a == b:
+            self._check_device(a)
+            return self.hardware.chip_hbm_tbps * 1000.0  # a device talking to itself: its own memory
+        return self.paths[self.pair_class(a, b)].bandwidth_gbps * self.dies_per_device
+
+    def latency(self, a: int, b: int) -> float:
+        """Path latency (us) from device a to device b (hop latencies only, no software floor)."""
+        if a == b:
+            self._check_device(a)
+            return self.paths["device"].latency_us if "device" in self.paths else 0.0
+        return self.paths[self.pair_class(a, b)].latency_us
+
+    def die_path(self, a: int, b: int) -> PathInfo:
+        """The path between two dies (die ids, not device ids)."""
+        da, db = self.device_of_die(a), self.device_of_die(b)
+        if a == b:
+            return PathInfo(self.hardware.hbm_tbps * 1000.0, 0.0, "hbm", 0)
+        if da == db:
+            return self.paths["device"]
+        return self.paths[self.pair_class(da, db)]
+
+    def group_bandwidth(self, devices: list[int]) -> float:
+        """Slowest device-to-device bandwidth (GB/s, one direction) inside a group of devices."""
+        if len(devices) < 2:
+            return self.bandwidth(devices[0], devices[0]) if devices else 0.0
+        servers = {self.server_of(d) for d in devices}
+        pods = {self.pod_of(d) for d in devices}
+        cls = "cluster" if len(pods) > 1 else "pod" if len(servers) > 1 else "server"
+        return self.paths[cls].bandwidth_gbps * self.dies_per_device
+
+    def offisland_fraction(self, group_dies: int) -> float:
+        """Worst-rank share of peers outside its scale-up domain, for `group_dies` contiguous dies."""
+        domain = self.scaleup_devices * self.dies_per_device
+        if group_dies <= domain:
+            return 0.0
+        return (group_dies - domain) / (group_dies - 1)
+
+    def _classify_paths(self) -> dict[str, PathInfo]:
+        """One representative die pair per class, routed on the graph (scale-up plane preferred)."""
+        per_pod = self.devices_per_server * self.servers_per_pod
+        reps: dict[str, tuple[int, int]] = {}
+        if self.dies_per_device > 1:
+            reps["device"] = (0, 1)
+        if self.devices_per_server > 1:
+            reps["server"] = (0, 1)
+        if self.servers_per_pod > 1:
+            reps["pod"] = (0, self.devices_per_server)
+        if self.pods > 1:
+            reps["cluster"] = (0, per_pod)
+        paths = {}
+        for cls, (a, b) in reps.items():
+            die_a = a * self.dies_per_device
+            die_b = die_a + 1 if cls == "device" else b * self.dies_per_device
+            paths[cls] = _route(self.graph, _die_node(die_a), _die_node(die_b))
+        return paths
+
+    # --- identity ---------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """Canonical description (what the digest hashes)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "params": self.params,
+            "hardware": self.hardware.to_dict(),
+            "devices": self.num_devices,
+            "dies_per_device": self.dies_per_device,
+            "devices_per_server": self.devices_per_server,
+            "servers_per_pod": self.servers_per_pod,
+            "pods": self.pods,
+            "paths": {k: [round(v.bandwidth_gbps, 6), round(v.latency_us, 6), v.plane, v.hops]
+                      for k, v in sorted(self.paths.items())},
+        }
+
+    def digest(self) -> str:
+        """sha256 of the canonical description: plans record it to pin the topology they were made for."""
+        text = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"Topology({self.name!r}: {self.num_devices} x {self.hardware.name}, "
+                f"{self.dies_per_device} dies each, {self.num_servers} servers, {self.pods} pods)")
+
+
+# --- graph construction ---------------------------------------------------------------------------
+
+
+def _die_node(die: int) -> str:
+    return f"die/{die}"
+
+
+def _route(graph: nx.Graph, a: str, b: str) -> PathInfo:
+    """Lowest-latency path on the scale-up plane if one exists, else on the scale-out plane."""
+    for plane in ("scale-up", "scale-out"):
+        view = nx.subgraph_view(graph, filter_edge=lambda u, v, p=plane: graph.edges[u, v]["plane"] == p)
+        if a in view and b in view and nx.has_path(view, a, b):
+            path = nx.shortest_path(view, a, b, weight="latency_us")
+            edges = [graph.edges[u, v] for u, v in zip(path, path[1:])]
+            return PathInfo(
+                bandwidth_gbps=min(e["bandwidth_gbps"] for e in edges),
+                latency_us=sum(e["latency_us"] for e in edges),
+                plane=edges[0]["fabric"],
+                hops=len(edges),
+            )
+    raise TopologyError(f"no path between {a} and {b}; the topology graph is disconnected")  # internal
+
+
+def _add(graph: nx.Graph, u: str, v: str, bw: float, lat: float, plane: str, fabric: str) -> None:
+    graph.add_edge(u, v, bandwidth_gbps=bw, latency_us=lat, plane=plane, fabric=fabric)
+
+
+def _cloudmatrix(pods: int) -> Topology:
+    """48 servers x 8 Ascend 910C (2 dies) per pod; UB L1 per server, UB L2 planes per pod; RDMA."""
+    hw = ASCEND_910C
+    g = nx.Graph()
+    dies_per_server = CM_NPUS_PER_SERVER * hw.dies
+    # One aggregated node stands for a server's 7 L1 chips and one for a pod's 7 L2 sub-planes:
+    # the uplink (7 x 448 GB/s = 16 dies x 196 GB/s, CMI Fig. 4-5) is not oversubscribed.
+    uplink = dies_per_server * hw.scaleup_gbps
+    for pod in range(pods):
+        l2 = f"ub-l2/{pod}"
+        rdma = f"rdma/{pod}"
+        for s in range(UB_SERVERS_PER_POD):
+            server = pod * UB_SERVERS_PER_POD + s
+            l1 = f"ub-l1/{server}"
+            _add(g, l1, l2, uplink, UB_PLANE_HOP_US, "scale-up", "UB")
+            for i in range(dies_per_server):
+                die = _die_node(server * dies_per_server + i)
+                _add(g, die, l1, hw.scaleup_gbps, UB_DIE_HOP_US, "scale-up", "UB")
+                _add(g, die, rdma, hw.scaleout_gbps, RDMA_HOP_US, "scale-out", "RoCE")
+        if pods > 1:  # non-blocking RDMA spine between pods (assumed)
+            _add(g, rdma, "rdma/spine", UB_SERVERS_PER_POD * dies_per_server * hw.scaleout_gbps,
+                 RDMA_HOP_US, "scale-out", "RoCE")
+    name = "cloudmatrix384" if pods == 1 else f"cloudmatrix384:{pods}"
+    return Topology(name, "cloudmatrix384", {"pods": pods}, hw, CM_NPUS_PER_SERVER, UB_SERVERS_PER_POD, pods,
+                    nx.freeze(g), scaleup_scope="pod")
+
+
+def _gpu_cluster(hw: DeviceSpec, prefix: str, nodes: int) -> Topology:
+    """N nodes of 8 GPUs: NVSwitch inside a node, one non-blocking InfiniBand fabric between nodes."""
+    g = nx.Graph()
+    for n in range(nodes):
+        nvs = f"nvswitch/{n}"
+        for i in range(GPUS_PER_NODE):
+            die = _die_node(n * GPUS_PER_NODE + i)
+            _add(g, die, nvs, hw.scaleup_gbps, NVLINK_HOP_US, "scale-up", "NVLink")
+            _add(g, die, "ib", hw.scaleout_gbps, IB_HOP_US, "scale-out", "InfiniBand")
+    return Topology(f"{prefix}-cluster:{nodes}", f"{prefix}-cluster", {"nodes": nodes}, hw, GPUS_PER_NODE, nodes, 1,
+                    nx.freeze(g), scaleup_scope="server")
+
+
+def _local(procs: int) -> Topology:
+    """N CPU processes on one host talking through shared memory (gloo)."""
+    hw = CPU_PROCESS
+    g = nx.Graph()
+    g.add_node("host")
+    for i in range(procs):
+        _add(g, _die_node(i), "host", hw.scaleup_gbps, SHM_HOP_US, "scale-up", "shm")
+    return Topology(f"local:{procs}", "local", {"processes": procs}, hw, procs, 1, 1, nx.freeze(g),
+                    scaleup_scope="server")
+
+
+def _count(name: str, text: str | None, what: str, limit: int) -> int:
+    if text is None:
+        raise TopologyError(f"topology '{name}' needs a {what} count ('{name}:N'); valid: {VALID_NAMES}")
+    value = int(text)
+    if not 1 <= value <= limit:
+        raise TopologyError(f"topology '{name}': {what} count must be 1..{limit}, got {value}; valid: {VALID_NAMES}")
+    return value
+
+
+_NAME = re.compile(r"(cloudmatrix384|h100-cluster|h800-cluster|h200-cluster|local)(?::(\d+))?")
+_GPUS = {"h100-cluster": (H100, "h100"), "h800-cluster": (H800, "h800"), "h200-cluster": (H200, "h200")}
+
+
+@functools.lru_cache(maxsize=32)
+def get_topology(name: str) -> Topology:
+    """Build (once, then cached) the topology called `name`; unknown names raise TopologyError."""
+    if not isinstance(name, str):
+        raise TopologyError(f"topology name must be a string; valid: {VALID_NAMES}")
+    m = _NAME.fullmatch(name.strip().lower())
+    if m is None:
+        raise TopologyError(f"unknown topology '{name}'; valid: {VALID_NAMES}")
+    kind, count = m.group(1), m.group(2)
+    if kind == "cloudmatrix384":
+        return _cloudmatrix(1 if count is None else _count(name, count, "pod", MAX_PODS))
+    if kind == "local":
+        return _local(_count(name, count, "process", MAX_LOCAL))
+    hw, prefix = _GPUS[kind]
+    return _gpu_cluster(hw, prefix, _count(name, count, "node", MAX_NODES))

@@ -1,0 +1,36 @@
+"""Shared test helpers: run the CLI in a subprocess the way a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`podplan ARGS...` as a subprocess (python -m planner), capturing text output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "planner", *args],
+        capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, exactly one stderr line, no traceback, and the line names each fragment."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
+@pytest.fixture
+def cli():
+    return run_cli
