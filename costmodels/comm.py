@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from costmodels.errors import InputError
+from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800, dtype_bytes
 from costmodels.topology import Topology
 
 # --- measured operators (reference §5) ------------------------------------------------------------
@@ -41,9 +42,10 @@ XDS_AFD_DESTS = MEASURED_TOP_K + 1  # 8 routed + the shared expert on its own di
 
 
 def dispatch_dest_bytes(hidden: int, act_dtype: str) -> float:
-    """Bytes of one token to one expert in dispatch: hidden state, a per-token scale if quantised, routing."""
-    from costmodels.hardware import dtype_bytes
+    """Bytes of one token to one expert in dispatch: hidden state, a per-token scale if quantised, routing.
 
+    The same message as `opcount.dispatch_bytes_per_token` / top-k.
+    """
     scale = 4.0 if act_dtype in ("int8", "fp8") else 0.0  # one fp32 scale per token (CMI: 7,168 + scale)
     return hidden * dtype_bytes(act_dtype) + scale + 8.0  # + int32 expert id + fp32 weight (opcount)
 
@@ -88,12 +90,16 @@ def _interp_bw(points: tuple[tuple[int, float], ...], ep: int) -> float:
     raise AssertionError("unreachable: points are sorted")
 
 
+def _gbps(nbytes: float, us: float) -> float:
+    """Bandwidth that moves `nbytes` in `us` once the floor is paid."""
+    return nbytes / ((us - FLOOR_US) * 1e-6) / 1e9
+
+
 def _derive(rows: tuple[tuple[int, float, float], ...], fabric: str, source: str) -> A2AProfile:
-    gbps = lambda nbytes, us: nbytes / ((us - FLOOR_US) * 1e-6) / 1e9  # noqa: E731
     return A2AProfile(
         fabric=fabric,
-        dispatch=tuple((ep, gbps(_MEASURED_DISPATCH_BYTES, d)) for ep, d, _ in rows),
-        combine=tuple((ep, gbps(_MEASURED_COMBINE_BYTES, c)) for ep, _, c in rows),
+        dispatch=tuple((ep, _gbps(_MEASURED_DISPATCH_BYTES, d)) for ep, d, _ in rows),
+        combine=tuple((ep, _gbps(_MEASURED_COMBINE_BYTES, c)) for ep, _, c in rows),
         source=source,
     )
 
@@ -121,8 +127,6 @@ def collective_efficiency(kind: str) -> float:
     CMI Table 6 EP8 combine (one server, UB) and DeepEP EP8 combine (one node, NVLink) are the
     measured large-message transfers that stay on the scale-up link.
     """
-    from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800
-
     if kind == "cloudmatrix384":
         return ASCEND_UB_PROFILE.bandwidth("combine", 8) / ASCEND_910C.scaleup_gbps
     if kind == "local":
@@ -183,7 +187,7 @@ def combine_us(topo: Topology, tokens_per_rank: float, hidden: int, dests_per_to
 def _afd_bw(one_way_us: float, bytes_per_dest: float) -> float:
     """GB/s of the XDS §3.3 measurement, priced on its bottleneck side (the MoE die receiving)."""
     recv_tokens = XDS_AFD_ATTN_DIES * XDS_AFD_BATCH * XDS_AFD_DESTS / XDS_AFD_MOE_DIES
-    return recv_tokens * bytes_per_dest / ((one_way_us - FLOOR_US) * 1e-6) / 1e9
+    return _gbps(recv_tokens * bytes_per_dest, one_way_us)
 
 
 AFD_A2E_GBPS = _afd_bw(XDS_AFD_A2E_US, dispatch_dest_bytes(MEASURED_HIDDEN, "int8"))  # [D] XDS §3.3
@@ -209,8 +213,6 @@ def afd_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: fl
 
 def _afd_fabric_scale(topo: Topology) -> float:
     """AFD bandwidth relative to the measured fabric (CloudMatrix UB), by the link the traffic takes."""
-    from costmodels.hardware import ASCEND_910C
-
     if topo.kind == "cloudmatrix384":
         return 1.0
     # GPU: most attention GPUs sit in other nodes than the MoE GPU, so InfiniBand bounds it.

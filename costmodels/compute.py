@@ -120,13 +120,16 @@ def gate_us(shape: ModelShape, hw: DeviceSpec, tokens: float) -> float:
 
 
 def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: float, slots: float,
-               params_per_expert: int) -> float:
-    """Grouped GEMM of `pairs` token-expert pairs over `slots` resident experts of one die."""
+               params_per_expert: int, op_class: str = "expert_gemm") -> float:
+    """Grouped GEMM of `pairs` token-expert pairs over `slots` resident experts of one die.
+
+    A shared expert is one plain MLP: pass op_class="dense_gemm".
+    """
     if pairs <= 0 or slots <= 0:
         return 0.0
     flops = opcount.matrix_params_flops(params_per_expert) * pairs
     nbytes = slots * params_per_expert * prec.weight_bytes + 2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype)
-    return roofline_us(hw, "expert_gemm", flops, nbytes, prec.act_dtype)
+    return roofline_us(hw, op_class, flops, nbytes, prec.act_dtype)
 
 
 def dense_ffn_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float, tp: int = 1) -> float:

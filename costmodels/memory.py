@@ -162,7 +162,7 @@ def check(uses: list[MemoryUse], fix: str) -> tuple[bool, str]:
     for u in sorted(uses, key=lambda u: -u.overflow):
         if u.overflow > 0:
             return False, (
-                f"{u.role} needs {u.total:.1f} GB but a die has {u.capacity:.1f} GB of HBM (over by {u.overflow:.1f} GB: "
-                f"weights {u.weights:.1f}, KV {u.kv:.1f}, buffers {u.buffers:.1f}, workspace {u.activations:.1f}); {fix}"
+                f"{u.role} needs {u.total:.2f} GB but a die has {u.capacity:.1f} GB of HBM (over by {u.overflow:.2f} GB: "
+                f"weights {u.weights:.2f}, KV {u.kv:.2f}, buffers {u.buffers:.2f}, workspace {u.activations:.2f}); {fix}"
             )
     return True, ""

@@ -11,6 +11,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from costmodels import opcount
 from passes import meta
 from passes.context import PassContext
+from passes.graphs import copy_module, device_of, example_inputs
 
 NAME = "annotate"
 NEEDS = (meta.ROLE, meta.LAYER)
@@ -55,19 +56,15 @@ def _leaf_flops(role: str, mod: torch.nn.Module, params: int, ctx: PassContext) 
     return 0.0
 
 
-def _example_input(gm: fx.GraphModule, ctx: PassContext) -> torch.Tensor:
-    param = next(gm.parameters(), None)
-    device = param.device if param is not None else torch.device("meta")
-    return torch.zeros((ctx.batch, ctx.seq), dtype=torch.long, device=device)
-
-
 def annotate(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Attach a NodeCost to every node for the (batch, seq, past) signature of `ctx`."""
-    out = fx.GraphModule(gm, gm.graph)  # same modules, own graph + metadata copy
-    for old, new in zip(gm.graph.nodes, out.graph.nodes):
-        new.meta = dict(old.meta)
+    out = copy_module(gm)  # same modules, own graph + metadata copy
+    # Shapes with a cache need the KV inputs (kv-cache pass); without them, shapes are the prompt's
+    # and ctx.past still enters the attention FLOPs below.
+    past = ctx.past if out.meta.get(meta.KV_INPUTS) else 0
+    args = example_inputs(out, ctx.batch, ctx.seq, past, device_of(out))
     with torch.no_grad():
-        ShapeProp(out).propagate(_example_input(out, ctx))
+        ShapeProp(out).propagate(*args)
     tokens = ctx.tokens
     for node in out.graph.nodes:
         outs = _metas(node.meta.get("tensor_meta"))

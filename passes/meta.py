@@ -72,3 +72,113 @@ def stage_of(node: fx.Node) -> str:
 
 def has(node: fx.Node, key: str) -> bool:
     return key in node.meta
+
+
+# --- stages (passes/classify.py, passes/split.py and the analyses after them) ----------------------
+
+STAGE_LAYER = "podplan.stage_layer"  # int | None: decoder layer of the stage the node runs in (None: embed, head)
+STAGED = "podplan.staged"  # graph-level bool: the top-level graph only wires stage submodules (split)
+KV_INPUTS = "podplan.kv_inputs"  # graph-level bool: positions and the KV cache are graph inputs (kv-cache)
+CUTS = "podplan.cuts"  # graph-level tuple[CutTensor]: every value crossing a stage boundary (cut-analysis)
+EXPERTS = "podplan.experts"  # graph-level dict[str, ExpertLayout]: routed_experts stage name -> layout (expert-decompose)
+PHASES = "podplan.phases"  # graph-level tuple[PhaseSignature]: prefill and decode stage signatures (phases)
+SCHEDULE = "podplan.schedule"  # graph-level MicrobatchSchedule (microbatch)
+
+# Keys stored in `GraphModule.meta` rather than on nodes.
+GRAPH_KEYS = (STAGED, KV_INPUTS, CUTS, EXPERTS, PHASES, SCHEDULE)
+
+# Stage kinds, in the order they run inside one decoder layer (embed before all layers, head after).
+STAGE_KINDS = ("embed", "attention", "moe_gate", "dense_ffn", "routed_experts", "shared_experts", "head")
+
+
+@dataclass(frozen=True, order=True)
+class StageKey:
+    """One stage of the staged program: a (decoder layer, kind) pair; layer is None for embed and head."""
+
+    layer: int | None
+    kind: str
+
+    @property
+    def name(self) -> str:
+        """Submodule name: 'embed', 'head', 'layer3_attention'."""
+        return self.kind if self.layer is None else f"layer{self.layer}_{self.kind}"
+
+
+@dataclass(frozen=True)
+class CutTensor:
+    """One value crossing from stage `src` to stage `dst`, for the annotated (batch, seq) signature.
+
+    kind: hidden (into a gate or FFN-side stage), routing_ids, routing_weights, expert_out,
+          shared_out, ffn_out, residual (the hidden stream between embed/attention/head stages),
+          input (program input), context (positions, mask, rotary tables: recomputable from
+          positions), scalar (Python ints: shapes, past_len), state (the KV cache object).
+    shapes: shape of every tensor in the value (a tuple value such as (cos, sin) has several).
+    fanout: copies sent per token (top-k for hidden states to / outputs from routed experts, else 1).
+    bytes_bf16, bytes_int8: bytes per token on the wire, fan-out included (0 for scalars, state).
+    """
+
+    src: str  # a stage name, or "input" for program inputs
+    dst: str
+    value: str  # name of the node that produced the value in the unsplit graph
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+    fanout: int
+    bytes_bf16: float
+    bytes_int8: float
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a routed_experts stage splits by expert id: every weight below is sliced along dim 0."""
+
+    stage: str
+    num_experts: int
+    weights: tuple[tuple[str, tuple[int, ...]], ...]  # (parameter name, full shape [E, ...])
+    params_per_expert: int
+    bytes_per_expert: int
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """A value at a stage boundary: tensor shape and dtype, or a Python value's type name."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: str
+
+
+@dataclass(frozen=True)
+class StageSignature:
+    stage: str
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+
+
+@dataclass(frozen=True)
+class PhaseSignature:
+    """The staged program's boundary shapes for one phase: `seq` new tokens per sequence after `past` cached."""
+
+    phase: str
+    batch: int
+    seq: int
+    past: int
+    stages: tuple[StageSignature, ...]
+
+
+def stage_layer_of(node: fx.Node) -> int | None:
+    return _get(node, STAGE_LAYER, "the 'classify' pass")
+
+
+def stage_key_of(node: fx.Node) -> StageKey:
+    return StageKey(stage_layer_of(node), stage_of(node))
+
+
+def graph_meta(gm: fx.GraphModule, key: str) -> Any:
+    """A graph-level key, failing with the pass that provides it."""
+    providers = {STAGED: "split", KV_INPUTS: "kv-cache", CUTS: "cut-analysis", EXPERTS: "expert-decompose",
+                 PHASES: "phases", SCHEDULE: "microbatch"}
+    try:
+        return gm.meta[key]
+    except KeyError:
+        raise MetadataError(f"graph has no '{key}'; run the '{providers.get(key, '?')}' pass first") from None

@@ -14,6 +14,11 @@ from costmodels.errors import PodplanError
 COMMANDS = (
     "models",
     "trace",
+    "estimate",
+    "balance",
+    "compile",
+    "show",
+    "diff",
 )
 
 

@@ -1,0 +1,527 @@
+"""Phase-level serving model: step time per stage, TPOT, TTFT and throughput per device.
+
+Three deployments: colocated decode (CloudMatrix-Infer: EP over every die, attention DP per
+die), disaggregated MoE-attention decode (xDeepServe AFD) and prefill instances. Everything
+is per die and per step, plain arithmetic on precomputed topology figures (~tens of us).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from costmodels import comm, compute, memory, opcount
+from costmodels.calibration import Calibration, load_calibration
+from costmodels.errors import InputError
+from costmodels.model_shape import ModelShape
+from costmodels.topology import Topology
+
+STAGES = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
+DECODE_FIX = "lower --batch-per-device or --kv-len, quantise (--quant int8/fp8, --kv-dtype), or use a larger --ep"
+PREFILL_FIX = "lower --tokens-per-device, quantise (--quant int8/fp8), or spread experts over a larger --ep"
+
+
+@dataclass(frozen=True)
+class DecodeDeployment:
+    """A decode instance. Counts of devices are chips (NPU) or GPUs; EP and TP count dies.
+
+    colocated: `devices` run attention (DP per die, or head-TP `attn_tp`) and hold expert slots,
+    EP over `ep` dies (0 = all). afd: `attention_devices` run attention in `dp_domains` domains
+    taking turns on the `moe_devices`, which hold the experts (EP = all their dies).
+    batch_per_device: sequences per (attention) device. mtp_accept > 0 turns on one MTP draft
+    token with that acceptance: 1 + a tokens per step.
+    """
+
+    mode: str = "colocated"
+    devices: int = 0
+    attention_devices: int = 0
+    moe_devices: int = 0
+    dp_domains: int = 1
+    ep: int = 0
+    batch_per_device: float = 96
+    kv_len: int = 4096
+    mtp_accept: float = 0.0
+    quant: str = "bf16"
+    kv_dtype: str | None = None
+    microbatches: int = 1
+    imbalance: float = 1.0
+    attn_tp: int = 1
+    redundant_experts: int | None = None
+
+
+@dataclass(frozen=True)
+class PrefillDeployment:
+    """A prefill instance of `devices` devices (0 = all), EP over `ep` dies (0 = all of them).
+
+    Each device processes `tokens_per_device` prompt tokens per batch, in prompts of `prompt_len`;
+    a share `prefix_hit_rate` of every prompt is already cached (not recomputed, still attended).
+    """
+
+    devices: int = 0
+    ep: int = 0
+    tokens_per_device: int = 16384
+    prompt_len: int = 4096
+    microbatches: int = 1
+    imbalance: float = 1.0
+    prefix_hit_rate: float = 0.0
+    quant: str = "bf16"
+    kv_dtype: str | None = None
+    attn_tp: int = 1
+    redundant_experts: int | None = None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A prediction. Times in ms; throughput in tokens/s per device (decode: output tokens; prefill:
+    prompt tokens); memory in GB per device (the fullest role); breakdown sums to the step (decode)
+    or to TTFT (prefill)."""
+
+    phase: str
+    mode: str
+    step_ms: float
+    tpot_ms: float | None
+    ttft_ms: float | None
+    throughput_per_device: float
+    breakdown: dict[str, float]
+    memory_per_device_gb: float
+    memory: dict[str, dict[str, float]]
+    feasible: bool
+    infeasible_reason: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Canonical JSON-ready form: sorted keys, floats rounded to 4 decimals."""
+        return _canonical({
+            "phase": self.phase, "mode": self.mode, "step_ms": self.step_ms, "tpot_ms": self.tpot_ms,
+            "ttft_ms": self.ttft_ms, "throughput_per_device": self.throughput_per_device,
+            "breakdown": self.breakdown, "memory_per_device_gb": self.memory_per_device_gb,
+            "memory": self.memory, "feasible": self.feasible, "infeasible_reason": self.infeasible_reason,
+            "details": self.details,
+        })
+
+
+def _canonical(value):
+    if isinstance(value, float):
+        return round(value, 4) + 0.0  # + 0.0 turns -0.0 into 0.0
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+
+def _positive(flag: str, value: float, *, integer: bool = False, zero_ok: bool = False) -> None:
+    ok = value >= 0 if zero_ok else value > 0
+    if integer and (isinstance(value, bool) or int(value) != value):
+        ok = False
+    if not ok or not math.isfinite(value):
+        need = ">= 0" if zero_ok else "> 0"
+        raise InputError(f"{flag} {value}: must be a{'n integer' if integer else ' number'} {need}")
+
+
+def _instance_dies(topo: Topology, devices: int, flag: str = "--devices") -> int:
+    _positive(flag, devices, integer=True)
+    if devices > topo.num_devices:
+        raise InputError(f"{flag} {devices}: {topo.name} has only {topo.num_devices} devices")
+    return devices * topo.dies_per_device
+
+
+def _check_ep(ep: int, dies: int, what: str) -> None:
+    _positive("--ep", ep, integer=True)
+    if ep > dies or dies % ep:
+        raise InputError(f"--ep {ep}: EP groups must tile the {dies} dies of the {what}; use a divisor of {dies}")
+
+
+def _check_tp(tp: int, dies: int) -> None:
+    _positive("--attn-tp", tp, integer=True)
+    if dies % tp:
+        raise InputError(f"--attn-tp {tp}: must divide the {dies} attention dies")
+
+
+def _check_common(imbalance: float, microbatches: int) -> None:
+    _positive("--microbatches", microbatches, integer=True)
+    if microbatches > 16:
+        raise InputError(f"--microbatches {microbatches}: at most 16")
+    if not (math.isfinite(imbalance) and imbalance >= 1.0):
+        raise InputError(f"--imbalance {imbalance}: max/mean expert load must be >= 1.0")
+
+
+# --- shared stage arithmetic ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _MoE:
+    """One MoE layer for one microbatch, per die (us)."""
+
+    dispatch: float
+    experts: float  # routed-expert dies
+    shared: float  # extra critical-path time of the shared expert
+    combine: float
+    routed_pairs: float
+
+    @property
+    def compute(self) -> float:
+        return self.experts + self.shared
+
+    @property
+    def comm(self) -> float:
+        return self.dispatch + self.combine
+
+
+def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, layout: memory.ExpertLayout,
+                   tokens: float, imbalance: float) -> _MoE:
+    """EP over `layout.ep` dies, each routing `tokens` tokens (its attention share) per microbatch."""
+    if shape.num_routed_experts == 0:
+        return _MoE(0.0, 0.0, 0.0, 0.0, 0.0)
+    hw = topo.hardware
+    group_tokens = tokens * layout.ep
+    pairs = group_tokens * shape.top_k / layout.routed_dies * imbalance
+    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=layout.max_slots_per_routed_die,
+                                params_per_expert=shape.params_expert)
+    shared = 0.0
+    if layout.shared_dies > 0:  # dedicated dies run it in parallel: only the excess is on the path
+        shared = max(0.0, compute.experts_us(shape, hw, prec, pairs=group_tokens / layout.shared_dies, slots=1,
+                                             params_per_expert=shape.params_shared, op_class="dense_gemm") - routed)
+    elif layout.has_shared:
+        shared = compute.experts_us(shape, hw, prec, pairs=tokens, slots=1, params_per_expert=shape.params_shared,
+                                    op_class="dense_gemm")
+    dests = memory.dests_per_token(shape, layout)
+    return _MoE(
+        dispatch=comm.dispatch_us(topo, tokens, shape.hidden, prec.act_dtype, dests, layout.ep, imbalance),
+        experts=routed,
+        shared=shared,
+        combine=comm.combine_us(topo, tokens, shape.hidden, dests, layout.ep, imbalance),
+        routed_pairs=pairs,
+    )
+
+
+def _overlapped(compute_us: float, comm_us: float, m: int) -> float:
+    """A layer of m microbatches alternating compute and communication (totals over the m).
+
+    Each resource needs its total; one microbatch's chain needs (compute + comm) / m; with
+    m = 1 nothing overlaps.
+    """
+    return max(compute_us, comm_us, (compute_us + comm_us) / m) if m > 1 else compute_us + comm_us
+
+
+def _finish(breakdown: dict[str, float]) -> dict[str, float]:
+    return {k: v / 1e3 for k, v in breakdown.items()}  # us -> ms
+
+
+# --- decode -----------------------------------------------------------------------------------------
+
+
+def estimate_decode(shape: ModelShape, topo: Topology, dep: DecodeDeployment,
+                    calibration: Calibration | None = None) -> Estimate:
+    """Decode step, TPOT and throughput per device for a colocated or AFD deployment."""
+    cal = calibration or load_calibration()
+    _positive("--batch-per-device", dep.batch_per_device)
+    _positive("--kv-len", dep.kv_len, integer=True)
+    if not 0.0 <= dep.mtp_accept <= 1.0:
+        raise InputError(f"--mtp-accept {dep.mtp_accept}: acceptance of the one MTP draft token must be in 0..1")
+    _check_common(dep.imbalance, dep.microbatches)
+    prec = compute.precision(dep.quant, dep.kv_dtype, topo.hardware)
+    if dep.mode == "colocated":
+        return _decode_colocated(shape, topo, dep, prec, cal)
+    if dep.mode == "afd":
+        return _decode_afd(shape, topo, dep, prec, cal)
+    raise InputError(f"--mode {dep.mode}: unknown decode mode; use colocated or afd")
+
+
+def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: compute.Precision,
+                      cal: Calibration) -> Estimate:
+    hw = topo.hardware
+    devices = dep.devices or topo.num_devices
+    dies = _instance_dies(topo, devices)
+    ep = dep.ep or dies
+    _check_ep(ep, dies, f"{devices}-device decode instance")
+    tp = dep.attn_tp
+    _check_tp(tp, dies)
+    layout = memory.expert_layout(shape, ep, dep.redundant_experts)
+    m = dep.microbatches
+    drafts = 1 if dep.mtp_accept > 0 else 0
+    q = 1 + drafts  # tokens per sequence per step: the next token and the draft being verified
+    seqs = dep.batch_per_device / hw.dies
+    seqs_mb, tok_mb = seqs / m, seqs * q / m
+
+    # Step 1: one microbatch through one layer of each kind, per die (us).
+    att = compute.attention_us(shape, hw, prec, seqs=seqs_mb, q_per_seq=q, kv_len=dep.kv_len, phase="decode",
+                               tp=tp, kv_replicas=compute.kv_replicas(shape, tp))
+    tp_comm = comm.all_reduce_us(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    gate = compute.gate_us(shape, hw, tok_mb)
+    moe = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance)
+    ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp)
+    # the head runs on every position of the step, and once more per draft for the MTP module
+    head = m * compute.lm_head_us(shape, hw, prec, tokens=tok_mb) + drafts * compute.lm_head_us(
+        shape, hw, prec, tokens=seqs)
+
+    # Step 2: layers; the MTP module counts as one more MoE layer per draft token (DSV3 §2.2).
+    n_moe = shape.num_moe_layers + (drafts if shape.num_moe_layers else 0)
+    n_dense = shape.num_dense_layers + (drafts if not shape.num_moe_layers else 0)
+    moe_layer = _overlapped(m * (att + gate + moe.compute), m * (tp_comm + moe.comm), m)
+    dense_layer = _overlapped(m * (att + ffn), m * 2 * tp_comm, m)
+    t_iter = n_moe * moe_layer + n_dense * dense_layer + head
+
+    # Step 3: the breakdown (sequential stage sums, minus what overlap hides) and the calibration.
+    stages = {
+        "attention": (n_moe * m + n_dense * m) * att + (n_moe * m + 2 * n_dense * m) * tp_comm,
+        "gate": n_moe * m * gate,
+        "dispatch": n_moe * m * moe.dispatch,
+        "experts": n_moe * m * moe.experts,
+        "combine": n_moe * m * moe.combine,
+        "shared_experts": n_moe * m * moe.shared,
+        "other": n_dense * m * ffn + head,
+    }
+    stages["overlap"] = t_iter - sum(stages.values())
+    stages["scheduling"] = (cal.decode_overhead - 1.0) * t_iter
+    step_us = cal.decode_overhead * t_iter
+    tpot_ms = step_us / 1e3 / (1.0 + dep.mtp_accept)
+
+    # Step 4: memory of the two kinds of die (routed slots, shared expert).
+    uses = _colocated_memory(shape, hw, prec, layout, tp, drafts, seqs=seqs, q=q, kv_len=dep.kv_len,
+                             tokens_in_flight=seqs * q, pairs=moe.routed_pairs * m)
+    feasible, reason = memory.check(uses, DECODE_FIX)
+    return Estimate(
+        phase="decode", mode="colocated", step_ms=step_us / 1e3, tpot_ms=tpot_ms, ttft_ms=None,
+        throughput_per_device=dep.batch_per_device / tpot_ms * 1e3,
+        breakdown=_finish(stages),
+        memory_per_device_gb=max(u.total for u in uses) * hw.dies,
+        memory={u.role: u.to_dict() for u in uses},
+        feasible=feasible, infeasible_reason=reason,
+        details={
+            "topology": topo.name, "devices": devices, "dies": dies, "ep": ep, "attn_tp": tp,
+            "microbatches": m, "tokens_per_step": 1.0 + dep.mtp_accept, "sequences_per_die": seqs,
+            "routed_slots_per_die": layout.slots_per_routed_die, "shared_expert_dies": layout.shared_dies,
+            "redundant_experts": layout.redundant, "quant": prec.quant, "kv_dtype": prec.kv,
+            "calibration": {"decode_overhead": cal.decode_overhead},
+            "per_layer_us": {"attention": att, "gate": gate, "dispatch": moe.dispatch, "experts": moe.experts,
+                             "combine": moe.combine, "shared_experts": moe.shared, "dense_ffn": ffn,
+                             "moe_layer": moe_layer, "dense_layer": dense_layer},
+        },
+    )
+
+
+def _colocated_memory(shape: ModelShape, hw, prec: compute.Precision, layout: memory.ExpertLayout, tp: int,
+                      extra: int, *, seqs: float, q: float, kv_len: float, tokens_in_flight: float,
+                      pairs: float, role: str = "decode die") -> list[memory.MemoryUse]:
+    common = memory.replicated_weight_bytes(shape, prec.weight_bytes, tp=tp, extra_layers=extra)
+    kv = memory.kv_bytes(shape, seqs * compute.kv_replicas(shape, tp) * (kv_len + q), prec.kv_bytes,
+                         extra_layers=extra)
+    work = memory.workspace_bytes(shape, tokens_in_flight, pairs, tokens_in_flight)
+    kinds = [("routed experts", False)] + ([("shared expert", True)] if layout.shared_dies else [])
+    return [
+        memory.use(f"{role} ({name})", hw, kv=kv, workspace=work,
+                   weights=common + memory.expert_weight_bytes(shape, layout, prec.weight_bytes, shared_die=shared,
+                                                               extra_layers=extra))
+        for name, shared in kinds
+    ]
+
+
+def _decode_afd(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: compute.Precision,
+                cal: Calibration) -> Estimate:
+    hw = topo.hardware
+    if shape.num_routed_experts == 0:
+        raise InputError(f"--mode afd: {shape.name} has no MoE layers to disaggregate; use --mode colocated")
+    if dep.attention_devices <= 0 or dep.moe_devices <= 0:
+        raise InputError("--mode afd needs --attention-devices N and --moe-devices N (both > 0)")
+    if dep.attention_devices + dep.moe_devices > topo.num_devices:
+        raise InputError(f"--attention-devices {dep.attention_devices} + --moe-devices {dep.moe_devices}: "
+                         f"{topo.name} has only {topo.num_devices} devices")
+    a_dies = _instance_dies(topo, dep.attention_devices, "--attention-devices")
+    f_dies = _instance_dies(topo, dep.moe_devices, "--moe-devices")
+    if dep.ep and dep.ep != f_dies:
+        raise InputError(f"--ep {dep.ep}: with --mode afd the {f_dies} MoE dies form the EP group; "
+                         f"drop --ep or pass --ep {f_dies}")
+    d = dep.dp_domains
+    _positive("--dp-domains", d, integer=True)
+    if a_dies % d:
+        raise InputError(f"--dp-domains {d}: must divide the {a_dies} attention dies")
+    tp = dep.attn_tp
+    _check_tp(tp, a_dies // d)
+    layout = memory.expert_layout(shape, f_dies, dep.redundant_experts)
+    m = dep.microbatches
+    drafts = 1 if dep.mtp_accept > 0 else 0
+    q = 1 + drafts
+    seqs = dep.batch_per_device / hw.dies
+    seqs_mb, tok_mb = seqs / m, seqs * q / m
+    domain_tokens = a_dies / d * tok_mb  # tokens one domain sends per microbatch
+
+    # Step 1: one microbatch of one domain through one MoE layer (us).
+    att = compute.attention_us(shape, hw, prec, seqs=seqs_mb, q_per_seq=q, kv_len=dep.kv_len, phase="decode",
+                               tp=tp, kv_replicas=compute.kv_replicas(shape, tp))
+    tp_comm = comm.all_reduce_us(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    gate = compute.gate_us(shape, hw, tok_mb)
+    pairs = domain_tokens * shape.top_k / layout.routed_dies * dep.imbalance
+    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=layout.max_slots_per_routed_die,
+                                params_per_expert=shape.params_expert)
+    if layout.shared_dies:
+        shared_die = compute.experts_us(shape, hw, prec, pairs=domain_tokens / layout.shared_dies, slots=1,
+                                        params_per_expert=shape.params_shared, op_class="dense_gemm")
+        shared = max(0.0, shared_die - routed)
+    else:  # replicated on every MoE die, each taking an equal share of the tokens
+        shared = compute.experts_us(shape, hw, prec, pairs=domain_tokens / f_dies, slots=1,
+                                    params_per_expert=shape.params_shared, op_class="dense_gemm") \
+            if layout.has_shared else 0.0
+    dests = shape.top_k + (1 if layout.has_shared else 0)
+    recv = domain_tokens * dests / f_dies
+    a2e = comm.afd_transfer_us(topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype),
+                               dep.imbalance)
+    e2a = comm.afd_transfer_us(topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden), dep.imbalance)
+    t_a = att + gate + tp_comm
+    t_e = routed + shared
+    chain = t_a + a2e + t_e + e2a
+
+    # Step 2: the round per layer (MegaScale-Infer / Step-3 rules, reference AFD section): the
+    # attention dies run m microbatches, the MoE dies serve d domains x m microbatches.
+    t_round = max(m * t_a, d * m * t_e, d * m * max(a2e, e2a), chain)
+    ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp)
+    head = m * compute.lm_head_us(shape, hw, prec, tokens=tok_mb) + drafts * compute.lm_head_us(
+        shape, hw, prec, tokens=seqs)
+    n_moe = shape.num_moe_layers + drafts
+    n_dense = shape.num_dense_layers
+    dense_layer = m * (att + ffn + 2 * tp_comm)
+    t_iter = n_moe * t_round + n_dense * dense_layer + head
+
+    # Step 3: breakdown along one microbatch's path; pipeline_wait is the round minus that path.
+    stages = {
+        "attention": n_moe * (att + tp_comm) + n_dense * m * (att + 2 * tp_comm),
+        "gate": n_moe * gate,
+        "dispatch": n_moe * a2e,
+        "experts": n_moe * routed,
+        "combine": n_moe * e2a,
+        "shared_experts": n_moe * shared,
+        "other": n_dense * m * ffn + head,
+        "pipeline_wait": n_moe * (t_round - chain),
+        "scheduling": (cal.decode_overhead - 1.0) * t_iter,
+    }
+    step_us = cal.decode_overhead * t_iter
+    tpot_ms = step_us / 1e3 / (1.0 + dep.mtp_accept)
+    sequences = dep.attention_devices * dep.batch_per_device
+    total_devices = dep.attention_devices + dep.moe_devices
+
+    # Step 4: memory per role.
+    attn_use = memory.use(
+        "decode attention die", hw,
+        weights=memory.replicated_weight_bytes(shape, prec.weight_bytes, tp=tp, extra_layers=drafts),
+        kv=memory.kv_bytes(shape, seqs * compute.kv_replicas(shape, tp) * (dep.kv_len + q), prec.kv_bytes,
+                           extra_layers=drafts),
+        workspace=memory.workspace_bytes(shape, seqs * q, 0.0, seqs * q))
+    moe_uses = [
+        memory.use(f"decode MoE die ({name})", hw,
+                   weights=memory.expert_weight_bytes(shape, layout, prec.weight_bytes, shared_die=is_shared,
+                                                      extra_layers=drafts),
+                   kv=0.0, workspace=memory.workspace_bytes(shape, recv, pairs, 0.0))
+        for name, is_shared in [("routed experts", False)] + ([("shared expert", True)] if layout.shared_dies else [])
+    ]
+    uses = [attn_use] + moe_uses
+    feasible, reason = memory.check(uses, DECODE_FIX)
+    return Estimate(
+        phase="decode", mode="afd", step_ms=step_us / 1e3, tpot_ms=tpot_ms, ttft_ms=None,
+        throughput_per_device=sequences / tpot_ms * 1e3 / total_devices,
+        breakdown=_finish(stages),
+        memory_per_device_gb=max(u.total for u in uses) * hw.dies,
+        memory={u.role: u.to_dict() for u in uses},
+        feasible=feasible, infeasible_reason=reason,
+        details={
+            "topology": topo.name, "attention_devices": dep.attention_devices, "moe_devices": dep.moe_devices,
+            "af_ratio": dep.attention_devices / dep.moe_devices, "dp_domains": d, "ep": f_dies, "attn_tp": tp,
+            "microbatches": m, "tokens_per_step": 1.0 + dep.mtp_accept, "sequences_per_attention_die": seqs,
+            "routed_slots_per_die": layout.slots_per_routed_die, "shared_expert_dies": layout.shared_dies,
+            "redundant_experts": layout.redundant, "quant": prec.quant, "kv_dtype": prec.kv,
+            "calibration": {"decode_overhead": cal.decode_overhead},
+            "per_layer_us": {"attention": t_a, "a2e": a2e, "experts": t_e, "e2a": e2a, "round": t_round,
+                             "dense_layer": dense_layer},
+        },
+    )
+
+
+# --- prefill ----------------------------------------------------------------------------------------
+
+
+def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
+                     calibration: Calibration | None = None) -> Estimate:
+    """Prefill batch time, TTFT (batch + KV transfer to decode) and prompt tokens/s per device."""
+    cal = calibration or load_calibration()
+    hw = topo.hardware
+    _positive("--tokens-per-device", dep.tokens_per_device)
+    _positive("--prompt-len", dep.prompt_len, integer=True)
+    if not 0.0 <= dep.prefix_hit_rate < 1.0:
+        raise InputError(f"--prefix-hit-rate {dep.prefix_hit_rate}: must be in [0, 1)")
+    _check_common(dep.imbalance, dep.microbatches)
+    prec = compute.precision(dep.quant, dep.kv_dtype, hw)
+    devices = dep.devices or topo.num_devices
+    dies = _instance_dies(topo, devices)
+    ep = dep.ep or dies
+    _check_ep(ep, dies, f"{devices}-device prefill instance")
+    tp = dep.attn_tp
+    _check_tp(tp, dies)
+    layout = memory.expert_layout(shape, ep, dep.redundant_experts)
+    m = dep.microbatches
+    tokens = dep.tokens_per_device / hw.dies  # prompt tokens per die per batch
+    hit = dep.prefix_hit_rate
+    computed = tokens * (1.0 - hit)
+    prompts = tokens / dep.prompt_len
+    tok_mb = computed / m
+    mean_kv = opcount.causal_mean_kv(round(dep.prompt_len * (1.0 - hit)), past=round(dep.prompt_len * hit))
+
+    # Step 1: one microbatch through one layer, per die (us). Compute stages are divided by the
+    # calibrated prefill efficiency (achieved / roofline); communication keeps its measured cost.
+    eff = cal.prefill_efficiency
+    att = compute.attention_us(shape, hw, prec, seqs=tok_mb, q_per_seq=1.0, kv_len=mean_kv, phase="prefill",
+                               tp=tp, kv_replicas=compute.kv_replicas(shape, tp)) / eff
+    tp_comm = comm.all_reduce_us(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    gate = compute.gate_us(shape, hw, tok_mb) / eff
+    raw = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance)
+    moe = _MoE(raw.dispatch, raw.experts / eff, raw.shared / eff, raw.combine, raw.routed_pairs)
+    ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp) / eff
+    head = compute.lm_head_us(shape, hw, prec, tokens=prompts) / eff  # only each prompt's last position
+
+    # Step 2: layers with microbatch overlap, as in decode.
+    n_moe, n_dense = shape.num_moe_layers, shape.num_dense_layers
+    moe_layer = _overlapped(m * (att + gate + moe.compute), m * (tp_comm + moe.comm), m)
+    dense_layer = _overlapped(m * (att + ffn), m * 2 * tp_comm, m)
+    step_us = n_moe * moe_layer + n_dense * dense_layer + head
+    kv_per_die = memory.kv_bytes(shape, tokens * compute.kv_replicas(shape, tp) / tp, prec.kv_bytes)
+    kv_xfer = comm.kv_transfer_us(topo, kv_per_die)
+
+    # Step 3: breakdown summing to TTFT (the batch, then its KV over RDMA to a decode instance);
+    # a prefill batch has no per-step scheduling term: its calibration sits in the compute stages.
+    stages = {
+        "attention": (n_moe + n_dense) * m * att + (n_moe + 2 * n_dense) * m * tp_comm,
+        "gate": n_moe * m * gate,
+        "dispatch": n_moe * m * moe.dispatch,
+        "experts": n_moe * m * moe.experts,
+        "combine": n_moe * m * moe.combine,
+        "shared_experts": n_moe * m * moe.shared,
+        "other": n_dense * m * ffn + head,
+    }
+    stages["overlap"] = step_us - sum(stages.values())
+    stages["scheduling"] = 0.0
+    stages["kv_transfer"] = kv_xfer
+
+    # Step 4: memory.
+    uses = _colocated_memory(shape, hw, prec, layout, tp, 0, seqs=tokens, q=0.0, kv_len=1.0,
+                             tokens_in_flight=computed, pairs=moe.routed_pairs * m, role="prefill die")
+    feasible, reason = memory.check(uses, PREFILL_FIX)
+    return Estimate(
+        phase="prefill", mode="colocated", step_ms=step_us / 1e3, tpot_ms=None, ttft_ms=(step_us + kv_xfer) / 1e3,
+        throughput_per_device=dep.tokens_per_device / step_us * 1e6,
+        breakdown=_finish(stages),
+        memory_per_device_gb=max(u.total for u in uses) * hw.dies,
+        memory={u.role: u.to_dict() for u in uses},
+        feasible=feasible, infeasible_reason=reason,
+        details={
+            "topology": topo.name, "devices": devices, "dies": dies, "ep": ep, "attn_tp": tp, "microbatches": m,
+            "prompt_tokens_per_die": tokens, "computed_tokens_per_die": computed, "prompts_per_die": prompts,
+            "prefix_hit_rate": hit, "routed_slots_per_die": layout.slots_per_routed_die,
+            "shared_expert_dies": layout.shared_dies, "redundant_experts": layout.redundant,
+            "quant": prec.quant, "kv_dtype": prec.kv,
+            "calibration": {"prefill_efficiency": cal.prefill_efficiency},
+            "per_layer_us": {"attention": att, "gate": gate, "dispatch": moe.dispatch, "experts": moe.experts,
+                             "combine": moe.combine, "shared_experts": moe.shared, "dense_ffn": ffn,
+                             "moe_layer": moe_layer, "dense_layer": dense_layer, "kv_transfer": kv_xfer},
+        },
+    )

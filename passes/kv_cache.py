@@ -1,0 +1,118 @@
+"""kv-cache: make positions and the KV cache graph inputs, so one graph serves prefill and decode.
+
+The frontend traces `forward(input_ids)` with no cache: positions are `arange(S)` and the causal
+mask spans the S new tokens only. This pass adds two inputs after `input_ids`:
+
+- `past_len` (int, default 0): tokens already in the cache; positions become `past_len + arange(S)`
+  and the mask spans `past_len + S` keys;
+- `past_key_values` (default None): an object with transformers' cache protocol
+  (`update(key, value, layer_idx) -> (keys, values)`, e.g. `DynamicCache()`), handed to every
+  attention module, which appends its layer's new keys and values and attends over all of them.
+
+With the defaults the graph computes exactly what it did before. After the split, each attention
+stage receives the cache object as an input: a worker passes the cache it holds for its layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from costmodels.errors import ConfigError
+from passes import meta
+from passes.context import PassContext
+from passes.graphs import PAST_KEY_VALUES, PAST_LEN, copy_module
+
+NAME = "kv-cache"
+NEEDS = (meta.ROLE, meta.LAYER)
+PROVIDES = (meta.KV_INPUTS,)
+
+# The frontend's mask function (planner.frontend.podplan_causal_mask), found by name: passes do not
+# import the planner. Its arguments are (inputs_embeds, position_ids, sliding_window).
+_FRONTEND_MASK = "podplan_causal_mask"
+
+
+def cached_positions(inputs_embeds: torch.Tensor, past_len: int) -> torch.Tensor:
+    """Position ids [1, S] of the S new tokens that follow `past_len` cached ones."""
+    return (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len).unsqueeze(0)
+
+
+def cached_causal_mask(
+    inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past_len: int, sliding_window: int
+) -> torch.Tensor:
+    """Additive mask [B, 1, S, past_len + S]: 0 where a query may attend a key, finfo.min elsewhere.
+
+    Same values as the frontend's mask when past_len is 0; sliding_window <= 0 means no window.
+    """
+    q_pos = position_ids[:, :, None]
+    k_pos = torch.arange(past_len + inputs_embeds.shape[1], device=inputs_embeds.device)[None, None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window > 0:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    neg = torch.finfo(inputs_embeds.dtype).min
+    mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device).masked_fill(~allowed, neg)
+    return mask[:, None, :, :].expand(inputs_embeds.shape[0], 1, mask.shape[-2], mask.shape[-1])
+
+
+def _frontend_mask(graph: fx.Graph) -> fx.Node:
+    masks = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == _FRONTEND_MASK]
+    if len(masks) != 1:
+        raise ConfigError(
+            f"kv-cache: expected one '{_FRONTEND_MASK}' node in the traced graph, found {len(masks)}; "
+            "trace the model with planner.frontend (it routes every causal mask through that function)"
+        )
+    return masks[0]
+
+
+def _erase_dead(node: fx.Node) -> None:
+    """Erase `node` and then its inputs, while they have no users left (the old position-id chain)."""
+    if node.users or node.op in ("placeholder", "output", "call_module"):
+        return
+    inputs = list(node.all_input_nodes)
+    node.graph.erase_node(node)
+    for arg in inputs:
+        _erase_dead(arg)
+
+
+def _tag(node: fx.Node, like: fx.Node) -> fx.Node:
+    node.meta[meta.ROLE] = "other"
+    node.meta[meta.LAYER] = None
+    node.meta[meta.MODULE] = like.meta.get(meta.MODULE, "")
+    return node
+
+
+def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Add `past_len` and `past_key_values` inputs; positions, the mask and attention use them."""
+    out = copy_module(gm)
+    graph = out.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if any(str(n.target) in (PAST_LEN, PAST_KEY_VALUES) for n in placeholders):
+        return out  # already rewritten: the pass is idempotent
+    with graph.inserting_after(placeholders[-1]):
+        past_len = _tag(graph.placeholder(PAST_LEN, type_expr=int, default_value=0), placeholders[0])
+    with graph.inserting_after(past_len):
+        cache = _tag(graph.placeholder(PAST_KEY_VALUES, default_value=None), placeholders[0])
+
+    mask = _frontend_mask(graph)
+    embeds, old_positions, window = mask.args[0], mask.args[1], mask.args[2]
+    with graph.inserting_before(mask):
+        positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), mask)
+        new_mask = _tag(graph.call_function(cached_causal_mask, (embeds, positions, past_len, window)), mask)
+    mask.replace_all_uses_with(new_mask)
+    graph.erase_node(mask)
+    assert isinstance(old_positions, fx.Node)
+    old_positions.replace_all_uses_with(positions)
+    _erase_dead(old_positions)
+
+    attentions = [n for n in graph.nodes if n.op == "call_module" and meta.role_of(n) == "attention"]
+    for node in attentions:
+        if PAST_KEY_VALUES not in node.kwargs:
+            raise ConfigError(
+                f"kv-cache: attention node '{node.name}' ({node.target}) is not called with a "
+                f"'{PAST_KEY_VALUES}' keyword; this family's decoder layer passes the cache differently"
+            )
+        node.kwargs = {**node.kwargs, PAST_KEY_VALUES: cache}
+    graph.lint()
+    out.recompile()
+    out.meta[meta.KV_INPUTS] = True
+    return out

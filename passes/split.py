@@ -1,0 +1,98 @@
+"""split: one submodule per stage; the top-level graph only calls stages and unpacks their outputs.
+
+Built on `torch.fx.passes.split_module` (node names and metadata are kept inside the stages; every
+stage returns a tuple). Stage submodules are named after their `StageKey` ('embed',
+'layer3_attention', 'head'); the top-level call node of a stage carries the stage's total cost.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+
+from passes import meta
+from passes.context import PassContext
+from passes.graphs import program_order
+
+NAME = "split"
+NEEDS = (meta.STAGE, meta.STAGE_LAYER, meta.COST)
+PROVIDES = (meta.STAGED,)
+
+_PREFIX = "submod_"
+# The role a stage's call node carries at the top level: its defining leaf's role.
+_STAGE_ROLE = {"embed": "embed", "head": "lm_head"}
+_NO_COST = meta.NodeCost(0, 0, 0.0, 0.0, (), "")
+
+
+def _stage_cost(stage: fx.GraphModule) -> meta.NodeCost:
+    """Sum of the stage's node costs; output shapes are the stage's outputs."""
+    inner = [n for n in stage.graph.nodes if n.op not in ("placeholder", "output")]
+    outputs = [a for a in stage.graph.output_node().all_input_nodes]
+    costs = [meta.cost_of(n) for n in inner]
+    out_costs = [meta.cost_of(n) for n in outputs]
+    return meta.NodeCost(
+        params=sum(c.params for c in costs),
+        weight_bytes=sum(c.weight_bytes for c in costs),
+        flops_per_token=float(sum(c.flops_per_token for c in costs)),
+        act_bytes_per_token=float(sum(c.act_bytes_per_token for c in costs)),
+        out_shapes=tuple(s for c in out_costs for s in c.out_shapes),
+        out_dtype=out_costs[0].out_dtype if out_costs else "",
+    )
+
+
+def _set_stage_meta(node: fx.Node, key: meta.StageKey, role: str, cost: meta.NodeCost) -> None:
+    node.meta[meta.ROLE] = role
+    node.meta[meta.LAYER] = key.layer
+    node.meta[meta.MODULE] = key.name
+    node.meta[meta.STAGE] = key.kind
+    node.meta[meta.STAGE_LAYER] = key.layer
+    node.meta[meta.COST] = cost
+
+
+def _grouped_by_stage(gm: fx.GraphModule, num_layers: int) -> fx.GraphModule:
+    """A copy whose nodes run stage by stage in program order (a valid order: classify checked every
+    edge goes forward), so split_module emits the stage calls in program order."""
+    nodes = list(gm.graph.nodes)
+    rank = {n: (program_order(meta.stage_key_of(n), num_layers), i) for i, n in enumerate(nodes)}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in sorted(nodes, key=rank.__getitem__):
+        env[node] = graph.node_copy(node, env.__getitem__)
+    return fx.GraphModule(gm, graph)
+
+
+def split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Cut the classified graph into stage submodules wired by a top-level graph."""
+    grouped = _grouped_by_stage(gm, ctx.shape.num_layers)
+    keys = {n.name: meta.stage_key_of(n) for n in grouped.graph.nodes}
+    staged = split_module(
+        grouped, grouped, lambda node: keys[node.name].name,
+        keep_original_order=True, keep_original_node_name=True, tuple_return=True,
+    )
+    by_name = {key.name: key for key in keys.values()}
+    head = meta.StageKey(None, "head")
+    for node in staged.graph.nodes:
+        if node.op == "call_module":
+            name = str(node.target)[len(_PREFIX):]
+            stage = staged.get_submodule(str(node.target))
+            delattr(staged, str(node.target))
+            staged.add_module(name, stage)
+            node.target = name
+            key = by_name[name]
+            _set_stage_meta(stage.graph.output_node(), key, "other", _NO_COST)
+            _set_stage_meta(node, key, _STAGE_ROLE.get(key.kind, key.kind), _stage_cost(stage))
+        elif node.op == "call_function" and node.target is operator.getitem:
+            producer, index = node.args
+            assert isinstance(producer, fx.Node) and isinstance(index, int)
+            stage = staged.get_submodule(str(producer.target))
+            value = stage.graph.output_node().args[0][index]  # type: ignore[index]
+            cost = meta.cost_of(value)
+            _set_stage_meta(node, meta.stage_key_of(producer), "other", meta.NodeCost(0, 0, 0.0, 0.0, cost.out_shapes, cost.out_dtype))
+        elif node.op == "output":
+            _set_stage_meta(node, head, "other", _NO_COST)
+    staged.recompile()
+    staged.meta = {k: v for k, v in gm.meta.items() if k in meta.GRAPH_KEYS}
+    staged.meta[meta.STAGED] = True
+    return staged

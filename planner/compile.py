@@ -1,0 +1,288 @@
+"""The compile driver: trace -> passes -> search -> balance -> placement -> Plan.
+
+`compile_plan(model, topology, options)` is the whole pipeline behind `podplan compile`; it returns
+the Plan IR object (`planner.plan.Plan`), which `planner.plan.write_plan` serialises.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from costmodels.errors import InputError
+from costmodels.hardware import dtype_bytes
+from costmodels.memory import expert_layout
+from costmodels.model_shape import ModelShape
+from costmodels.serving import DecodeDeployment
+from costmodels.topology import Topology, get_topology
+from passes.annotate import annotate
+from passes.context import PassContext
+from planner import __version__, plan as ir
+from planner.balance import BalanceResult, balance
+from planner.frontend import trace
+from planner.loads import read_loads
+from planner.placement import InstanceRequest, InstanceSlot, place
+from planner.report import layer_rows
+from planner.search import Candidate, SearchResult, Workload, rescore, search
+from planner.shape import shape_from_traced
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything `podplan compile` takes besides the model and topology (see README for defaults)."""
+
+    tpot_ms: float | None = 50.0
+    ttft_ms: float | None = None
+    input_len: int = 4096
+    output_len: int = 1024
+    prefix_hit: float = 0.0
+    quant: str = "int8"
+    mtp_accept: float = 0.0
+    loads: str = "uniform"
+    time_limit: float = 0.5  # balancer seconds per sub-problem (deterministic CP-SAT time)
+    seed: int = 0
+    split: str = "equal"
+    decode_mode: str | None = None  # pin: "colocated" | "afd"
+    decode_devices: int | None = None  # pin: colocated decode instance size
+    attention_devices: int | None = None  # pin: afd attention devices per instance
+    moe_devices: int | None = None  # pin: afd MoE devices per instance
+    prefill_devices: int | None = None  # pin: prefill instance size
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in sorted(self.__dataclass_fields__)}
+
+
+@dataclass
+class _PhasePlan:
+    """Working state of one phase between search and IR."""
+
+    name: str
+    cand: Candidate
+    count: int
+    mode: str  # colocated | disaggregated
+    attention: int  # devices per instance running attention
+    routed: int  # devices per instance holding routed-expert slots
+    shared: int  # devices per instance computing shared experts only (0: replicated on routed)
+    slots: int  # routed slots per routed device
+    redundant: int
+    balance: BalanceResult | None = None
+    slots_of: list[InstanceSlot] = field(default_factory=list)
+
+
+def _validate(opts: CompileOptions) -> None:
+    if opts.tpot_ms is not None and opts.tpot_ms <= 0:
+        raise InputError(f"--tpot-ms {opts.tpot_ms}: must be > 0")
+    if opts.ttft_ms is not None and opts.ttft_ms <= 0:
+        raise InputError(f"--ttft-ms {opts.ttft_ms}: must be > 0")
+    if opts.input_len <= 0 or opts.output_len <= 0:
+        raise InputError(f"--input-len/--output-len must be > 0 (got {opts.input_len}, {opts.output_len})")
+    if not 0.0 <= opts.prefix_hit < 1.0:
+        raise InputError(f"--prefix-hit {opts.prefix_hit}: must be in [0, 1)")
+    if not 0.0 <= opts.mtp_accept <= 1.0:
+        raise InputError(f"--mtp-accept {opts.mtp_accept}: must be in [0, 1]")
+    if opts.time_limit <= 0:
+        raise InputError(f"--time-limit {opts.time_limit}: must be > 0 seconds")
+    if opts.seed < 0:
+        raise InputError(f"--seed {opts.seed}: must be >= 0")
+    for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices"):
+        value = getattr(opts, flag)
+        if value is not None and value <= 0:
+            raise InputError(f"--{flag.replace('_', '-')} {value}: must be > 0")
+    if (opts.attention_devices is None) != (opts.moe_devices is None):
+        raise InputError("--attention-devices and --moe-devices go together (a disaggregated decode instance)")
+    if opts.decode_devices is not None and opts.attention_devices is not None:
+        raise InputError("--decode-devices pins a colocated instance, --attention/--moe-devices a disaggregated one: give one")
+
+
+def _layout(shape: ModelShape, topo: Topology, expert_devices: int) -> tuple[int, int, int, int]:
+    """(routed devices, shared devices, slots per routed device, redundant) for an EP group.
+
+    Starts from the published layout (costmodels.memory.expert_layout) and rounds it to whole
+    devices: EP > E gives one slot per die and dedicated shared-expert dies; EP <= E gives
+    ceil(E / EP) (+1 redundant) slots per die with the shared expert replicated.
+    """
+    d = topo.dies_per_device
+    E = shape.num_routed_experts
+    lay = expert_layout(shape, expert_devices * d)
+    if lay.shared_dies > 0 and lay.shared_dies < expert_devices * d:
+        shared = math.ceil(lay.shared_dies / d)
+        routed = expert_devices - shared
+        slots = d
+    else:
+        shared = 0
+        routed = expert_devices
+        slots = math.ceil((E + lay.redundant) / routed)
+    if routed * slots < E:
+        raise InputError(f"{shape.name}: {routed} expert devices x {slots} slots cannot hold {E} experts")
+    return routed, shared, slots, routed * slots - E
+
+
+def _phase_plan(name: str, cand: Candidate, count: int, shape: ModelShape, topo: Topology) -> _PhasePlan:
+    dep = cand.deployment
+    if isinstance(dep, DecodeDeployment) and dep.mode == "afd":
+        routed, shared, slots, red = _layout(shape, topo, dep.moe_devices)
+        return _PhasePlan(name, cand, count, "disaggregated", dep.attention_devices, routed, shared, slots, red)
+    routed, shared, slots, red = _layout(shape, topo, dep.devices)
+    return _PhasePlan(name, cand, count, "colocated", dep.devices, routed, shared, slots, red)
+
+
+def _requests(pp: _PhasePlan) -> list[InstanceRequest]:
+    return [InstanceRequest(f"{pp.name}-{i}", pp.mode, pp.attention, pp.routed, pp.shared) for i in range(pp.count)]
+
+
+def _memory(est, mode: str, dies: int) -> dict[str, ir.MemoryUse]:
+    """Per-die memory entries of the estimate -> per-device use by plan role."""
+    out: dict[str, ir.MemoryUse] = {}
+    for label, use in sorted(est.memory.items()):
+        role = "both" if mode == "colocated" else ("attention" if "attention" in label else "experts")
+        parts = {k: round(v * dies, 4) for k, v in use.items() if k not in ("total", "capacity")}
+        cur = ir.MemoryUse(used_gb=round(use["total"] * dies, 4), capacity_gb=round(use["capacity"] * dies, 4),
+                           breakdown=parts)
+        if role not in out or cur.used_gb > out[role].used_gb:
+            out[role] = cur
+    return out
+
+
+def _prediction(est) -> ir.Prediction:
+    return ir.Prediction(
+        step_ms=est.step_ms, throughput_per_device=est.throughput_per_device,
+        breakdown=dict(est.breakdown),
+        tpot_ms=est.tpot_ms, ttft_ms=est.ttft_ms, feasible=est.feasible, infeasible_reason=est.infeasible_reason,
+    )
+
+
+def _placement(res: BalanceResult, moe_layers: tuple[int, ...]) -> ir.ExpertPlacement:
+    layers = []
+    for i, layer in enumerate(moe_layers):
+        shares = tuple(float(x) for x in res.shares[i]) if res.shares is not None else None
+        layers.append(ir.LayerPlacement(
+            layer=layer, phy2log=tuple(int(x) for x in res.phy2log[i]), shares=shares,
+            device_loads=tuple(float(x) for x in res.device_loads[i]),
+        ))
+    return ir.ExpertPlacement(devices=res.devices, slots_per_device=res.slots_per_device, layers=tuple(layers),
+                              algorithm=f"{res.algorithm}/{res.split}")
+
+
+def _instances(pp: _PhasePlan, topo: Topology, shape_has_shared: bool) -> tuple[ir.Instance, ...]:
+    d = topo.dies_per_device
+    dep = pp.cand.deployment
+    tp = getattr(dep, "attn_tp", 1)
+    out = []
+    for slot in pp.slots_of:
+        if not shape_has_shared:
+            slot = replace(slot, shared_expert_devices=())
+        attn_dies = len(slot.attention_devices) * d
+        out.append(ir.Instance(
+            id=slot.id, mode=pp.mode, devices=slot.devices, attention_devices=slot.attention_devices,
+            expert_devices=slot.expert_devices, shared_expert_devices=slot.shared_expert_devices,
+            attention_dp=attn_dies // tp, attention_tp=tp,
+            ep=(len(slot.expert_devices) + pp.shared) * d if pp.mode == "disaggregated" else len(slot.devices) * d,
+            microbatches=dep.microbatches,
+            batch_per_device=dep.batch_per_device if pp.name == "decode" else dep.tokens_per_device,
+            dp_domains=getattr(dep, "dp_domains", 1) if pp.mode == "disaggregated" else 1,
+        ))
+    return tuple(out)
+
+
+def _config_line(c: Candidate) -> str:
+    s = c.summary()
+    if s["phase"] == "prefill":
+        return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
+    if s["mode"] == "afd":
+        return (f"afd {s['attention_devices']}A+{s['moe_devices']}F, {s['dp_domains']} domains, "
+                f"batch {s['batch_per_device']:g}, mb {s['microbatches']}")
+    return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
+
+
+def _solver_runs(sr: SearchResult, phases: list[_PhasePlan]) -> tuple[ir.SolverRun, ...]:
+    runs = [ir.SolverRun(name="search", solver="enumerate", status="EXHAUSTIVE",
+                         objective=round(sr.requests_per_s, 6))]
+    for pp in phases:
+        res = pp.balance
+        worst = int(np.argmax(res.gap))
+        runs.append(ir.SolverRun(
+            name=f"balance {pp.name} (worst of {res.layers} layers: layer {pp_layer(res, worst)})",
+            solver=res.algorithm, status=_status_summary(res.status),
+            objective=float(res.max_over_mean[worst]),
+            bound=float(res.max_over_mean[worst] / (1.0 + res.gap[worst])) if res.gap[worst] >= 0 else None,
+            gap=float(res.gap[worst]),
+        ))
+    return tuple(runs)
+
+
+def pp_layer(res: BalanceResult, i: int) -> int:
+    return i
+
+
+def _status_summary(statuses: tuple[str, ...]) -> str:
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[s] = counts.get(s, 0) + 1
+    return ",".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+
+
+def compile_plan(model: str, topology: str, opts: CompileOptions,
+                 progress: Callable[[str], None] | None = None) -> ir.Plan:
+    """Run the whole pipeline and return the plan (nothing is written)."""
+    say = progress or (lambda _msg: None)
+    _validate(opts)
+    topo = get_topology(topology)
+    say(f"tracing {model}")
+    traced = trace(model)
+    shape = shape_from_traced(traced)
+    gm = annotate(traced.gm, PassContext(shape=shape, batch=1, seq=128))
+    stages = tuple(ir.Stage(layer=r["layer"], kind=r["kind"], roles=tuple(r["roles"]), params=r["params"],
+                            flops_per_token=r["flops_per_token"], a2e_bytes_per_token=r["a2e_bytes_per_token"],
+                            e2a_bytes_per_token=r["e2a_bytes_per_token"]) for r in layer_rows(gm, shape))
+    loads = read_loads(opts.loads, layers=shape.num_moe_layers, experts=shape.num_routed_experts, seed=opts.seed)
+
+    say(f"searching deployments on {topo.name}")
+    wl = Workload(tpot_ms=opts.tpot_ms, ttft_ms=opts.ttft_ms, input_len=opts.input_len, output_len=opts.output_len,
+                  prefix_hit=opts.prefix_hit, quant=opts.quant, mtp_accept=opts.mtp_accept,
+                  decode_mode=opts.decode_mode or ("afd" if opts.attention_devices else None),
+                  decode_devices=opts.decode_devices, attention_devices=opts.attention_devices,
+                  moe_devices=opts.moe_devices, prefill_devices=opts.prefill_devices)
+    sr = search(shape, topo, wl)
+    phases = [_phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo),
+              _phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
+
+    slots = place(topo, [r for pp in phases for r in _requests(pp)])
+    for pp in phases:
+        pp.slots_of = [s for s in slots if s.id.startswith(pp.name + "-")]
+        say(f"balancing {shape.num_moe_layers} layers for {pp.name}: {pp.routed} devices x {pp.slots} slots")
+        pp.balance = balance(loads, pp.routed, pp.slots, nodes=1, algorithm="ilp", split=opts.split,
+                             time_limit=opts.time_limit, seed=opts.seed, workers=1)
+        # re-score with the imbalance the balancer reached (the mean over layers: layers run in sequence)
+        imb = float(np.mean(pp.balance.max_over_mean))
+        pp.cand = rescore(pp.cand, shape, topo, imb)
+
+    weight_bytes = dtype_bytes(opts.quant)
+    dies = topo.dies_per_device
+    phase_ir = {}
+    for pp in phases:
+        est = pp.cand.estimate
+        phase_ir[pp.name] = ir.Phase(
+            instances=_instances(pp, topo, shape.num_shared_experts > 0 and shape.params_shared > 0), experts=(_placement(pp.balance, shape.moe_layers),),
+            predictions=_prediction(est), memory=_memory(est, pp.mode, dies),
+        )
+    chosen = sr.decode.deployment
+    frontier = tuple(
+        ir.FrontierPoint(phase="decode", throughput_per_device=c.tput, config=_config_line(c),
+                         tpot_ms=c.estimate.tpot_ms, feasible=True, chosen=c.deployment == chosen)
+        for c in sr.frontier
+    )
+    return ir.Plan(
+        model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
+        topology=ir.TopologyInfo.from_topology(topo),
+        workload=ir.Workload(input_len=opts.input_len, output_len=opts.output_len, prefix_hit=opts.prefix_hit,
+                             quant=opts.quant, mtp_accept=opts.mtp_accept, tpot_slo_ms=opts.tpot_ms,
+                             ttft_slo_ms=opts.ttft_ms),
+        stages=stages,
+        provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
+                                 options=dict(opts.to_dict(), model=model, topology=topology),
+                                 solvers=_solver_runs(sr, phases)),
+        prefill=phase_ir["prefill"], decode=phase_ir["decode"], frontier=frontier,
+    )

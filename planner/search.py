@@ -1,0 +1,280 @@
+"""Deployment search: enumerate prefill and decode configurations, score them with the serving
+model, keep the feasible ones under the SLOs, and split the topology's devices between phases.
+
+Step 1: decode candidates (colocated EP over the instance's dies, and disaggregated MoE-attention
+        with A:F ratio and DP domains) x batch per device x microbatches.
+Step 2: prefill candidates: instance size x tokens per device x microbatches.
+Step 3: drop memory-infeasible candidates and those over the TPOT / TTFT targets; keep the Pareto
+        frontier (throughput per device vs TPOT) of decode.
+Step 4: for the best decode candidate of each instance shape and the best prefill candidate,
+        choose instance counts so that prefill and decode serve the same request rate
+        (prompt tokens vs output tokens of the workload) with the most requests/s on the topology.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from costmodels.errors import InfeasibleError, InputError
+from costmodels.model_shape import ModelShape
+from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate_decode, estimate_prefill
+from costmodels.topology import Topology
+
+BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+PREFILL_TOKENS = (2048, 4096, 8192, 16384, 32768)
+MICROBATCHES = (1, 2)
+DP_DOMAINS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the service must meet: SLOs (ms, None = no target) and the request shape."""
+
+    tpot_ms: float | None = 50.0
+    ttft_ms: float | None = None
+    input_len: int = 4096
+    output_len: int = 1024
+    prefix_hit: float = 0.0
+    quant: str = "int8"
+    mtp_accept: float = 0.0
+    imbalance: float = 1.0  # expected max/mean expert load before balancing is known
+    # pins a user may put on the search (None = search over it)
+    decode_mode: str | None = None  # "colocated" | "afd"
+    decode_devices: int | None = None  # colocated decode instance size
+    attention_devices: int | None = None  # afd
+    moe_devices: int | None = None  # afd
+    prefill_devices: int | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scored configuration of one phase."""
+
+    phase: str
+    deployment: DecodeDeployment | PrefillDeployment
+    estimate: Estimate
+
+    @property
+    def instance_devices(self) -> int:
+        dep = self.deployment
+        if isinstance(dep, DecodeDeployment) and dep.mode == "afd":
+            return dep.attention_devices + dep.moe_devices
+        return dep.devices
+
+    @property
+    def tput(self) -> float:
+        return self.estimate.throughput_per_device
+
+    def summary(self) -> dict:
+        dep = self.deployment
+        d = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput}
+        if isinstance(dep, DecodeDeployment):
+            d.update(mode=dep.mode, batch_per_device=dep.batch_per_device, microbatches=dep.microbatches,
+                     tpot_ms=self.estimate.tpot_ms)
+            if dep.mode == "afd":
+                d.update(attention_devices=dep.attention_devices, moe_devices=dep.moe_devices,
+                         dp_domains=dep.dp_domains)
+        else:
+            d.update(tokens_per_device=dep.tokens_per_device, microbatches=dep.microbatches,
+                     ttft_ms=self.estimate.ttft_ms)
+        return d
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    decode: Candidate
+    prefill: Candidate
+    decode_instances: int
+    prefill_instances: int
+    requests_per_s: float
+    frontier: tuple[Candidate, ...]
+    evaluated: int
+    rejected: dict = field(default_factory=dict)
+
+
+def _instance_sizes(topo: Topology, min_dies: int) -> list[int]:
+    """Device counts an instance may have: whole servers (and halves/quarters below one server)."""
+    per = topo.devices_per_server
+    sizes = {per * k for k in range(1, topo.num_devices // per + 1)}
+    sizes |= {d for d in (1, 2, 4) if d < per}
+    return sorted(s for s in sizes if s * topo.dies_per_device >= min_dies and s <= topo.num_devices)
+
+
+def _thin(sizes: list[int], keep: int = 16) -> list[int]:
+    """At most `keep` sizes spread geometrically (a 384-device pod has 48 server multiples)."""
+    if len(sizes) <= keep:
+        return sizes
+    picked = {sizes[round(i * (len(sizes) - 1) / (keep - 1))] for i in range(keep)}
+    return sorted(picked)
+
+
+def _score(fn, shape, topo, dep, tally: dict) -> Estimate | None:
+    try:
+        est = fn(shape, topo, dep)
+    except InputError as exc:  # a configuration the model refuses (EP too small for E, ...)
+        tally["invalid"] = tally.get("invalid", 0) + 1
+        tally.setdefault("example_invalid", str(exc))
+        return None
+    if not est.feasible:
+        tally["memory"] = tally.get("memory", 0) + 1
+        tally.setdefault("example_memory", est.infeasible_reason)
+        return None
+    return est
+
+
+def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, tally: dict) -> list[Candidate]:
+    """Step 1 + 3 (decode): every feasible configuration within the TPOT target."""
+    E = shape.num_routed_experts
+    out: list[Candidate] = []
+    common = dict(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
+                  imbalance=wl.imbalance)
+    colocated = [] if wl.decode_mode == "afd" else (
+        [wl.decode_devices] if wl.decode_devices else _thin(_instance_sizes(topo, min_dies=1)))
+    for devices in colocated:
+        for mb in MICROBATCHES:
+            for batch in BATCHES:
+                dep = DecodeDeployment(mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb, **common)
+                est = _score(estimate_decode, shape, topo, dep, tally)
+                if est is not None:
+                    out.append(Candidate("decode", dep, est))
+    # AFD: MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
+    per = topo.devices_per_server
+    moe_sizes = sorted({per * math.ceil(E / (topo.dies_per_device * per) * f) for f in (1.0, 1.125, 1.25)})
+    if wl.moe_devices:
+        moe_sizes = [wl.moe_devices]
+    attn_sizes = [wl.attention_devices] if wl.attention_devices else _thin(_instance_sizes(topo, 1), 8)
+    if wl.decode_mode == "colocated" or wl.decode_devices:
+        moe_sizes = []
+    for moe in moe_sizes:
+        if moe >= topo.num_devices:
+            continue
+        for attn in attn_sizes:
+            if attn + moe > topo.num_devices:
+                continue
+            for domains in DP_DOMAINS:
+                for mb in MICROBATCHES:
+                    for batch in BATCHES:
+                        dep = DecodeDeployment(mode="afd", attention_devices=attn, moe_devices=moe, dp_domains=domains,
+                                               batch_per_device=batch, microbatches=mb, **common)
+                        est = _score(estimate_decode, shape, topo, dep, tally)
+                        if est is not None:
+                            out.append(Candidate("decode", dep, est))
+    return out
+
+
+def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, tally: dict) -> list[Candidate]:
+    """Step 2 + 3 (prefill): every feasible instance within the TTFT target."""
+    out: list[Candidate] = []
+    sizes = [wl.prefill_devices] if wl.prefill_devices else _thin(_instance_sizes(topo, min_dies=1), 8)
+    for devices in sizes:
+        for tokens in PREFILL_TOKENS:
+            if tokens < wl.input_len // max(1, topo.dies_per_device):
+                continue
+            for mb in MICROBATCHES:
+                dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
+                                        microbatches=mb, prefix_hit_rate=wl.prefix_hit, quant=wl.quant,
+                                        imbalance=wl.imbalance)
+                est = _score(estimate_prefill, shape, topo, dep, tally)
+                if est is not None:
+                    out.append(Candidate("prefill", dep, est))
+    return out
+
+
+def pareto(cands: list[Candidate]) -> list[Candidate]:
+    """Decode candidates not dominated in (higher throughput per device, lower TPOT)."""
+    pts = sorted(cands, key=lambda c: (c.estimate.tpot_ms, -c.tput))
+    front: list[Candidate] = []
+    best = -1.0
+    for c in pts:
+        if c.tput > best + 1e-9:
+            front.append(c)
+            best = c.tput
+    return front
+
+
+def _key(c: Candidate) -> tuple:
+    """Deterministic preference: throughput, then fewer devices, then a stable description."""
+    return (round(c.tput, 6), -c.instance_devices, repr(c.deployment))
+
+
+def split_devices(topo: Topology, dec: Candidate, pre: Candidate, wl: Workload) -> tuple[int, int, float]:
+    """Step 4: instance counts (decode, prefill) maximising served requests/s on the topology."""
+    out_tokens = wl.output_len
+    in_tokens = wl.input_len
+    dec_rate = dec.tput * dec.instance_devices / out_tokens  # requests/s one decode instance finishes
+    pre_rate = pre.tput * pre.instance_devices / in_tokens  # requests/s one prefill instance admits
+    best = (0, 0, -1.0)
+    for nd in range(1, topo.num_devices // dec.instance_devices + 1):
+        left = topo.num_devices - nd * dec.instance_devices
+        np_ = left // pre.instance_devices
+        if np_ < 1:
+            break
+        # fewer prefill instances if they would idle: the rate is the slower phase's
+        need = math.ceil(nd * dec_rate / pre_rate - 1e-9)
+        np_ = max(1, min(np_, need))
+        rate = min(nd * dec_rate, np_ * pre_rate)
+        if rate > best[2] + 1e-9:
+            best = (nd, np_, rate)
+    return best
+
+
+def search(shape: ModelShape, topo: Topology, wl: Workload) -> SearchResult:
+    """Steps 1-4; raises InfeasibleError naming why nothing fits."""
+    tally: dict = {}
+    dec_all = decode_candidates(shape, topo, wl, tally)
+    pre_all = prefill_candidates(shape, topo, wl, tally)
+    evaluated = len(dec_all) + len(pre_all) + tally.get("invalid", 0) + tally.get("memory", 0)
+    if not dec_all or not pre_all:
+        phase = "decode" if not dec_all else "prefill"
+        why = tally.get("example_memory") or tally.get("example_invalid") or "no configuration"
+        raise InfeasibleError(
+            f"{shape.name} on {topo.name}: no memory-feasible {phase} configuration ({why}); "
+            "use a larger topology or a lower precision (--quant int8)"
+        )
+    dec_ok = [c for c in dec_all if wl.tpot_ms is None or c.estimate.tpot_ms <= wl.tpot_ms]
+    pre_ok = [c for c in pre_all if wl.ttft_ms is None or c.estimate.ttft_ms <= wl.ttft_ms]
+    if not dec_ok:
+        best = min(c.estimate.tpot_ms for c in dec_all)
+        raise InfeasibleError(
+            f"{shape.name} on {topo.name}: no decode configuration meets --tpot-ms {wl.tpot_ms:g} "
+            f"(best feasible TPOT {best:.1f} ms); relax --tpot-ms or raise --mtp-accept"
+        )
+    if not pre_ok:
+        best = min(c.estimate.ttft_ms for c in pre_all)
+        raise InfeasibleError(
+            f"{shape.name} on {topo.name}: no prefill configuration meets --ttft-ms {wl.ttft_ms:g} "
+            f"(best feasible TTFT {best:.0f} ms); relax --ttft-ms or shorten --input-len"
+        )
+    pre = max(pre_ok, key=_key)
+    # the best decode configuration of each instance shape, then the split decides between them
+    by_shape: dict[tuple, Candidate] = {}
+    for c in dec_ok:
+        dep = c.deployment
+        k = (dep.mode, c.instance_devices, dep.attention_devices, dep.moe_devices)
+        if k not in by_shape or _key(c) > _key(by_shape[k]):
+            by_shape[k] = c
+    best = None
+    for c in sorted(by_shape.values(), key=_key, reverse=True):
+        nd, np_, rate = split_devices(topo, c, pre, wl)
+        if nd == 0:
+            continue
+        score = (round(rate, 6), round(c.tput, 6))
+        if best is None or score > best[0]:
+            best = (score, c, nd, np_, rate)
+    if best is None:
+        raise InfeasibleError(
+            f"{shape.name} on {topo.name}: no decode instance leaves room for a prefill instance "
+            f"({topo.num_devices} devices); use a larger topology"
+        )
+    _, dec, nd, np_, rate = best
+    return SearchResult(decode=dec, prefill=pre, decode_instances=nd, prefill_instances=np_, requests_per_s=rate,
+                        frontier=tuple(pareto(dec_ok)), evaluated=evaluated,
+                        rejected={k: v for k, v in tally.items() if not k.startswith("example")})
+
+
+def rescore(c: Candidate, shape: ModelShape, topo: Topology, imbalance: float) -> Candidate:
+    """Re-estimate a chosen candidate with the expert imbalance the balancer actually reached."""
+    dep = replace(c.deployment, imbalance=max(1.0, imbalance))
+    fn = estimate_decode if c.phase == "decode" else estimate_prefill
+    return Candidate(c.phase, dep, fn(shape, topo, dep))

@@ -1,0 +1,162 @@
+"""Dispatch and combine: tokens to their expert slots and back, with all_to_all_single over an instance.
+
+Every member of an instance's group runs the same three calls per (layer, microbatch), whatever its
+role: attention-only ranks send rows and host no slots, expert-only ranks send no rows and compute,
+colocated ranks do both. The wire format per layer and microbatch is
+  counts:   [G, S+1] int64 rows per (destination, local slot; column S = shared experts), equal splits;
+  dispatch: hidden rows sorted by (destination, slot), uneven splits from the counts;
+  combine:  the expert outputs, same rows, splits reversed.
+Rows leave unweighted and come back unweighted; the attention rank applies the routing weights and
+sums the top-k contributions exactly as transformers' batched_mm experts do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from runtime.routing import ReplicaTable, uniform_of
+from runtime.spec import InstanceSpec
+
+
+@dataclass
+class Pending:
+    """One (layer, microbatch) exchange in flight."""
+
+    layer: int
+    rows: int  # T: tokens the rank sent for this microbatch
+    k: int
+    order: torch.Tensor | None  # [A] permutation: send position -> assignment index
+    weights: torch.Tensor | None  # [T, k]
+    in_split: list[int]  # rows sent to each group member
+    out_split: list[int]  # rows received from each group member
+    slot_of_row: torch.Tensor  # [R] local slot (S = shared) of every received row
+    recv: torch.Tensor
+    work: object
+    back: torch.Tensor | None = None
+    combine: object = None
+    has_shared: bool = False
+
+
+class Exchange:
+    """The data movement of one rank in one instance; counts bytes sent to other ranks and time spent."""
+
+    def __init__(self, inst: InstanceSpec, rank: int, group, *, num_experts: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device, experts: dict[int, nn.Module], shared: dict[int, nn.Module],
+                 remote_shared: bool, metrics: dict):
+        self.inst, self.rank, self.group = inst, rank, group
+        self.members = list(inst.ranks)
+        self.me = self.members.index(rank)
+        self.S = inst.slots_per_rank
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        self.experts, self.shared = experts, shared
+        self.remote_shared = remote_shared
+        self.tables = {lp.layer: ReplicaTable(lp, num_experts) for lp in inst.layers}
+        self.expert_pos = torch.tensor([self.members.index(r) for r in inst.expert_ranks], dtype=torch.int64)
+        shared_ranks = [r for r in inst.shared_ranks if r in self.members]
+        self.shared_pos = torch.tensor([self.members.index(r) for r in shared_ranks], dtype=torch.int64)
+        self.metrics = metrics
+        self.expect = lambda key: None  # the worker installs its program check here
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_split, in_split, *, async_op: bool):
+        G = len(self.members)
+        per_row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
+        if in_split is None:  # equal splits: one block of rows to every member
+            to_others = (G - 1) * (inp.shape[0] // G)
+        else:
+            to_others = sum(n for i, n in enumerate(in_split) if i != self.me)
+        self.metrics["bytes_sent"] += to_others * per_row
+        return dist.all_to_all_single(out, inp, out_split, in_split, group=self.group, async_op=async_op)
+
+    def dispatch(self, step: int, mb: int, layer: int, call, keys: torch.Tensor | None) -> Pending:
+        """Route and send one microbatch's rows (call None: this rank sends nothing); returns the exchange."""
+        G, S = len(self.members), self.S
+        t0 = time.perf_counter()
+        if call is None:
+            dest = slot = torch.zeros(0, dtype=torch.int64)
+            send = torch.zeros((0, self.hidden), dtype=self.dtype, device=self.device)
+            T, k, order, weights, has_shared = 0, 0, None, None, False
+        else:
+            T, k = call.ids.shape
+            u = uniform_of(keys)
+            phys = self.tables[layer].pick(call.ids, u).reshape(-1)  # [T*k] physical slot
+            dest = self.expert_pos[phys // S]
+            slot = phys % S
+            src_rows = torch.arange(T).repeat_interleave(k)
+            has_shared = call.shared_in is not None
+            if has_shared:
+                # shared experts: one more row per token, to a shared rank picked by token
+                pick = (keys % len(self.shared_pos)).to(torch.int64)
+                dest = torch.cat([dest, self.shared_pos[pick]])
+                slot = torch.cat([slot, torch.full((T,), S, dtype=torch.int64)])
+            key = dest * (S + 1) + slot
+            order = torch.sort(key, stable=True).indices
+            parts = [call.hidden.reshape(-1, self.hidden)[src_rows.to(call.hidden.device)]]
+            if has_shared:
+                parts.append(call.shared_in)
+            send = torch.cat(parts)[order.to(call.hidden.device)].contiguous()
+            weights = call.weights
+        counts = torch.zeros((G, S + 1), dtype=torch.int64)
+        counts.index_put_((dest, slot), torch.ones_like(dest), accumulate=True)
+        recv_counts = torch.empty_like(counts)
+        counts_d, recv_counts_d = counts.to(self.device), recv_counts.to(self.device)
+        self.expect(f"step {step} layer {layer} mb {mb} counts")
+        self._a2a(recv_counts_d, counts_d, None, None, async_op=False)
+        recv_counts = recv_counts_d.cpu()
+        in_split = counts.sum(1).tolist()
+        out_split = recv_counts.sum(1).tolist()
+        recv = torch.empty((sum(out_split), self.hidden), dtype=self.dtype, device=self.device)
+        self.expect(f"step {step} layer {layer} mb {mb} dispatch")
+        work = self._a2a(recv, send, out_split, in_split, async_op=True)
+        slot_of_row = torch.repeat_interleave(torch.arange(S + 1).repeat(G), recv_counts.reshape(-1))
+        self.metrics["clock"]["dispatch"] = self.metrics["clock"].get("dispatch", 0.0) + time.perf_counter() - t0
+        return Pending(layer, T, k, order, weights, in_split, out_split, slot_of_row, recv, work, has_shared=has_shared)
+
+    def compute(self, step: int, mb: int, p: Pending) -> None:
+        """Wait for the rows, run the hosted slots (and shared experts) on them, send the results back."""
+        clock = self.metrics["clock"]
+        t0 = time.perf_counter()
+        p.work.wait()
+        t1 = time.perf_counter()
+        out = torch.empty_like(p.recv)
+        slots = p.slot_of_row.to(self.device)
+        routed = (slots < self.S).nonzero().squeeze(1)
+        if routed.numel():
+            rows = p.recv[routed]
+            ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+            out[routed] = self.experts[p.layer](rows, slots[routed][:, None], ones)
+        t2 = time.perf_counter()
+        shared = (slots == self.S).nonzero().squeeze(1)
+        if shared.numel():
+            out[shared] = self.shared[p.layer](p.recv[shared])
+        t3 = time.perf_counter()
+        p.back = torch.empty((sum(p.in_split), self.hidden), dtype=self.dtype, device=self.device)
+        self.expect(f"step {step} layer {p.layer} mb {mb} combine")
+        p.combine = self._a2a(p.back, out, p.in_split, p.out_split, async_op=True)
+        t4 = time.perf_counter()
+        clock["dispatch"] = clock.get("dispatch", 0.0) + t1 - t0
+        clock["routed_experts"] = clock.get("routed_experts", 0.0) + t2 - t1
+        clock["shared_experts"] = clock.get("shared_experts", 0.0) + t3 - t2
+        clock["combine"] = clock.get("combine", 0.0) + t4 - t3
+        self.metrics["expert_rows"] += int(routed.numel())
+
+    def finish(self, p: Pending) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Wait for the results; (routed output [T, H], shared output [T, H] or None) for the rows sent."""
+        t0 = time.perf_counter()
+        p.combine.wait()
+        clock = self.metrics["clock"]
+        clock["combine"] = clock.get("combine", 0.0) + time.perf_counter() - t0
+        if p.order is None:
+            return None
+        back = torch.empty_like(p.back)
+        back[p.order.to(back.device)] = p.back
+        A = p.rows * p.k
+        y = back[:A].view(p.rows, p.k, self.hidden)
+        # batched_mm's reduction: weight each top-k output, sum over k, cast to the hidden dtype
+        routed = (y * p.weights.reshape(p.rows, p.k, 1)).sum(dim=1).to(self.dtype)
+        shared = back[A:] if p.has_shared else None
+        return routed, shared

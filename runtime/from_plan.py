@@ -1,0 +1,58 @@
+"""Plan IR -> RunSpec: device d of a local:N plan is rank d; instances, placements and shares carry over.
+
+A plan with both phases runs prefill and decode on their own instances (the KV cache moves from
+the prefill ranks to the decode ranks); a plan with one phase runs both phases on its instances.
+"""
+
+from __future__ import annotations
+
+from planner.plan import Plan
+from planner.zoo import load_source
+from runtime.errors import SpecError
+from runtime.spec import InstanceSpec, LayerSlots, RunSpec, equal_shares
+
+
+def spec_from_plan(plan: Plan, *, prompts: int = 8, prompt_len: int = 16, new_tokens: int = 8, seed: int = 0,
+                   weights: str | None = None, backend: str = "gloo") -> RunSpec:
+    """The runtime's spec for `plan`; SpecError (one line) when the plan cannot run on this host."""
+    topo = plan.topology
+    if topo.kind != "local":
+        raise SpecError(f"plan.topology: '{topo.name}' cannot run on this host; podplan run executes plans compiled "
+                        "for local:N (compile with --topology local:N)")
+    if topo.dies_per_device != 1:
+        raise SpecError(f"plan.topology.dies_per_device: {topo.dies_per_device}; a local process is one die")
+    src = load_source(plan.model.name)
+    if src.digest() != plan.model.config_sha256:
+        raise SpecError(f"plan.model.config_sha256: the plan was compiled for another config of '{plan.model.name}' "
+                        "than the one podplan loads now; recompile the plan")
+    both = plan.prefill is not None and plan.decode is not None
+    instances = []
+    for phase, phase_plan in plan.phases.items():
+        for i, inst in enumerate(phase_plan.instances):
+            at = f"plan.{phase}.instances[{i}]"
+            if inst.attention_tp != 1:
+                raise SpecError(f"{at}.attention_tp: {inst.attention_tp}; the runtime runs attention data-parallel "
+                                "only (TP 1): compile with attention TP 1")
+            placement = plan.placement_of(phase, inst)
+            layers = tuple(LayerSlots(lp.layer, lp.phy2log, lp.shares or equal_shares(lp.phy2log))
+                           for lp in placement.layers)
+            instances.append(InstanceSpec(
+                name=inst.id, phases=(phase,) if both else ("prefill", "decode"),
+                attention_ranks=inst.attention_devices, expert_ranks=inst.expert_devices,
+                slots_per_rank=placement.slots_per_device, layers=layers, microbatches=inst.microbatches,
+                shared_ranks=inst.shared_expert_devices,
+            ))
+    return RunSpec(model=plan.model.name, world_size=topo.num_devices, instances=tuple(instances), prompts=prompts,
+                   prompt_len=prompt_len, new_tokens=new_tokens, seed=seed, weights=weights, backend=backend,
+                   predictions=predictions_of(plan))
+
+
+def predictions_of(plan: Plan) -> dict:
+    """The plan's numbers the runtime can put beside its measurements."""
+    out: dict = {"model": plan.model.name, "topology": plan.topology.name, "quant": plan.workload.quant}
+    for phase, p in plan.phases.items():
+        pred = p.predictions
+        out[phase] = {"step_ms": pred.step_ms, "tpot_ms": pred.tpot_ms, "ttft_ms": pred.ttft_ms,
+                      "throughput_per_device": pred.throughput_per_device, "breakdown": dict(pred.breakdown)}
+    out["cut_bytes_per_token"] = sum(s.a2e_bytes_per_token + s.e2a_bytes_per_token for s in plan.stages)
+    return out

@@ -1,0 +1,380 @@
+"""One rank of a run: `python -m runtime.worker JOB.json` under the launcher or under torchrun.
+
+Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the environment, builds
+the rank's modules, runs its instance's steps, and sends tokens, logits and metrics to rank 0,
+which writes result.pt beside the job file. A failure writes rank<R>.error.json and exits 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from runtime.errors import StageError
+from runtime.exchange import Exchange
+from runtime.interpreter import ExpertCall, StageInterpreter
+from runtime.kv import KVStore, pack, payload_numel, unpack
+from runtime.parts import RankParts, build_parts, remote_shared
+from runtime.routing import token_keys
+from runtime.schedule import Op, programs
+from runtime.spec import (InstanceSpec, RunSpec, kv_routes, microbatches_of, prompts_of, sequences_of,
+                          steps_of)
+
+# Test-only fault injection: "RANK:STEP:raise" or "RANK:STEP:kill" fires at the first MoE layer of STEP.
+FAULT_ENV = "PODPLAN_FAULT"
+# Collectives give up after this long (a peer that vanished without closing its sockets).
+COLLECTIVE_TIMEOUT_S = 120
+
+
+@dataclass
+class MicroBatch:
+    """A slice of an attention rank's sequences with its own KV cache and interpreter."""
+
+    seqs: list[int]
+    interp: StageInterpreter | None = None
+    next_input: torch.Tensor | None = None  # [b, S] token ids of the next step
+    kv: KVStore = field(default_factory=KVStore)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.seqs)
+
+
+class RankWorker:
+    """Runs one rank's part of the spec; every communication is checked against the dry-run program."""
+
+    def __init__(self, spec: RunSpec, rank: int, device: torch.device):
+        self.spec, self.rank, self.device = spec, rank, device
+        self.inst: InstanceSpec | None = next((i for i in spec.instances if rank in i.ranks), None)
+        self.stage, self.node = "setup", "build"
+        self.in_comm = False
+        self.metrics: dict = {"rank": rank, "instance": self.inst.name if self.inst else None,
+                              "role": self._role(), "clock": {}, "bytes_sent": 0, "expert_rows": 0,
+                              "tokens": 0, "steps": {}}
+        self.results: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}
+        self.fault = _parse_fault(os.environ.get(FAULT_ENV), rank)
+
+    def _role(self) -> str:
+        if self.inst is None:
+            return "idle"
+        a, e = self.rank in self.inst.attention_ranks, self.rank in self.inst.expert_ranks
+        return "both" if a and e else "attention" if a else "experts" if e else "shared"
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        t0 = time.perf_counter()
+        self.parts: RankParts = build_parts(self.spec, self.inst, self.rank, self.device)
+        self.metrics["params"] = self.parts.params
+        self.program = programs(self.spec, self.parts.moe_layers)[self.rank]
+        self.pc = 0
+        # every rank creates every group, in spec order (new_group is collective over the world)
+        self.groups = {inst.name: dist.new_group(list(inst.ranks)) for inst in self.spec.instances}
+        if self.inst is not None:
+            p = self.parts
+            self.exchange = Exchange(
+                self.inst, self.rank, self.groups[self.inst.name], num_experts=p.num_experts, hidden=p.hidden,
+                dtype=p.dtype, device=self.device, experts=p.experts, shared=p.shared,
+                remote_shared=remote_shared(self.inst, self.rank), metrics=self.metrics)
+            self.exchange.expect = self.expect
+        self.metrics["setup_s"] = time.perf_counter() - t0
+
+    def expect(self, key: str, kind: str = "coll", peer: int = -1) -> None:
+        """Check the next communication against the program the dry run replayed."""
+        got = Op(kind, key, group=self.inst.name if kind == "coll" and self.inst else "", peer=peer)
+        if kind == "coll" and key == "gather results":
+            got = Op("coll", key, group="world")
+        want = self.program[self.pc] if self.pc < len(self.program) else None
+        if got != want:
+            raise AssertionError(f"rank {self.rank} issues {got} but its dry-run program says {want}")
+        self.pc += 1
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.stage, self.node = "start", "barrier"
+        self.in_comm = True
+        dist.barrier()
+        self.in_comm = False
+        t0 = time.perf_counter()
+        if self.inst is not None:
+            self.run_instance(self.inst)
+        self.metrics["run_s"] = time.perf_counter() - t0
+        self.gather()
+
+    def run_instance(self, inst: InstanceSpec) -> None:
+        attention = self.rank in inst.attention_ranks
+        first = "prefill" if "prefill" in inst.phases else "decode"
+        seqs = sequences_of(self.spec, first).get(self.rank, []) if attention else []
+        mbs = [MicroBatch(s) for s in microbatches_of(seqs, inst.microbatches)]
+        if attention:
+            prompts = prompts_of(self.spec, self.parts.vocab).to(self.device)
+            for mb in mbs:
+                mb.interp = StageInterpreter(self.parts.traced, self.parts.gmap, rank=self.rank, kv=mb.kv,
+                                             remote_shared=remote_shared(inst, self.rank),
+                                             clock=self.metrics["clock"])
+                mb.next_input = prompts[mb.seqs]
+        if inst.phases == ("decode",) and attention:
+            self.receive_kv(mbs)
+        for step in steps_of(self.spec, inst):
+            t0 = time.perf_counter()
+            self.run_step(step, mbs)
+            name = "prefill" if step == 0 else "decode"
+            self.metrics["steps"][name] = self.metrics["steps"].get(name, 0.0) + time.perf_counter() - t0
+        if inst.phases == ("prefill",) and attention:
+            self.send_kv(mbs)
+
+    def run_step(self, step: int, mbs: list[MicroBatch]) -> None:
+        label = "prefill" if step == 0 else f"decode step {step}"
+        with torch.no_grad():
+            for mb in mbs:
+                if mb.active:
+                    mb.interp.begin(mb.next_input, label)
+            for li, layer in enumerate(self.parts.moe_layers):
+                self.stage = f"{label} layer {layer}"
+                pending = []
+                for i, mb in enumerate(mbs):
+                    call = self._advance(mb, layer) if mb.active else None
+                    if li == 0 and self.fault and self.fault[0] == step:
+                        self._fire(mb.interp._pending.name if call else "expert slots")
+                    keys = token_keys(mb.seqs, mb.interp.past, mb.next_input.shape[1]) if call else None
+                    pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, call, keys))
+                for i, p in enumerate(pending):
+                    self._comm("experts", self.exchange.compute, step, i, p)
+                for mb, p in zip(mbs, pending):
+                    out = self._comm("combine", self.exchange.finish, p)
+                    if mb.active:
+                        mb.interp.resume(*out)
+            self.stage = f"{label} head"
+            for mb in mbs:
+                if mb.active:
+                    self._sample(step, mb)
+
+    def _advance(self, mb: MicroBatch, layer: int) -> ExpertCall:
+        call = mb.interp.advance()
+        if not isinstance(call, ExpertCall) or call.layer != layer:
+            got = f"layer {call.layer}" if isinstance(call, ExpertCall) else "the output"
+            raise AssertionError(f"interpreter reached {got}, expected the experts of layer {layer}")
+        return call
+
+    def _sample(self, step: int, mb: MicroBatch) -> None:
+        t0 = time.perf_counter()
+        logits = mb.interp.advance()
+        last = logits[:, -1, :].float()
+        tokens = last.argmax(dim=-1)
+        for row, seq in enumerate(mb.seqs):
+            self.results.setdefault(seq, {})[step] = (int(tokens[row]), last[row].cpu())
+        mb.next_input = tokens[:, None]
+        self.metrics["tokens"] += len(mb.seqs)
+        self.metrics["clock"]["sample"] = self.metrics["clock"].get("sample", 0.0) + time.perf_counter() - t0
+
+    def _comm(self, node: str, fn, *args):
+        """Run a communication step, naming it if it fails (a peer's death surfaces here)."""
+        self.node, self.in_comm = node, True
+        try:
+            return fn(*args)
+        except (StageError, AssertionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - gloo/nccl raise plain RuntimeErrors
+            raise StageError(self.rank, self.stage, node, f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        finally:
+            self.in_comm = False
+
+    def _fire(self, node: str) -> None:
+        _, action = self.fault
+        self.fault = None
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise StageError(self.rank, self.stage, node, f"RuntimeError: injected fault ({FAULT_ENV})")
+
+    # --- KV-cache hand-over (prefill instance -> decode instance) -------------------------------
+
+    def send_kv(self, mbs: list[MicroBatch]) -> None:
+        self.stage = "kv hand-over"
+        where = {seq: (mb, row) for mb in mbs for row, seq in enumerate(mb.seqs)}
+        for src, dst, seqs in kv_routes(self.spec):
+            if src != self.rank:
+                continue
+            layers = sorted(next(mb for mb in mbs if mb.active).kv.layers)
+            tensors = []
+            for layer in layers:
+                for j in (0, 1):
+                    tensors.append(torch.cat([where[s][0].kv.layers[layer][j][where[s][1]:where[s][1] + 1]
+                                              for s in seqs]))
+            tokens = torch.tensor([self.results[s][0][0] for s in seqs], dtype=torch.int64, device=self.device)
+            header, payload = pack(tensors)
+            self.expect("kv", "send", dst)
+            t0 = time.perf_counter()
+            self._comm(f"send kv to rank {dst}", _send_all, [tokens, header.to(self.device), payload], dst)
+            self.metrics["bytes_sent"] += sum(t.numel() * t.element_size() for t in (tokens, header, payload))
+            self.metrics["clock"]["kv_transfer"] = self.metrics["clock"].get("kv_transfer", 0.0) + time.perf_counter() - t0
+
+    def receive_kv(self, mbs: list[MicroBatch]) -> None:
+        self.stage = "kv hand-over"
+        got: dict[int, tuple[int, list[torch.Tensor]]] = {}
+        layers = list(range(self.parts.num_layers))
+        for src, dst, seqs in kv_routes(self.spec):
+            if dst != self.rank:
+                continue
+            self.expect("kv", "recv", src)
+            t0 = time.perf_counter()
+            tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
+            header = torch.empty((2 * len(layers), 5), dtype=torch.int64, device=self.device)
+            self._comm(f"receive kv from rank {src}", _recv_all, [tokens, header], src)
+            payload = torch.empty(payload_numel(header.cpu()), dtype=self.parts.dtype, device=self.device)
+            self._comm(f"receive kv from rank {src}", _recv_all, [payload], src)
+            tensors = unpack(header.cpu(), payload)
+            for row, seq in enumerate(seqs):
+                got[seq] = (int(tokens[row]), [t[row:row + 1] for t in tensors])
+            self.metrics["clock"]["kv_transfer"] = self.metrics["clock"].get("kv_transfer", 0.0) + time.perf_counter() - t0
+        for mb in mbs:
+            if not mb.active:
+                continue
+            per_seq = [got[s][1] for s in mb.seqs]
+            mb.kv = KVStore.from_rows(layers, [torch.cat([p[i] for p in per_seq]) for i in range(2 * len(layers))])
+            mb.interp.kv = mb.kv
+            mb.interp.past = self.spec.prompt_len
+            mb.next_input = torch.tensor([[got[s][0]] for s in mb.seqs], dtype=torch.int64, device=self.device)
+
+    # --- results --------------------------------------------------------------------------------
+
+    def gather(self) -> None:
+        self.stage, self.node = "finish", "gather results"
+        self.expect("gather results")
+        self.metrics["kv_bytes"] = 0
+        payload = {"rank": self.rank, "results": self.results, "metrics": self.metrics}
+        out = [None] * self.spec.world_size if self.rank == 0 else None
+        self._comm("gather results", dist.gather_object, payload, out, 0)
+        if self.rank == 0:
+            self.collected = out
+
+
+def _send_all(tensors: list[torch.Tensor], dst: int) -> None:
+    for t in tensors:
+        dist.send(t.contiguous(), dst)
+
+
+def _recv_all(tensors: list[torch.Tensor], src: int) -> None:
+    for t in tensors:
+        dist.recv(t, src)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _parse_fault(text: str | None, rank: int) -> tuple[int, str] | None:
+    if not text:
+        return None
+    r, step, action = text.split(":")
+    return (int(step), action) if int(r) == rank else None
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILLed when the launcher dies, so a killed `podplan run` leaves no orphans."""
+    parent = os.environ.get("PODPLAN_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def write_results(worker: RankWorker, out_dir: Path) -> None:
+    """Rank 0: tokens [N, T], logits [N, T, V] and every rank's metrics, in one torch file (atomic)."""
+    n, t = worker.spec.prompts, worker.spec.new_tokens
+    merged: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}
+    for item in worker.collected:
+        for seq, steps in item["results"].items():
+            merged.setdefault(seq, {}).update(steps)
+    tokens = torch.full((n, t), -1, dtype=torch.int64)
+    logits = None
+    for seq, steps in merged.items():
+        for step, (tok, row) in steps.items():
+            if logits is None:
+                logits = torch.zeros((n, t, row.shape[-1]), dtype=torch.float32)
+            tokens[seq, step] = tok
+            logits[seq, step] = row
+    data = {"tokens": tokens, "logits": logits, "metrics": [item["metrics"] for item in worker.collected]}
+    tmp = out_dir / ".result.pt.tmp"
+    torch.save(data, tmp)
+    os.replace(tmp, out_dir / "result.pt")
+
+
+def report_failure(out_dir: Path, rank: int, worker: RankWorker | None, exc: BaseException) -> None:
+    """Write what failed where; a communication error is secondary (a peer probably died first)."""
+    if isinstance(exc, StageError):
+        message = str(exc)
+    else:
+        stage = worker.stage if worker else "setup"
+        node = worker.node if worker else "build"
+        message = str(StageError(rank, stage, node, f"{type(exc).__name__}: {_first_line(exc)}"))
+    secondary = bool(worker and worker.in_comm) or (isinstance(exc, StageError) and exc.node in (
+        "dispatch", "experts", "combine", "gather results", "barrier") and "injected" not in exc.cause)
+    record = {"rank": rank, "message": message, "secondary": secondary, "time": time.time()}
+    tmp = out_dir / f".rank{rank}.error.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, out_dir / f"rank{rank}.error.json")
+
+
+def forked_main(job: str, env: dict[str, str], log_path: str) -> None:
+    """Entry of a worker forked by the launcher's forkserver: its env, its log, then `main`."""
+    os.environ.update(env)
+    os.environ["PODPLAN_PARENT_PID"] = str(os.getppid())
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    code = main([job])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m runtime.worker JOB.json  (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the env)",
+              file=sys.stderr)
+        return 2
+    job = Path(argv[0])
+    out_dir = job.parent
+    rank = int(os.environ["RANK"])
+    _die_with_parent()
+    torch.set_num_threads(int(os.environ.get("PODPLAN_THREADS", "1")))
+    worker = None
+    try:
+        spec = RunSpec.from_json(job.read_text())
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local) if spec.backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size,
+                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        worker = RankWorker(spec, rank, device)
+        worker.setup()
+        worker.run()
+        if rank == 0:
+            write_results(worker, out_dir)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the launcher, then we exit
+        report_failure(out_dir, rank, worker, exc)
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

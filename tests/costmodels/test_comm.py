@@ -1,0 +1,85 @@
+"""Communication formulas against the operator measurements they were derived from, and by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from costmodels import comm
+from costmodels.errors import InputError
+from costmodels.topology import get_topology
+
+CM = get_topology("cloudmatrix384")
+H800 = get_topology("h800-cluster:40")
+
+
+@pytest.mark.parametrize("ep, dispatch, combine", comm.ASCEND_A2A_US)
+def test_reproduces_cmi_table6(ep, dispatch, combine):
+    assert comm.dispatch_us(CM, 128, 7168, "int8", 8, ep) == pytest.approx(dispatch)
+    assert comm.combine_us(CM, 128, 7168, 8, ep) == pytest.approx(combine)
+
+
+@pytest.mark.parametrize("ep, dispatch, combine", comm.DEEPEP_H800_A2A_US)
+def test_reproduces_deepep_on_h800(ep, dispatch, combine):
+    assert comm.dispatch_us(H800, 128, 7168, "fp8", 8, ep) == pytest.approx(dispatch)
+    assert comm.combine_us(H800, 128, 7168, 8, ep) == pytest.approx(combine)
+
+
+def test_hand_computed_dispatch():
+    # 64 tokens x 8 experts x (7,168 B + 4 B scale + 8 B routing) at EP256 on UB: bw = 7,352,320 B / 132 us
+    bw = 128 * 8 * 7180 / 132.0  # bytes per us, from the EP256 measurement
+    assert comm.dispatch_us(CM, 64, 7168, "int8", 8, 256) == pytest.approx(20.0 + 64 * 8 * 7180 / bw)
+    # BF16 dispatch carries twice the bytes and no scale
+    assert comm.dispatch_us(CM, 64, 7168, "bf16", 8, 256) == pytest.approx(20.0 + 64 * 8 * (14336 + 8) / bw)
+
+
+def test_floor_ep_and_imbalance():
+    assert comm.dispatch_us(CM, 0, 7168, "int8", 8, 256) == 0.0
+    assert comm.dispatch_us(CM, 128, 7168, "int8", 8, 1) == 0.0  # EP1: nothing leaves the die
+    tiny = comm.dispatch_us(CM, 1, 7168, "int8", 8, 256)
+    assert 20.0 < tiny < 22.0  # the floor dominates small messages
+    base = comm.combine_us(CM, 96, 7168, 9, 320)
+    hot = comm.combine_us(CM, 96, 7168, 9, 320, imbalance=1.5)
+    assert hot - comm.FLOOR_US == pytest.approx(1.5 * (base - comm.FLOOR_US))
+    # more ranks never faster, between and beyond the measured EP sizes
+    times = [comm.dispatch_us(CM, 128, 7168, "int8", 8, ep) for ep in (8, 16, 32, 64, 128, 256, 512)]
+    assert times == sorted(times)
+    with pytest.raises(InputError, match="imbalance"):
+        comm.dispatch_us(CM, 128, 7168, "int8", 8, 8, imbalance=0.5)
+
+
+def test_cross_pod_all_to_all_pays_rdma():
+    two = get_topology("cloudmatrix384:2")
+    inside = comm.dispatch_us(two, 128, 7168, "int8", 8, 768)
+    across = comm.dispatch_us(two, 128, 7168, "int8", 8, 1536)
+    assert across > inside
+    # half the peers are in the other pod: their share crosses 25 GB/s RDMA
+    nbytes = 128 * 8 * 7180
+    assert across == pytest.approx(20.0 + (1536 - 768) / 1535 * nbytes / 25e3)
+
+
+def test_afd_reproduces_xdeepserve():
+    # XDS §3.3: 480 attention dies at batch 96, 288 MoE dies, 9 destinations per token
+    recv = 480 * 96 * 9 / 288
+    a2e = comm.afd_transfer_us(CM, "a2e", 96 * 9, recv, comm.dispatch_dest_bytes(7168, "int8"))
+    e2a = comm.afd_transfer_us(CM, "e2a", 96 * 9, recv, comm.combine_dest_bytes(7168))
+    assert (a2e, e2a) == (pytest.approx(172.0), pytest.approx(193.0))
+    assert comm.afd_transfer_us(H800, "a2e", 96 * 9, recv, 7180) > a2e  # InfiniBand-bound on GPUs
+
+
+def test_collectives_and_kv_transfer_by_hand():
+    eff = comm.collective_efficiency("cloudmatrix384")
+    assert eff == pytest.approx(128 * 8 * 14336 / 98.0 / 1e3 / 196.0)  # EP8 combine / UB link
+    assert comm.all_reduce_us(CM, 1e6, 2) == pytest.approx(20.0 + 1e6 / (196e3 * eff))
+    assert comm.all_gather_us(CM, 4e6, 4) == pytest.approx(20.0 + 0.75 * 4e6 / (196e3 * eff))
+    assert comm.all_reduce_us(CM, 1e6, 1) == 0.0
+    assert comm.kv_transfer_us(CM, 25e6) == pytest.approx(20.0 + 1000.0)  # 25 MB at 25 GB/s per die
+
+
+def test_message_size_agrees_with_opcount(dsv3):
+    from costmodels import opcount
+
+    assert 8 * comm.dispatch_dest_bytes(7168, "int8") == opcount.dispatch_bytes_per_token(dsv3, 1.0, 4.0)
+    assert 8 * comm.dispatch_dest_bytes(7168, "bf16") == opcount.dispatch_bytes_per_token(dsv3, 2.0)
+    assert 8 * comm.combine_dest_bytes(7168) == opcount.combine_bytes_per_token(dsv3)
+    # CMI §3: ~7.5 KB per token-expert in INT8, ~14 KB in BF16
+    assert 7000 < comm.dispatch_dest_bytes(7168, "int8") < 7600 and 14000 < comm.dispatch_dest_bytes(7168, "bf16") < 14500

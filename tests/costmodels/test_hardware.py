@@ -1,0 +1,42 @@
+"""Spec sheets: per-die values, chip totals, supported formats."""
+
+from __future__ import annotations
+
+import pytest
+
+from costmodels import compute
+from costmodels.errors import InputError
+from costmodels.hardware import ASCEND_910C, DEVICES, H100, H200, H800, dtype_bytes
+
+
+def test_ascend_910c_per_die_and_per_chip():
+    assert ASCEND_910C.dies == 2
+    assert (ASCEND_910C.bf16_tflops, ASCEND_910C.chip_bf16_tflops) == (376.0, 752.0)
+    assert (ASCEND_910C.int8_tops, ASCEND_910C.chip_int8_tops) == (752.0, 1504.0)
+    assert (ASCEND_910C.chip_hbm_gb, ASCEND_910C.chip_hbm_tbps) == (128.0, 3.2)
+    assert ASCEND_910C.chip_scaleup_gbps == 392.0 and ASCEND_910C.chip_scaleout_gbps == 50.0
+    # RDMA is ~7.8x slower than UB per chip (reference §2)
+    assert ASCEND_910C.chip_scaleup_gbps / ASCEND_910C.chip_scaleout_gbps == pytest.approx(7.84)
+
+
+def test_gpus_differ_where_the_spec_sheets_do():
+    assert H100.scaleup_gbps == 450.0 and H800.scaleup_gbps == 200.0  # NVLink 900 vs 400 GB/s bidirectional
+    assert H200.hbm_gb == 141.0 and H200.hbm_tbps == 4.8
+    assert all(g.bf16_tflops == 989.0 and g.fp8_tflops == 1979.0 and g.scaleout_gbps == 50.0 for g in (H100, H800, H200))
+    assert set(DEVICES) >= {"ascend-910c", "h100", "h800", "h200"}
+
+
+def test_fp8_is_not_supported_on_ascend():
+    assert not ASCEND_910C.supports("fp8") and ASCEND_910C.supports("int8") and H800.supports("fp8")
+    with pytest.raises(InputError, match="fp8"):
+        ASCEND_910C.peak_tflops("fp8")
+    with pytest.raises(InputError, match=r"XDS §4\.7.*int8"):
+        compute.precision("fp8", None, ASCEND_910C)
+    with pytest.raises(InputError, match="kv-dtype fp8"):
+        compute.precision("int8", "fp8", ASCEND_910C)
+
+
+def test_dtype_bytes():
+    assert [dtype_bytes(d) for d in ("fp32", "bf16", "fp8", "int8")] == [4, 2, 1, 1]
+    with pytest.raises(InputError, match="known: bf16"):
+        dtype_bytes("fp4")
