@@ -47,15 +47,32 @@ def stage_module(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
     return sub
 
 
-def new_kv_cache():
-    """An empty KV cache with the `update(key, value, layer_idx)` protocol transformers' attention calls.
+class KVCache:
+    """The KV cache protocol transformers' attention modules call: `update(key, value, layer_idx)`
+    appends the new tokens' keys and values ([B, heads, S, d]) and returns all of that layer's.
 
-    transformers' DynamicCache without a config grows one full (non-sliding) layer per layer index on
-    first use; sliding windows are applied by the mask (passes/kv_cache.py), never by dropping keys.
+    Every layer keeps all its keys: sliding windows are applied by the mask (passes/kv_cache.py).
+    A worker holding some layers' attention holds a KVCache with just those layers filled.
     """
-    from transformers import DynamicCache
 
-    return DynamicCache()
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx in self.layers:
+            old_key, old_value = self.layers[layer_idx]
+            key, value = torch.cat([old_key, key], dim=-2), torch.cat([old_value, value], dim=-2)
+        self.layers[layer_idx] = (key, value)
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        entry = self.layers.get(layer_idx)
+        return 0 if entry is None else int(entry[0].shape[-2])
+
+
+def new_kv_cache() -> KVCache:
+    """An empty cache for the staged program's `past_key_values` input."""
+    return KVCache()
 
 
 def example_inputs(gm: fx.GraphModule, batch: int, seq: int, past: int, device: torch.device | str) -> list:

@@ -6,8 +6,9 @@ mask spans the S new tokens only. This pass adds two inputs after `input_ids`:
 - `past_len` (int, default 0): tokens already in the cache; positions become `past_len + arange(S)`
   and the mask spans `past_len + S` keys;
 - `past_key_values` (default None): an object with transformers' cache protocol
-  (`update(key, value, layer_idx) -> (keys, values)`, e.g. `DynamicCache()`), handed to every
-  attention module, which appends its layer's new keys and values and attends over all of them.
+  (`update(key, value, layer_idx) -> (keys, values)`: `passes.graphs.KVCache`, or transformers'
+  own `DynamicCache()`), handed to every attention module, which appends its layer's new keys and
+  values and attends over all of them.
 
 With the defaults the graph computes exactly what it did before. After the split, each attention
 stage receives the cache object as an input: a worker passes the cache it holds for its layers.

@@ -19,6 +19,7 @@ COMMANDS = (
     "compile",
     "show",
     "diff",
+    "run",
 )
 
 

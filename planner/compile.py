@@ -224,6 +224,25 @@ def _status_summary(statuses: tuple[str, ...]) -> str:
     return ",".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
+def _frontier(sr: SearchResult, final: dict[str, Candidate]) -> tuple[ir.FrontierPoint, ...]:
+    """The decode Pareto frontier the search kept, plus the chosen point of each phase.
+
+    The chosen decode point need not lie on the per-device frontier: the split between phases
+    maximises requests/s of the whole topology, which can prefer a smaller instance.
+    """
+    chosen = sr.decode.deployment
+    points = [
+        ir.FrontierPoint(phase="decode", throughput_per_device=c.tput, config=_config_line(c),
+                         tpot_ms=c.estimate.tpot_ms, chosen=False)
+        for c in sr.frontier if c.deployment != chosen
+    ]
+    for name in ("prefill", "decode"):
+        c = final[name]
+        points.append(ir.FrontierPoint(phase=name, throughput_per_device=c.tput, config=_config_line(c),
+                                       tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms, chosen=True))
+    return tuple(points)
+
+
 def compile_plan(model: str, topology: str, opts: CompileOptions,
                  progress: Callable[[str], None] | None = None) -> ir.Plan:
     """Run the whole pipeline and return the plan (nothing is written)."""
@@ -268,12 +287,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
             instances=_instances(pp, topo, shape.num_shared_experts > 0 and shape.params_shared > 0), experts=(_placement(pp.balance, shape.moe_layers),),
             predictions=_prediction(est), memory=_memory(est, pp.mode, dies),
         )
-    chosen = sr.decode.deployment
-    frontier = tuple(
-        ir.FrontierPoint(phase="decode", throughput_per_device=c.tput, config=_config_line(c),
-                         tpot_ms=c.estimate.tpot_ms, feasible=True, chosen=c.deployment == chosen)
-        for c in sr.frontier
-    )
+    frontier = _frontier(sr, {pp.name: pp.cand for pp in phases})
     return ir.Plan(
         model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
         topology=ir.TopologyInfo.from_topology(topo),

@@ -15,7 +15,7 @@ import os
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -100,7 +100,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             _fail(path, f"expected a number, got {_kind(value)}")
-        x = float(value)
+        try:
+            x = float(value)
+        except OverflowError:  # a JSON integer with hundreds of digits
+            _fail(path, "number too large")
         if not math.isfinite(x):
             _fail(path, f"expected a finite number, got {x}")
         return _round(x)

@@ -17,8 +17,22 @@ from costmodels.model_shape import ModelShape
 from costmodels.topology import get_topology
 from planner import __version__
 from planner.eplb import eplb
-from planner.plan import (ExpertPlacement, FrontierPoint, Instance, LayerPlacement, MemoryUse, ModelInfo, Phase, Plan,
-                          Prediction, Provenance, SolverRun, Stage, TopologyInfo, Workload)
+from planner.plan import (
+    ExpertPlacement,
+    FrontierPoint,
+    Instance,
+    LayerPlacement,
+    MemoryUse,
+    ModelInfo,
+    Phase,
+    Plan,
+    Prediction,
+    Provenance,
+    SolverRun,
+    Stage,
+    TopologyInfo,
+    Workload,
+)
 from planner.shape import shape_of
 from planner.zoo import load_source
 

@@ -340,9 +340,9 @@ def check(diff: dict, rules: list[Rule]) -> list[dict]:
                 broke(rule, name, metric, f"{name} {what}: {reads}, limit {rule.text.split(':')[1]}")
     flag = scoped.get(("feasible", None))
     phase_flagged = any(v["metric"] == "feasible" for v in out)
-    if flag is not None and flag.limit is not None and not phase_flagged:
-        if diff["feasible"]["old"] and not diff["feasible"]["new"]:
-            broke(flag, None, "feasible", "plan: feasible -> infeasible")
+    plan_broke = diff["feasible"]["old"] and not diff["feasible"]["new"]
+    if flag is not None and flag.limit is not None and plan_broke and not phase_flagged:
+        broke(flag, None, "feasible", "plan: feasible -> infeasible")
     return out
 
 
@@ -462,8 +462,8 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
             rows.append(f"| {name} | {len(ex['layers'])} | {ex['moved']} | {ex['changed_slots']} | "
                         f"{human_bytes(ex['migration_bytes'])} | {_value(b['old'])} → {_value(b['new'])} |")
     if rows:
-        lines += ["**Expert placement**", "", "| phase | layers changed | moved experts | changed slots | migration | "
-                  "worst max/mean |", "|---|---:|---:|---:|---:|---|", *rows, ""]
+        header = "| phase | layers changed | moved experts | changed slots | migration | worst max/mean |"
+        lines += ["**Expert placement**", "", header, "|---|---:|---:|---:|---:|---|", *rows, ""]
     if violations:
         lines += ["**Regressions**", "", *[f"- `{v['rule']}`: {v['message']}" for v in violations], ""]
     return "\n".join(lines)

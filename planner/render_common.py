@@ -10,6 +10,14 @@ from planner.plan import ExpertPlacement, Instance, Plan, Stage, device_ranges
 STAGE_ORDER = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
 
 
+def human_count(n: float) -> str:
+    """1234567 -> '1.2M' (parameters, FLOPs)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KB' (decimal units, as link bandwidths are quoted)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):

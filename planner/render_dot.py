@@ -4,9 +4,8 @@ the device assignment (one node per instance role, device ranges in the label), 
 from __future__ import annotations
 
 from planner.plan import Plan, device_ranges
-from planner.render_common import ffn_label, human_bytes, stage_groups
+from planner.render_common import ffn_label, human_bytes, human_count, stage_groups
 from planner.render_html import ROLE_COLOURS
-from planner.report import human_count
 
 
 def _q(text: str) -> str:
@@ -18,8 +17,8 @@ def render_dot(plan: Plan) -> str:
     m, t = plan.model, plan.topology
     lines = [
         "digraph plan {",
-        f"  graph [label={_q(f'{m.name} on {t.name} ({t.num_devices} devices)')}, labelloc=t, fontname=Helvetica, "
-        "rankdir=TB, compound=true];",
+        f"  graph [label={_q(f'{m.name} on {t.name} ({t.num_devices} devices)')}, labelloc=t, fontname=Helvetica,"
+        + " rankdir=TB, compound=true];",
         '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontname=Helvetica, fontsize=11];',
         "  edge [fontname=Helvetica, fontsize=10];",
         "",
@@ -43,7 +42,7 @@ def render_dot(plan: Plan) -> str:
         else:
             lines.append(f"    {attn} -> {ffn} [label=\"in-device\"];")
         prev = ffn
-    lines += [f'    head [label="final norm + LM head", fillcolor="#eceff4"];', f"    {prev} -> head;", "  }", ""]
+    lines += ['    head [label="final norm + LM head", fillcolor="#eceff4"];', f"    {prev} -> head;", "  }", ""]
     for phase, ph in plan.phases.items():
         lines.append(f"  subgraph cluster_{phase} {{")
         lines.append(f"    label={_q(f'{phase}: {len(ph.devices)} devices')};")

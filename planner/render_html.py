@@ -11,9 +11,18 @@ from dataclasses import dataclass
 import jinja2
 
 from planner.plan import DeviceAssignment, Plan, devices_of
-from planner.render_common import (balance_stats, deployment_rows, device_counts, ffn_label, human_bytes, num,
-                                   slo_status, stage_groups, stage_names)
-from planner.report import human_count
+from planner.render_common import (
+    balance_stats,
+    deployment_rows,
+    device_counts,
+    ffn_label,
+    human_bytes,
+    human_count,
+    num,
+    slo_status,
+    stage_groups,
+    stage_names,
+)
 
 # Fill per (phase, role). Tableau-10 hues: prefill blues, decode green/orange/purple.
 ROLE_COLOURS = {
@@ -159,7 +168,7 @@ def _load_fill(r: float) -> str:
     base = (178, 24, 43) if f > 0 else (33, 102, 172)
     a = abs(f)
     rgb = tuple(round(255 + (c - 255) * a) for c in base)
-    return "#%02x%02x%02x" % rgb
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 # --- stage graph ----------------------------------------------------------------------------------
@@ -212,7 +221,7 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+    return [start + i * step for i in range(math.ceil((hi - start) / step) + 1)]
 
 
 def _frontier_plot(plan: Plan, phase: str) -> dict | None:

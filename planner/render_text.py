@@ -8,9 +8,17 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.plan import Plan
-from planner.report import human_count
-from planner.render_common import (balance_stats, deployment_rows, device_counts, human_bytes, num, slo_status,
-                                   stage_groups, stage_names)
+from planner.render_common import (
+    balance_stats,
+    deployment_rows,
+    device_counts,
+    human_bytes,
+    human_count,
+    num,
+    slo_status,
+    stage_groups,
+    stage_names,
+)
 
 
 def print_summary(plan: Plan, console: Console) -> None:

@@ -194,7 +194,7 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float, log) -> RunOutcome:
     job.write_text(spec.to_json())
     n = spec.world_size
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-            "PODPLAN_PARENT_PID": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            "PODPLAN_LAUNCHER_PID": str(os.getpid()), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     fault = os.environ.get(FAULT_ENV)
     if fault:
         base[FAULT_ENV] = fault

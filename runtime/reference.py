@@ -24,12 +24,12 @@ class Check:
         return self.tokens_match and self.max_abs_diff <= self.tolerance
 
 
-def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [N, T] and last-position logits [N, T, V] (fp32) of the monolithic model."""
+def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Tokens [N, T], last-position logits [N, T, V] (fp32) and the weights' dtype, from the monolithic model."""
     from transformers import DynamicCache
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     _, model = build_full(spec)
+    dtype = next(model.parameters()).dtype
     ids = prompts_of(spec, model.config.vocab_size)
     cache = DynamicCache(config=model.config)
     tokens, logits = [], []
@@ -41,12 +41,18 @@ def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
             tokens.append(nxt)
             logits.append(last)
             ids = nxt[:, None]
-    return torch.stack(tokens, 1), torch.stack(logits, 1)
+    return torch.stack(tokens, 1), torch.stack(logits, 1), dtype
 
 
 def tolerance_for(dtype: torch.dtype) -> float:
     """1e-4 in fp32 (issue 7); half precision rounds each op to ~3 significant digits."""
     return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def check(spec: RunSpec, tokens: torch.Tensor, logits: torch.Tensor) -> Check:
+    """Run the reference and compare: same tokens, logits within the dtype's tolerance."""
+    ref_tokens, ref_logits, dtype = greedy(spec)
+    return compare(tokens, logits, ref_tokens, ref_logits, tolerance_for(dtype))
 
 
 def compare(tokens: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, ref_logits: torch.Tensor,

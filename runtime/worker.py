@@ -186,7 +186,8 @@ class RankWorker:
         except (StageError, AssertionError):
             raise
         except Exception as exc:  # noqa: BLE001 - gloo/nccl raise plain RuntimeErrors
-            raise StageError(self.rank, self.stage, node, f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise StageError(self.rank, self.stage, node, f"{type(exc).__name__}: {_first_line(exc)}",
+                             comm=True) from exc
         finally:
             self.in_comm = False
 
@@ -292,6 +293,23 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _watch_launcher(pid: int) -> None:
+    """Exit as soon as the launcher process is gone (killed launcher -> no orphan workers)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="podplan-launcher-watch", daemon=True).start()
+
+
 def write_results(worker: RankWorker, out_dir: Path) -> None:
     """Rank 0: tokens [N, T], logits [N, T, V] and every rank's metrics, in one torch file (atomic)."""
     n, t = worker.spec.prompts, worker.spec.new_tokens
@@ -321,8 +339,7 @@ def report_failure(out_dir: Path, rank: int, worker: RankWorker | None, exc: Bas
         stage = worker.stage if worker else "setup"
         node = worker.node if worker else "build"
         message = str(StageError(rank, stage, node, f"{type(exc).__name__}: {_first_line(exc)}"))
-    secondary = bool(worker and worker.in_comm) or (isinstance(exc, StageError) and exc.node in (
-        "dispatch", "experts", "combine", "gather results", "barrier") and "injected" not in exc.cause)
+    secondary = bool(worker and worker.in_comm) or (isinstance(exc, StageError) and exc.comm)
     record = {"rank": rank, "message": message, "secondary": secondary, "time": time.time()}
     tmp = out_dir / f".rank{rank}.error.tmp"
     tmp.write_text(json.dumps(record))
@@ -333,6 +350,15 @@ def forked_main(job: str, env: dict[str, str], log_path: str) -> None:
     """Entry of a worker forked by the launcher's forkserver: its env, its log, then `main`."""
     os.environ.update(env)
     os.environ["PODPLAN_PARENT_PID"] = str(os.getppid())
+    # The forkserver hands every child its "parent alive" pipe; holding it would keep the server (and,
+    # through PDEATHSIG, this worker) alive after the launcher dies. Drop it.
+    from multiprocessing import forkserver
+
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
+        forkserver._forkserver._forkserver_alive_fd = None
+    _watch_launcher(int(env["PODPLAN_LAUNCHER_PID"]))
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

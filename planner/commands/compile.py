@@ -53,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
     with err.status("compiling") as status:
         def progress(msg: str) -> None:
             status.update(msg)
-            err.log(msg)
+            if err.is_terminal:  # piped stderr stays clean: one line on error, nothing on success
+                err.log(msg)
 
         plan = compile_plan(args.model, args.topology, opts, progress=progress)
     write_plan(plan, args.output)
-    err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
+    if err.is_terminal:
+        err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
     _summary(plan, args.output)
     return 0
 

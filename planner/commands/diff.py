@@ -7,7 +7,14 @@ import json
 import sys
 
 from planner.plan import load_plan
-from planner.plandiff import DEFAULT_FAIL_ON, check, diff_plans, parse_fail_on, render_markdown, render_text
+from planner.plandiff import (
+    DEFAULT_FAIL_ON,
+    check,
+    diff_plans,
+    parse_fail_on,
+    render_markdown,
+    render_text,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

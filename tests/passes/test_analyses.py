@@ -65,7 +65,7 @@ def test_phase_signatures_prefill_and_decode():
         attn = next(s for s in sig.stages if s.stage == "layer1_attention")
         by_name = {i.name: i for i in attn.inputs}
         assert by_name["cached_causal_mask"].shape == (2, 1, tokens, keys)
-        assert by_name["past_key_values"].dtype == "DynamicCache"
+        assert by_name["past_key_values"].dtype == "KVCache"
         assert {(2, tokens, hidden), (2 * tokens, hidden)} <= {o.shape for o in attn.outputs}
         routed = next(s for s in sig.stages if s.stage == "layer1_routed_experts")
         assert routed.inputs[0].shape == (2 * tokens, hidden)

@@ -11,9 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costmodels.errors import PlanError
-from planner import fileio, plan as plan_mod
-from planner.plan import (SCHEMA_VERSION, LayerPlacement, Plan, from_dict, from_json, load_plan, devices_of,
-                          device_ranges, write_plan)
+from planner import fileio
+from planner import plan as plan_mod
+from planner.plan import (
+    SCHEMA_VERSION,
+    LayerPlacement,
+    Plan,
+    device_ranges,
+    devices_of,
+    from_dict,
+    from_json,
+    load_plan,
+    write_plan,
+)
 from planner.plan_factory import deepseek_v3_plan, synthetic_plan, tiny_plan
 
 

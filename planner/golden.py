@@ -1,0 +1,68 @@
+"""Golden plans: the bundled models compiled for the reference topologies, kept in `plans/`.
+
+`python -m planner.golden --write` (what `make plans`) runs regenerates them; the test suite
+recompiles each and requires byte-identical output, so any change to a plan is deliberate and
+shows up in review as a diff (`podplan diff plans/X.json NEW.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.compile import CompileOptions, compile_plan
+from planner.plan import write_plan
+
+PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
+
+
+@dataclass(frozen=True)
+class Golden:
+    file: str
+    model: str
+    topology: str
+    options: CompileOptions
+
+    def compile_text(self) -> str:
+        return compile_plan(self.model, self.topology, self.options).to_json()
+
+
+GOLDEN = (
+    # CloudMatrix-Infer's setting: DeepSeek-V3/R1 INT8, MTP 70%, SLO 50 ms, skewed expert loads
+    Golden("deepseek-v3.cloudmatrix384.json", "deepseek-v3", "cloudmatrix384",
+           CompileOptions(tpot_ms=50.0, mtp_accept=0.7, quant="int8", loads="zipf:1.2")),
+    Golden("qwen3-235b-a22b.cloudmatrix384.json", "qwen3-235b-a22b", "cloudmatrix384",
+           CompileOptions(tpot_ms=50.0, quant="int8", loads="zipf:1.2")),
+    Golden("mixtral-8x22b.h100-cluster-2.json", "mixtral-8x22b", "h100-cluster:2",
+           CompileOptions(tpot_ms=50.0, quant="fp8", input_len=2048, output_len=512, loads="hot:1")),
+    # runnable by `podplan run`: disaggregated MoE-attention decode + a prefill instance on 8 processes
+    Golden("tiny-deepseek-v3.local-8.json", "tiny-deepseek-v3", "local:8",
+           CompileOptions(tpot_ms=None, quant="bf16", input_len=16, output_len=8, attention_devices=2,
+                          moe_devices=4, prefill_devices=2, loads="zipf:1.2")),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m planner.golden", description=__doc__)
+    parser.add_argument("--write", action="store_true", help="regenerate plans/ (default: check only)")
+    parser.add_argument("names", nargs="*", help="golden files to handle (default: all)")
+    args = parser.parse_args(argv)
+    stale = 0
+    for g in GOLDEN:
+        if args.names and g.file not in args.names:
+            continue
+        path = PLANS_DIR / g.file
+        if args.write:
+            write_plan(compile_plan(g.model, g.topology, g.options), path)
+            print(f"wrote {path}")
+            continue
+        same = path.is_file() and path.read_text() == g.compile_text()
+        stale += not same
+        print(f"{'ok   ' if same else 'STALE'} {path}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Run metrics: tokens/s, time per stage, bytes sent per rank, beside the plan's predictions.
+
+Measured times are wall-clock on this host (CPU processes for local:N), so they are comparable to
+the plan's only in shape (which stage dominates, how bytes scale), not in absolute value.
+"""
+
+from __future__ import annotations
+
+from runtime.reference import Check
+from runtime.spec import RunSpec
+
+# Stage columns of the per-rank table: (clock keys summed, column title)
+STAGES = (
+    (("attention",), "attention"),
+    (("moe_gate",), "gate"),
+    (("dense_ffn",), "dense ffn"),
+    (("routed_experts",), "experts"),
+    (("shared_experts",), "shared"),
+    (("dispatch",), "dispatch"),
+    (("combine",), "combine"),
+    (("kv_transfer",), "kv"),
+    (("embed", "norm", "lm_head", "sample", "other"), "other"),
+)
+
+
+def summarise(spec: RunSpec, metrics: list[dict], wall_s: float, check: Check | None) -> dict:
+    """One JSON-ready document: totals, per-rank rows, the plan's predictions and the check."""
+    ranks = sorted(metrics, key=lambda m: m["rank"])
+    run_s = max(m.get("run_s", 0.0) for m in ranks)
+    tokens = spec.prompts * spec.new_tokens
+    prefill_s = max(m["steps"].get("prefill", 0.0) for m in ranks)
+    decode_s = max(m["steps"].get("decode", 0.0) for m in ranks)
+    positions = spec.prompts * (spec.prompt_len + spec.new_tokens - 1)
+    sent = sum(m["bytes_sent"] for m in ranks)
+    out = {
+        "model": spec.model,
+        "world_size": spec.world_size,
+        "backend": spec.backend,
+        "prompts": spec.prompts,
+        "prompt_len": spec.prompt_len,
+        "new_tokens": spec.new_tokens,
+        "seed": spec.seed,
+        "measured": {
+            "tokens_per_s": round(tokens / run_s, 3) if run_s else None,
+            "tokens_per_s_per_device": round(tokens / run_s / spec.world_size, 3) if run_s else None,
+            "prefill_ms": round(prefill_s * 1e3, 3),
+            "tpot_ms": round(decode_s * 1e3 / (spec.new_tokens - 1), 3) if spec.new_tokens > 1 else None,
+            "run_s": round(run_s, 4),
+            "wall_s": round(wall_s, 3),
+            "bytes_sent": sent,
+            "bytes_per_token": round(sent / positions, 1),
+        },
+        "ranks": [_rank_row(m) for m in ranks],
+        "predictions": spec.predictions,
+    }
+    if check is not None:
+        out["check"] = {"ok": check.ok, "tokens_match": check.tokens_match, "mismatches": check.mismatches,
+                        "max_abs_diff": check.max_abs_diff, "tolerance": check.tolerance}
+    return out
+
+
+def _rank_row(m: dict) -> dict:
+    clock = m["clock"]
+    stages = {title: round(sum(clock.get(k, 0.0) for k in keys) * 1e3, 3) for keys, title in STAGES}
+    return {"rank": m["rank"], "instance": m["instance"], "role": m["role"], "params": m.get("params", 0),
+            "tokens": m["tokens"], "expert_rows": m["expert_rows"], "bytes_sent": m["bytes_sent"],
+            "setup_s": round(m.get("setup_s", 0.0), 3), "stage_ms": stages}
+
+
+def comparison_rows(doc: dict) -> list[tuple[str, str, str]]:
+    """(metric, measured, plan) rows where the plan predicts something comparable."""
+    m, p = doc["measured"], doc.get("predictions") or {}
+    dec, pre = p.get("decode") or {}, p.get("prefill") or {}
+
+    def fmt(x, unit=""):
+        return "-" if x is None else f"{x:,.3g}{unit}" if isinstance(x, float) else f"{x:,}{unit}"
+
+    rows = [
+        ("tokens/s (all devices)", fmt(m["tokens_per_s"]), "-"),
+        ("tokens/s per device", fmt(m["tokens_per_s_per_device"]), fmt(dec.get("throughput_per_device"))),
+        ("TTFT / prefill step (ms)", fmt(m["prefill_ms"]), fmt(pre.get("ttft_ms"))),
+        ("TPOT / decode step (ms)", fmt(m["tpot_ms"]), fmt(dec.get("tpot_ms"))),
+        ("bytes moved per token", fmt(m["bytes_per_token"]), fmt(p.get("cut_bytes_per_token"))),
+    ]
+    return rows
+
+
+def render(doc: dict, console) -> None:
+    """The tables `podplan run` prints: plan vs measured, then one row per rank."""
+    from rich.table import Table
+
+    t = Table(title=f"podplan run: {doc['model']} on {doc['world_size']} ranks ({doc['backend']}), "
+                    f"{doc['prompts']} prompts x {doc['prompt_len']} tokens, {doc['new_tokens']} new tokens")
+    t.add_column("metric")
+    t.add_column("measured", justify="right")
+    t.add_column("plan predicts", justify="right")
+    for row in comparison_rows(doc):
+        t.add_row(*row)
+    console.print(t)
+    r = Table(title="per rank: time per stage (ms, summed over steps), bytes sent to other ranks")
+    for col in ("rank", "instance", "role", "params"):
+        r.add_column(col, justify="right" if col in ("rank", "params") else "left")
+    for _, title in STAGES:
+        r.add_column(title, justify="right")
+    r.add_column("bytes sent", justify="right")
+    for row in doc["ranks"]:
+        r.add_row(str(row["rank"]), str(row["instance"] or "-"), row["role"], f"{row['params']:,}",
+                  *(f"{row['stage_ms'][title]:.1f}" for _, title in STAGES), f"{row['bytes_sent']:,}")
+    console.print(r)
+    check = doc.get("check")
+    if check is None:
+        console.print("check against the monolithic model: skipped (--no-check)")
+        return
+    verdict = "OK" if check["ok"] else "FAILED"
+    tokens = "identical" if check["tokens_match"] else f"differ at {check['mismatches']} (prompt, step) pairs"
+    console.print(f"check against the monolithic transformers model: {verdict}: tokens {tokens}, "
+                  f"max |logit diff| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
+    console.print("note: times are this host's processes, so only their shape compares with the plan's; bytes "
+                  "count traffic between different ranks in the model's dtype (the plan counts bf16)")

@@ -1,0 +1,82 @@
+"""`podplan compile`: golden plans byte-identical, determinism, pins, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from planner.golden import GOLDEN, PLANS_DIR
+from planner.plan import load_plan
+from tests.conftest import assert_one_line_error, run_cli
+
+
+@pytest.mark.parametrize("golden", GOLDEN, ids=[g.file for g in GOLDEN])
+def test_golden_plan_is_reproduced_byte_for_byte(golden):
+    path = PLANS_DIR / golden.file
+    assert path.is_file(), f"{path} missing: run `make plans`"
+    fresh = golden.compile_text()
+    assert fresh == path.read_text(), f"{golden.file} changed: inspect with podplan diff, then `make plans`"
+
+
+def test_golden_deepseek_plan_content():
+    plan = load_plan(PLANS_DIR / "deepseek-v3.cloudmatrix384.json")
+    assert plan.model.num_layers == 61 and len(plan.model.moe_layers) == 58
+    assert plan.topology.num_devices == 384 and plan.topology.dies_per_device == 2
+    used = plan.prefill.devices + plan.decode.devices
+    assert len(used) == len(set(used)) <= 384  # no device in two instances
+    assert plan.decode.predictions.tpot_ms <= 50.0
+    for phase in (plan.prefill, plan.decode):
+        for layer in phase.experts[0].layers:
+            assert set(layer.phy2log) == set(range(256))  # every expert served in every layer
+        inst = phase.instances[0]
+        # instances sit on whole servers of 8 NPUs
+        assert len(inst.devices) % 8 == 0 and inst.devices[0] % 8 == 0
+    assert any(p.chosen for p in plan.frontier)
+
+
+def test_compile_cli_writes_plan_and_summary(tmp_path):
+    out = tmp_path / "tiny.json"
+    proc = run_cli("compile", "tiny-mixtral", "--topology", "local:8", "--decode-devices", "4", "--prefill-devices", "2",
+                   "--tpot-ms", "1000", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "decode: 1 x colocated instance of 4 devices" in proc.stdout
+    plan = json.loads(out.read_text())
+    assert plan["schema_version"] >= 1 and plan["model"]["name"] == "tiny-mixtral"
+    again = tmp_path / "again.json"
+    assert run_cli("compile", "tiny-mixtral", "--topology", "local:8", "--decode-devices", "4", "--prefill-devices", "2",
+                   "--tpot-ms", "1000", "-o", str(again)).returncode == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_cloudmatrix_infer_layout_can_be_pinned(tmp_path):
+    out = tmp_path / "cmi.json"
+    proc = run_cli("compile", "deepseek-v3", "--topology", "cloudmatrix384", "--mtp-accept", "0.7",
+                   "--decode-devices", "160", "--prefill-devices", "16", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    plan = load_plan(out)
+    inst = plan.decode.instances[0]
+    assert inst.ep == 320 and len(inst.devices) == 160
+    assert len(inst.expert_devices) == 144 and len(inst.shared_expert_devices) == 16  # 288 + 32 dies (CMI)
+    assert plan.decode.experts[0].slots_per_device == 2
+    assert all(len(i.devices) == 16 and i.ep == 32 for i in plan.prefill.instances)
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["no-such-model", "--topology", "local:8"], ["unknown model"]),
+        (["tiny-mixtral", "--topology", "mars:3"], ["mars:3", "cloudmatrix384"]),
+        (["tiny-mixtral", "--topology", "local:8", "--tpot-ms", "-1"], ["--tpot-ms"]),
+        (["tiny-mixtral", "--topology", "local:8", "--time-limit", "-1"], ["--time-limit"]),
+        (["tiny-mixtral", "--topology", "local:8", "--loads", "zipf:nope"], ["zipf:nope"]),
+        (["tiny-mixtral", "--topology", "local:8", "--attention-devices", "2"], ["--moe-devices"]),
+        (["deepseek-v3", "--topology", "local:2", "--quant", "bf16"], ["deepseek-v3 on local:2"]),
+    ],
+    ids=["model", "topology", "tpot", "time-limit", "loads", "afd-pin", "infeasible-memory"],
+)
+def test_compile_bad_input_is_one_line_and_no_file(tmp_path, args, fragments):
+    out = tmp_path / "plan.json"
+    assert_one_line_error(run_cli("compile", *args, "-o", str(out)), *fragments)
+    assert not out.exists() and not list(tmp_path.iterdir())

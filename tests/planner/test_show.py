@@ -1,0 +1,171 @@
+"""`podplan show`: every format, byte-identical output, and bad input as one line + exit 2 with no file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from planner.cli import main
+from planner.plan import SCHEMA_VERSION, Plan, from_json, write_plan
+from planner.plan_factory import deepseek_v3_plan, tiny_plan
+from tests.conftest import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory) -> dict[str, tuple[Plan, str]]:
+    root = tmp_path_factory.mktemp("plans")
+    out = {}
+    for name, plan in (("tiny", tiny_plan("tiny-deepseek-v3", decode_mode="disaggregated", attention_devices=2)),
+                       ("shared", tiny_plan(shared_pd=True, decode_devices=6)),
+                       ("dsv3", deepseek_v3_plan())):
+        path = root / f"{name}.json"
+        write_plan(plan, path)
+        out[name] = (plan, str(path))
+    return out
+
+
+def _show(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        rc = main(["show", *args])
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_text_summary(plans, capsys):
+    rc, out, err = _show(capsys, plans["dsv3"][1])
+    assert rc == 0, err
+    for fragment in ("deepseek-v3", "cloudmatrix384", "decode-0", "prefill-5", "predictions", "49.4", "1943",
+                     "memory per device", "expert balance", "layers 3-60 x58", "idle 128"):
+        assert fragment in out, fragment
+
+
+def test_text_summary_of_a_disaggregated_plan(plans, capsys):
+    rc, out, _ = _show(capsys, plans["tiny"][1])
+    assert rc == 0
+    assert "disaggregated" in out and "2:4" in out  # A:F ratio
+    assert re.search(r"decode\s+│\s+attention", out) and re.search(r"decode\s+│\s+experts", out)
+
+
+def test_json_is_the_canonical_plan(plans, capsys, tmp_path):
+    plan, path = plans["tiny"]
+    rc, out, _ = _show(capsys, path, "--format", "json")
+    assert rc == 0 and out == plan.to_json()
+    target = tmp_path / "copy.json"
+    assert _show(capsys, path, "--format", "json", "-o", str(target))[0] == 0
+    assert target.read_text() == open(path).read()
+    assert from_json(target.read_text()) == plan
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "dot", "html"])
+def test_every_format_is_byte_identical_across_runs(plans, capsys, tmp_path, fmt):
+    a, b = tmp_path / f"a.{fmt}", tmp_path / f"b.{fmt}"
+    for target in (a, b):
+        rc, _, err = _show(capsys, plans["shared"][1], "--format", fmt, "-o", str(target))
+        assert rc == 0 and f"wrote {target}" in err
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_size > 500
+
+
+def _dot_nodes_and_edges(text: str) -> tuple[set[str], list[tuple[str, str]]]:
+    nodes = set(re.findall(r"^\s+(\w+) \[label=", text, re.M))
+    edges = re.findall(r"^\s+(\w+) -> (\w+)", text, re.M)
+    return nodes, edges
+
+
+def test_dot_has_collapsed_stages_cut_sizes_and_devices(plans, capsys):
+    rc, out, _ = _show(capsys, plans["dsv3"][1], "--format", "dot")
+    assert rc == 0
+    assert out.startswith("digraph plan {") and out.rstrip().endswith("}")
+    assert out.count("{") == out.count("}")
+    assert "layers 0-2 x3" in out and "layers 3-60 x58" in out  # 61 layers drawn as 2 groups
+    assert re.search(r'g1_attention -> g1_ffn \[label="115 KB/token"\]', out)
+    assert "devices 96-255 (160)" in out and "cluster_decode" in out and "KV cache" in out
+    nodes, edges = _dot_nodes_and_edges(out)
+    assert edges and all(a in nodes and b in nodes for a, b in edges)
+
+
+def test_dot_of_a_disaggregated_instance_links_attention_and_experts(plans, capsys):
+    _, out, _ = _show(capsys, plans["tiny"][1], "--format", "dot")
+    assert re.search(r'i_decode_0_attention -> i_decode_0_experts \[label="dispatch/combine\\nA:F 2:4"', out)
+
+
+def test_html_is_self_contained_with_grid_and_metrics(plans, capsys):
+    plan, path = plans["dsv3"]
+    rc, out, _ = _show(capsys, path, "--format", "html")
+    assert rc == 0
+    assert out.startswith("<!DOCTYPE html>")
+    assert "<script" not in out and not re.search(r'(src|href)="(https?:)?//', out) and "@import" not in out
+    role_grid = out.split('id="grid-role"')[1].split("</svg>")[0]
+    assert role_grid.count('class="cell"') == 384
+    assert role_grid.count('data-role="idle"') == 128
+    load_grid = out.split('id="grid-load"')[1].split("</svg>")[0]
+    assert len(re.findall(r'data-load="\d', load_grid)) == 256  # every expert device has a load
+    assert 'id="metric-decode-tpot" data-value="49.4"' in out
+    assert 'id="metric-prefill-ttft"' in out and 'class="bar" data-stage="dispatch"' in out
+    assert out.count('class="point') == len(plan.frontier) and 'class="point chosen"' in out
+    assert 'class="stage-group" data-kind="moe"' in out
+
+
+def test_html_splits_devices_serving_both_phases(plans, capsys):
+    _, out, _ = _show(capsys, plans["shared"][1], "--format", "html")
+    grid = out.split('id="grid-role"')[1].split("</svg>")[0]
+    assert grid.count('data-device="0"') == 2  # prefill half and decode half
+    assert grid.count('class="cell"') == 6 * 2 + 2
+
+
+# --- bad input: one line on stderr, exit 2, no output file ------------------------------------------
+
+
+def _corrupt(tmp_path):
+    p = tmp_path / "corrupt.json"
+    p.write_text('{"schema_version": 1, "model": ')
+    return str(p), "malformed JSON at line 1"
+
+
+def _future(tmp_path):
+    doc = json.loads(tiny_plan().to_json())
+    doc["schema_version"] = SCHEMA_VERSION + 1
+    p = tmp_path / "future.json"
+    p.write_text(json.dumps(doc))
+    return str(p), f"plan.schema_version: {SCHEMA_VERSION + 1} is newer than this podplan reads"
+
+
+def _bad_expert(tmp_path):
+    doc = json.loads(tiny_plan().to_json())
+    doc["decode"]["experts"][0]["layers"][1]["phy2log"][3] = 300
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(doc))
+    return str(p), "plan.decode.experts[0].layers[1].phy2log[3]: expert 300 out of range 0..7"
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: (str(tmp / "missing.json"), "no such plan file"),
+    _corrupt, _future, _bad_expert,
+])
+def test_bad_plans_fail_in_one_line_without_output(capsys, tmp_path, make):
+    path, fragment = make(tmp_path)
+    target = tmp_path / "out" / "view.html"
+    rc, out, err = _show(capsys, path, "--format", "html", "-o", str(target))
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("podplan show: error: ") and fragment in lines[0], err
+    assert not target.exists() and not target.parent.exists()
+
+
+def test_unknown_format_and_unwritable_output(plans, capsys, tmp_path):
+    rc, _, err = _show(capsys, plans["tiny"][1], "--format", "svg", "-o", str(tmp_path / "x.svg"))
+    assert rc == 2 and "invalid choice: 'svg'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.svg").exists()
+    rc, _, err = _show(capsys, plans["tiny"][1], "--format", "html", "-o", str(tmp_path))
+    assert rc == 2 and "is a directory" in err
+
+
+def test_bad_input_as_a_user_sees_it(tmp_path):
+    # one real process: no traceback reaches the terminal, no file is written
+    path, _ = _corrupt(tmp_path)
+    proc = run_cli("show", path, "--format", "json", "-o", str(tmp_path / "o.json"))
+    assert_one_line_error(proc, "corrupt.json: malformed JSON")
+    assert not (tmp_path / "o.json").exists()
