@@ -130,16 +130,18 @@ def format_graph(gm: fx.GraphModule, title: str = "") -> str:
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 lines.append(f"\nstage {node.target}:")
-                lines += _format_nodes(gm.get_submodule(str(node.target)).graph, "  ")
+                lines += _format_nodes(gm.get_submodule(str(node.target)).graph, "  ", in_stage=True)
     return "\n".join(lines)
 
 
-def _format_nodes(graph: fx.Graph, indent: str) -> list[str]:
+def _format_nodes(graph: fx.Graph, indent: str, in_stage: bool = False) -> list[str]:
     out = []
     for node in graph.nodes:
         tags = [f"role={node.meta.get(meta.ROLE, '?')}", f"layer={node.meta.get(meta.LAYER, '-')}"]
         if meta.STAGE in node.meta:
-            tags.append(f"stage={meta.stage_key_of(node).name}")
+            # a stage's placeholders carry their producer's metadata: show where the value comes from
+            label = "from" if in_stage and node.op == "placeholder" else "stage"
+            tags.append(f"{label}={meta.stage_key_of(node).name}")
         if meta.COST in node.meta and node.meta[meta.COST].out_shapes:
             tags.append("shape=" + ",".join("x".join(map(str, s)) for s in node.meta[meta.COST].out_shapes))
         out.append(f"{indent}{node.format_node()}  {{{' '.join(tags)}}}")

@@ -82,7 +82,7 @@ KV_INPUTS = "podplan.kv_inputs"  # graph-level bool: positions and the KV cache 
 CUTS = "podplan.cuts"  # graph-level tuple[CutTensor]: every value crossing a stage boundary (cut-analysis)
 EXPERTS = "podplan.experts"  # graph-level dict[str, ExpertLayout]: routed_experts stage name -> layout (expert-decompose)
 PHASES = "podplan.phases"  # graph-level tuple[PhaseSignature]: prefill and decode stage signatures (phases)
-SCHEDULE = "podplan.schedule"  # graph-level MicrobatchSchedule (microbatch)
+SCHEDULE = "podplan.schedule"  # graph-level MicrobatchSchedule of passes/microbatch.py (microbatch)
 
 # Keys stored in `GraphModule.meta` rather than on nodes.
 GRAPH_KEYS = (STAGED, KV_INPUTS, CUTS, EXPERTS, PHASES, SCHEDULE)

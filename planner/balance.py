@@ -29,7 +29,7 @@ SPLITS = ("equal", "weighted")
 
 # Deterministic seconds CP-SAT may spend on one sub-problem (a layer, or a node of one);
 # only sub-problems small enough for the exact model use it (balance_ilp.EXACT_MAX_LITERALS).
-DEFAULT_TIME_LIMIT = 2.0
+DEFAULT_TIME_LIMIT = 1.0
 
 # Default tolerance of a migration-aware solve: keep a layout that moves fewer slots
 # if its max load is within this fraction of the best layout found from scratch.
@@ -363,8 +363,10 @@ def _log2phy(phy2log: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Job:
+    """One layer's (or one node's) sub-problem; `eplb_table` [D, S] is a start, if any."""
+
     load: np.ndarray
-    eplb_table: np.ndarray
+    eplb_table: np.ndarray | None
     devices: int
     slots: int
     nodes: int
@@ -417,20 +419,20 @@ def _peak(load: np.ndarray, table: np.ndarray, shares: np.ndarray | None) -> flo
     return float((shares * load[table]).sum(axis=1).max())
 
 
-def _solve_global(job: _Job, eplb_table: np.ndarray | None = None) -> _Layer:
+def _solve_global(job: _Job) -> _Layer:
     """Steps 2-6 on one sub-problem (a whole layer, or one node's experts and devices)."""
     load, devices, slots = job.load, job.devices, job.slots
-    eplb_table = job.eplb_table if eplb_table is None else eplb_table
     # Step 2: the bound: max(mean device load, best possible load per replica).
     bound = balance_search.lower_bound(load, devices, slots)
-    # Step 3: candidate replica counts, each packed and polished by swaps.
+    # Step 3: candidate layouts. EPLB's own (duplicates swapped away) keeps us never
+    # worse than EPLB whenever EPLB is duplicate-free; then replica counts from several
+    # starts, each improved on the surrogate packing, packed, and polished by swaps.
     candidates: list[tuple[np.ndarray, str]] = []
-    if not balance_search.has_duplicates(eplb_table):
-        candidates.append((balance_search.swap_search(load, eplb_table), "eplb+swap"))
-    else:
-        fixed = balance_search.fix_duplicates(load, eplb_table)
-        if fixed is not None:
-            candidates.append((balance_search.swap_search(load, fixed), "eplb+swap"))
+    start = job.eplb_table
+    if start is not None and balance_search.has_duplicates(start):
+        start = balance_search.fix_duplicates(load, start)
+    if start is not None:
+        candidates.append((balance_search.swap_search(load, start), "eplb+swap"))
     # Measured on Zipf/hot/uniform loads at 256 experts: for S >= 3 the best layout came
     # from one of these four starts; for S = 2 the target starts never won (Step 4 does).
     starts = [balance_search.replicate_counts(load, devices * slots, devices)]
@@ -447,6 +449,9 @@ def _solve_global(job: _Job, eplb_table: np.ndarray | None = None) -> _Layer:
         if counts is not None:
             candidates.append((balance_search.layout_from_counts(load, counts, devices, slots), "pairs"))
     table, source = min(candidates, key=lambda c: _key(load, c[0]))
+    if job.split == "equal":
+        ceiling = float(balance_search.table_loads(load, table).max())
+        bound = max(bound, balance_search.equal_split_bound(load, devices, slots, ceiling))
     proven = False
     # Step 5: small sub-problems go to CP-SAT whole, hinted with the best layout.
     literals = balance_ilp.exact_literals(load.shape[0], devices, slots)
@@ -500,12 +505,10 @@ def _solve_hierarchical(job: _Job) -> _Layer:
                 np.arange(g * group_size, (g + 1) * group_size) for g in np.flatnonzero(assign == node)
             ])
             rows = slice(node * per_node_devices, (node + 1) * per_node_devices)
-            sub_eplb = job.eplb_table[rows] if np.array_equal(assign, eplb_assign) else None
-            local = None
-            if sub_eplb is not None:
-                local = np.searchsorted(members, sub_eplb)
-            sub = _Job(job.load[members], local if local is not None else _column_table(len(members), per_node_devices, job.slots),
-                       per_node_devices, job.slots, 1, 1, job.algorithm, job.split, job.time_limit, job.seed, None, job.slack)
+            # EPLB's node layout is a start only under EPLB's own group assignment.
+            start = np.searchsorted(members, job.eplb_table[rows]) if assign is eplb_assign else None
+            sub = _Job(job.load[members], start, per_node_devices, job.slots, 1, 1, job.algorithm, job.split,
+                       job.time_limit, job.seed, None, job.slack)
             part = _solve_global(sub)
             table[rows] = members[part.table]
             if shares is not None:
@@ -514,14 +517,17 @@ def _solve_hierarchical(job: _Job) -> _Layer:
         peak = _peak(job.load, table, shares)
         if best is None or peak < best[0] * (1 - 1e-12):
             best = (peak, table, shares, sources)
-    _, table, shares, sources = best
+    peak, table, shares, sources = best
+    # Group locality only adds constraints: the bounds of the whole layer still hold, and
+    # the node serving the heaviest group carries it plus G/N - 1 groups at least as heavy
+    # as the lightest, on D/N devices.
     bound = balance_search.lower_bound(job.load, job.devices, job.slots)
+    per_node_groups = job.groups // job.nodes
+    heaviest = group_load.max() + (per_node_groups - 1) * group_load.min()
+    bound = max(bound, float(heaviest) / per_node_devices)
+    if job.split == "equal":
+        bound = max(bound, balance_search.equal_split_bound(job.load, job.devices, job.slots, peak))
     return _Layer(table=table, shares=shares, bound=bound, source="/".join(sorted(set(sources))), proven=False)
-
-
-def _column_table(experts: int, devices: int, slots: int) -> np.ndarray:
-    counts = balance_search.replicate_counts(np.ones(experts), devices * slots, devices)
-    return balance_search.place_columns(counts, devices, slots)
 
 
 def _eplb_groups(table: np.ndarray, group_size: int, per_node_devices: int, groups: int) -> np.ndarray:

@@ -17,8 +17,9 @@ from ortools.sat.python import cp_model
 from costmodels.errors import InfeasibleError
 
 # Literal budget of the exact CP-SAT model (experts x devices x replica-count options).
-# Measured on 2 cores: at 20k literals a layer solves or proves in well under a second.
-EXACT_MAX_LITERALS = 20_000
+# Measured (README, "podplan balance"): up to ~500 literals CP-SAT proves optimality or
+# improves the search within 1 s; from ~1000 on it never improved it nor lifted the bound.
+EXACT_MAX_LITERALS = 600
 
 # Integer scale of CP-SAT loads: the largest per-replica load maps to this many units,
 # so rounding moves a device load by at most slots/2 units (< 1e-5 relative).
@@ -95,7 +96,7 @@ def exact_equal(
     top_k = min(devices, devices * slots - experts + 1)
     peak = float(load.max())
     if peak <= 0:
-        table = hint if hint is not None else balance_search_columns(experts, devices, slots)
+        table = hint if hint is not None else _any_layout(experts, devices, slots)
         return ExactResult(table=table, bound=0.0, optimal=True)
     scale = _SCALE_UNITS / peak
     ks = range(1, top_k + 1)
@@ -138,13 +139,13 @@ def exact_equal(
     return ExactResult(table=table, bound=bound, optimal=status == cp_model.OPTIMAL)
 
 
-def balance_search_columns(experts: int, devices: int, slots: int) -> np.ndarray:
-    """Any valid layout (used when every load is zero): experts dealt round-robin."""
+def _any_layout(experts: int, devices: int, slots: int) -> np.ndarray:
+    """A valid layout for an all-zero layer: slot j of the sorted replica list on device j mod D."""
     replicas = np.arange(devices * slots) % experts
     return np.sort(replicas).reshape(slots, devices).T.copy()
 
 
-def _add_hint(m, hint, load, y, p, ks):  # noqa: ANN001, ANN202 - private
+def _add_hint(m: cp_model.CpModel, hint: np.ndarray, load: np.ndarray, y: dict, p: dict, ks: range) -> None:
     """Hint a known layout, devices reordered by load (the symmetry-breaking order)."""
     counts = np.bincount(hint.reshape(-1), minlength=load.shape[0])
     loads = (load / np.maximum(counts, 1))[hint].sum(axis=1)

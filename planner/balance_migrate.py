@@ -1,9 +1,11 @@
 """Migration-aware placement: stay close to a previous layout, move few expert replicas.
 
-Two candidates per layer: the fresh layout with its devices relabelled to overlap the
-old ones most (an assignment problem, OR-Tools), and the old layout repaired (lost
-experts re-homed, empty slots filled) then rebalanced one replica move at a time. The
-one with fewer moved slots whose max load is within the slack of the fresh one wins.
+Three candidates per layer: the fresh layout with its devices relabelled to overlap the
+old ones most (an assignment problem, OR-Tools); the old layout repaired (lost experts
+re-homed, empty slots filled) then rebalanced one replica move at a time; and the fresh
+replica counts packed "sticky" (old places first). The last two finish with swaps that
+prefer replicas already moved. The one with the fewest moved slots whose max load is
+within the slack of the fresh one wins.
 """
 
 from __future__ import annotations
@@ -50,17 +52,26 @@ def migrate(
     relabelled = _align_slots(_relabel(table, old, nodes), old)
     options = [_finish(load, relabelled, old, split, "relabel")]
     if nodes == 1:
-        equal_reference = float(balance_search.table_loads(load, table).max())
-        repaired = _repair(load, old, table.shape, equal_reference * (1 + slack))
+        target = float(balance_search.table_loads(load, table).max()) * (1 + slack)
+        was = _was(old, table.shape[0], load.shape[0])
+        repaired = _repair(load, old, table.shape, target)
         if repaired is not None:
+            repaired = _move_aware_swaps(load, repaired, was, target)
             options.append(_finish(load, _align_slots(repaired, old), old, split, "repair"))
+        counts = np.bincount(table.reshape(-1), minlength=load.shape[0])
+        sticky = _sticky(load, counts, old, table.shape, float(balance_search.table_loads(load, table).max()))
+        if sticky is not None:
+            sticky = _move_aware_swaps(load, sticky, was, target)
+            options.append(_finish(load, _align_slots(sticky, old), old, split, "sticky"))
     fitting = [(m.moved, peak, i) for i, (m, peak) in enumerate(options) if peak <= limit]
     if not fitting:
         return options[0][0]
     return options[min(fitting)[2]][0]
 
 
-def _finish(load, table, old, split, source) -> tuple[Migration, float]:  # noqa: ANN001
+def _finish(
+    load: np.ndarray, table: np.ndarray, old: list[tuple[int, ...]], split: str, source: str
+) -> tuple[Migration, float]:
     if split == "weighted":
         shares, peak = balance_ilp.weighted_shares(load, table)
     else:
@@ -181,69 +192,156 @@ def _place_lost(load: np.ndarray, table: np.ndarray, e: int) -> bool:
 
 
 def _rebalance(load: np.ndarray, table: np.ndarray, old: list[tuple[int, ...]], target: float) -> np.ndarray:
-    """Move one replica (expert g's slot handed to expert e) or swap two, best new max
-    first, until the max load reaches `target` or no move lowers it."""
+    """Hand one slot from expert g to expert e, or swap two replicas, while (max load, sum
+    of squared loads) drops, until the max reaches `target` or no move helps."""
     devices, slots = table.shape
     table = table.copy()
     experts = load.shape[0]
-    was = np.zeros((devices, experts), dtype=bool)
-    for d in range(devices):
-        was[d, list(old[d])] = True
-    for _ in range(4 * devices * slots):
+    was = _was(old, devices, experts)
+    for _ in range(2 * devices * slots):
         counts = np.bincount(table.reshape(-1), minlength=experts)
         size = load / counts
         loads = size[table].sum(axis=1)
-        top = float(loads.max())
-        if top <= target:
+        now = (float(loads.max()), float(np.square(loads).sum()))
+        if now[0] <= target:
             break
         move = _best_transfer(load, table, counts, size, loads, was)
         swap = balance_search.swap_search(load, table, max_iters=1)
-        swap_top = float(balance_search.table_loads(load, swap).max())
-        if move is not None and move[0] <= swap_top:
+        swap_loads = balance_search.table_loads(load, swap)
+        swap_key = (float(swap_loads.max()), float(np.square(swap_loads).sum()))
+        if move is not None and move[0] <= swap_key and move[0] < now:
             _, d, j, e = move
             table[d, j] = e
-        elif swap_top < top * (1 - 1e-12):
+        elif swap_key[0] < now[0] * (1 - 1e-12):
             table = swap
         else:
             break
     return table
 
 
-def _best_transfer(load, table, counts, size, loads, was):  # noqa: ANN001, ANN202 - private
-    """Best (new max, device, slot, expert): a slot of g elsewhere handed to an expert e
-    of the most loaded device. Ties prefer slots whose expert was new there anyway."""
+def _best_transfer(
+    load: np.ndarray, table: np.ndarray, counts: np.ndarray, size: np.ndarray, loads: np.ndarray, was: np.ndarray
+) -> tuple | None:
+    """Best ((new max, new sum of squares), device, slot, expert): one slot of a spare
+    replica of g handed to expert e. e: the experts of the two most loaded devices and the
+    eight cheapest to add. Ties prefer slots whose expert was new there anyway."""
     devices, slots = table.shape
     experts = load.shape[0]
     held = np.zeros((devices, experts), dtype=bool)
     held[np.arange(devices)[:, None], table] = True
-    top_d = int(np.argmax(loads))
-    top = float(loads[top_d])
-    best = None
     spare = counts >= 2
-    grow_g = np.where(spare, load / np.maximum(counts - 1, 1) - size, 0.0)  # [E] growth per g replica
-    for e in sorted(set(table[top_d].tolist())):
+    grow_g = np.where(spare, load / np.maximum(counts - 1, 1) - size, 0.0)  # [E]
+    heavy = np.argsort(-loads, kind="stable")[:2]
+    open_ = np.flatnonzero(counts < devices)
+    cheap = open_[np.argsort(load[open_] / (counts[open_] + 1), kind="stable")[:8]]
+    candidates = sorted(set(table[heavy].reshape(-1).tolist()) | set(cheap.tolist()))
+    best = None
+    for e in candidates:
         if counts[e] >= devices:
             continue
         new_e = load[e] / (counts[e] + 1)
         base = loads + (new_e - size[e]) * held[:, e]  # [D]
-        # v[g, d]: loads after g loses a replica (before fixing the device it leaves).
-        v = base[None, :] + grow_g[:, None] * held.T  # [E, D]
+        v = base[None, :] + grow_g[:, None] * held.T  # [E, D]: g lost a replica somewhere
         order = np.sort(v, axis=1)
-        first, second = order[:, -1], order[:, -2] if devices > 1 else np.full(experts, -np.inf)
-        for d, j in zip(*np.nonzero(~held[:, e][:, None] & np.ones((1, slots), dtype=bool))):
-            g = table[d, j]
-            if not spare[g] or g == e:
-                continue
-            row = v[g]
-            rest = second[g] if row[d] == first[g] else first[g]
-            here = loads[d] - size[g] + new_e
-            new_top = max(rest, here)
-            if new_top >= top * (1 - 1e-12):
-                continue
-            cost = int(not was[d, e]) - int(not was[d, g])
-            key = (new_top, cost, d, j, e)
-            if best is None or key < best:
-                best = key
+        first = order[:, -1]
+        second = order[:, -2] if devices > 1 else np.full(experts, -np.inf)
+        squares = np.square(v).sum(axis=1)
+        dd, jj = np.nonzero(~held[:, e][:, None] & np.ones((1, slots), dtype=bool))
+        g = table[dd, jj]
+        ok = spare[g] & (g != e)
+        if not ok.any():
+            continue
+        dd, jj, g = dd[ok], jj[ok], g[ok]
+        here = loads[dd] - size[g] + new_e
+        at = v[g, dd]
+        rest = np.where(at >= first[g], second[g], first[g])
+        new_top = np.maximum(rest, here)
+        new_sq = squares[g] - np.square(at) + np.square(here)
+        cost = (~was[dd, e]).astype(int) - (~was[dd, g]).astype(int)
+        k = int(np.lexsort((jj, dd, cost, new_sq, new_top))[0])
+        key = ((float(new_top[k]), float(new_sq[k])), int(cost[k]), int(dd[k]), int(jj[k]), e)
+        if best is None or key < best:
+            best = key
     if best is None:
         return None
     return best[0], best[2], best[3], best[4]
+
+
+def _was(old: list[tuple[int, ...]], devices: int, experts: int) -> np.ndarray:
+    was = np.zeros((devices, experts), dtype=bool)
+    for d in range(devices):
+        was[d, list(old[d])] = True
+    return was
+
+
+def _sticky(
+    load: np.ndarray, counts: np.ndarray, old: list[tuple[int, ...]], shape: tuple[int, int], cap: float
+) -> np.ndarray | None:
+    """Pack `counts` keeping old replicas in place while a device stays under `cap`, then
+    the rest largest first onto the lightest device with room (no duplicates)."""
+    devices, slots = shape
+    size = load / np.maximum(counts, 1)
+    table = np.full((devices, slots), -1, dtype=np.int64)
+    fill = np.zeros(devices, dtype=np.int64)
+    kept = np.zeros(load.shape[0], dtype=np.int64)
+    loads = np.zeros(devices)
+    for d in range(devices):
+        for e in sorted(set(old[d]), key=lambda e: (-size[e], e)):
+            if fill[d] < slots and kept[e] < counts[e] and loads[d] + size[e] <= cap:
+                table[d, fill[d]] = e
+                fill[d] += 1
+                kept[e] += 1
+                loads[d] += size[e]
+    rest = sorted((e for e in range(load.shape[0]) for _ in range(counts[e] - kept[e])), key=lambda e: (-size[e], e))
+    for e in rest:
+        room = [d for d in range(devices) if fill[d] < slots and e not in table[d]]
+        if not room:
+            return None
+        d = min(room, key=lambda d: (loads[d], d))
+        table[d, fill[d]] = e
+        fill[d] += 1
+        loads[d] += size[e]
+    return table
+
+
+def _move_aware_swaps(load: np.ndarray, table: np.ndarray, was: np.ndarray, target: float) -> np.ndarray:
+    """Swap replicas off the most loaded device until it is under `target`, choosing among
+    the improving swaps the one that adds the fewest moved slots (then the lowest max)."""
+    table = table.copy()
+    devices, slots = table.shape
+    counts = np.bincount(table.reshape(-1), minlength=load.shape[0])
+    item = (load / np.maximum(counts, 1))[table]
+    loads = item.sum(axis=1)
+    held = np.zeros_like(was)
+    held[np.arange(devices)[:, None], table] = True
+    owner = np.repeat(np.arange(devices), slots)
+    for _ in range(4 * devices * slots):
+        d = int(np.argmax(loads))
+        top = loads[d]
+        if top <= target:
+            break
+        flat_e, flat_s = table.reshape(-1), item.reshape(-1)
+        best = None
+        for i in range(slots):
+            x, ex = item[d, i], table[d, i]
+            new = np.maximum(top - x + flat_s, loads[owner] - flat_s + x)
+            ok = (flat_s < x) & (owner != d) & ~held[owner, ex] & ~held[d, flat_e] & (new < top * (1 - 1e-12))
+            if not ok.any():
+                continue
+            idx = np.flatnonzero(ok)
+            cost = (~was[owner[idx], ex]).astype(int) + (~was[d, flat_e[idx]]).astype(int) \
+                - int(not was[d, ex]) - (~was[owner[idx], flat_e[idx]]).astype(int)
+            k = int(np.lexsort((idx, new[idx], cost))[0])
+            key = (int(cost[k]), float(new[idx[k]]), i, int(idx[k]))
+            if best is None or key < best:
+                best = key
+        if best is None:
+            break
+        _, _, i, j = best
+        d2, i2 = divmod(j, slots)
+        ex, ey = table[d, i], table[d2, i2]
+        table[d, i], table[d2, i2] = ey, ex
+        item[d, i], item[d2, i2] = item[d2, i2], item[d, i]
+        held[d, ex], held[d, ey], held[d2, ey], held[d2, ex] = False, True, False, True
+        loads[d], loads[d2] = item[d].sum(), item[d2].sum()
+    return table

@@ -46,6 +46,37 @@ def lower_bound(load: np.ndarray, devices: int, slots_per_device: int) -> float:
     return max(float(load.sum()) / devices, float((load / counts).max()))
 
 
+def equal_split_bound(load: np.ndarray, devices: int, slots: int, ceiling: float) -> float:
+    """A stronger bound for the equal split: the device holding the largest item also
+    holds S - 1 others, each at least the smallest item of the layout.
+
+    For a largest item lam (a breakpoint load[e] / k), every expert needs
+    ceil(load / lam) replicas; the spare slots can shrink the smallest item at best to
+    min_e load[e] / (need[e] + spare). The bound is the least lam + (S - 1) * that over
+    breakpoints in [best per-replica load, ceiling]; above `ceiling` it cannot matter.
+    """
+    slots_total = devices * slots
+    floor = float((load / replicate_counts(load, slots_total, devices)).max())
+    if slots < 2 or floor <= 0:
+        return floor
+    ks = np.arange(1, devices + 1)
+    lams = np.unique((load[:, None] / ks[None, :]).reshape(-1))
+    lams = lams[(lams >= floor * (1 - _EPS)) & (lams <= ceiling * (1 + _EPS))]
+    best = ceiling
+    for chunk in np.array_split(lams, max(1, lams.size // 512)):
+        if chunk.size == 0:
+            continue
+        need = np.maximum(1, np.ceil(load[None, :] / chunk[:, None] - _EPS))  # [n, E]
+        spare = slots_total - need.sum(axis=1)
+        ok = spare >= 0
+        if not ok.any():
+            continue
+        need, spare, lam = need[ok], spare[ok], chunk[ok]
+        smallest = (load[None, :] / np.minimum(devices, need + spare[:, None])).min(axis=1)
+        best = min(best, float((lam + (slots - 1) * smallest).min()))
+    return max(floor, best)
+
+
 def table_loads(load: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Device loads [D] of a layout under the equal split (tokens)."""
     counts = np.bincount(table.reshape(-1), minlength=load.shape[0])
@@ -342,7 +373,10 @@ def chain_pairs(load: np.ndarray, devices: int, target: float) -> np.ndarray | N
     return None
 
 
-def _chain(load, devices, target, hot, cold, runs):  # noqa: ANN001, ANN202 - private helper of chain_pairs
+def _chain(
+    load: np.ndarray, devices: int, target: float, hot: list[int], cold: list[int], runs: int
+) -> np.ndarray | None:
+    """One attempt of `chain_pairs` with `runs` runs in total."""
     pieces = replicate_counts(load[hot], runs, devices)  # runs per hot expert, by load
     left = pieces.copy()
     colds = list(cold)

@@ -20,6 +20,8 @@ COMMANDS = (
     "show",
     "diff",
     "run",
+    "replan",
+    "export",
 )
 
 

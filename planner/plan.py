@@ -34,7 +34,7 @@ ROLES = ("attention", "experts", "both")
 SCHEMA_FILE = Path(__file__).with_name("schema") / "plan.schema.json"
 REGENERATE = "regenerate it with `podplan compile`"
 
-Phase_ = Literal["prefill", "decode"]
+PhaseName = Literal["prefill", "decode"]
 Mode = Literal["colocated", "disaggregated"]
 StageKind = Literal["dense", "moe"]
 
@@ -117,7 +117,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is Any:
         return _plain(value, path, 0)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -393,9 +393,10 @@ class Instance(_Node):
     """One serving instance of a phase: its devices and how attention and experts are laid out on them.
 
     `devices` lists the instance's devices in rank order. colocated: every device runs attention and
-    holds expert slots (role "both"); disaggregated: attention devices and expert devices are disjoint
-    (roles "attention" / "experts"). Expert slot s of the placement lives on expert_devices[s // S].
-    Parallel degrees count dies: attention_dp * attention_tp == ep == dies of the respective devices.
+    holds routed expert slots or computes the shared experts (role "both"); disaggregated: attention
+    devices and expert devices are disjoint (roles "attention" / "experts"). Expert slot s of the
+    placement lives on expert_devices[s // S]. Parallel degrees count dies: attention_dp x attention_tp
+    = dies of the attention devices; ep = dies of the expert and shared-expert devices.
     """
 
     id: str  # unique in the plan, e.g. "prefill-0", "decode-0"
@@ -646,7 +647,7 @@ class Phase(_Node):
 class FrontierPoint(_Node):
     """A configuration the search kept on the throughput-per-device vs TPOT Pareto frontier."""
 
-    phase: Phase_
+    phase: PhaseName
     throughput_per_device: float
     config: str  # one-line summary, e.g. "colocated EP320 DP320 TP1 batch 96 mb 2"
     tpot_ms: float | None = None
@@ -856,9 +857,9 @@ def devices_of(plan: Plan) -> list[DeviceAssignment]:
             slots = tuple(range(k * spd, (k + 1) * spd)) if k is not None else ()
             experts = tuple(lp.phy2log[k * spd:(k + 1) * spd] for lp in placement.layers) if k is not None else ()
             loads: tuple[float, ...] = ()
-            if k is not None and all(lp.device_loads is not None for lp in placement.layers):
-                loads = tuple(lp.device_loads[k] / mu if mu > 0 else 1.0
-                              for lp, mu in zip(placement.layers, means))
+            rows = [lp.device_loads for lp in placement.layers]
+            if k is not None and all(rows):
+                loads = tuple(r[k] / mu if mu > 0 else 1.0 for r, mu in zip(rows, means) if r)
             layers = tuple(range(m.num_layers)) if role != "experts" else m.moe_layers
             out.setdefault(d, []).append(DeviceAssignment(
                 d, t.server_of(d), t.pod_of(d), phase_name, inst.id, rank, role, layers, d in shared, slots,
@@ -1005,7 +1006,7 @@ def _schema_of(tp: Any, defs: dict[str, dict]) -> dict:
         return {"type": "boolean"}
     if tp is Any:
         return {}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         name = tp.__name__
         if name not in defs:
             defs[name] = {}  # reserve first: recursion

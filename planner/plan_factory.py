@@ -23,8 +23,10 @@ from planner.plan import (
     Instance,
     LayerPlacement,
     MemoryUse,
+    Mode,
     ModelInfo,
     Phase,
+    PhaseName,
     Plan,
     Prediction,
     Provenance,
@@ -44,7 +46,7 @@ TOKENS_PER_STEP = 16384
 
 
 def synthetic_plan(model: str = "tiny-mixtral", topology: str = "local:8", *, prefill_instances: int = 1,
-                   prefill_devices: int = 2, decode_devices: int | None = None, decode_mode: str = "colocated",
+                   prefill_devices: int = 2, decode_devices: int | None = None, decode_mode: Mode = "colocated",
                    attention_devices: int | None = None, slots_per_device: int | None = None,
                    weighted: bool = False, microbatches: int = 1, dp_domains: int = 1, quant: str = "bf16",
                    mtp_accept: float = 0.0, shared_pd: bool = False, skew: float = 1.2, seed: int = 0) -> Plan:
@@ -115,7 +117,7 @@ def tiny_plan(model: str = "tiny-mixtral", **kwargs) -> Plan:
     return synthetic_plan(model, "local:8", **kwargs)
 
 
-def deepseek_v3_plan(decode_mode: str = "colocated", **kwargs) -> Plan:
+def deepseek_v3_plan(decode_mode: Mode = "colocated", **kwargs) -> Plan:
     """DeepSeek-V3 on cloudmatrix384 shaped like CloudMatrix-Infer (reference §3): 6 x 16-NPU prefill
     instances and a 160-NPU decode instance (colocated), or 288 decode NPUs split attention/experts."""
     decode = 160 if decode_mode == "colocated" else 288
@@ -132,7 +134,7 @@ def _slots(experts: int, devices: int) -> int:
     return max(1, math.ceil(experts * REDUNDANCY / devices))
 
 
-def _instance(iid: str, mode: str, attn: tuple[int, ...], experts: tuple[int, ...], t: TopologyInfo,
+def _instance(iid: str, mode: Mode, attn: tuple[int, ...], experts: tuple[int, ...], t: TopologyInfo,
               shape: ModelShape, microbatches: int, batch: float, dp_domains: int) -> Instance:
     devices = tuple(sorted(set(attn) | set(experts)))
     return Instance(
@@ -245,7 +247,8 @@ def _stages(shape: ModelShape) -> tuple[Stage, ...]:
 def _frontier(prefill: Phase | None, decode: Phase | None) -> tuple[FrontierPoint, ...]:
     """The chosen point of each phase plus neighbours trading TPOT for throughput."""
     points = []
-    for name, phase in (("prefill", prefill), ("decode", decode)):
+    phases: tuple[tuple[PhaseName, Phase | None], ...] = (("prefill", prefill), ("decode", decode))
+    for name, phase in phases:
         if phase is None:
             continue
         p, inst = phase.predictions, phase.instances[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from costmodels.errors import InputError
 from planner.plan import PHASES, Instance, Plan, device_ranges
@@ -211,7 +212,8 @@ def _experts(old: Plan, new: Plan, phase: str) -> dict:
 def _phase_diff(old: Plan, new: Plan, name: str) -> dict:
     po, pn = old.phases.get(name), new.phases.get(name)
     if po is None or pn is None:
-        ph = pn or po
+        ph = pn if pn is not None else po
+        assert ph is not None  # the caller only diffs phases present in one plan or the other
         return {"status": "added" if po is None else "removed", "devices": len(ph.devices),
                 "device_ids": device_ranges(ph.devices), "feasible": ph.feasible}
     io = {i.id: i for i in po.instances}
@@ -237,7 +239,7 @@ def _phase_diff(old: Plan, new: Plan, name: str) -> dict:
         memory.append({"role": role, "old_gb": a, "new_gb": b, "delta_pct": _pct(a, b),
                        "fits_old": po.memory[role].feasible if role in po.memory else None,
                        "fits_new": pn.memory[role].feasible if role in pn.memory else None})
-    out = {
+    out: dict[str, Any] = {
         "status": "compared",
         "devices": {"old": len(po.devices), "new": len(pn.devices), "old_ids": device_ranges(po.devices),
                     "new_ids": device_ranges(pn.devices)},
@@ -258,9 +260,10 @@ def _phase_diff(old: Plan, new: Plan, name: str) -> dict:
 def diff_plans(old: Plan, new: Plan) -> dict:
     """The semantic difference between two plans, as JSON-ready data."""
     chosen = {n: [f"{p.phase}: {p.config}" for p in plan.frontier if p.chosen] for n, plan in (("old", old), ("new", new))}
+    digest = {"old": old.digest(), "new": new.digest()}
     return {
-        "identical": old.digest() == new.digest(),
-        "digest": {"old": old.digest(), "new": new.digest()},
+        "identical": digest["old"] == digest["new"],
+        "digest": digest,
         "model": {"name": new.model.name, "changes": _changes(old.model.to_dict(), new.model.to_dict())},
         "topology": {"name": new.topology.name, "changes": _changes(_flat(old.topology.to_dict()),
                                                                     _flat(new.topology.to_dict()))},
@@ -434,14 +437,16 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
         for p in ph["predictions"]:
             if p["metric"].startswith("breakdown."):
                 continue
-            mark = (name, _metric_of(p["metric"])) in broken
+            bad = (name, _metric_of(p["metric"])) in broken
             lines.append(f"| {name} | {p['metric']} ({p['unit']}) | {_value(p['old'])} | {_value(p['new'])} | "
-                         f"{_delta(p['delta_pct'])}{' :x:' if mark else ''} |")
+                         f"{_delta(p['delta_pct'])}{' :x:' if bad else ''} |")
+        mark = " :x:" if (name, "memory") in broken else ""
         for m in ph["memory"]:
             lines.append(f"| {name} | memory {m['role']} (GB) | {_value(m['old_gb'])} | {_value(m['new_gb'])} | "
-                         f"{_delta(m['delta_pct'])} |")
+                         f"{_delta(m['delta_pct'])}{mark} |")
         f = ph["feasible"]
-        lines.append(f"| {name} | feasible | {f['old']} | {f['new']} | {'' if f['old'] == f['new'] else ':x:' if f['old'] else ''} |")
+        mark = ":x:" if (name, "feasible") in broken else ""
+        lines.append(f"| {name} | feasible | {f['old']} | {f['new']} | {mark} |")
     lines.append("")
     deploy = []
     for name, ph in diff["phases"].items():

@@ -30,6 +30,8 @@ def num(x: float | None, digits: int = 4) -> str:
     """A number for a table: '-' for None, `digits` significant digits, thousands kept whole."""
     if x is None:
         return "-"
+    if abs(x) < 1e-9:  # float noise from subtractions (an overlap of 3e-15 ms) reads as 0
+        return "0"
     if abs(x) >= 10 ** digits:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"

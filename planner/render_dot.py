@@ -53,7 +53,7 @@ def render_dot(plan: Plan) -> str:
             head = (f"{inst.id}: {inst.mode}, DP{inst.attention_dp} TP{inst.attention_tp} EP{inst.ep}, "
                     f"mb {inst.microbatches}, {placement.slots_per_device} slots/device")
             lines.append(f"      label={_q(head)};")
-            groups = {}
+            groups: dict[str, list[int]] = {}
             for d in inst.devices:
                 groups.setdefault(inst.role_of(d), []).append(d)
             for role in ("both", "attention", "experts"):

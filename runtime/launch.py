@@ -25,7 +25,6 @@ from runtime.schedule import dry_run, programs
 from runtime.spec import RunSpec
 from runtime.worker import FAULT_ENV, forked_main
 
-ROOT = Path(__file__).resolve().parents[1]
 # Resident memory of one CPU worker (torch + transformers + a tiny model), measured ~0.45 GiB; with
 # headroom this bounds how many ranks a host can run "sensibly".
 RANK_GIB = 0.6
@@ -57,7 +56,10 @@ class RunOutcome:
 
 
 def host_capacity() -> int:
-    """Ranks this host runs sensibly: memory for RANK_GIB each, at most MAX_RANKS."""
+    """Ranks this host runs sensibly: memory for RANK_GIB each, at most MAX_RANKS (or $PODPLAN_MAX_RANKS)."""
+    override = os.environ.get("PODPLAN_MAX_RANKS")
+    if override and override.isdigit():
+        return max(1, min(MAX_RANKS, int(override)))
     try:
         avail_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                          if line.startswith("MemAvailable:"))
@@ -165,12 +167,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: RunSpec, *, timeout_s: float = 600.0, validated: bool = False, log=None) -> RunOutcome:
-    """Validate, start the ranks, wait; RankFailure names the first rank that failed and why."""
+def launch(spec: RunSpec, *, timeout_s: float = 600.0, validated: bool = False) -> RunOutcome:
+    """Validate, start the ranks, wait; RankFailure names the first rank that failed and why.
+
+    Workers are forked from a forkserver, so a script calling this needs the usual multiprocessing
+    `if __name__ == "__main__":` guard (pytest and the CLI have one).
+    """
     if not validated:
         validate(spec)
     with tempfile.TemporaryDirectory(prefix="podplan-run-") as tmp:
-        return _run(spec, Path(tmp), timeout_s, log)
+        return _run(spec, Path(tmp), timeout_s)
 
 
 def _context():
@@ -189,7 +195,7 @@ def _context():
 _CTX = None
 
 
-def _run(spec: RunSpec, tmp: Path, timeout_s: float, log) -> RunOutcome:
+def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     job = tmp / "job.json"
     job.write_text(spec.to_json())
     n = spec.world_size
@@ -208,14 +214,14 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float, log) -> RunOutcome:
                                name=f"podplan-rank{r}", daemon=True)
             proc.start()
             procs.append(proc)
-        _watch(procs, tmp, timeout_s, log)
+        _watch(procs, tmp, timeout_s)
     finally:
         _kill(procs)
     data = torch.load(tmp / "result.pt", weights_only=False)
     return RunOutcome(data["tokens"], data["logits"], data["metrics"], time.perf_counter() - t0)
 
 
-def _watch(procs: list, tmp: Path, timeout_s: float, log) -> None:
+def _watch(procs: list, tmp: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         codes = [p.exitcode for p in procs]

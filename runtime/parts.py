@@ -77,27 +77,42 @@ def check_weights(spec: RunSpec) -> None:
     load_weights(build_model(src, device="meta"), spec.weights, src.name)
 
 
-def build_full(spec: RunSpec) -> tuple[ModelSource, nn.Module]:
-    """The monolithic model with the run's weights (seeded, or the checkpoint)."""
+def build_full(spec: RunSpec, device: torch.device | str = "cpu") -> tuple[ModelSource, nn.Module]:
+    """The monolithic model with the run's weights (seeded, or the checkpoint), built on `device`.
+
+    On a GPU with bf16 weights the experts run transformers' grouped_mm kernel (batched_mm gathers a
+    weight copy per token, far too slow at full size); everywhere else batched_mm, which the CPU
+    reference uses too. Seeded weights are identical on CPU and on every GPU of one kind.
+    """
     src = load_source(spec.model)
-    model = build_model(src, device="cpu", seed=spec.seed)
+    model = build_model(src, device=str(device), seed=spec.seed)
     if spec.weights:
         load_weights(model, spec.weights, src.name)
+    if torch.device(device).type == "cuda" and next(model.parameters()).dtype == torch.bfloat16:
+        model.config._experts_implementation = "grouped_mm"
     return src, model
 
 
 def slice_experts(container: nn.Module, logical: list[int]) -> nn.Module:
     """The container restricted to experts `logical` (local expert i = logical[i]; repeats allowed)."""
     num = getattr(container, "num_experts", None)
+    whole = logical == list(range(num or 0))  # the rank hosts every expert in order: share, don't copy
     idx = torch.tensor(logical, dtype=torch.int64)
     new = copy.copy(container)
     new._parameters, new._buffers, new._modules = {}, {}, dict(container._modules)
     for name, p in container.named_parameters(recurse=False):
-        new._parameters[name] = nn.Parameter(p.detach()[idx].clone(), requires_grad=False)
+        data = p.detach() if whole else p.detach()[idx.to(p.device)].clone()
+        new._parameters[name] = nn.Parameter(data, requires_grad=False)
     for name, b in container.named_buffers(recurse=False):
-        new._buffers[name] = b[idx].clone() if b.ndim and b.shape[0] == num else b
+        new._buffers[name] = b[idx.to(b.device)].clone() if b.ndim and b.shape[0] == num and not whole else b
     new.num_experts = len(logical)
     return new
+
+
+def _release(container: nn.Module) -> None:
+    """Drop a container's full expert tensors once sliced (keeps peak memory at one model + one layer)."""
+    for name, _ in list(container.named_parameters(recurse=False)):
+        setattr(container, name, None)
 
 
 def remote_shared(inst: InstanceSpec, rank: int) -> bool:
@@ -107,7 +122,7 @@ def remote_shared(inst: InstanceSpec, rank: int) -> bool:
 
 def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: torch.device) -> RankParts:
     """Everything `rank` runs in `inst` (None: an idle rank, which builds nothing)."""
-    src, model = build_full(spec)
+    src, model = build_full(spec, device)
     cfg = model.config
     root = CausalLMRoot(model)
     attention = inst is not None and rank in inst.attention_ranks
@@ -125,12 +140,13 @@ def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: tor
             raise SpecError(f"{src.name}: layer {lp.layer} keeps experts as a list of modules; the runtime slices "
                             "transformers 5's 3-D expert tensors")
         if len(slots):
-            parts.experts[lp.layer] = slice_experts(container, [lp.phy2log[s] for s in slots]).to(device)
+            parts.experts[lp.layer] = slice_experts(container, [lp.phy2log[s] for s in slots])
+        _release(container)
         if rank in inst.shared_ranks:
             shared = [root.get_submodule(p) for p, (role, layer) in roles.leaves.items()
                       if role == "shared_experts" and layer == lp.layer]
             if len(shared) == 1:
-                parts.shared[lp.layer] = shared[0].to(device)
+                parts.shared[lp.layer] = shared[0]
     if attention:
         # the rank keeps its own modules only: routed (and remote shared) experts become stubs
         gm = traced.gm
@@ -140,7 +156,6 @@ def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: tor
         for path in stubs:
             parent, _, child = path.rpartition(".")
             setattr(gm.get_submodule(parent), child, _RemoteExperts())
-        gm.to(device)
         parts.traced = Traced(gm=gm, roles=roles, source=src, model=gm)
         parts.gmap = GraphMap.of(parts.traced)
         parts.params = sum(p.numel() for p in gm.parameters())

@@ -30,7 +30,8 @@ from runtime.schedule import Op, programs
 from runtime.spec import (InstanceSpec, RunSpec, kv_routes, microbatches_of, prompts_of, sequences_of,
                           steps_of)
 
-# Test-only fault injection: "RANK:STEP:raise" or "RANK:STEP:kill" fires at the first MoE layer of STEP.
+# Test-only fault injection: "RANK:STEP:ACTION" fires at the first MoE layer of STEP on RANK;
+# ACTION is raise (an exception), kill (SIGKILL itself) or hang (sleep, as a stuck rank would).
 FAULT_ENV = "PODPLAN_FAULT"
 # Collectives give up after this long (a peer that vanished without closing its sockets).
 COLLECTIVE_TIMEOUT_S = 120
@@ -196,6 +197,8 @@ class RankWorker:
         self.fault = None
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "hang":
+            time.sleep(3600)
         raise StageError(self.rank, self.stage, node, f"RuntimeError: injected fault ({FAULT_ENV})")
 
     # --- KV-cache hand-over (prefill instance -> decode instance) -------------------------------
@@ -252,7 +255,6 @@ class RankWorker:
     def gather(self) -> None:
         self.stage, self.node = "finish", "gather results"
         self.expect("gather results")
-        self.metrics["kv_bytes"] = 0
         payload = {"rank": self.rank, "results": self.results, "metrics": self.metrics}
         out = [None] * self.spec.world_size if self.rank == 0 else None
         self._comm("gather results", dist.gather_object, payload, out, 0)

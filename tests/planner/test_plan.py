@@ -178,13 +178,15 @@ def test_python_construction_errors_name_the_class():
     assert str(exc.value) == "LayerPlacement.phy2log[1]: expert -1 is negative"
 
 
-@pytest.mark.parametrize("version,words", [(2, "is newer than this podplan reads (1); upgrade podplan"),
-                                           (0, "is older than this podplan reads (1); regenerate it")])
+@pytest.mark.parametrize("version,words", [
+    (2, "2 is newer than this podplan reads (1); upgrade podplan"),
+    (0, "0 is older than this podplan reads (1); regenerate it with `podplan compile`"),
+])
 def test_schema_version_mismatch(tiny, version, words):
     doc = _doc(tiny)
     doc["schema_version"] = version
     doc["field_from_the_future"] = {}  # the version is reported, not the unknown field
-    assert _error(doc) == f"plan.schema_version: {version} {words} with `podplan compile`" or words in _error(doc)
+    assert _error(doc) == f"plan.schema_version: {words}"
 
 
 def test_not_a_plan_at_all():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_json_is_the_canonical_plan(plans, capsys, tmp_path):
     assert rc == 0 and out == plan.to_json()
     target = tmp_path / "copy.json"
     assert _show(capsys, path, "--format", "json", "-o", str(target))[0] == 0
-    assert target.read_text() == open(path).read()
+    assert target.read_text() == Path(path).read_text()
     assert from_json(target.read_text()) == plan
 
 
@@ -70,8 +71,8 @@ def test_every_format_is_byte_identical_across_runs(plans, capsys, tmp_path, fmt
 
 
 def _dot_nodes_and_edges(text: str) -> tuple[set[str], list[tuple[str, str]]]:
-    nodes = set(re.findall(r"^\s+(\w+) \[label=", text, re.M))
-    edges = re.findall(r"^\s+(\w+) -> (\w+)", text, re.M)
+    nodes = set(re.findall(r"^\s+(\w+) \[label=", text, re.MULTILINE))
+    edges = re.findall(r"^\s+(\w+) -> (\w+)", text, re.MULTILINE)
     return nodes, edges
 
 

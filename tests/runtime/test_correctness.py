@@ -1,0 +1,84 @@
+"""Multi-process runs on gloo give the monolithic model's greedy tokens and logits (fp32, within 1e-4).
+
+Every bundled tiny family, colocated and disaggregated attention/experts, with one and two
+microbatches; then prefill/decode instances with the KV cache handed over, a compiled-style plan
+on 8 processes, and a safetensors checkpoint. Workers are forked from a preloaded server, so a
+4-process run costs about a second once the first one has started it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.from_plan import spec_from_plan
+from runtime.launch import launch
+from runtime.reference import check, greedy
+from runtime.spec import RunSpec
+from tests.runtime.conftest import FAMILIES, colocated, disaggregated, instance
+
+pytestmark = pytest.mark.slow
+
+RUN = dict(prompts=5, prompt_len=5, new_tokens=3, seed=2)
+
+
+def _assert_matches(spec: RunSpec):
+    out = launch(spec, timeout_s=120)
+    result = check(spec, out.tokens, out.logits)
+    assert result.tokens_match, (out.tokens, greedy(spec)[0])
+    assert result.max_abs_diff <= 1e-4, result
+    assert (out.tokens >= 0).all()
+    return out
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("model", FAMILIES)
+def test_colocated(model, microbatches):
+    # 3 slots per rank over 4 ranks: 12 slots for 8 experts, so 4 experts have 2 replicas (2:1 shares)
+    out = _assert_matches(colocated(model, 4, microbatches=microbatches, slots_per_rank=3, shares="skewed", **RUN))
+    assert all(m["role"] == "both" for m in out.metrics)
+    assert sum(m["expert_rows"] for m in out.metrics) > 0
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("model", FAMILIES)
+def test_disaggregated(model, microbatches):
+    spec = disaggregated(model, 2, 2, microbatches=microbatches, slots_per_rank=5, **RUN)
+    out = _assert_matches(spec)
+    by_rank = {m["rank"]: m for m in out.metrics}
+    assert by_rank[0]["role"] == "attention" and by_rank[2]["role"] == "experts"
+    assert by_rank[0]["expert_rows"] == 0 and by_rank[2]["expert_rows"] > 0  # attention ranks compute no experts
+    assert by_rank[2]["tokens"] == 0 and by_rank[0]["bytes_sent"] > 0
+
+
+def test_prefill_decode_instances_hand_over_the_kv_cache():
+    model = "tiny-deepseek-v3"  # MLA caches compressed latents; shared experts on the decode expert ranks
+    pre = instance(model, "prefill-0", ("prefill",), [0, 1], [0, 1], microbatches=2)
+    dec = instance(model, "decode-0", ("decode",), [2, 3, 4], [5, 6], microbatches=2, shared=[5, 6])
+    out = _assert_matches(RunSpec(model, 7, (pre, dec), **RUN))
+    by_rank = {m["rank"]: m for m in out.metrics}
+    assert by_rank[0]["clock"].get("kv_transfer", 0) > 0 and by_rank[2]["clock"].get("kv_transfer", 0) > 0
+    assert by_rank[0]["steps"].keys() == {"prefill"} and by_rank[2]["steps"].keys() == {"decode"}
+
+
+def test_synthetic_plan_on_eight_processes():
+    from planner.plan_factory import tiny_plan
+
+    plan = tiny_plan("tiny-olmoe", decode_mode="disaggregated", weighted=True, microbatches=2)
+    spec = spec_from_plan(plan, prompts=6, prompt_len=4, new_tokens=3)
+    assert spec.world_size == 8 and spec.disaggregated_pd
+    _assert_matches(spec)
+
+
+def test_safetensors_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from runtime.parts import build_full
+
+    _, model = build_full(RunSpec("tiny-mixtral", 1, (), seed=7))
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    spec = colocated("tiny-mixtral", 2, **dict(RUN, seed=0), weights=str(path))
+    out = _assert_matches(spec)
+    _, plain_logits, _ = greedy(colocated("tiny-mixtral", 2, **dict(RUN, seed=0)))
+    assert not torch.allclose(out.logits, plain_logits)  # the checkpoint's weights, not seed 0's
