@@ -18,9 +18,15 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
+# The main job on a bundled model: trace DeepSeek-V3, compile it for CloudMatrix384, show the plan
+# (text + self-contained HTML), then run the tiny golden plan on 8 local processes.
 demo: $(STAMP)
 	@mkdir -p $(OUT)
 	$(VENV)/bin/podplan trace deepseek-v3
+	$(VENV)/bin/podplan compile deepseek-v3 --topology cloudmatrix384 --mtp-accept 0.7 --loads zipf:1.2 -o $(OUT)/deepseek-v3.cloudmatrix384.json
+	$(VENV)/bin/podplan show $(OUT)/deepseek-v3.cloudmatrix384.json --format text
+	$(VENV)/bin/podplan show $(OUT)/deepseek-v3.cloudmatrix384.json --format html -o $(OUT)/deepseek-v3.cloudmatrix384.html
+	$(VENV)/bin/podplan run plans/tiny-deepseek-v3.local-8.json
 
 # Headless Chromium for the HTML view's browser test (Debian package; needs root, as on CI).
 browser:

@@ -40,8 +40,8 @@ def main() -> int:
 
     print(f"{args.layers} layers x {args.experts} experts, {args.workers} workers, "
           f"{os.cpu_count()} CPUs visible, time limit {args.time_limit} s")
-    head = (f"{'loads':<9}{'shape':>7} | {'EPLB avg/worst':>15}{'dup':>5}{'s':>6} | {'equal avg/worst':>15}"
-            f"{'gap':>7}{'s':>6} | {'weighted avg/worst':>18}{'gap':>7}{'s':>6} | {'bound':>7}")
+    head = (f"{'loads':<9}{'shape':>7} | {'EPLB avg/worst':>15}{'dup':>5} | {'equal avg/worst':>15}"
+            f"{'gap':>7}{'s':>6}{'cpu':>6} | {'weighted avg/worst':>18}{'gap':>7}{'s':>6}{'cpu':>6} | {'bound':>7}")
     print(head)
     print("-" * len(head))
     cpu_total: dict[str, float] = {}
@@ -50,26 +50,28 @@ def main() -> int:
         loads = generate_loads(spec, args.layers, args.experts, seed=args.seed)
         for shape in args.shapes:
             devices, slots = (int(x) for x in shape.split("x"))
-            row = {}
+            row, cpu_case = {}, {}
             for name, algorithm, split in (("eplb", "eplb", "equal"), ("equal", "ilp", "equal"),
                                            ("weighted", "ilp", "weighted")):
                 started, cpu = time.perf_counter(), _cpu()
                 result = balance(loads, devices, slots, algorithm=algorithm, split=split,
                                  time_limit=args.time_limit, seed=args.seed, workers=args.workers)
                 row[name] = (result, time.perf_counter() - started)
-                cpu_total[name] = cpu_total.get(name, 0.0) + _cpu() - cpu
+                cpu_case[name] = _cpu() - cpu
+                cpu_total[name] = cpu_total.get(name, 0.0) + cpu_case[name]
                 wall_total[name] = wall_total.get(name, 0.0) + row[name][1]
-            eplb, t_eplb = row["eplb"]
+            eplb = row["eplb"][0]
             equal, t_equal = row["equal"]
             weighted, t_weighted = row["weighted"]
             means = loads.sum(axis=1) / devices
             bound = float(np.mean(weighted.bound / means))
-            print(f"{spec:<9}{shape:>7} | {_pair(eplb.max_over_mean):>15}{int(eplb.eplb_duplicates.sum()):>5}"
-                  f"{t_eplb:>6.1f} | {_pair(equal.max_over_mean):>15}{_pct(equal.gap.max()):>7}{t_equal:>6.1f} | "
-                  f"{_pair(weighted.max_over_mean):>18}{_pct(weighted.gap.max()):>7}{t_weighted:>6.1f} | "
-                  f"{bound:>7.4f}", flush=True)
+            print(f"{spec:<9}{shape:>7} | {_pair(eplb.max_over_mean):>15}{int(eplb.eplb_duplicates.sum()):>5} | "
+                  f"{_pair(equal.max_over_mean):>15}{_pct(equal.gap.max()):>7}{t_equal:>6.1f}{cpu_case['equal']:>6.1f} | "
+                  f"{_pair(weighted.max_over_mean):>18}{_pct(weighted.gap.max()):>7}{t_weighted:>6.1f}"
+                  f"{cpu_case['weighted']:>6.1f} | {bound:>7.4f}", flush=True)
     print("max/mean: largest device load over the mean (1.0 is perfect); gap: worst layer's "
-          "max / bound - 1; dup: devices where EPLB put two replicas of one expert; s: wall seconds")
+          "max / bound - 1; dup: devices where EPLB put two replicas of one expert;\n"
+          "s: wall seconds of all layers; cpu: CPU seconds of all layers, every worker process included")
     for name in ("eplb", "equal", "weighted"):
         cases = len(args.loads) * len(args.shapes)
         print(f"{name:>8}: {wall_total[name]:7.1f} s wall, {cpu_total[name]:7.1f} CPU s over {cases} cases "

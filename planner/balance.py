@@ -427,6 +427,11 @@ def _solve_global(job: _Job) -> _Layer:
     # Step 3: candidate layouts. EPLB's own (duplicates swapped away) keeps us never
     # worse than EPLB whenever EPLB is duplicate-free; then replica counts from several
     # starts, each improved on the surrogate packing, packed, and polished by swaps.
+    if job.split == "weighted" and slots == 2:
+        # Step 6 first for S = 2: the chain usually reaches the bound, making the rest moot.
+        chained = _chain_shares(load, devices, bound)
+        if chained is not None and chained[0] <= bound * (1 + _OPTIMAL_GAP):
+            return _Layer(table=chained[1], shares=chained[2], bound=bound, source="chain+lp", proven=True)
     candidates: list[tuple[np.ndarray, str]] = []
     start = job.eplb_table
     if start is not None and balance_search.has_duplicates(start):
@@ -463,21 +468,24 @@ def _solve_global(job: _Job) -> _Layer:
         proven = exact.optimal
     if job.split == "equal":
         return _Layer(table=table, shares=None, bound=bound, source=source, proven=proven)
-    # Step 6: weighted split: LP shares on the best layouts; for S = 2 also the chain.
-    options = [(table, source)]
+    # Step 6: weighted split: LP shares on the best layout; for S = 2 also the chain.
+    shares, peak = balance_ilp.weighted_shares(load, table)
     if slots == 2:
-        for over in (1.0, 1.001, 1.003, 1.01):
-            chained = balance_search.chain_pairs(load, devices, bound * over)
-            if chained is not None:
-                options.append((chained, "chain"))
-                break
-    best = None
-    for t, src in options:
-        shares, peak = balance_ilp.weighted_shares(load, t)
-        if best is None or peak < best[0] * (1 - 1e-12):
-            best = (peak, t, shares, src)
-    _, table, shares, source = best
+        chained = _chain_shares(load, devices, bound)
+        if chained is not None and chained[0] < peak * (1 - 1e-12):
+            peak, table, shares = chained
+            source = "chain"
     return _Layer(table=table, shares=shares, bound=bound, source=source + "+lp", proven=False)
+
+
+def _chain_shares(load: np.ndarray, devices: int, bound: float) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """The S = 2 chain layout at the bound (or slightly above) with its LP shares."""
+    for over in (1.0, 1.001, 1.003, 1.01):
+        table = balance_search.chain_pairs(load, devices, bound * over)
+        if table is not None:
+            shares, peak = balance_ilp.weighted_shares(load, table)
+            return peak, table, shares
+    return None
 
 
 def _solve_hierarchical(job: _Job) -> _Layer:

@@ -210,27 +210,53 @@ def pair_counts(load: np.ndarray, devices: int, target: float) -> np.ndarray | N
             return None
         counts[best[2]] += 1
     while counts.sum() < 2 * devices:
+        # Spare slots split the small expert with the fewest replicas (largest first):
+        # piling them on one expert fills the middle of the pairing with its own
+        # replicas, which would have to pair with each other (measured: worse layouts).
         size = load / counts
         pick = (counts < devices) & (size <= target / 2)
         if not pick.any():
             return None
-        counts[int(np.argmax(np.where(pick, size, -1.0)))] += 1
+        key = np.where(pick, counts * (1.0 + size.max()) - size, np.inf)
+        counts[int(np.argmin(key))] += 1
     return counts
 
 
-def pair_search(load: np.ndarray, devices: int, low: float, high: float, *, tol: float = 2e-4) -> np.ndarray | None:
-    """Bisect the S = 2 target between a bound and a known load with `pair_counts`."""
-    best = None
+def pair_search(load: np.ndarray, devices: int, low: float, high: float, *, tol: float = 5e-4) -> np.ndarray | None:
+    """Bisect the S = 2 target between a bound and a known load with `pair_counts`.
+
+    Returns the counts whose duplicate-free layout is best. The sorted pairing is that
+    layout unless it pairs an expert with itself; only then is the layout built to judge.
+    When the greedy fails just below `high` it is not tried lower (a failed greedy runs
+    to the last slot, the costly case; measured on hot:K loads, it then never won).
+    """
+    best, best_peak = None, np.inf
+    first = True
     while high - low > tol * max(low, _EPS):
-        mid = (low + high) / 2
+        mid = high * (1 - tol) if first else (low + high) / 2
+        first = False
         counts = pair_counts(load, devices, mid)
         if counts is None:
+            if best is None:
+                return None
             low = mid
             continue
-        best = counts
         reached = float(_rounds_loads(np.repeat(load / counts, counts), devices, 2).max())
+        peak = reached
+        if _self_pairs(load, counts, devices):
+            peak = float(table_loads(load, layout_from_counts(load, counts, devices, 2)).max())
+        if peak < best_peak:
+            best, best_peak = counts, peak
         high = min(mid, reached)
     return best
+
+
+def _self_pairs(load: np.ndarray, counts: np.ndarray, devices: int) -> bool:
+    """True when the sorted pairing puts two replicas of one expert on one device."""
+    size = load / counts
+    replicas = np.repeat(np.arange(load.shape[0]), counts)
+    replicas = replicas[np.lexsort((replicas, -size[replicas]))]
+    return bool((replicas[:devices] == replicas[2 * devices - 1 : devices - 1 : -1]).any())
 
 
 def place_rounds(load: np.ndarray, counts: np.ndarray, devices: int, slots: int) -> np.ndarray:

@@ -79,7 +79,7 @@ def export_plan(plan: ir.Plan, fmt: str, *, plan_file: str = "PLAN.json") -> Exp
             files[f"{group.name}/{rel}"] = data
         manifest_groups.append({
             "name": group.name, "phase": group.phase, "instances": [i.id for i in group.instances],
-            "devices": [list(i.devices) for i in group.instances], "ep_ranks": group.ranks,
+            "devices": [ir.device_ranges(i.devices) for i in group.instances], "ep_ranks": group.ranks,
             "slots_per_rank": group.slots_per_rank, "num_physical_experts": group.num_physical,
             "redundant_experts": group.num_physical - plan.model.num_routed_experts,
             "files": sorted(f"{group.name}/{rel}" for rel in written),
@@ -229,13 +229,13 @@ def _engine_notes(plan: ir.Plan, fmt: str) -> list[str]:
     ascend = "ascend" in hw.lower()
     out = []
     if fmt == "vllm":
-        out.append("vllm: upstream vLLM has no flag to load an initial expert map; eplb_state.{json,pt} hold "
+        out.append("upstream vLLM has no flag to load an initial expert map; eplb_state.{json,pt} hold "
                    "its EplbState tensors for a loader hook, and --enable-eplb rebalances from measured loads")
     if fmt == "trtllm" and ascend:
-        out.append(f"trtllm: TensorRT-LLM runs on NVIDIA GPUs, not {hw}; the files keep the plan's layout for "
+        out.append(f"TensorRT-LLM runs on NVIDIA GPUs, not {hw}; the files keep the plan's layout for "
                    "a GPU cluster of the same shape")
     if fmt == "vllm-ascend" and not ascend:
-        out.append(f"vllm-ascend: runs on Ascend NPUs, not {hw}; the expert map is valid for an NPU cluster of "
+        out.append(f"vllm-ascend runs on Ascend NPUs, not {hw}; the expert map is valid for an NPU cluster of "
                    "the same shape")
     return out
 

@@ -96,7 +96,19 @@ def read_loads(
                 f"loads {spec!r}: a generator needs the shape; pass --layers L --experts E"
             )
         return generate_loads(spec, layers, experts, seed)
-    return check_loads(load_file(spec), expect_layers=layers, expect_experts=experts, source=spec)
+    return check_loads(_moe_rows(load_file(spec), layers), expect_layers=layers, expect_experts=experts, source=spec)
+
+
+def _moe_rows(arr: np.ndarray, layers: int | None) -> np.ndarray:
+    """Drop the all-zero rows of dense layers when that leaves exactly `layers` rows.
+
+    SGLang sizes its expert-distribution dumps by every decoder layer (DeepSeek-V3: 61 rows, the 3
+    dense ones zero) while podplan counts MoE layers only (58); the non-zero rows keep their order.
+    """
+    if layers is None or arr.shape[0] <= layers:
+        return arr
+    busy = arr.any(axis=1)
+    return arr[busy] if int(busy.sum()) == layers else arr
 
 
 def load_file(path: str | os.PathLike[str]) -> np.ndarray:
@@ -241,12 +253,12 @@ def check_loads(
     layers, experts = arr.shape
     if expect_layers is not None and layers != expect_layers:
         raise InputError(
-            f"loads {source}: {layers} layers but the model has {expect_layers} MoE layers; "
-            "pass loads measured on this model"
+            f"loads {source}: {layers} layers but the model has {expect_layers} MoE layers (file "
+            f"[{layers}, {experts}], model [{expect_layers}, {expect_experts or experts}]); pass loads measured on this model"
         )
     if expect_experts is not None and experts != expect_experts:
         raise InputError(
-            f"loads {source}: {experts} experts per layer but the model has {expect_experts}; "
-            "pass loads measured on this model"
+            f"loads {source}: {experts} experts per layer but the model has {expect_experts} (file "
+            f"[{layers}, {experts}], model [{expect_layers or layers}, {expect_experts}]); pass loads measured on this model"
         )
     return arr

@@ -55,6 +55,7 @@ class PlacementChange:
     worst_before: float
     worst_after: float
     scratch_balance: float
+    scratch_worst: float
     scratch_moved: int
     repaired_layers: int
     layers: int
@@ -99,11 +100,15 @@ def plan_loads(plan: ir.Plan, spec: str | None, seed: int | None = None) -> np.n
     layers, experts = len(m.moe_layers), m.num_routed_experts
     if spec is not None:
         return read_loads(spec, layers=layers, experts=experts, seed=plan.provenance.seed if seed is None else seed)
-    compiled = plan.provenance.options.get("loads")
+    # the latest loads a replan applied (with its seed), else the compile's
+    compiled, seed = plan.provenance.options.get("loads"), plan.provenance.seed
+    for record in plan.provenance.options.get("replans", ()):
+        if isinstance(record, dict) and isinstance(record.get("loads"), str):
+            compiled, seed = record["loads"], int(record.get("seed", seed))
     if not isinstance(compiled, str):
         raise InputError("replan: the plan does not record the expert loads it was compiled with; pass --loads FILE")
     try:
-        return read_loads(compiled, layers=layers, experts=experts, seed=plan.provenance.seed)
+        return read_loads(compiled, layers=layers, experts=experts, seed=seed)
     except InputError as exc:
         raise InputError(f"replan: cannot re-read the plan's loads ({exc}); pass --loads FILE") from None
 
@@ -119,18 +124,20 @@ def replan(
     slack: float = DEFAULT_SLACK,
     workers: int | None = None,
     estimate: bool = True,
+    loads_spec: str | None = None,
 ) -> ReplanResult:
     """Re-solve the placements touched by `failed` devices (and all of `phases` when `loads` is new).
 
     loads: [MoE layers, experts] tokens per step; None re-reads the plan's own (failures only).
-    phases: where new loads apply (default: every phase). slack: see DEFAULT_SLACK.
+    phases: where new loads apply (default: every phase). slack: see DEFAULT_SLACK. loads_spec: the
+    file or generator `loads` came from, recorded so a later replan re-reads it.
     """
     if not math.isfinite(slack) or slack < 0:
         raise InputError(f"replan: migration slack must be >= 0 (got {slack})")
     if time_limit <= 0:
         raise InputError(f"replan: --time-limit {time_limit}: must be > 0 seconds")
     failed_set = set(int(d) for d in failed)
-    shifted = set(phases or plan.phases) if loads is not None else set()
+    shifted = set(plan.phases if phases is None else phases) if loads is not None else set()
     for name in shifted:
         if name not in plan.phases:
             raise InputError(f"replan: the plan has no {name} phase; use one of {', '.join(plan.phases)}")
@@ -167,6 +174,8 @@ def replan(
     options = dict(plan.provenance.options)
     record = {"failed_devices": ir.device_ranges(failed_set) if failed_set else "",
               "loads_shifted": sorted(shifted), "seed": seed, "slack": slack, "time_limit": time_limit}
+    if loads_spec is not None and shifted == set(plan.phases):
+        record["loads"] = loads_spec
     options["replans"] = tuple(options.get("replans", ())) + (record,)
     runs = tuple(plan.provenance.solvers) + tuple(
         ir.SolverRun(name=f"replan {c.phase} ({', '.join(c.instances)}): {c.moved_slots} moved slots",
@@ -301,14 +310,16 @@ def _resolve(plan, phase, ids, old, keep, loads, time_limit, seed, slack, worker
         moved_slots=moved, lost_slots=(old.devices - D) * S * L, migration_bytes=moved * m.expert_bytes,
         balance_before=float(np.mean(before)), balance_after=float(np.mean(after)),
         worst_before=float(np.max(before)), worst_after=float(np.max(after)),
-        scratch_balance=float(np.mean(fresh.max_over_mean)), scratch_moved=scratch_moved,
+        scratch_balance=float(np.mean(fresh.max_over_mean)), scratch_worst=float(np.max(fresh.max_over_mean)),
+        scratch_moved=scratch_moved,
         repaired_layers=repaired, layers=L,
     )
     return placement, change
 
 
 def _layer(load, survivors, fresh: BalanceResult, layer, fresh_table, split, slack):  # noqa: ANN001, ANN202
-    """(table [D, S], shares or None, max load, repaired?) of one layer."""
+    """(table [D, S], shares or None, max load, repaired?) of one layer: of the repair and the
+    balancer's own migration (`balance_migrate.migrate`), the fewest moved slots within the slack."""
     reference = float(fresh.device_loads[layer].max())
     limit = reference * (1 + slack) * (1 + 1e-9)
     old = [tuple(int(e) for e in row) for row in survivors]
@@ -316,15 +327,13 @@ def _layer(load, survivors, fresh: BalanceResult, layer, fresh_table, split, sla
     table = repair(load, survivors, fresh.logcnt[layer], reference * (1 + slack))
     if table is not None:
         share, peak = _split(load, table, split)
-        if peak <= limit:
-            return table, share, peak, True
-        options.append((moved_slots(table, old), peak, table, share))
+        options.append((moved_slots(table, old), peak, 0, table, share))
     picked = migrate(load, fresh_table, old, nodes=1, split=split, slack=slack, reference=reference)
     share, peak = _split(load, picked.table, split)
-    options.append((picked.moved, peak, picked.table, share))
+    options.append((picked.moved, peak, 1, picked.table, share))
     fitting = [o for o in options if o[1] <= limit]
-    best = min(fitting, key=lambda o: o[0]) if fitting else min(options, key=lambda o: o[1])
-    return best[2], best[3], best[1], False
+    best = min(fitting, key=lambda o: o[:3]) if fitting else min(options, key=lambda o: (o[1], o[2]))
+    return best[3], best[4], best[1], best[2] == 0
 
 
 def _split(load: np.ndarray, table: np.ndarray, split: str) -> tuple[np.ndarray | None, float]:
@@ -391,15 +400,44 @@ def repair(load: np.ndarray, survivors: np.ndarray, counts: np.ndarray, target: 
     # Step 3b: missing replicas, heaviest first, to the lightest device with room that lacks them.
     for e in np.argsort(-size, kind="stable"):
         for _ in range(int(counts[e] - have[e])):
-            room = free.any(axis=1) & ~((table == e) & ~free).any(axis=1)
-            if not room.any():
+            holds = ((table == e) & ~free).any(axis=1)
+            room = free.any(axis=1) & ~holds
+            if room.any():
+                cand = np.flatnonzero(room)
+                d = int(cand[np.argmin(projected[cand])])
+                j = int(np.flatnonzero(free[d])[0])
+                table[d, j], free[d, j] = e, False
+                projected[d] += size[e]
+            elif not _relay(table, free, holds, projected, size, int(e)):
                 return None
-            cand = np.flatnonzero(room)
-            d = int(cand[np.argmin(projected[cand])])
-            j = int(np.flatnonzero(free[d])[0])
-            table[d, j], free[d, j] = e, False
-            projected[d] += size[e]
     return _polish(size, table, survivors, target)
+
+
+def _relay(table: np.ndarray, free: np.ndarray, holds: np.ndarray, projected: np.ndarray, size: np.ndarray,
+           e: int) -> bool:
+    """Every free slot sits on a device that already holds e: move an expert g from a device
+    lacking e into such a free slot and put e where g was (least projected max load first)."""
+    best = None
+    for d in np.flatnonzero(free.any(axis=1)):
+        j = int(np.flatnonzero(free[d])[0])
+        for d2 in np.flatnonzero(~holds):
+            for j2 in np.flatnonzero(~free[d2]):
+                g = int(table[d2, j2])
+                if ((table[d] == g) & ~free[d]).any():
+                    continue
+                worst = max(projected[d] + size[g], projected[d2] - size[g] + size[e])
+                key = (worst, int(d), j, int(d2), int(j2))
+                if best is None or key < best:
+                    best = key
+    if best is None:
+        return False
+    _, d, j, d2, j2 = best
+    g = int(table[d2, j2])
+    table[d, j], free[d, j] = g, False
+    table[d2, j2] = e
+    projected[d] += size[g]
+    projected[d2] += size[e] - size[g]
+    return True
 
 
 def _patterns(slots: int) -> np.ndarray:

@@ -13,6 +13,8 @@ class StageError(RuntimeError):
     """Raised inside a worker: what failed, where (rank, stage, fx node)."""
 
     def __init__(self, rank: int, stage: str, node: str, cause: str, *, comm: bool = False):
+        lines = cause.strip().splitlines()
+        cause = lines[0] if lines else cause  # `podplan run` prints one line
         self.rank, self.stage, self.node, self.cause = rank, stage, node, cause
         self.comm = comm  # failed inside a communication: most likely a peer died first
         super().__init__(f"rank {rank}, stage {stage}, while executing {node}: {cause}")

@@ -123,16 +123,18 @@ class Exchange:
         p.work.wait()
         t1 = time.perf_counter()
         out = torch.empty_like(p.recv)
-        slots = p.slot_of_row.to(self.device)
-        routed = (slots < self.S).nonzero().squeeze(1)
+        # row bookkeeping stays on the host: no device sync for nonzero()
+        routed = (p.slot_of_row < self.S).nonzero().squeeze(1)
+        shared = (p.slot_of_row == self.S).nonzero().squeeze(1)
         if routed.numel():
-            rows = p.recv[routed]
+            idx = routed.to(self.device)
+            rows = p.recv[idx]
             ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-            out[routed] = self.experts[p.layer](rows, slots[routed][:, None], ones)
+            out[idx] = self.experts[p.layer](rows, p.slot_of_row[routed][:, None].to(self.device), ones)
         t2 = time.perf_counter()
-        shared = (slots == self.S).nonzero().squeeze(1)
         if shared.numel():
-            out[shared] = self.shared[p.layer](p.recv[shared])
+            idx = shared.to(self.device)
+            out[idx] = self.shared[p.layer](p.recv[idx])
         t3 = time.perf_counter()
         p.back = torch.empty((sum(p.in_split), self.hidden), dtype=self.dtype, device=self.device)
         self.expect(f"step {step} layer {p.layer} mb {mb} combine")

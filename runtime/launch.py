@@ -11,19 +11,20 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from runtime.errors import RankFailure, SpecError
 from runtime.parts import check_weights
 from runtime.schedule import dry_run, programs
 from runtime.spec import RunSpec
-from runtime.worker import FAULT_ENV, forked_main
+from runtime.worker import COLLECTIVE_TIMEOUT_S, FAULT_ENV, forked_main
 
 # Resident memory of one CPU worker (torch + transformers + a tiny model), measured ~0.45 GiB; with
 # headroom this bounds how many ranks a host can run "sensibly".
@@ -161,12 +162,6 @@ def _check_placement(inst, facts: ModelFacts) -> None:
             raise SpecError(f"{at}: the shares of expert {off[0] if off else '?'} must be >= 0 and sum to 1")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: RunSpec, *, timeout_s: float = 600.0, validated: bool = False) -> RunOutcome:
     """Validate, start the ranks, wait; RankFailure names the first rank that failed and why.
 
@@ -199,8 +194,13 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     job = tmp / "job.json"
     job.write_text(spec.to_json())
     n = spec.world_size
-    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(n),
-            "PODPLAN_LAUNCHER_PID": str(os.getpid()), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # The launcher owns the rendezvous store: it binds a free port itself, so no other process can
+    # take the port between choosing it and rank 0 binding it (the race of "find a free port").
+    store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "PODPLAN_CLIENT_STORE": "1",
+            "WORLD_SIZE": str(n), "PODPLAN_LAUNCHER_PID": str(os.getpid()),
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread per rank: ranks share the cores
     fault = os.environ.get(FAULT_ENV)
     if fault:
         base[FAULT_ENV] = fault
@@ -217,7 +217,8 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
         _watch(procs, tmp, timeout_s)
     finally:
         _kill(procs)
-    data = torch.load(tmp / "result.pt", weights_only=False)
+        del store
+    data = torch.load(tmp / "result.pt", weights_only=False)  # written by our own rank 0 in our temp dir
     return RunOutcome(data["tokens"], data["logits"], data["metrics"], time.perf_counter() - t0)
 
 

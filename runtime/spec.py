@@ -67,6 +67,7 @@ class RunSpec:
     seed: int = 0
     weights: str | None = None  # safetensors checkpoint; None = seeded random weights
     backend: str = "gloo"
+    keep_logits: bool = True  # send every step's logits to rank 0 (False: tokens only, for big vocabularies)
     predictions: dict = field(default_factory=dict)  # the plan's numbers, shown beside the measured ones
 
     def to_json(self) -> str:

@@ -26,7 +26,7 @@ from runtime.interpreter import ExpertCall, StageInterpreter
 from runtime.kv import KVStore, pack, payload_numel, unpack
 from runtime.parts import RankParts, build_parts, remote_shared
 from runtime.routing import token_keys
-from runtime.schedule import Op, programs
+from runtime.schedule import WORLD, Op, programs
 from runtime.spec import (InstanceSpec, RunSpec, kv_routes, microbatches_of, prompts_of, sequences_of,
                           steps_of)
 
@@ -75,10 +75,13 @@ class RankWorker:
 
     def setup(self) -> None:
         t0 = time.perf_counter()
-        self.parts: RankParts = build_parts(self.spec, self.inst, self.rank, self.device)
-        self.metrics["params"] = self.parts.params
-        self.program = programs(self.spec, self.parts.moe_layers)[self.rank]
+        self.moe_layers = [lp.layer for lp in self.spec.instances[0].layers]  # validated against the model
+        self.program = programs(self.spec, self.moe_layers)[self.rank]
         self.pc = 0
+        self.metrics["params"] = 0
+        if self.inst is not None:  # an idle rank builds nothing
+            self.parts: RankParts = build_parts(self.spec, self.inst, self.rank, self.device)
+            self.metrics["params"] = self.parts.params
         # every rank creates every group, in spec order (new_group is collective over the world)
         self.groups = {inst.name: dist.new_group(list(inst.ranks)) for inst in self.spec.instances}
         if self.inst is not None:
@@ -90,11 +93,11 @@ class RankWorker:
             self.exchange.expect = self.expect
         self.metrics["setup_s"] = time.perf_counter() - t0
 
-    def expect(self, key: str, kind: str = "coll", peer: int = -1) -> None:
+    def expect(self, key: str, kind: str = "coll", peer: int = -1, group: str | None = None) -> None:
         """Check the next communication against the program the dry run replayed."""
-        got = Op(kind, key, group=self.inst.name if kind == "coll" and self.inst else "", peer=peer)
-        if kind == "coll" and key == "gather results":
-            got = Op("coll", key, group="world")
+        if kind == "coll" and group is None:
+            group = self.inst.name
+        got = Op(kind, key, group=group or "", peer=peer)
         want = self.program[self.pc] if self.pc < len(self.program) else None
         if got != want:
             raise AssertionError(f"rank {self.rank} issues {got} but its dry-run program says {want}")
@@ -141,7 +144,7 @@ class RankWorker:
             for mb in mbs:
                 if mb.active:
                     mb.interp.begin(mb.next_input, label)
-            for li, layer in enumerate(self.parts.moe_layers):
+            for li, layer in enumerate(self.moe_layers):
                 self.stage = f"{label} layer {layer}"
                 pending = []
                 for i, mb in enumerate(mbs):
@@ -173,8 +176,10 @@ class RankWorker:
         logits = mb.interp.advance()
         last = logits[:, -1, :].float()
         tokens = last.argmax(dim=-1)
+        ids = tokens.tolist()
+        rows = last.cpu() if self.spec.keep_logits else None
         for row, seq in enumerate(mb.seqs):
-            self.results.setdefault(seq, {})[step] = (int(tokens[row]), last[row].cpu())
+            self.results.setdefault(seq, {})[step] = (ids[row], rows[row].clone() if rows is not None else None)
         mb.next_input = tokens[:, None]
         self.metrics["tokens"] += len(mb.seqs)
         self.metrics["clock"]["sample"] = self.metrics["clock"].get("sample", 0.0) + time.perf_counter() - t0
@@ -254,7 +259,7 @@ class RankWorker:
 
     def gather(self) -> None:
         self.stage, self.node = "finish", "gather results"
-        self.expect("gather results")
+        self.expect("gather results", group=WORLD)
         payload = {"rank": self.rank, "results": self.results, "metrics": self.metrics}
         out = [None] * self.spec.world_size if self.rank == 0 else None
         self._comm("gather results", dist.gather_object, payload, out, 0)
@@ -323,9 +328,11 @@ def write_results(worker: RankWorker, out_dir: Path) -> None:
     logits = None
     for seq, steps in merged.items():
         for step, (tok, row) in steps.items():
+            tokens[seq, step] = tok
+            if row is None:
+                continue
             if logits is None:
                 logits = torch.zeros((n, t, row.shape[-1]), dtype=torch.float32)
-            tokens[seq, step] = tok
             logits[seq, step] = row
     data = {"tokens": tokens, "logits": logits, "metrics": [item["metrics"] for item in worker.collected]}
     tmp = out_dir / ".result.pt.tmp"
@@ -389,8 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", local) if spec.backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size,
-                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        store = None
+        if os.environ.get("PODPLAN_CLIENT_STORE"):  # the launcher serves the store (torchrun: rank 0 does)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), spec.world_size,
+                                  is_master=False, timeout=timeout)
+        dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size, timeout=timeout, store=store)
         worker = RankWorker(spec, rank, device)
         worker.setup()
         worker.run()

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     write_export(export, args.output)
     err = stderr_console()
     for note in export.notes:
-        err.print(f"podplan export --format {args.format}: {note}", soft_wrap=True)
+        err.print(f"podplan export --format {args.format}: {note}", soft_wrap=True, markup=False)
     out = stdout_console()
     folders = sorted({rel.split("/")[0] for rel in export.files if "/" in rel})
     out.print(f"wrote {len(export.files)} files for {args.format} to {args.output}: {', '.join(folders)} "

@@ -60,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
     err = stderr_console()
     with err.status("re-planning"):
         result = replan(plan, failed=failed, loads=loads, phases=args.phase, time_limit=time_limit, seed=seed,
-                        slack=args.migration_slack, workers=args.workers)
+                        slack=args.migration_slack, workers=args.workers, loads_spec=args.loads)
     write_plan(result.plan, out)
     for note in result.notes:
-        err.print(f"podplan replan: note: {note}")
+        err.print(f"podplan replan: note: {note}", soft_wrap=True, markup=False)
     _print(result, args.plan, out)
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from costmodels.errors import InputError
 from planner.console import stderr_console, stdout_console
 from planner.plan import load_plan
 
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from runtime.metrics import render, summarise
     from runtime.reference import check as check_run
 
+    if args.timeout <= 0:
+        raise InputError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     plan = load_plan(args.plan)
     spec = spec_from_plan(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           seed=args.seed, weights=args.weights, backend=args.backend)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime.errors import StageError
 from runtime.interpreter import ExpertCall, StageInterpreter
 from runtime.kv import KVStore
 from runtime.parts import build_parts
@@ -71,3 +72,17 @@ def test_ranks_keep_only_what_they_own():
     ref = model.model.layers[layer].mlp.experts.gate_up_proj
     assert torch.equal(sliced.gate_up_proj, ref[[5, 6, 7, 0, 1]])
     assert layer in expert.shared and expert.traced is None
+
+
+def test_a_failing_module_is_reported_with_rank_stage_and_node():
+    spec = colocated("tiny-mixtral", ranks=1)
+    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"))
+    attn = parts.traced.gm.get_submodule("lm.model.layers.1.self_attn")
+    attn.forward = lambda *a, **k: (_ for _ in ()).throw(ValueError("boom\nsecond line"))
+    interp = StageInterpreter(parts.traced, parts.gmap, rank=3, kv=KVStore(), remote_shared=False, clock={})
+    interp.begin(torch.zeros((1, 2), dtype=torch.long), "decode step 4")
+    with pytest.raises(StageError) as info, torch.no_grad():
+        while isinstance(r := interp.advance(), ExpertCall):
+            interp.resume(parts.experts[r.layer](r.hidden, r.ids, r.weights), None)
+    assert str(info.value) == ("rank 3, stage decode step 4, while executing lm_model_layers_1_self_attn: "
+                               "ValueError: boom")
