@@ -37,12 +37,15 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hbm-tbps", type=float, help="HBM bandwidth per GPU in TB/s (default: from the GPU's name)")
     p.add_argument("--skip-baseline", action="store_true", help="do not run transformers generate")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="one GPU: only transformers generate and the roofline (no multi-GPU runtime run)")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     args = p.parse_args()
 
     import torch
 
-    need = args.attention_gpus + args.expert_gpus
+    ranks = args.attention_gpus + args.expert_gpus
+    need = 1 if args.baseline_only else ranks
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have < need:
         print(f"bench/gpu_decode.py: error: needs {need} CUDA GPUs ({args.attention_gpus} attention + "
@@ -55,11 +58,11 @@ def main() -> int:
 
     facts = model_facts(RunSpec(args.model, 1, ()))
     attn = list(range(args.attention_gpus))
-    experts = list(range(args.attention_gpus, need))
+    experts = list(range(args.attention_gpus, ranks))
     inst = make_instance("afd-0", ("prefill", "decode"), attn, experts, num_experts=facts.num_experts,
                          moe_layers=facts.moe_layers, slots_per_rank=math.ceil(facts.num_experts / len(experts)),
                          microbatches=args.microbatches)
-    spec = RunSpec(args.model, need, (inst,), prompts=args.batch, prompt_len=args.prompt_len,
+    spec = RunSpec(args.model, ranks, (inst,), prompts=args.batch, prompt_len=args.prompt_len,
                    new_tokens=args.new_tokens, seed=args.seed, backend="nccl", keep_logits=False)
     gpu = torch.cuda.get_device_name(0)
     doc: dict = {"model": args.model, "gpu": gpu, "batch": args.batch, "prompt_len": args.prompt_len,
@@ -70,6 +73,10 @@ def main() -> int:
     if not args.skip_baseline:
         doc["generate"], base_tokens = baseline(spec)
 
+    if args.baseline_only:
+        doc["roofline"] = roofline(args, gpu)
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
     out = launch(spec, timeout_s=3600)
     summary = summarise(spec, out.metrics, out.wall_s, None)
     tpot = summary["measured"]["tpot_ms"]

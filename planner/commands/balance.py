@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of generators and solvers (default 0)")
     p.add_argument("--layers", type=int, metavar="L", help="layers (generators; checked against files)")
     p.add_argument("--experts", type=int, metavar="E", help="experts per layer (generators; checked against files)")
-    p.add_argument("--workers", type=int, metavar="W", help="processes solving layers (default: one per core)")
+    p.add_argument("--workers", type=int, metavar="W", help="processes solving layers (default: one per core from 8 layers on)")
     p.add_argument("--timing", action="store_true", help="add wall time under 'timing' (makes OUT.json vary)")
     p.add_argument("--per-layer", action="store_true", help="print one table row per layer")
     p.add_argument("-o", "--output", required=True, metavar="OUT.json", help="where to write the result")
