@@ -10,7 +10,7 @@ Scenarios on plans/deepseek-v3.cloudmatrix384.json (decode: 2 x 88 devices x 4 s
 Columns: slots whose surviving device must load a new expert ("moved") and max/mean device load
 (average and worst layer) for `podplan replan`, for the from-scratch solve deployed as solved,
 and for `planner.balance.balance(previous=...)` (the balancer's own migration-aware mode: the fresh
-layout relabelled onto the old devices or its repair), plus wall times.
+layout relabelled onto the old devices or its repair) at the same slack, plus wall times.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from planner.balance import balance
 from planner.loads import read_loads
 from planner.plan import load_plan
-from planner.replan import replan
+from planner.replan import DEFAULT_SLACK, replan
 
 GOLDEN = Path(__file__).resolve().parents[1] / "plans" / "deepseek-v3.cloudmatrix384.json"
 SCENARIOS = {
@@ -38,6 +38,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--time-limit", type=float, default=0.5, help="balancer seconds per sub-problem")
+    parser.add_argument("--slack", type=float, default=DEFAULT_SLACK,
+                        help=f"migration slack of both migration-aware methods (default {DEFAULT_SLACK})")
     args = parser.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -52,7 +54,7 @@ def main() -> int:
         loads = read_loads(spec, layers=L, experts=E, seed=1) if spec else None
         t0 = time.perf_counter()
         result = replan(plan, failed=failed, loads=loads, phases=("decode",) if spec else None,
-                        time_limit=args.time_limit, seed=0, estimate=False)
+                        time_limit=args.time_limit, seed=0, slack=args.slack, estimate=False)
         wall = time.perf_counter() - t0
         change = next(c for c in result.changes if "decode-0" in c.instances)
         table.add_row(name, "podplan replan", f"{change.moved_slots:,}", f"{change.balance_after:.4f}",
@@ -67,7 +69,7 @@ def main() -> int:
         t0 = time.perf_counter()
         own = balance(loads if loads is not None else read_loads("zipf:1.2", layers=L, experts=E, seed=0),
                       len(keep), old.slots_per_device, previous=previous, previous_devices=keep,
-                      time_limit=args.time_limit, seed=0)
+                      migration_slack=args.slack, time_limit=args.time_limit, seed=0)
         table.add_row("", "balance(previous=)", f"{int(own.moved_slots.sum()):,}",
                       f"{float(own.max_over_mean.mean()):.4f}", f"{float(own.max_over_mean.max()):.4f}",
                       f"{time.perf_counter() - t0:.1f}")

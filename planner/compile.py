@@ -133,7 +133,7 @@ def _requests(pp: _PhasePlan) -> list[InstanceRequest]:
     return [InstanceRequest(f"{pp.name}-{i}", pp.mode, pp.attention, pp.routed, pp.shared) for i in range(pp.count)]
 
 
-def _memory(est, mode: str, dies: int) -> dict[str, ir.MemoryUse]:
+def memory_of(est, mode: str, dies: int) -> dict[str, ir.MemoryUse]:
     """Per-die memory entries of the estimate -> per-device use by plan role."""
     out: dict[str, ir.MemoryUse] = {}
     for label, use in sorted(est.memory.items()):
@@ -146,7 +146,7 @@ def _memory(est, mode: str, dies: int) -> dict[str, ir.MemoryUse]:
     return out
 
 
-def _prediction(est) -> ir.Prediction:
+def prediction_of(est) -> ir.Prediction:
     return ir.Prediction(
         step_ms=est.step_ms, throughput_per_device=est.throughput_per_device,
         breakdown=dict(est.breakdown),
@@ -197,24 +197,21 @@ def _config_line(c: Candidate) -> str:
     return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
 
 
-def _solver_runs(sr: SearchResult, phases: list[_PhasePlan]) -> tuple[ir.SolverRun, ...]:
+def _solver_runs(sr: SearchResult, phases: list[_PhasePlan], moe_layers: tuple[int, ...]) -> tuple[ir.SolverRun, ...]:
+    """The search, then per phase the balancer's worst layer (largest gap to its bound)."""
     runs = [ir.SolverRun(name="search", solver="enumerate", status="EXHAUSTIVE",
                          objective=round(sr.requests_per_s, 6))]
     for pp in phases:
         res = pp.balance
         worst = int(np.argmax(res.gap))
         runs.append(ir.SolverRun(
-            name=f"balance {pp.name} (worst of {res.layers} layers: layer {pp_layer(res, worst)})",
+            name=f"balance {pp.name} (worst of {res.layers} layers: layer {moe_layers[worst]})",
             solver=res.algorithm, status=_status_summary(res.status),
             objective=float(res.max_over_mean[worst]),
-            bound=float(res.max_over_mean[worst] / (1.0 + res.gap[worst])) if res.gap[worst] >= 0 else None,
+            bound=float(res.max_over_mean[worst] / (1.0 + res.gap[worst])),
             gap=float(res.gap[worst]),
         ))
     return tuple(runs)
-
-
-def pp_layer(res: BalanceResult, i: int) -> int:
-    return i
 
 
 def _status_summary(statuses: tuple[str, ...]) -> str:
@@ -273,7 +270,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         pp.slots_of = [s for s in slots if s.id.startswith(pp.name + "-")]
         say(f"balancing {shape.num_moe_layers} layers for {pp.name}: {pp.routed} devices x {pp.slots} slots")
         pp.balance = balance(loads, pp.routed, pp.slots, nodes=1, algorithm="ilp", split=opts.split,
-                             time_limit=opts.time_limit, seed=opts.seed, workers=1)
+                             time_limit=opts.time_limit, seed=opts.seed)
         # re-score with the imbalance the balancer reached (the mean over layers: layers run in sequence)
         imb = float(np.mean(pp.balance.max_over_mean))
         pp.cand = rescore(pp.cand, shape, topo, imb)
@@ -285,7 +282,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         est = pp.cand.estimate
         phase_ir[pp.name] = ir.Phase(
             instances=_instances(pp, topo, shape.num_shared_experts > 0 and shape.params_shared > 0), experts=(_placement(pp.balance, shape.moe_layers),),
-            predictions=_prediction(est), memory=_memory(est, pp.mode, dies),
+            predictions=prediction_of(est), memory=memory_of(est, pp.mode, dies),
         )
     frontier = _frontier(sr, {pp.name: pp.cand for pp in phases})
     return ir.Plan(
@@ -297,6 +294,6 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         stages=stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
-                                 solvers=_solver_runs(sr, phases)),
+                                 solvers=_solver_runs(sr, phases, shape.moe_layers)),
         prefill=phase_ir["prefill"], decode=phase_ir["decode"], frontier=frontier,
     )

@@ -282,15 +282,21 @@ def _context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dict:
         "hf_repo": repo if repo and not repo.startswith("(") else m.name,
         "topology": t.name, "hardware": t.hardware, "npu": "ascend" in t.hardware.lower(),
         "group": group.name, "phase": group.phase, "instances": instances, "nnodes": nnodes,
-        "ranks": group.ranks, "rank_unit": "die" if dies > 1 else "device", "ranks_per_node": per_node[0], "uneven_nodes": len(per_node) > 1,
+        "ranks": group.ranks, "rank_unit": "die" if dies > 1 else "device", "uneven_nodes": len(per_node) > 1,
         "slots_per_rank": group.slots_per_rank, "num_physical": group.num_physical,
         "experts": m.num_routed_experts, "redundant": group.num_physical - m.num_routed_experts,
         "attn_tp": attn_tp, "attn_dp": attn_dp, "max_seqs": seqs, "max_seqs_per_dp": max(1, seqs // attn_dp),
         "tokens_per_rank": tokens_per_rank, "context_len": wl.input_len + wl.output_len,
         "mtp": wl.mtp_accept > 0 and group.phase == "decode", "quant": wl.quant,
-        "pd": len(plan.phases) == 2, "microbatches": first.microbatches,
-        "disaggregated": first.mode == "disaggregated", "moe_layers": list(m.moe_layers),
+        "pd": _disaggregated_pd(plan), "moe_layers": list(m.moe_layers),
     }
+
+
+def _disaggregated_pd(plan: ir.Plan) -> bool:
+    """Prefill and decode on separate devices: the engines' P/D disaggregation (KV moves between them)."""
+    if plan.prefill is None or plan.decode is None:
+        return False
+    return not set(plan.prefill.devices) & set(plan.decode.devices)
 
 
 def _launch(group: Group, fmt: str, ctx: dict, notes: list[str]) -> bytes:

@@ -87,7 +87,8 @@ def parse_device_ids(text: str, num_devices: int, topology: str = "the topology"
             raise InputError(f"--failed-devices {text!r}: range {part!r} runs backwards; write it low-high")
         for d in (first, last):
             if not 0 <= d < num_devices:
-                raise InputError(f"--failed-devices {text!r}: device {d} out of range 0..{num_devices - 1} of {topology}")
+                raise InputError(
+                    f"--failed-devices {text!r}: device {d} out of range 0..{num_devices - 1} of {topology}")
         ids.update(range(first, last + 1))
     if not ids:
         raise InputError(f"--failed-devices {text!r}: no device ids; write them like 3,17,40-47")
@@ -285,17 +286,17 @@ def _resolve(plan, phase, ids, old, keep, loads, time_limit, seed, slack, worker
     tables, shares, loads_out, repaired = [], [], [], 0
     for layer in range(L):
         survivors = old_tables[layer][list(keep)]
-        # Step 3: repair the old layout towards the fresh counts; Step 4: fall back to the fresh
-        # layout relabelled onto the old devices when the repair misses the slack.
+        # Step 3: repair the old layout towards the fresh counts; Step 4: keep it or the balancer's
+        # migration (the fresh layout relabelled onto the old devices), whichever moves fewer slots.
         table, share, peak, ok = _layer(loads[layer], survivors, fresh, layer, fresh_tables[layer], split, slack)
         repaired += ok
         tables.append(table)
         shares.append(share)
         loads_out.append(_device_loads(loads[layer], table, share))
     layers = tuple(
-        ir.LayerPlacement(layer=layer, phy2log=tables[i].reshape(-1),
-                          shares=None if shares[i] is None else _round_shares(tables[i].reshape(-1), shares[i].reshape(-1)),
-                          device_loads=loads_out[i])
+        ir.LayerPlacement(layer=layer, phy2log=tables[i].reshape(-1), device_loads=loads_out[i],
+                          shares=None if shares[i] is None else _round_shares(tables[i].reshape(-1),
+                                                                              shares[i].reshape(-1)))
         for i, layer in enumerate(m.moe_layers)
     )
     placement = ir.ExpertPlacement(devices=D, slots_per_device=S, layers=layers, algorithm=f"replan/{split}")
@@ -541,7 +542,7 @@ def _keep_positions(experts: np.ndarray, old_row: np.ndarray) -> np.ndarray:
 def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, str]:
     """The phase with predictions and memory from the cost model (the slowest instance; throughput
     averaged over devices), or unchanged with a note when the model or deployment cannot be scored."""
-    from planner.compile import _memory, _prediction  # the compile driver's own IR conversions
+    from planner.compile import memory_of, prediction_of  # the compile driver's own IR conversions
     from planner.shape import shape_of
     from costmodels.topology import get_topology
 
@@ -570,13 +571,13 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, st
     worst_inst, worst = max(scored, key=lambda s: (latency(s[1]), s[0].id))
     devices = sum(len(inst.devices) for inst, _ in scored)
     tput = sum(est.throughput_per_device * len(inst.devices) for inst, est in scored) / devices
-    pred = replace(_prediction(worst), throughput_per_device=tput)
+    pred = replace(prediction_of(worst), throughput_per_device=tput)
     refused = [est for _, est in scored if not est.feasible]
     if refused:
         pred = replace(pred, feasible=False, infeasible_reason=refused[0].infeasible_reason or "infeasible")
     memory: dict[str, ir.MemoryUse] = {}
     for inst, est in scored:
-        for role, use in _memory(est, inst.mode, plan.topology.dies_per_device).items():
+        for role, use in memory_of(est, inst.mode, plan.topology.dies_per_device).items():
             if role not in memory or use.used_gb > memory[role].used_gb:
                 memory[role] = use
     return replace(phase, predictions=pred, memory=memory), ""

@@ -1,4 +1,4 @@
-"""`podplan replan PLAN.json [--failed-devices IDS] [--loads NEW] -o NEW.json`: re-solve after failures or a load shift."""
+"""`podplan replan PLAN.json [--failed-devices IDS] [--loads NEW] -o NEW.json`: re-solve after failures or new loads."""
 
 from __future__ import annotations
 
@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     failed = parse_device_ids(args.failed_devices, plan.topology.num_devices, plan.topology.name) \
         if args.failed_devices else ()
     seed = plan.provenance.seed if args.seed is None else args.seed
-    time_limit = args.time_limit if args.time_limit is not None else float(plan.provenance.options.get("time_limit", 0.5))
+    time_limit = args.time_limit
+    if time_limit is None:
+        time_limit = float(plan.provenance.options.get("time_limit", 0.5))
     loads = plan_loads(plan, args.loads, seed) if args.loads else None
     err = stderr_console()
     with err.status("re-planning"):

@@ -98,7 +98,8 @@ def test_repair_keeps_survivors_and_meets_the_target():
 def test_parse_device_ids():
     assert parse_device_ids("3,17,40-43", 384) == (3, 17, 40, 41, 42, 43)
     assert parse_device_ids(" 5 , 5,4-5", 8) == (4, 5)
-    for bad, msg in (("x", "not a device id"), ("9", "out of range 0..7"), ("5-3", "runs backwards"), (",", "no device")):
+    cases = (("x", "not a device id"), ("9", "out of range 0..7"), ("5-3", "runs backwards"), (",", "no device"))
+    for bad, msg in cases:
         with pytest.raises(InputError, match=msg):
             parse_device_ids(bad, 8)
 
