@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 OUT    := out
 
-.PHONY: all setup browser demo test plans bench clean
+.PHONY: all setup browser demo test plans diff-demo clean
 
 all: test
 
@@ -34,6 +34,14 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# What CI shows a reviewer: a semantic diff of a changed plan (here: the golden DeepSeek-V3 plan
+# re-planned after 8 decode devices fail), as the markdown table a CI comment would carry.
+# `podplan diff` exits 1 on a regression, which this change is: only exit 2 (bad input) fails.
+diff-demo: $(STAMP)
+	@mkdir -p $(OUT)
+	$(VENV)/bin/podplan replan plans/deepseek-v3.cloudmatrix384.json --failed-devices 0-7 -o $(OUT)/replanned.json
+	$(VENV)/bin/podplan diff plans/deepseek-v3.cloudmatrix384.json $(OUT)/replanned.json --markdown || [ $$? -eq 1 ]
 
 plans: $(STAMP)
 	$(PY) -m planner.golden --write

@@ -29,30 +29,14 @@ NEEDS = (meta.ROLE, meta.LAYER)
 PROVIDES = (meta.KV_INPUTS,)
 
 # The frontend's mask function (planner.frontend.podplan_causal_mask), found by name: passes do not
-# import the planner. Its arguments are (inputs_embeds, position_ids, sliding_window).
+# import the planner. Its arguments are (inputs_embeds, position_ids, sliding_window, past_len=0);
+# this pass reuses the node's own target and feeds it the new `past_len` input.
 _FRONTEND_MASK = "podplan_causal_mask"
 
 
 def cached_positions(inputs_embeds: torch.Tensor, past_len: int) -> torch.Tensor:
     """Position ids [1, S] of the S new tokens that follow `past_len` cached ones."""
     return (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len).unsqueeze(0)
-
-
-def cached_causal_mask(
-    inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past_len: int, sliding_window: int
-) -> torch.Tensor:
-    """Additive mask [B, 1, S, past_len + S]: 0 where a query may attend a key, finfo.min elsewhere.
-
-    Same values as the frontend's mask when past_len is 0; sliding_window <= 0 means no window.
-    """
-    q_pos = position_ids[:, :, None]
-    k_pos = torch.arange(past_len + inputs_embeds.shape[1], device=inputs_embeds.device)[None, None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window > 0:
-        allowed = allowed & (k_pos > q_pos - sliding_window)
-    neg = torch.finfo(inputs_embeds.dtype).min
-    mask = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device).masked_fill(~allowed, neg)
-    return mask[:, None, :, :].expand(inputs_embeds.shape[0], 1, mask.shape[-2], mask.shape[-1])
 
 
 def _frontend_mask(graph: fx.Graph) -> fx.Node:
@@ -98,7 +82,7 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     embeds, old_positions, window = mask.args[0], mask.args[1], mask.args[2]
     with graph.inserting_before(mask):
         positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), mask)
-        new_mask = _tag(graph.call_function(cached_causal_mask, (embeds, positions, past_len, window)), mask)
+        new_mask = _tag(graph.call_function(mask.target, (embeds, positions, window, past_len)), mask)
     mask.replace_all_uses_with(new_mask)
     graph.erase_node(mask)
     assert isinstance(old_positions, fx.Node)

@@ -123,14 +123,17 @@ def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | 
 # --- tracing -----------------------------------------------------------------------------------
 
 
-def podplan_causal_mask(inputs_embeds: torch.Tensor, position_ids: torch.Tensor, sliding_window: int) -> torch.Tensor:
-    """Additive causal mask [B, 1, Q, K] of tensors only (HF's create_causal_mask branches in Python).
+def podplan_causal_mask(
+    inputs_embeds: torch.Tensor, position_ids: torch.Tensor, sliding_window: int, past_len: int = 0
+) -> torch.Tensor:
+    """Additive causal mask [B, 1, S, past_len + S] of tensors only (HF's create_causal_mask branches in Python).
 
-    Same values as transformers' eager mask: 0 where attended, finfo(dtype).min elsewhere;
-    sliding_window <= 0 means no window.
+    Same values as transformers' eager mask: 0 where a query may attend a key, finfo(dtype).min
+    elsewhere; sliding_window <= 0 means no window. `past_len` cached keys precede the S new ones
+    (the kv-cache pass and the runtime pass it; the traced graph leaves it 0).
     """
-    q_pos = position_ids[:, :, None]  # [B|1, Q, 1]
-    k_pos = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None, None, :]
+    q_pos = position_ids[:, :, None]  # [B|1, S, 1]
+    k_pos = torch.arange(past_len + inputs_embeds.shape[1], device=inputs_embeds.device)[None, None, :]
     allowed = k_pos <= q_pos
     if sliding_window > 0:
         allowed = allowed & (k_pos > q_pos - sliding_window)

@@ -73,18 +73,6 @@ class GraphMap:
                                 "shared experts on the attention devices")
 
 
-def causal_mask(like: torch.Tensor, positions: torch.Tensor, window: int, k_len: int) -> torch.Tensor:
-    """Additive mask [B, 1, Q, k_len] over the cached and new keys (0 attended, finfo.min masked)."""
-    q_pos = positions[:, :, None]
-    k_pos = torch.arange(k_len, device=like.device)[None, None, :]
-    allowed = k_pos <= q_pos
-    if window > 0:
-        allowed = allowed & (k_pos > q_pos - window)
-    neg = torch.finfo(like.dtype).min
-    mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, neg)
-    return mask[:, None, :, :].expand(like.shape[0], 1, mask.shape[-2], mask.shape[-1])
-
-
 class StageInterpreter(fx.Interpreter):
     """One microbatch of one attention rank: `begin`, then `advance` / `resume` until logits come out."""
 
@@ -162,8 +150,8 @@ class StageInterpreter(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         if target is podplan_causal_mask:
-            like, positions, window = args
-            return causal_mask(like, positions, int(window or 0), self.past + self._seq)
+            like, positions, window = args[:3]
+            return podplan_causal_mask(like, positions, int(window or 0), self.past)
         return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):

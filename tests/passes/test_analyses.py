@@ -64,7 +64,8 @@ def test_phase_signatures_prefill_and_decode():
     for sig, tokens, keys in ((prefill, 5, 5), (decode, 1, 6)):
         attn = next(s for s in sig.stages if s.stage == "layer1_attention")
         by_name = {i.name: i for i in attn.inputs}
-        assert by_name["cached_causal_mask"].shape == (2, 1, tokens, keys)
+        mask = next(v for k, v in by_name.items() if k.startswith("podplan_causal_mask"))
+        assert mask.shape == (2, 1, tokens, keys)
         assert by_name["past_key_values"].dtype == "KVCache"
         assert {(2, tokens, hidden), (2 * tokens, hidden)} <= {o.shape for o in attn.outputs}
         routed = next(s for s in sig.stages if s.stage == "layer1_routed_experts")
