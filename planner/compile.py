@@ -67,7 +67,7 @@ class _PhasePlan:
     routed: int  # devices per instance holding routed-expert slots
     shared: int  # devices per instance computing shared experts only (0: replicated on routed)
     slots: int  # routed slots per routed device
-    redundant: int
+    redundant: int  # routed slots beyond one per expert (the cost model is re-run with exactly this)
     balance: BalanceResult | None = None
     slots_of: list[InstanceSlot] = field(default_factory=list)
 
@@ -273,7 +273,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
                              time_limit=opts.time_limit, seed=opts.seed)
         # re-score with the imbalance the balancer reached (the mean over layers: layers run in sequence)
         imb = float(np.mean(pp.balance.max_over_mean))
-        pp.cand = rescore(pp.cand, shape, topo, imb)
+        pp.cand = rescore(pp.cand, shape, topo, imb, pp.redundant)
 
     weight_bytes = dtype_bytes(opts.quant)
     dies = topo.dies_per_device

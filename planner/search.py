@@ -273,8 +273,9 @@ def search(shape: ModelShape, topo: Topology, wl: Workload) -> SearchResult:
                         rejected={k: v for k, v in tally.items() if not k.startswith("example")})
 
 
-def rescore(c: Candidate, shape: ModelShape, topo: Topology, imbalance: float) -> Candidate:
-    """Re-estimate a chosen candidate with the expert imbalance the balancer actually reached."""
-    dep = replace(c.deployment, imbalance=max(1.0, imbalance))
+def rescore(c: Candidate, shape: ModelShape, topo: Topology, imbalance: float, redundant: int) -> Candidate:
+    """Re-estimate a chosen candidate with the plan's exact slot layout (`redundant` replicas) and the
+    expert imbalance the balancer actually reached."""
+    dep = replace(c.deployment, imbalance=max(1.0, imbalance), redundant_experts=redundant)
     fn = estimate_decode if c.phase == "decode" else estimate_prefill
     return Candidate(c.phase, dep, fn(shape, topo, dep))
