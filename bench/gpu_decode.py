@@ -37,6 +37,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hbm-tbps", type=float, help="HBM bandwidth per GPU in TB/s (default: from the GPU's name)")
     p.add_argument("--skip-baseline", action="store_true", help="do not run transformers generate")
+    p.add_argument("--colocated", action="store_true",
+                   help="every GPU runs attention and holds experts (a 1-GPU host can run the NCCL path this way)")
     p.add_argument("--baseline-only", action="store_true",
                    help="one GPU: only transformers generate and the roofline (no multi-GPU runtime run)")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
@@ -44,7 +46,7 @@ def main() -> int:
 
     import torch
 
-    ranks = args.attention_gpus + args.expert_gpus
+    ranks = args.attention_gpus if args.colocated else args.attention_gpus + args.expert_gpus
     need = 1 if args.baseline_only else ranks
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have < need:
@@ -58,7 +60,7 @@ def main() -> int:
 
     facts = model_facts(RunSpec(args.model, 1, ()))
     attn = list(range(args.attention_gpus))
-    experts = list(range(args.attention_gpus, ranks))
+    experts = attn if args.colocated else list(range(args.attention_gpus, ranks))
     inst = make_instance("afd-0", ("prefill", "decode"), attn, experts, num_experts=facts.num_experts,
                          moe_layers=facts.moe_layers, slots_per_rank=math.ceil(facts.num_experts / len(experts)),
                          microbatches=args.microbatches)
@@ -67,7 +69,8 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     doc: dict = {"model": args.model, "gpu": gpu, "batch": args.batch, "prompt_len": args.prompt_len,
                  "new_tokens": args.new_tokens, "attention_gpus": args.attention_gpus,
-                 "expert_gpus": args.expert_gpus, "microbatches": args.microbatches}
+                 "expert_gpus": 0 if args.colocated else args.expert_gpus, "colocated": args.colocated,
+                 "microbatches": args.microbatches}
 
     base_tokens = None
     if not args.skip_baseline:
