@@ -32,27 +32,20 @@ from planner.shape import shape_from_traced
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Everything `podplan compile` takes besides the model and topology (see README for defaults)."""
+    """Everything `podplan compile` takes besides the model and topology (see README for defaults):
+    the workload and search pins (`search.Workload`) and the balancer's settings."""
 
-    tpot_ms: float | None = 50.0
-    ttft_ms: float | None = None
-    input_len: int = 4096
-    output_len: int = 1024
-    prefix_hit: float = 0.0
-    quant: str = "int8"
-    mtp_accept: float = 0.0
+    workload: Workload = field(default_factory=Workload)
     loads: str = "uniform"
     time_limit: float = 0.5  # balancer seconds per sub-problem (deterministic CP-SAT time)
     seed: int = 0
     split: str = "equal"
-    decode_mode: str | None = None  # pin: "colocated" | "afd"
-    decode_devices: int | None = None  # pin: colocated decode instance size
-    attention_devices: int | None = None  # pin: afd attention devices per instance
-    moe_devices: int | None = None  # pin: afd MoE devices per instance
-    prefill_devices: int | None = None  # pin: prefill instance size
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in sorted(self.__dataclass_fields__)}
+        """Flat, sorted: what the plan's provenance records (the search-internal imbalance left out)."""
+        flat = {k: getattr(self.workload, k) for k in self.workload.__dataclass_fields__ if k != "imbalance"}
+        flat.update({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "workload"})
+        return dict(sorted(flat.items()))
 
 
 @dataclass
@@ -73,27 +66,28 @@ class _PhasePlan:
 
 
 def _validate(opts: CompileOptions) -> None:
-    if opts.tpot_ms is not None and opts.tpot_ms <= 0:
-        raise InputError(f"--tpot-ms {opts.tpot_ms}: must be > 0")
-    if opts.ttft_ms is not None and opts.ttft_ms <= 0:
-        raise InputError(f"--ttft-ms {opts.ttft_ms}: must be > 0")
-    if opts.input_len <= 0 or opts.output_len <= 0:
-        raise InputError(f"--input-len/--output-len must be > 0 (got {opts.input_len}, {opts.output_len})")
-    if not 0.0 <= opts.prefix_hit < 1.0:
-        raise InputError(f"--prefix-hit {opts.prefix_hit}: must be in [0, 1)")
-    if not 0.0 <= opts.mtp_accept <= 1.0:
-        raise InputError(f"--mtp-accept {opts.mtp_accept}: must be in [0, 1]")
+    wl = opts.workload
+    if wl.tpot_ms is not None and wl.tpot_ms <= 0:
+        raise InputError(f"--tpot-ms {wl.tpot_ms}: must be > 0")
+    if wl.ttft_ms is not None and wl.ttft_ms <= 0:
+        raise InputError(f"--ttft-ms {wl.ttft_ms}: must be > 0")
+    if wl.input_len <= 0 or wl.output_len <= 0:
+        raise InputError(f"--input-len/--output-len must be > 0 (got {wl.input_len}, {wl.output_len})")
+    if not 0.0 <= wl.prefix_hit < 1.0:
+        raise InputError(f"--prefix-hit {wl.prefix_hit}: must be in [0, 1)")
+    if not 0.0 <= wl.mtp_accept <= 1.0:
+        raise InputError(f"--mtp-accept {wl.mtp_accept}: must be in [0, 1]")
     if opts.time_limit <= 0:
         raise InputError(f"--time-limit {opts.time_limit}: must be > 0 seconds")
     if opts.seed < 0:
         raise InputError(f"--seed {opts.seed}: must be >= 0")
     for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices"):
-        value = getattr(opts, flag)
+        value = getattr(wl, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: must be > 0")
-    if (opts.attention_devices is None) != (opts.moe_devices is None):
+    if (wl.attention_devices is None) != (wl.moe_devices is None):
         raise InputError("--attention-devices and --moe-devices go together (a disaggregated decode instance)")
-    if opts.decode_devices is not None and opts.attention_devices is not None:
+    if wl.decode_devices is not None and wl.attention_devices is not None:
         raise InputError("--decode-devices pins a colocated instance, --attention/--moe-devices a disaggregated one: give one")
 
 
@@ -256,11 +250,9 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
     loads = read_loads(opts.loads, layers=shape.num_moe_layers, experts=shape.num_routed_experts, seed=opts.seed)
 
     say(f"searching deployments on {topo.name}")
-    wl = Workload(tpot_ms=opts.tpot_ms, ttft_ms=opts.ttft_ms, input_len=opts.input_len, output_len=opts.output_len,
-                  prefix_hit=opts.prefix_hit, quant=opts.quant, mtp_accept=opts.mtp_accept,
-                  decode_mode=opts.decode_mode or ("afd" if opts.attention_devices else None),
-                  decode_devices=opts.decode_devices, attention_devices=opts.attention_devices,
-                  moe_devices=opts.moe_devices, prefill_devices=opts.prefill_devices)
+    wl = opts.workload
+    if wl.attention_devices and not wl.decode_mode:
+        wl = replace(wl, decode_mode="afd")  # pinned attention/MoE devices mean a disaggregated instance
     sr = search(shape, topo, wl)
     phases = [_phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo),
               _phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
@@ -275,7 +267,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         imb = float(np.mean(pp.balance.max_over_mean))
         pp.cand = rescore(pp.cand, shape, topo, imb, pp.redundant)
 
-    weight_bytes = dtype_bytes(opts.quant)
+    weight_bytes = dtype_bytes(wl.quant)
     dies = topo.dies_per_device
     phase_ir = {}
     for pp in phases:
@@ -288,9 +280,8 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
     return ir.Plan(
         model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
         topology=ir.TopologyInfo.from_topology(topo),
-        workload=ir.Workload(input_len=opts.input_len, output_len=opts.output_len, prefix_hit=opts.prefix_hit,
-                             quant=opts.quant, mtp_accept=opts.mtp_accept, tpot_slo_ms=opts.tpot_ms,
-                             ttft_slo_ms=opts.ttft_ms),
+        workload=ir.Workload(input_len=wl.input_len, output_len=wl.output_len, prefix_hit=wl.prefix_hit,
+                             quant=wl.quant, mtp_accept=wl.mtp_accept, tpot_slo_ms=wl.tpot_ms, ttft_slo_ms=wl.ttft_ms),
         stages=stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.compile import CompileOptions, compile_plan
+from planner.search import Workload
 from planner.plan import write_plan
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
@@ -32,15 +33,15 @@ class Golden:
 GOLDEN = (
     # CloudMatrix-Infer's setting: DeepSeek-V3/R1 INT8, MTP 70%, SLO 50 ms, skewed expert loads
     Golden("deepseek-v3.cloudmatrix384.json", "deepseek-v3", "cloudmatrix384",
-           CompileOptions(tpot_ms=50.0, mtp_accept=0.7, quant="int8", loads="zipf:1.2")),
+           CompileOptions(Workload(tpot_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
     Golden("qwen3-235b-a22b.cloudmatrix384.json", "qwen3-235b-a22b", "cloudmatrix384",
-           CompileOptions(tpot_ms=50.0, quant="int8", loads="zipf:1.2")),
+           CompileOptions(Workload(tpot_ms=50.0, quant="int8"), loads="zipf:1.2")),
     Golden("mixtral-8x22b.h100-cluster-2.json", "mixtral-8x22b", "h100-cluster:2",
-           CompileOptions(tpot_ms=50.0, quant="fp8", input_len=2048, output_len=512, loads="hot:1")),
+           CompileOptions(Workload(tpot_ms=50.0, quant="fp8", input_len=2048, output_len=512), loads="hot:1")),
     # runnable by `podplan run`: disaggregated MoE-attention decode + a prefill instance on 8 processes
     Golden("tiny-deepseek-v3.local-8.json", "tiny-deepseek-v3", "local:8",
-           CompileOptions(tpot_ms=None, quant="bf16", input_len=16, output_len=8, attention_devices=2,
-                          moe_devices=4, prefill_devices=2, loads="zipf:1.2")),
+           CompileOptions(Workload(tpot_ms=None, quant="bf16", input_len=16, output_len=8, attention_devices=2,
+                                   moe_devices=4, prefill_devices=2), loads="zipf:1.2")),
 )
 
 

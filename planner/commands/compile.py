@@ -6,21 +6,22 @@ import argparse
 import time
 
 from planner.compile import CompileOptions, compile_plan
+from planner.search import Workload
 from planner.console import stderr_console, stdout_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = CompileOptions()
+    d, w = CompileOptions(), Workload()
     p = sub.add_parser("compile", help="compile a model into a deployment plan for a topology")
     p.add_argument("model", help="bundled name, config.json, or a directory holding one")
     p.add_argument("--topology", required=True, help="cloudmatrix384[:K], h100|h800|h200-cluster:N, local:N")
-    p.add_argument("--tpot-ms", type=float, default=d.tpot_ms, help=f"decode TPOT target, ms (default {d.tpot_ms:g})")
-    p.add_argument("--ttft-ms", type=float, default=d.ttft_ms, help="prefill TTFT target, ms (default: none)")
-    p.add_argument("--input-len", type=int, default=d.input_len, help=f"prompt tokens (default {d.input_len})")
-    p.add_argument("--output-len", type=int, default=d.output_len, help=f"output tokens (default {d.output_len})")
-    p.add_argument("--prefix-hit", type=float, default=d.prefix_hit, help="prefix-cache hit rate 0..1 (default 0)")
-    p.add_argument("--quant", choices=("bf16", "fp8", "int8"), default=d.quant, help=f"weights (default {d.quant})")
-    p.add_argument("--mtp-accept", type=float, default=d.mtp_accept, help="MTP draft acceptance 0..1 (default 0: off)")
+    p.add_argument("--tpot-ms", type=float, default=w.tpot_ms, help=f"decode TPOT target, ms (default {w.tpot_ms:g})")
+    p.add_argument("--ttft-ms", type=float, default=w.ttft_ms, help="prefill TTFT target, ms (default: none)")
+    p.add_argument("--input-len", type=int, default=w.input_len, help=f"prompt tokens (default {w.input_len})")
+    p.add_argument("--output-len", type=int, default=w.output_len, help=f"output tokens (default {w.output_len})")
+    p.add_argument("--prefix-hit", type=float, default=w.prefix_hit, help="prefix-cache hit rate 0..1 (default 0)")
+    p.add_argument("--quant", choices=("bf16", "fp8", "int8"), default=w.quant, help=f"weights (default {w.quant})")
+    p.add_argument("--mtp-accept", type=float, default=w.mtp_accept, help="MTP draft acceptance 0..1 (default 0: off)")
     p.add_argument("--loads", default=d.loads,
                    help="expert loads: uniform | zipf:S | hot:K (seeded) or a .npy/.csv/.json/.pt file [MoE layers x experts]")
     p.add_argument("--split", choices=("equal", "weighted"), default=d.split,
@@ -41,13 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from planner.plan import write_plan
 
-    opts = CompileOptions(
+    workload = Workload(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
-        prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept, loads=args.loads,
-        time_limit=args.time_limit, seed=args.seed, split=args.split, decode_mode=args.decode_mode,
+        prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept, decode_mode=args.decode_mode,
         decode_devices=args.decode_devices, attention_devices=args.attention_devices, moe_devices=args.moe_devices,
         prefill_devices=args.prefill_devices,
     )
+    opts = CompileOptions(workload, loads=args.loads, time_limit=args.time_limit, seed=args.seed, split=args.split)
     err = stderr_console()
     t0 = time.perf_counter()
     with err.status("compiling") as status:
