@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--json", action="store_true", help="print the diff and the regressions as JSON")
     out.add_argument("--markdown", action="store_true", help="print a Markdown report fit for a CI comment")
     p.add_argument("--fail-on", metavar="SPEC", default=None,
-                   help=f"regression rules, overriding the defaults ({DEFAULT_FAIL_ON}) metric by metric: "
+                   help=f"regression rules, overriding the defaults ({DEFAULT_FAIL_ON.replace('%', '%%')}) metric by metric: "
                         "[prefill.|decode.]METRIC:LIMIT, e.g. 'throughput:-0.5%%,tpot:+2%%,moved-experts:100,"
                         "migration:10GB,balance:+5%%,memory:+10%%,ttft:off'; 'none' drops the defaults")
     p.set_defaults(func=run)
