@@ -72,8 +72,9 @@ def test_cloudmatrix_infer_layout_can_be_pinned(tmp_path):
         (["tiny-mixtral", "--topology", "local:8", "--loads", "zipf:nope"], ["zipf:nope"]),
         (["tiny-mixtral", "--topology", "local:8", "--attention-devices", "2"], ["--moe-devices"]),
         (["deepseek-v3", "--topology", "local:2", "--quant", "bf16"], ["deepseek-v3 on local:2"]),
+        (["tiny-mixtral", "--topology", "cloudmatrix384", "--quant", "fp8"], ["--quant fp8", "Ascend 910C"]),
     ],
-    ids=["model", "topology", "tpot", "time-limit", "loads", "afd-pin", "infeasible-memory"],
+    ids=["model", "topology", "tpot", "time-limit", "loads", "afd-pin", "infeasible-memory", "fp8-on-ascend"],
 )
 def test_compile_bad_input_is_one_line_and_no_file(tmp_path, args, fragments):
     out = tmp_path / "plan.json"
