@@ -338,10 +338,5 @@ def _move_aware_swaps(load: np.ndarray, table: np.ndarray, was: np.ndarray, targ
         if best is None:
             break
         _, _, i, j = best
-        d2, i2 = divmod(j, slots)
-        ex, ey = table[d, i], table[d2, i2]
-        table[d, i], table[d2, i2] = ey, ex
-        item[d, i], item[d2, i2] = item[d2, i2], item[d, i]
-        held[d, ex], held[d, ey], held[d2, ey], held[d2, ex] = False, True, False, True
-        loads[d], loads[d2] = item[d].sum(), item[d2].sum()
+        balance_search.swap_slots(table, item, held, loads, d, i, *divmod(j, slots))
     return table

@@ -355,13 +355,22 @@ def swap_search(load: np.ndarray, table: np.ndarray, *, max_iters: int = 20000) 
         if pick is None:
             break
         i, j = pick
-        d2, i2 = divmod(j, slots)
-        ex, ey = table[d, i], table[d2, i2]
-        table[d, i], table[d2, i2] = ey, ex
-        item[d, i], item[d2, i2] = item[d2, i2], item[d, i]
-        held[d, ex], held[d, ey], held[d2, ey], held[d2, ex] = False, True, False, True
-        loads[d], loads[d2] = item[d].sum(), item[d2].sum()
+        swap_slots(table, item, held, loads, d, i, *divmod(j, slots))
     return table
+
+
+def swap_slots(table: np.ndarray, item: np.ndarray, held: np.ndarray, loads: np.ndarray,
+               d: int, i: int, d2: int, i2: int) -> None:
+    """Exchange slot i of device d with slot i2 of device d2, keeping the bookkeeping in step.
+
+    table [D, S] expert ids, item [D, S] per-slot loads, held [D, E] which experts a device holds,
+    loads [D] device loads; all updated in place.
+    """
+    ex, ey = table[d, i], table[d2, i2]
+    table[d, i], table[d2, i2] = ey, ex
+    item[d, i], item[d2, i2] = item[d2, i2], item[d, i]
+    held[d, ex], held[d, ey], held[d2, ey], held[d2, ex] = False, True, False, True
+    loads[d], loads[d2] = item[d].sum(), item[d2].sum()
 
 
 def layout_from_counts(load: np.ndarray, counts: np.ndarray, devices: int, slots: int) -> np.ndarray:
