@@ -117,23 +117,33 @@ def _assign(gain: np.ndarray) -> list[int]:
     return [solver.right_mate(i) for i in range(n)]
 
 
+def keep_positions(experts: np.ndarray, old_row: tuple[int, ...] | np.ndarray) -> np.ndarray:
+    """One device's experts [S], with every one it held before back in its old slot index.
+
+    Engines copy weights slot by slot, so an expert that stays on a device but changes slot
+    would still be a copy; the rest fill the free slots in order.
+    """
+    slots = len(experts)
+    old = [int(e) for e in old_row]
+    row = [-1] * slots
+    rest = []
+    for e in (int(x) for x in experts):
+        j = old.index(e) if e in old else -1
+        if 0 <= j < slots and row[j] < 0:
+            row[j] = e
+        else:
+            rest.append(e)
+    for j in range(slots):
+        if row[j] < 0:
+            row[j] = rest.pop(0)
+    return np.array(row, dtype=np.int64)
+
+
 def _align_slots(table: np.ndarray, old: list[tuple[int, ...]]) -> np.ndarray:
-    """Put every kept expert back in its old slot index on the device."""
+    """Put every kept expert back in its old slot index on each device."""
     out = table.copy()
-    slots = table.shape[1]
     for d, row in enumerate(table):
-        placed = [-1] * slots
-        rest = []
-        for e in row.tolist():
-            where = old[d].index(e) if e in old[d] else -1
-            if 0 <= where < slots and placed[where] < 0:
-                placed[where] = e
-            else:
-                rest.append(e)
-        for i in range(slots):
-            if placed[i] < 0:
-                placed[i] = rest.pop(0)
-        out[d] = placed
+        out[d] = keep_positions(row, old[d])
     return out
 
 

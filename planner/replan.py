@@ -18,7 +18,7 @@ from costmodels.errors import InfeasibleError, InputError
 from planner import plan as ir
 from planner.balance import BalanceResult, balance
 from planner.balance_ilp import weighted_shares
-from planner.balance_migrate import migrate, moved_slots
+from planner.balance_migrate import keep_positions, migrate, moved_slots
 from planner.loads import read_loads
 
 # Default tolerance on a re-solved layer: keep the layout with the fewest moved slots whose max
@@ -499,8 +499,8 @@ def _polish(size: np.ndarray, table: np.ndarray, old: np.ndarray, target: float)
         pick = int(np.lexsort((sq.reshape(-1), cost.reshape(-1), rounded))[0])
         n, k = divmod(pick, K)
         d2 = int(others[n])
-        table[d1] = _keep_positions(pool[n][masks[k]], old[d1])
-        table[d2] = _keep_positions(pool[n][~masks[k]], old[d2])
+        table[d1] = keep_positions(pool[n][masks[k]], old[d1])
+        table[d2] = keep_positions(pool[n][~masks[k]], old[d2])
     return table
 
 
@@ -516,27 +516,6 @@ def _unique_sides(table: np.ndarray, d1: int, others: np.ndarray, masks: np.ndar
         if n.size:
             valid[n] &= masks[:, i][None, :] != masks[:, S + k].T
     return valid
-
-
-def _keep_positions(experts: np.ndarray, old_row: np.ndarray) -> np.ndarray:
-    """The device's experts with every one it held before back in its old slot."""
-    S = len(old_row)
-    row = [-1] * S
-    rest = []
-    old = [int(e) for e in old_row]
-    for e in (int(x) for x in experts):
-        j = old.index(e) if e in old else -1
-        if j >= 0 and row[j] < 0:
-            row[j] = e
-        else:
-            rest.append(e)
-    for j in range(S):
-        if row[j] < 0:
-            row[j] = rest.pop(0)
-    return np.array(row, dtype=np.int64)
-
-
-# --- Step 5: predictions ----------------------------------------------------------------------------
 
 
 def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, str]:
