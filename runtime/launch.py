@@ -88,18 +88,16 @@ def _has_remote_shared(inst) -> bool:
     return bool(inst.shared_ranks) and any(r not in inst.shared_ranks for r in inst.attention_ranks)
 
 
-def validate(spec: RunSpec) -> ModelFacts:
-    """Every check that can fail before a process starts; SpecError (exit 2) with one line otherwise."""
-    n = spec.world_size
+def validate(spec: RunSpec, *, on_this_host: bool = True) -> ModelFacts:
+    """Every check that can fail before a process starts; SpecError (exit 2) with one line otherwise.
+
+    `on_this_host=False` is for a job handed to torchrun (possibly on other hosts): the checks of this
+    host's GPUs and memory are skipped, everything about the spec and the model still runs.
+    """
     if spec.backend not in ("gloo", "nccl"):
         raise SpecError(f"backend '{spec.backend}' is not supported; use gloo (CPU) or nccl (GPU)")
-    if spec.backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < n):
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise SpecError(f"backend nccl needs {n} CUDA devices, this host has {have}; use --backend gloo")
-    cap = host_capacity()
-    if not 1 <= n <= cap:
-        raise SpecError(f"the plan needs {n} processes; this host runs at most {cap} (about {RANK_GIB} GiB of "
-                        "memory each); compile for a smaller local:N")
+    if on_this_host:
+        _check_host(spec)
     for name in ("prompts", "prompt_len", "new_tokens"):
         if getattr(spec, name) < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
@@ -114,6 +112,17 @@ def validate(spec: RunSpec) -> ModelFacts:
     groups = {inst.name: inst.ranks for inst in spec.instances}
     dry_run(programs(spec, facts.moe_layers), groups)
     return facts
+
+
+def _check_host(spec: RunSpec) -> None:
+    n = spec.world_size
+    if spec.backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < n):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise SpecError(f"backend nccl needs {n} CUDA devices, this host has {have}; use --backend gloo")
+    cap = host_capacity()
+    if not 1 <= n <= cap:
+        raise SpecError(f"the plan needs {n} processes; this host runs at most {cap} (about {RANK_GIB} GiB of "
+                        "memory each); compile for a smaller local:N")
 
 
 def _check_layout(spec: RunSpec) -> None:
@@ -218,7 +227,7 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     finally:
         _kill(procs)
         del store
-    data = torch.load(tmp / "result.pt", weights_only=False)  # written by our own rank 0 in our temp dir
+    data = torch.load(tmp / "result.pt", weights_only=True)
     return RunOutcome(data["tokens"], data["logits"], data["metrics"], time.perf_counter() - t0)
 
 

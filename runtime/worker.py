@@ -392,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     worker = None
     try:
         spec = RunSpec.from_json(job.read_text())
+        started = int(os.environ.get("WORLD_SIZE", spec.world_size))
+        if started != spec.world_size:
+            raise ValueError(f"{started} processes were started, the job needs {spec.world_size}: "
+                             f"use torchrun --nproc-per-node {spec.world_size}")
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = torch.device("cuda", local) if spec.backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":

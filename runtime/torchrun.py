@@ -1,0 +1,77 @@
+"""Hand a run to torchrun: write the job directory, read back what its ranks wrote.
+
+`podplan run PLAN --job-dir DIR` validates the plan and writes DIR/job.json; any launcher that sets
+RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (torchrun on one host or many, a Slurm script) then
+starts `python -m runtime.worker DIR/job.json` per rank. Rank 0 writes DIR/result.pt, a failing rank
+DIR/rank<R>.error.json; `podplan run DIR` turns either into the same report `podplan run PLAN` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import torch
+
+from runtime.errors import RankFailure, SpecError
+from runtime.launch import RunOutcome
+from runtime.spec import RunSpec
+
+JOB = "job.json"
+RESULT = "result.pt"
+
+
+def write_job(spec: RunSpec, job_dir: str | Path) -> Path:
+    """DIR/job.json for `spec`; stale results and error reports of an earlier run are removed."""
+    out = Path(job_dir)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--job-dir {out} is a file; give a directory (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / RESULT, *out.glob("rank*.error.json")]:
+        stale.unlink(missing_ok=True)
+    tmp = out / f".{JOB}.tmp"
+    tmp.write_text(spec.to_json())
+    os.replace(tmp, out / JOB)
+    return out / JOB
+
+
+def command(spec: RunSpec, job: Path) -> str:
+    """The torchrun line for one host; across hosts add --nnodes and a rendezvous endpoint."""
+    return f"torchrun --standalone --nproc-per-node {spec.world_size} -m runtime.worker {shlex.quote(str(job))}"
+
+
+def is_job_dir(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
+def read_spec(job_dir: str | Path) -> RunSpec:
+    job = Path(job_dir) / JOB
+    if not job.is_file():
+        raise SpecError(f"{job_dir} holds no {JOB}; write one with `podplan run PLAN.json --job-dir {job_dir}`")
+    try:
+        return RunSpec.from_json(job.read_text())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"{job} is not a podplan job ({type(exc).__name__}: {exc}); write it again with "
+                        "`podplan run PLAN.json --job-dir`") from None
+
+
+def collect(job_dir: str | Path) -> RunOutcome:
+    """The outcome rank 0 wrote; RankFailure if a rank reported an error, SpecError if nothing ran yet."""
+    out = Path(job_dir)
+    spec = read_spec(out)
+    errors = []
+    for path in sorted(out.glob("rank*.error.json")):
+        rec = json.loads(path.read_text())
+        errors.append((rec["secondary"], rec["time"], rec["rank"], rec["message"]))
+    if errors:
+        _, _, rank, message = min(errors)  # a rank's own failure before peers that lost their connection
+        raise RankFailure(rank, message)
+    result = out / RESULT
+    if not result.is_file():
+        raise SpecError(f"{out} holds no {RESULT} yet; run `{command(spec, out / JOB)}` first")
+    data = torch.load(result, weights_only=True)  # tensors and plain metrics: no pickled code
+    metrics = data["metrics"]
+    wall = max(m.get("setup_s", 0.0) + m.get("run_s", 0.0) for m in metrics) if metrics else 0.0
+    return RunOutcome(data["tokens"], data["logits"], metrics, wall)
