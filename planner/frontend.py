@@ -30,6 +30,10 @@ TRANSFORMERS_VERSION = "5.23.0"  # the hooks below depend on v5 internals; see c
 _REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 # Where families keep their routed-expert count and top-k.
 _EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+# model_types that name a transformers family under another name. Kimi K2 ships "kimi_k2" only so
+# engines can tell it apart; its weights and code are DeepSeek-V3's, and Moonshot's deployment
+# guide (docs/deploy_guidance.md of moonshotai/Kimi-K2-Instruct) says to run it as "deepseek_v3".
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 def check_transformers() -> None:
@@ -43,9 +47,44 @@ def check_transformers() -> None:
         )
 
 
+def language_config(src: ModelSource) -> dict:
+    """The decoder's config as transformers builds it: a multimodal config's `text_config`, with a
+    renamed model_type mapped to the family it runs as (MODEL_TYPE_ALIASES, then `architectures`).
+
+    The plan keeps the user's file as given (its digest is the model identity); only the build sees this.
+    """
+    cfg = dict(src.config)
+    inner = cfg.get("text_config")
+    if isinstance(inner, dict) and "hidden_size" not in cfg:
+        # a vision-language checkpoint (Kimi K2.5, Qwen3-VL-MoE, Llama 4): podplan plans its decoder
+        outer = cfg
+        cfg = dict(inner)
+        for key in ("torch_dtype", "dtype"):
+            if key not in cfg and key in outer:
+                cfg[key] = outer[key]
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str):
+        return cfg
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in CONFIG_MAPPING_NAMES:
+        return cfg
+    if model_type in MODEL_TYPE_ALIASES:
+        cfg["model_type"] = MODEL_TYPE_ALIASES[model_type]
+        return cfg
+    by_class = {cls: mt for mt, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+                if isinstance(cls, str) and mt in CONFIG_MAPPING_NAMES}
+    for arch in cfg.get("architectures") or []:
+        if isinstance(arch, str) and arch in by_class:
+            cfg["model_type"] = by_class[arch]  # a renamed family whose class transformers has
+            break
+    return cfg
+
+
 def validate_config(src: ModelSource) -> None:
     """Family-agnostic checks with one-line messages, before transformers sees the config."""
-    cfg = src.config
+    cfg = language_config(src)
     for key in _REQUIRED:
         if key not in cfg:
             raise ConfigError(f"{src.name}: config has no '{key}'; add it (every model config needs {', '.join(_REQUIRED)})")
@@ -69,13 +108,12 @@ def build_config(src: ModelSource):
     validate_config(src)
     from transformers import AutoConfig
 
-    cfg = dict(src.config)
+    cfg = language_config(src)
     model_type = cfg.pop("model_type")
     for key in ("architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(key, None)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             config = AutoConfig.for_model(model_type, **cfg)
     except ValueError as exc:
         if "Unrecognized model" in str(exc) or "model_type" in str(exc):
@@ -94,8 +132,25 @@ def build_config(src: ModelSource):
     return config
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' warnings and log lines while it builds: podplan reports problems itself, in one
+    line, and a config remark printed on stderr would break that contract."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _dtype_of(src: ModelSource) -> torch.dtype:
-    name = src.config.get("torch_dtype") or src.config.get("dtype") or "bfloat16"
+    cfg = language_config(src)
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.bfloat16)
 
 
@@ -108,13 +163,15 @@ def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | 
     ctx = torch.device(device)
     try:
         torch.manual_seed(seed)
-        with ctx, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with ctx, _quiet():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:
+    except (ValueError, AssertionError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # a config transformers accepts but its modules cannot be built from (a pad id outside the
+        # vocabulary, a missing per-layer list): the config is wrong, not podplan
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(
-            f"{src.name}: transformers cannot build a causal LM for '{src.config['model_type']}': "
-            f"{str(exc).splitlines()[0]}"
+            f"{src.name}: transformers cannot build a causal LM for '{src.config['model_type']}' from this config "
+            f"({type(exc).__name__}: {first}); check the config against the model card"
         ) from None
     model.eval()
     return model

@@ -34,6 +34,9 @@ GOLDEN = (
     # CloudMatrix-Infer's setting: DeepSeek-V3/R1 INT8, MTP 70%, SLO 50 ms, skewed expert loads
     Golden("deepseek-v3.cloudmatrix384.json", "deepseek-v3", "cloudmatrix384",
            CompileOptions(Workload(tpot_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
+    # Kimi K2 (DeepSeek-V3's architecture, 384 experts) in the same setting
+    Golden("kimi-k2.cloudmatrix384.json", "kimi-k2", "cloudmatrix384",
+           CompileOptions(Workload(tpot_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
     Golden("qwen3-235b-a22b.cloudmatrix384.json", "qwen3-235b-a22b", "cloudmatrix384",
            CompileOptions(Workload(tpot_ms=50.0, quant="int8"), loads="zipf:1.2")),
     Golden("mixtral-8x22b.h100-cluster-2.json", "mixtral-8x22b", "h100-cluster:2",

@@ -20,7 +20,9 @@ def _numel(mod: nn.Module) -> int:
 
 def shape_from_traced(traced: Traced) -> ModelShape:
     """Exact parameter counts by role plus the config's attention dimensions."""
-    return _shape(traced.gm, traced.roles, traced.model, traced.source)
+    # Count on the model, not on gm: the trace drops modules the forward never calls (e.g. a
+    # rotary embedding a family builds but replaces), and roles name every module the model has.
+    return _shape(CausalLMRoot(traced.model), traced.roles, traced.model, traced.source)
 
 
 def shape_of(model_name: str) -> ModelShape:

@@ -17,6 +17,7 @@ from costmodels.errors import ConfigError
 # name -> (Hugging Face repo the config.json comes from, one-line description)
 BUNDLED: dict[str, tuple[str, str]] = {
     "deepseek-v3": ("deepseek-ai/DeepSeek-V3", "DeepSeek-V3 / R1, 671B MoE with MLA (also valid for R1)"),
+    "kimi-k2": ("moonshotai/Kimi-K2-Instruct", "Kimi K2, 1T MoE: DeepSeek-V3's architecture with 384 experts, 64 heads"),
     "qwen3-235b-a22b": ("Qwen/Qwen3-235B-A22B", "Qwen3 235B MoE, 128 experts top-8, GQA"),
     "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", "Qwen3 30B MoE, 128 experts top-8, GQA"),
     "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", "Mixtral 8x7B, 8 experts top-2, GQA"),

@@ -94,6 +94,48 @@ def test_unnamed_family_traces_without_new_code():
         assert (traced.gm(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item() <= 1e-6
 
 
+def test_kimi_k2_runs_as_deepseek_v3_at_full_size():
+    """Kimi K2's config says model_type "kimi_k2" (unknown to transformers); it is DeepSeek-V3's code."""
+    src = zoo.load_source("kimi-k2")
+    assert src.config["model_type"] == "kimi_k2"  # the file as published; the plan keeps it unchanged
+    traced = trace("kimi-k2")
+    assert type(traced.model).__name__ == "DeepseekV3ForCausalLM"
+    shape = shape_from_traced(traced)
+    assert (shape.num_layers, shape.num_moe_layers, shape.num_routed_experts, shape.top_k) == (61, 60, 384, 8)
+    assert shape.attention == "mla" and shape.num_heads == 64
+    # Moonshot's model card: 1T total, 32B activated
+    assert 1.00e12 < shape.params_total < 1.06e12 and 31e9 < shape.params_active < 34e9
+
+
+def _tiny_deepseek(**changes) -> dict:
+    cfg = dict(zoo.load_source("tiny-deepseek-v3").config)
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize("how", ["alias", "architectures", "text_config"])
+def test_renamed_and_nested_configs_build_the_family_they_name(how):
+    if how == "alias":  # a known rename
+        cfg = _tiny_deepseek(model_type="kimi_k2", n_group=1, topk_group=1)
+    elif how == "architectures":  # an unknown model_type whose architecture transformers implements
+        cfg = _tiny_deepseek(model_type="someones_fork_of_dsv3")
+    else:  # a vision-language checkpoint: podplan plans its decoder (text_config), dtype from the outside
+        inner = _tiny_deepseek(model_type="kimi_k2")
+        del inner["torch_dtype"], inner["architectures"]
+        cfg = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+               "torch_dtype": "float32", "text_config": inner, "vision_config": {"hidden_size": 8}}
+    src = zoo.ModelSource(f"renamed-{how}", "test", cfg)
+    model = build_model(src, device="cpu", seed=2)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM" and next(model.parameters()).dtype == torch.float32
+    traced = trace_model(model, src)
+    assert _roles(traced)["routed_experts"] == 2
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (traced.gm(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item() <= 1e-6
+    # the plan's identity is the file as given, not the resolved config
+    assert src.digest() != zoo.load_source("tiny-deepseek-v3").digest()
+
+
 def test_unrecognised_structure_names_module_and_class():
     src = zoo.load_source("tiny-mixtral")
     model = build_model(src, device="meta")

@@ -60,6 +60,11 @@ TINY = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 48, "nu
         (lambda p: _write(p, dict(TINY, model_type="not_a_model")), ["unsupported architecture 'not_a_model'"]),
         (lambda p: _write(p, dict(TINY, hidden_size=-4)), ["'hidden_size' must be a positive integer"]),
         (lambda p: _write(p, [1, 2]), ["must hold a JSON object"]),
+        (lambda p: _write(p, dict(TINY, model_type="not_a_model", architectures=["NotAClass"])),
+         ["unsupported architecture 'not_a_model'"]),
+        # accepted by the config class, refused by the module constructors: still one line
+        (lambda p: _write(p, dict(TINY, pad_token_id=999)), ["cannot build a causal LM for 'mixtral'",
+                                                              "Padding_idx", "model card"]),
         (
             lambda p: _write(p, {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}),
@@ -67,7 +72,7 @@ TINY = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 48, "nu
         ),
     ],
     ids=["unknown-name", "malformed", "unreadable", "missing-field", "topk>experts", "unsupported-arch",
-         "negative", "not-object", "dense"],
+         "negative", "not-object", "unknown-arch-class", "unbuildable", "dense"],
 )
 def test_bad_model_input_is_one_line_exit_2(tmp_path, make, fragments):
     assert_one_line_error(run_cli("trace", make(tmp_path)), *fragments)
