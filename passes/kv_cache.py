@@ -39,14 +39,18 @@ def cached_positions(inputs_embeds: torch.Tensor, past_len: int) -> torch.Tensor
     return (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len).unsqueeze(0)
 
 
-def _frontend_mask(graph: fx.Graph) -> fx.Node:
+def _frontend_masks(graph: fx.Graph) -> list[fx.Node]:
+    """The mask calls: one, or one per attention kind (families mixing full and sliding-window layers)."""
     masks = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == _FRONTEND_MASK]
-    if len(masks) != 1:
+    if not masks:
         raise ConfigError(
-            f"kv-cache: expected one '{_FRONTEND_MASK}' node in the traced graph, found {len(masks)}; "
-            "trace the model with planner.frontend (it routes every causal mask through that function)"
+            f"kv-cache: no '{_FRONTEND_MASK}' node in the traced graph; trace the model with planner.frontend "
+            "(it routes every causal mask through that function)"
         )
-    return masks[0]
+    if len({n.args[1] for n in masks}) != 1:
+        raise ConfigError(f"kv-cache: the {len(masks)} causal masks use different position ids; this family "
+                          "builds its masks in a way podplan does not cache")
+    return masks
 
 
 def _erase_dead(node: fx.Node) -> None:
@@ -78,14 +82,18 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     with graph.inserting_after(past_len):
         cache = _tag(graph.placeholder(PAST_KEY_VALUES, default_value=None), placeholders[0])
 
-    mask = _frontend_mask(graph)
-    embeds, old_positions, window = mask.args[0], mask.args[1], mask.args[2]
-    with graph.inserting_before(mask):
-        positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), mask)
-        new_mask = _tag(graph.call_function(mask.target, (embeds, positions, window, past_len)), mask)
-    mask.replace_all_uses_with(new_mask)
-    graph.erase_node(mask)
-    assert isinstance(old_positions, fx.Node)
+    masks = _frontend_masks(graph)
+    embeds, old_positions = masks[0].args[0], masks[0].args[1]
+    if not isinstance(old_positions, fx.Node):
+        raise ConfigError("kv-cache: the causal mask is built without position ids; this family's model "
+                          "forward is not one podplan can cache")
+    with graph.inserting_before(masks[0]):
+        positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), masks[0])
+    for mask in masks:
+        with graph.inserting_before(mask):
+            new_mask = _tag(graph.call_function(mask.target, (mask.args[0], positions, mask.args[2], past_len)), mask)
+        mask.replace_all_uses_with(new_mask)
+        graph.erase_node(mask)
     old_positions.replace_all_uses_with(positions)
     _erase_dead(old_positions)
 

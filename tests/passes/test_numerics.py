@@ -135,3 +135,38 @@ def test_split_is_lossless_on_random_configs(cfg, groups, seed):
     partition = _random_partition(experts, min(groups, experts), random.Random(seed))
     ids = torch.randint(0, cfg["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(seed))
     _check_lossless(model, program, ids, prompt=5, groups=partition)
+
+
+# --- families that mix full and sliding-window attention layers (one mask per kind) -----------------
+
+SLIDING = {
+    # Qwen2-MoE: layers from max_window_layers on use a window (here layer 1 of 2)
+    "qwen2_moe": dict(model_type="qwen2_moe", use_sliding_window=True, sliding_window=3, max_window_layers=1,
+                      num_experts=8, shared_expert_intermediate_size=24),
+    # Cohere2-MoE: explicit layer_types
+    "cohere2_moe": dict(model_type="cohere2_moe", sliding_window=3, num_experts=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_families_are_lossless_with_a_window_that_bites(family):
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+               num_experts_per_tok=2, intermediate_size=48, moe_intermediate_size=16, max_position_embeddings=64,
+               torch_dtype="float32", pad_token_id=0, bos_token_id=1, eos_token_id=2, **SLIDING[family])
+    src = zoo.ModelSource(name=f"sliding-{family}", origin="test", config=cfg)
+    model = build_model(src, device="cpu", seed=4)
+    assert "sliding_attention" in model.config.layer_types and "full_attention" in model.config.layer_types
+    t = trace_model(model, src)
+    masks = [n for n in t.gm.graph.nodes if getattr(n.target, "__name__", "") == "podplan_causal_mask"]
+    assert len(masks) == 2
+    shape = shape_from_traced(t)
+    program = compile_stages(t, shape, batch=2, seq=7)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    # 8 prompt tokens and a window of 3: the window cuts keys in prefill and in decode
+    _check_lossless(model, program, ids, prompt=8, groups=_random_partition(8, 2, random.Random(family)))
+    # and it matters: the same weights with a window wider than the sequence give other logits
+    full = build_model(zoo.ModelSource(src.name, "test", dict(cfg, sliding_window=64)), device="cpu", seed=4)
+    with torch.no_grad():
+        assert (full(input_ids=ids, use_cache=False).logits - model(input_ids=ids, use_cache=False).logits
+                ).abs().max().item() > 1e-4

@@ -93,3 +93,20 @@ def test_every_golden_local_plan_runs_and_matches():
     assert paths, "plans/ holds no local:N golden plan (issue 6 asks for a tiny model on local:8)"
     for path in paths:
         _assert_matches(spec_from_plan(load_plan(path), prompts=4, prompt_len=4, new_tokens=3))
+
+
+def test_a_sliding_window_family_from_a_config_path(tmp_path):
+    """Qwen2-MoE with layer 1 windowed to 3 keys (not bundled): the runtime masks each layer as its kind wants."""
+    import json
+
+    cfg = dict(model_type="qwen2_moe", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=96, num_experts=8, num_experts_per_tok=2, intermediate_size=48,
+               moe_intermediate_size=16, shared_expert_intermediate_size=24, max_position_embeddings=64,
+               use_sliding_window=True, sliding_window=3, max_window_layers=1, torch_dtype="float32",
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    # its shared expert is gated (two modules): it stays on the attention ranks
+    inst = instance(str(path), "afd-0", ("prefill", "decode"), [0, 1], [2, 3], microbatches=2, slots_per_rank=5,
+                    shared=[0, 1])
+    _assert_matches(RunSpec(str(path), 4, (inst,), prompts=4, prompt_len=6, new_tokens=4, seed=1))
