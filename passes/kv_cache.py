@@ -80,9 +80,11 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     mask = _frontend_mask(graph)
     embeds, old_positions, window = mask.args[0], mask.args[1], mask.args[2]
+    mask_fn = mask.target
+    assert callable(mask_fn), "_frontend_mask returns a call_function node, whose target is the function"
     with graph.inserting_before(mask):
         positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), mask)
-        new_mask = _tag(graph.call_function(mask.target, (embeds, positions, window, past_len)), mask)
+        new_mask = _tag(graph.call_function(mask_fn, (embeds, positions, window, past_len)), mask)
     mask.replace_all_uses_with(new_mask)
     graph.erase_node(mask)
     assert isinstance(old_positions, fx.Node)

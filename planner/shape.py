@@ -6,12 +6,17 @@ the config (the modules hide head counts inside their projections).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
 from costmodels.model_shape import ModelShape
 from planner.frontend import CausalLMRoot, Traced, build_model
 from planner.roles import ModuleRoles, recognise
 from planner.zoo import ModelSource, load_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 def _numel(mod: nn.Module) -> int:
@@ -20,7 +25,7 @@ def _numel(mod: nn.Module) -> int:
 
 def shape_from_traced(traced: Traced) -> ModelShape:
     """Exact parameter counts by role plus the config's attention dimensions."""
-    return _shape(traced.gm, traced.roles, traced.model, traced.source)
+    return _shape(traced.gm, traced.roles, traced.model, traced.config, traced.source)
 
 
 def shape_of(model_name: str) -> ModelShape:
@@ -28,11 +33,11 @@ def shape_of(model_name: str) -> ModelShape:
     src = load_source(model_name)
     model = build_model(src)
     root = CausalLMRoot(model)
-    return _shape(root, recognise(root), model, src)
+    return _shape(root, recognise(root), model, model.config, src)
 
 
-def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, source: ModelSource) -> ModelShape:
-    cfg = model.config
+def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, cfg: PreTrainedConfig,
+           source: ModelSource) -> ModelShape:
     per_layer: dict[tuple[str, int | None], int] = {}
     for path, (role, layer) in roles.leaves.items():
         key = (role, layer)
