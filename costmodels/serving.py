@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from costmodels import comm, compute, memory, opcount
 from costmodels.calibration import Calibration, load_calibration
@@ -68,6 +69,14 @@ class PrefillDeployment:
     kv_dtype: str | None = None
     attn_tp: int = 1
     redundant_experts: int | None = None
+
+
+# Either phase's deployment; the class is the discriminator (estimate() dispatches on it). The
+# fields both have (devices, ep, quant, kv_dtype, microbatches, imbalance, attn_tp,
+# redundant_experts) read fine on the union. Not a shared base dataclass: that would move those
+# fields first, changing the classes' field order and repr(), which search._key uses as its
+# final deterministic tie-break.
+Deployment: TypeAlias = DecodeDeployment | PrefillDeployment
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,13 @@ def _overlapped(compute_us: float, comm_us: float, m: int) -> float:
 
 def _finish(breakdown: dict[str, float]) -> dict[str, float]:
     return {k: v / 1e3 for k, v in breakdown.items()}  # us -> ms
+
+
+def estimate(shape: ModelShape, topo: Topology, dep: Deployment, calibration: Calibration | None = None) -> Estimate:
+    """The estimate of either phase: `estimate_decode` or `estimate_prefill` by the deployment's type."""
+    if isinstance(dep, DecodeDeployment):
+        return estimate_decode(shape, topo, dep, calibration)
+    return estimate_prefill(shape, topo, dep, calibration)
 
 
 # --- decode -----------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ def _sliced(experts: nn.Module, ids: torch.Tensor) -> nn.Module:
         else:
             part._buffers[name] = piece
     if hasattr(part, "num_experts"):
-        part.num_experts = len(ids)
+        # a plain int attribute of transformers' module; setattr because nn.Module's stub only
+        # types tensor and module attributes
+        setattr(part, "num_experts", len(ids))
     return part
 
 
@@ -61,6 +63,8 @@ class ExpertShard(nn.Module):
     Computation goes through transformers' own expert module (top-1 per routed pair), so family
     specifics (activation, gating, biases) are unchanged.
     """
+
+    local_id: torch.Tensor  # [E] local index of each global expert id, -1 if not hosted (a buffer)
 
     def __init__(self, experts: nn.Module, hosted: Sequence[int] | None = None):
         super().__init__()

@@ -90,8 +90,10 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     with graph.inserting_before(masks[0]):
         positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), masks[0])
     for mask in masks:
+        mask_fn = mask.target
+        assert callable(mask_fn), "_frontend_masks returns call_function nodes, whose target is the function"
         with graph.inserting_before(mask):
-            new_mask = _tag(graph.call_function(mask.target, (mask.args[0], positions, mask.args[2], past_len)), mask)
+            new_mask = _tag(graph.call_function(mask_fn, (mask.args[0], positions, mask.args[2], past_len)), mask)
         mask.replace_all_uses_with(new_mask)
         graph.erase_node(mask)
     old_positions.replace_all_uses_with(positions)

@@ -16,6 +16,7 @@ import torch.fx as fx
 from costmodels.errors import PodplanError
 from passes import PASSES, get_pass, meta
 from passes.context import PassContext
+from passes.graphs import stage_module
 
 # Node keys set by the frontend's trace, not by a pass.
 _FRONTEND_KEYS = (meta.ROLE, meta.LAYER, meta.MODULE)
@@ -130,7 +131,7 @@ def format_graph(gm: fx.GraphModule, title: str = "") -> str:
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 lines.append(f"\nstage {node.target}:")
-                lines += _format_nodes(gm.get_submodule(str(node.target)).graph, "  ", in_stage=True)
+                lines += _format_nodes(stage_module(gm, node).graph, "  ", in_stage=True)
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from torch.fx.passes.split_module import split_module
 
 from passes import meta
 from passes.context import PassContext
-from passes.graphs import program_order
+from passes.graphs import program_order, stage_module
 
 NAME = "split"
 NEEDS = (meta.STAGE, meta.STAGE_LAYER, meta.COST)
@@ -67,8 +67,15 @@ def split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Cut the classified graph into stage submodules wired by a top-level graph."""
     grouped = _grouped_by_stage(gm, ctx.shape.num_layers)
     keys = {n.name: meta.stage_key_of(n) for n in grouped.graph.nodes}
+
+    def stage_name(node: fx.Node) -> str:
+        return keys[node.name].name
+
     staged = split_module(
-        grouped, grouped, lambda node: keys[node.name].name,
+        # torch's stub says the callback returns int, but split_module only formats the key into the
+        # partition name (f"submod_{key}"), which is how stages get their names. (It compares keys as
+        # ints only around autocast / set_grad_enabled regions, which traced inference graphs lack.)
+        grouped, grouped, stage_name,  # type: ignore[arg-type]
         keep_original_order=True, keep_original_node_name=True, tuple_return=True,
     )
     by_name = {key.name: key for key in keys.values()}
@@ -76,7 +83,7 @@ def split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in staged.graph.nodes:
         if node.op == "call_module":
             name = str(node.target)[len(_PREFIX):]
-            stage = staged.get_submodule(str(node.target))
+            stage = stage_module(staged, node)
             delattr(staged, str(node.target))
             staged.add_module(name, stage)
             node.target = name
@@ -86,8 +93,10 @@ def split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         elif node.op == "call_function" and node.target is operator.getitem:
             producer, index = node.args
             assert isinstance(producer, fx.Node) and isinstance(index, int)
-            stage = staged.get_submodule(str(producer.target))
-            value = stage.graph.output_node().args[0][index]  # type: ignore[index]
+            outputs = stage_module(staged, producer).graph.output_node().args[0]
+            assert isinstance(outputs, tuple), "tuple_return=True: every stage returns a tuple"
+            value = outputs[index]
+            assert isinstance(value, fx.Node), value
             cost = meta.cost_of(value)
             _set_stage_meta(node, meta.stage_key_of(producer), "other", meta.NodeCost(0, 0, 0.0, 0.0, cost.out_shapes, cost.out_dtype))
         elif node.op == "output":

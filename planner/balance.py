@@ -235,7 +235,11 @@ def balance(
     counts = np.stack([np.bincount(row, minlength=experts) for row in phy2log])
     shares = None
     if split == "weighted":
-        shares = np.stack([s.shares.reshape(-1) for s in solved])
+        rows = []
+        for s in solved:
+            assert s.shares is not None, "every layer solved with split='weighted' carries its shares"
+            rows.append(s.shares.reshape(-1))
+        shares = np.stack(rows)
         slot_load = shares * np.take_along_axis(loads, phy2log, axis=1)
     else:
         slot_load = np.take_along_axis(loads / np.maximum(counts, 1), phy2log, axis=1)
@@ -320,17 +324,17 @@ def _previous(previous, previous_devices, layers, experts, devices, slots) -> li
     if previous is None:
         return None
     try:
-        old = np.asarray(previous, dtype=np.float64)
+        raw = np.asarray(previous, dtype=np.float64)
     except (TypeError, ValueError):
         raise InputError("balance: previous phy2log is not a numeric [layers, slots] matrix") from None
-    if old.ndim != 2 or old.shape[0] != layers or old.shape[1] % slots:
+    if raw.ndim != 2 or raw.shape[0] != layers or raw.shape[1] % slots:
         raise InputError(
-            f"balance: previous phy2log has shape {old.shape}; expected [{layers} layers, "
+            f"balance: previous phy2log has shape {raw.shape}; expected [{layers} layers, "
             f"a multiple of {slots} slots per device]"
         )
-    if old.size and (old.min() < 0 or old.max() >= experts or (old != np.round(old)).any()):
+    if raw.size and (raw.min() < 0 or raw.max() >= experts or (raw != np.round(raw)).any()):
         raise InputError(f"balance: previous phy2log holds ids outside 0..{experts - 1}; pass this model's layout")
-    old = old.astype(np.int64).reshape(layers, -1, slots)
+    old = raw.astype(np.int64).reshape(layers, -1, slots)
     old_count = old.shape[1]
     mapping = list(previous_devices) if previous_devices is not None else [
         d if d < old_count else -1 for d in range(devices)
@@ -394,6 +398,7 @@ def _solve_layer(job: _Job) -> _Layer:
     """One layer: EPLB as is, or our search per node; then the shares and migration."""
     if job.algorithm == "eplb":
         table = job.eplb_table
+        assert table is not None, "balance() gives every layer job EPLB's table"
         bound = balance_search.lower_bound(job.load, job.devices, job.slots)
         shares = balance_ilp.weighted_shares(job.load, table)[0] if job.split == "weighted" else None
         return _Layer(table=table, shares=shares, bound=bound, source="eplb", proven=False)
@@ -450,9 +455,9 @@ def _solve_global(job: _Job) -> _Layer:
     if slots == 2:
         # Step 4: S = 2 pairs big items with small partners; bisect the target load.
         ceiling = min(float(balance_search.table_loads(load, t).max()) for t, _ in candidates)
-        counts = balance_search.pair_search(load, devices, bound, ceiling)
-        if counts is not None:
-            candidates.append((balance_search.layout_from_counts(load, counts, devices, slots), "pairs"))
+        paired = balance_search.pair_search(load, devices, bound, ceiling)
+        if paired is not None:
+            candidates.append((balance_search.layout_from_counts(load, paired, devices, slots), "pairs"))
     table, source = min(candidates, key=lambda c: _key(load, c[0]))
     if job.split == "equal":
         ceiling = float(balance_search.table_loads(load, table).max())
@@ -494,37 +499,20 @@ def _solve_hierarchical(job: _Job) -> _Layer:
     Two group-to-node assignments are solved, EPLB's and a balanced repack of it; the
     layer keeps the one with the lower max device load.
     """
+    eplb_table = job.eplb_table
+    assert eplb_table is not None, "balance() gives every layer job EPLB's table"
     experts = job.load.shape[0]
     group_size = experts // job.groups
     per_node_devices = job.devices // job.nodes
     group_load = job.load.reshape(job.groups, group_size).sum(axis=1)
-    eplb_assign = _eplb_groups(job.eplb_table, group_size, per_node_devices, job.groups)
-    options = [eplb_assign]
+    eplb_assign = _eplb_groups(eplb_table, group_size, per_node_devices, job.groups)
     repacked = _repack_groups(group_load, eplb_assign, job.nodes)
+    # EPLB's node layout is a start only under EPLB's own group assignment.
+    best = _solve_nodes(job, eplb_assign, eplb_table)
     if not np.array_equal(repacked, eplb_assign):
-        options.append(repacked)
-    best = None
-    for assign in options:
-        table = np.zeros((job.devices, job.slots), dtype=np.int64)
-        shares = np.zeros((job.devices, job.slots)) if job.split == "weighted" else None
-        sources = []
-        for node in range(job.nodes):
-            members = np.concatenate([
-                np.arange(g * group_size, (g + 1) * group_size) for g in np.flatnonzero(assign == node)
-            ])
-            rows = slice(node * per_node_devices, (node + 1) * per_node_devices)
-            # EPLB's node layout is a start only under EPLB's own group assignment.
-            start = np.searchsorted(members, job.eplb_table[rows]) if assign is eplb_assign else None
-            sub = _Job(job.load[members], start, per_node_devices, job.slots, 1, 1, job.algorithm, job.split,
-                       job.time_limit, job.seed, None, job.slack)
-            part = _solve_global(sub)
-            table[rows] = members[part.table]
-            if shares is not None:
-                shares[rows] = part.shares
-            sources.append(part.source)
-        peak = _peak(job.load, table, shares)
-        if best is None or peak < best[0] * (1 - 1e-12):
-            best = (peak, table, shares, sources)
+        other = _solve_nodes(job, repacked, None)
+        if other[0] < best[0] * (1 - 1e-12):
+            best = other
     peak, table, shares, sources = best
     # Group locality only adds constraints: the bounds of the whole layer still hold, and
     # the node serving the heaviest group carries it plus G/N - 1 groups at least as heavy
@@ -536,6 +524,34 @@ def _solve_hierarchical(job: _Job) -> _Layer:
     if job.split == "equal":
         bound = max(bound, balance_search.equal_split_bound(job.load, job.devices, job.slots, peak))
     return _Layer(table=table, shares=shares, bound=bound, source="/".join(sorted(set(sources))), proven=False)
+
+
+def _solve_nodes(job: _Job, assign: np.ndarray,
+                 eplb_table: np.ndarray | None) -> tuple[float, np.ndarray, np.ndarray | None, list[str]]:
+    """One group-to-node assignment [G]: each node's experts on its devices, a sub-problem each.
+
+    Returns (max device load, table [D, S], shares [D, S] or None, sources); `eplb_table` [D, S]
+    seeds each node's search, or None.
+    """
+    group_size = job.load.shape[0] // job.groups
+    per_node_devices = job.devices // job.nodes
+    table = np.zeros((job.devices, job.slots), dtype=np.int64)
+    shares = np.zeros((job.devices, job.slots)) if job.split == "weighted" else None
+    sources = []
+    for node in range(job.nodes):
+        members = np.concatenate([
+            np.arange(g * group_size, (g + 1) * group_size) for g in np.flatnonzero(assign == node)
+        ])
+        rows = slice(node * per_node_devices, (node + 1) * per_node_devices)
+        start = np.searchsorted(members, eplb_table[rows]) if eplb_table is not None else None
+        sub = _Job(job.load[members], start, per_node_devices, job.slots, 1, 1, job.algorithm, job.split,
+                   job.time_limit, job.seed, None, job.slack)
+        part = _solve_global(sub)
+        table[rows] = members[part.table]
+        if shares is not None:
+            shares[rows] = part.shares
+        sources.append(part.source)
+    return _peak(job.load, table, shares), table, shares, sources
 
 
 def _eplb_groups(table: np.ndarray, group_size: int, per_node_devices: int, groups: int) -> np.ndarray:

@@ -103,25 +103,25 @@ def exact_equal(
     q = {(e, k): int(round(load[e] / k * scale)) for e in range(experts) for k in ks}
 
     m = cp_model.CpModel()
-    y = {(e, k): m.NewBoolVar(f"y{e}_{k}") for e in range(experts) for k in ks}
-    p = {(e, d, k): m.NewBoolVar(f"p{e}_{d}_{k}") for e in range(experts) for d in range(devices) for k in ks}
+    y = {(e, k): m.new_bool_var(f"y{e}_{k}") for e in range(experts) for k in ks}
+    p = {(e, d, k): m.new_bool_var(f"p{e}_{d}_{k}") for e in range(experts) for d in range(devices) for k in ks}
     for e in range(experts):
-        m.AddExactlyOne(y[e, k] for k in ks)
+        m.add_exactly_one(y[e, k] for k in ks)
         for k in ks:
-            m.Add(sum(p[e, d, k] for d in range(devices)) == k * y[e, k])
+            m.add(sum(p[e, d, k] for d in range(devices)) == k * y[e, k])
         for d in range(devices):
-            m.AddAtMostOne(p[e, d, k] for k in ks)  # never two replicas on one device
-    top = m.NewIntVar(0, slots * _SCALE_UNITS, "T")
+            m.add_at_most_one(p[e, d, k] for k in ks)  # never two replicas on one device
+    top = m.new_int_var(0, slots * _SCALE_UNITS, "T")
     dev_load = []
     for d in range(devices):
-        m.Add(sum(p[e, d, k] for e in range(experts) for k in ks) == slots)
-        v = m.NewIntVar(0, slots * _SCALE_UNITS, f"L{d}")
-        m.Add(v == sum(q[e, k] * p[e, d, k] for e in range(experts) for k in ks))
-        m.Add(v <= top)
+        m.add(sum(p[e, d, k] for e in range(experts) for k in ks) == slots)
+        v = m.new_int_var(0, slots * _SCALE_UNITS, f"L{d}")
+        m.add(v == sum(q[e, k] * p[e, d, k] for e in range(experts) for k in ks))
+        m.add(v <= top)
         dev_load.append(v)
     for d in range(devices - 1):
-        m.Add(dev_load[d] >= dev_load[d + 1])
-    m.Minimize(top)
+        m.add(dev_load[d] >= dev_load[d + 1])
+    m.minimize(top)
 
     if hint is not None:
         _add_hint(m, hint, load, y, p, ks)
@@ -129,13 +129,13 @@ def exact_equal(
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = seed
     solver.parameters.max_deterministic_time = max(time_limit, 0.01)
-    status = solver.Solve(m)
-    bound = max((solver.BestObjectiveBound() - slots / 2) / scale, 0.0)
+    status = solver.solve(m)
+    bound = max((solver.best_objective_bound - slots / 2) / scale, 0.0)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return ExactResult(table=None, bound=bound, optimal=False)
     table = np.zeros((devices, slots), dtype=np.int64)
     for d in range(devices):
-        table[d] = [e for e in range(experts) if any(solver.Value(p[e, d, k]) for k in ks)]
+        table[d] = [e for e in range(experts) if any(solver.value(p[e, d, k]) for k in ks)]
     return ExactResult(table=table, bound=bound, optimal=status == cp_model.OPTIMAL)
 
 
@@ -152,6 +152,6 @@ def _add_hint(m: cp_model.CpModel, hint: np.ndarray, load: np.ndarray, y: dict, 
     order = np.argsort(-loads, kind="stable")
     held = {(int(e), d) for d, row in enumerate(hint[order]) for e in row}
     for (e, k), var in y.items():
-        m.AddHint(var, counts[e] == k)
+        m.add_hint(var, counts[e] == k)
     for (e, d, k), var in p.items():
-        m.AddHint(var, (e, d) in held and counts[e] == k)
+        m.add_hint(var, (e, d) in held and counts[e] == k)

@@ -217,8 +217,8 @@ def pair_counts(load: np.ndarray, devices: int, target: float) -> np.ndarray | N
         pick = (counts < devices) & (size <= target / 2)
         if not pick.any():
             return None
-        key = np.where(pick, counts * (1.0 + size.max()) - size, np.inf)
-        counts[int(np.argmin(key))] += 1
+        rank = np.where(pick, counts * (1.0 + size.max()) - size, np.inf)
+        counts[int(np.argmin(rank))] += 1
     return counts
 
 
@@ -377,9 +377,8 @@ def layout_from_counts(load: np.ndarray, counts: np.ndarray, devices: int, slots
     """Pack counts into a duplicate-free table and polish it with `swap_search`."""
     table = place_rounds(load, counts, devices, slots)
     if has_duplicates(table):
-        table = fix_duplicates(load, table)
-        if table is None:
-            table = place_columns(counts, devices, slots)
+        fixed = fix_duplicates(load, table)
+        table = fixed if fixed is not None else place_columns(counts, devices, slots)
     return swap_search(load, table)
 
 

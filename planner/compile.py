@@ -16,7 +16,7 @@ from costmodels.errors import InputError
 from costmodels.hardware import dtype_bytes
 from costmodels.memory import expert_layout
 from costmodels.model_shape import ModelShape
-from costmodels.serving import DecodeDeployment
+from costmodels.serving import DecodeDeployment, Deployment
 from costmodels.topology import Topology, get_topology
 from passes.annotate import annotate
 from passes.context import PassContext
@@ -53,15 +53,14 @@ class _PhasePlan:
     """Working state of one phase between search and IR."""
 
     name: str
-    cand: Candidate
+    cand: Candidate[Deployment]
     count: int
-    mode: str  # colocated | disaggregated
+    mode: ir.Mode
     attention: int  # devices per instance running attention
     routed: int  # devices per instance holding routed-expert slots
     shared: int  # devices per instance computing shared experts only (0: replicated on routed)
     slots: int  # routed slots per routed device
     redundant: int  # routed slots beyond one per expert (the cost model is re-run with exactly this)
-    balance: BalanceResult | None = None
     slots_of: list[InstanceSlot] = field(default_factory=list)
 
 
@@ -114,7 +113,7 @@ def _layout(shape: ModelShape, topo: Topology, expert_devices: int) -> tuple[int
     return routed, shared, slots, routed * slots - E
 
 
-def _phase_plan(name: str, cand: Candidate, count: int, shape: ModelShape, topo: Topology) -> _PhasePlan:
+def _phase_plan(name: str, cand: Candidate[Deployment], count: int, shape: ModelShape, topo: Topology) -> _PhasePlan:
     dep = cand.deployment
     if isinstance(dep, DecodeDeployment) and dep.mode == "afd":
         routed, shared, slots, red = _layout(shape, topo, dep.moe_devices)
@@ -163,7 +162,7 @@ def _placement(res: BalanceResult, moe_layers: tuple[int, ...]) -> ir.ExpertPlac
 def _instances(pp: _PhasePlan, topo: Topology, shape_has_shared: bool) -> tuple[ir.Instance, ...]:
     d = topo.dies_per_device
     dep = pp.cand.deployment
-    tp = getattr(dep, "attn_tp", 1)
+    tp = dep.attn_tp
     out = []
     for slot in pp.slots_of:
         if not shape_has_shared:
@@ -175,13 +174,13 @@ def _instances(pp: _PhasePlan, topo: Topology, shape_has_shared: bool) -> tuple[
             attention_dp=attn_dies // tp, attention_tp=tp,
             ep=(len(slot.expert_devices) + pp.shared) * d if pp.mode == "disaggregated" else len(slot.devices) * d,
             microbatches=dep.microbatches,
-            batch_per_device=dep.batch_per_device if pp.name == "decode" else dep.tokens_per_device,
+            batch_per_device=dep.batch_per_device if isinstance(dep, DecodeDeployment) else dep.tokens_per_device,
             dp_domains=getattr(dep, "dp_domains", 1) if pp.mode == "disaggregated" else 1,
         ))
     return tuple(out)
 
 
-def _config_line(c: Candidate) -> str:
+def _config_line(c: Candidate[Deployment]) -> str:
     s = c.summary()
     if s["phase"] == "prefill":
         return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
@@ -191,12 +190,13 @@ def _config_line(c: Candidate) -> str:
     return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
 
 
-def _solver_runs(sr: SearchResult, phases: list[_PhasePlan], moe_layers: tuple[int, ...]) -> tuple[ir.SolverRun, ...]:
+def _solver_runs(sr: SearchResult, phases: list[_PhasePlan], balances: dict[str, BalanceResult],
+                 moe_layers: tuple[int, ...]) -> tuple[ir.SolverRun, ...]:
     """The search, then per phase the balancer's worst layer (largest gap to its bound)."""
     runs = [ir.SolverRun(name="search", solver="enumerate", status="EXHAUSTIVE",
                          objective=round(sr.requests_per_s, 6))]
     for pp in phases:
-        res = pp.balance
+        res = balances[pp.name]
         worst = int(np.argmax(res.gap))
         runs.append(ir.SolverRun(
             name=f"balance {pp.name} (worst of {res.layers} layers: layer {moe_layers[worst]})",
@@ -215,7 +215,7 @@ def _status_summary(statuses: tuple[str, ...]) -> str:
     return ",".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
-def _frontier(sr: SearchResult, final: dict[str, Candidate]) -> tuple[ir.FrontierPoint, ...]:
+def _frontier(sr: SearchResult, final: dict[str, Candidate[Deployment]]) -> tuple[ir.FrontierPoint, ...]:
     """The decode Pareto frontier the search kept, plus the chosen point of each phase.
 
     The chosen decode point need not lie on the per-device frontier: the split between phases
@@ -263,13 +263,15 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
               _phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
 
     slots = place(topo, [r for pp in phases for r in _requests(pp)])
+    balances: dict[str, BalanceResult] = {}  # by phase name
     for pp in phases:
         pp.slots_of = [s for s in slots if s.id.startswith(pp.name + "-")]
         say(f"balancing {shape.num_moe_layers} layers for {pp.name}: {pp.routed} devices x {pp.slots} slots")
-        pp.balance = balance(loads, pp.routed, pp.slots, nodes=1, algorithm="ilp", split=opts.split,
-                             time_limit=opts.time_limit, seed=opts.seed)
+        res = balance(loads, pp.routed, pp.slots, nodes=1, algorithm="ilp", split=opts.split,
+                      time_limit=opts.time_limit, seed=opts.seed)
+        balances[pp.name] = res
         # re-score with the imbalance the balancer reached (the mean over layers: layers run in sequence)
-        imb = float(np.mean(pp.balance.max_over_mean))
+        imb = float(np.mean(res.max_over_mean))
         pp.cand = rescore(pp.cand, shape, topo, imb, pp.redundant)
 
     weight_bytes = dtype_bytes(wl.quant)
@@ -278,7 +280,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
     for pp in phases:
         est = pp.cand.estimate
         phase_ir[pp.name] = ir.Phase(
-            instances=_instances(pp, topo, shape.num_shared_experts > 0 and shape.params_shared > 0), experts=(_placement(pp.balance, shape.moe_layers),),
+            instances=_instances(pp, topo, shape.num_shared_experts > 0 and shape.params_shared > 0), experts=(_placement(balances[pp.name], shape.moe_layers),),
             predictions=prediction_of(est), memory=memory_of(est, pp.mode, dies),
         )
     frontier = _frontier(sr, {pp.name: pp.cand for pp in phases})
@@ -290,6 +292,6 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         stages=stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
-                                 solvers=_solver_runs(sr, phases, shape.moe_layers)),
+                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers)),
         prefill=phase_ir["prefill"], decode=phase_ir["decode"], frontier=frontier,
     )

@@ -263,12 +263,10 @@ def _context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dict:
     m, t, wl = plan.model, plan.topology, plan.workload
     first = group.instances[0]
     dies = group.ranks // len(group.devices)
-    instances = []
-    for inst in group.instances:
-        ep_devices = tuple(inst.expert_devices)
-        instances.append({"id": inst.id, "nodes": _nodes(plan, ep_devices, dies)})
-    per_node = sorted({n["ranks"] for i in instances for n in i["nodes"]})
-    nnodes = len(instances[0]["nodes"])
+    nodes = [_nodes(plan, tuple(inst.expert_devices), dies) for inst in group.instances]
+    instances = [{"id": inst.id, "nodes": servers} for inst, servers in zip(group.instances, nodes)]
+    per_node = sorted({server["ranks"] for servers in nodes for server in servers})
+    nnodes = len(nodes[0])
     # attention DP over the EP ranks: the plan's attention TP stays, DP fills the rest (colocated:
     # the same devices; disaggregated: the expert devices host the exported group)
     attn_tp = first.attention_tp if group.ranks % first.attention_tp == 0 else 1

@@ -12,6 +12,7 @@ import contextlib
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 from unittest import mock
 
 import torch
@@ -23,6 +24,9 @@ from costmodels.model_shape import ModelShape
 from passes import meta
 from planner.roles import ModuleRoles, recognise
 from planner.zoo import ModelSource, load_source
+
+if TYPE_CHECKING:  # transformers is imported lazily (check_transformers first); types only here
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 TRANSFORMERS_VERSION = "5.23.0"  # the hooks below depend on v5 internals; see check_transformers()
 
@@ -154,7 +158,8 @@ def _dtype_of(src: ModelSource) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.bfloat16)
 
 
-def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | None = None,
+                seed: int = 0) -> PreTrainedModel:
     """Instantiate transformers' causal-LM class for `src`: no memory on meta, seeded weights elsewhere."""
     from transformers import AutoModelForCausalLM
 
@@ -292,7 +297,9 @@ class LeafTracer(fx.Tracer):
         n = self.length(obj)
         if n is None:
             return super().iter(obj)
-        return iter([obj[i] for i in range(n)])
+        # Proxy gets __getitem__ (like its other operator methods) by setattr at import, so torch's
+        # stub does not list it; at run time this records a getitem node per element.
+        return iter([obj[i] for i in range(n)])  # type: ignore[index]
 
 
 _proxy_len = fx.Proxy.__len__
@@ -327,6 +334,13 @@ class Traced:
     roles: ModuleRoles  # qualified names are relative to gm (prefixed with "lm.")
     source: ModelSource
     model: nn.Module  # the transformers model traced (shares parameters with gm)
+
+    @property
+    def config(self) -> PreTrainedConfig:
+        """The traced transformers model's config; family keys (kv_lora_rank, ...) read as Any."""
+        # nn.Module.__getattr__ types `.config` as Tensor | Module; `model` is declared nn.Module
+        # because runtime ranks may keep a stub-holding GraphModule there, which has no config.
+        return cast("PreTrainedConfig", self.model.config)
 
 
 def _patched_masks(model: nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -20,6 +20,11 @@ from planner.balance import BalanceResult, balance
 from planner.balance_ilp import weighted_shares
 from planner.balance_migrate import keep_positions, migrate, moved_slots
 from planner.loads import read_loads
+
+if TYPE_CHECKING:
+    from costmodels.model_shape import ModelShape
+    from costmodels.serving import Estimate
+    from costmodels.topology import Topology
 
 # Default tolerance on a re-solved layer: keep the layout with the fewest moved slots whose max
 # device load is within this fraction of the from-scratch solve on the surviving devices. The
@@ -432,12 +437,12 @@ def _relay(table: np.ndarray, free: np.ndarray, holds: np.ndarray, projected: np
                     best = key
     if best is None:
         return False
-    _, d, j, d2, j2 = best
-    g = int(table[d2, j2])
-    table[d, j], free[d, j] = g, False
-    table[d2, j2] = e
-    projected[d] += size[g]
-    projected[d2] += size[e] - size[g]
+    _, to_d, to_j, from_d, from_j = best  # g moves from (from_d, from_j) to the free slot (to_d, to_j)
+    g = int(table[from_d, from_j])
+    table[to_d, to_j], free[to_d, to_j] = g, False
+    table[from_d, from_j] = e
+    projected[to_d] += size[g]
+    projected[from_d] += size[e] - size[g]
     return True
 
 
@@ -446,7 +451,7 @@ def _patterns(slots: int) -> np.ndarray:
 
     All splits when few enough (S <= 4), else those exchanging at most k experts."""
     mine, theirs = range(slots), range(slots, 2 * slots)
-    out = []
+    out: list[np.ndarray] = []
     for k in range(slots + 1):
         level = []
         for give in itertools.combinations(mine, k):
@@ -532,7 +537,7 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, st
         topo = get_topology(plan.topology.name)
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild the model means: keep the old numbers
         return phase, f"{keep}: cannot rebuild {source} ({str(exc).splitlines()[0][:100]})"
-    estimates: dict[tuple, object] = {}
+    estimates: dict[tuple, Estimate] = {}
     scored = []
     for inst in phase.instances:
         placement = phase.experts[inst.experts]
@@ -562,23 +567,26 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, st
     return replace(phase, predictions=pred, memory=memory), ""
 
 
-def _estimate(plan: ir.Plan, name: str, inst: ir.Instance, shape, topo, imbalance: float):  # noqa: ANN001, ANN202
+def _estimate(plan: ir.Plan, name: str, inst: ir.Instance, shape: ModelShape, topo: Topology,
+              imbalance: float) -> Estimate:
     """The cost model's estimate of one instance, built the way `planner.search` builds candidates."""
     from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
 
     wl = plan.workload
     if name == "decode":
-        common = dict(batch_per_device=inst.batch_per_device, microbatches=inst.microbatches,
-                      kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
-                      imbalance=imbalance, attn_tp=inst.attention_tp)
+        # what every decode instance shares; the mode and its device counts are replaced below
+        common = DecodeDeployment(batch_per_device=inst.batch_per_device, microbatches=inst.microbatches,
+                                  kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept,
+                                  quant=wl.quant, imbalance=imbalance, attn_tp=inst.attention_tp)
         if inst.mode == "disaggregated":
             moe = len(set(inst.devices) - set(inst.attention_devices))
-            dep = DecodeDeployment(mode="afd", attention_devices=len(inst.attention_devices), moe_devices=moe,
-                                   dp_domains=inst.dp_domains, **common)
+            dep = replace(common, mode="afd", attention_devices=len(inst.attention_devices), moe_devices=moe,
+                          dp_domains=inst.dp_domains)
         else:
-            dep = DecodeDeployment(mode="colocated", devices=len(inst.devices), **common)
+            dep = replace(common, mode="colocated", devices=len(inst.devices))
         return estimate_decode(shape, topo, dep)
-    dep = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
-                            prompt_len=wl.input_len, microbatches=inst.microbatches, prefix_hit_rate=wl.prefix_hit,
-                            quant=wl.quant, imbalance=imbalance, attn_tp=inst.attention_tp)
-    return estimate_prefill(shape, topo, dep)
+    prefill = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
+                                prompt_len=wl.input_len, microbatches=inst.microbatches,
+                                prefix_hit_rate=wl.prefix_hit, quant=wl.quant, imbalance=imbalance,
+                                attn_tp=inst.attention_tp)
+    return estimate_prefill(shape, topo, prefill)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
 from costmodels.errors import InfeasibleError, InputError
 from costmodels.model_shape import ModelShape
-from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate_decode, estimate_prefill
+from costmodels.serving import DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import Topology
 
 BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -47,12 +48,17 @@ class Workload:
     prefill_devices: int | None = None
 
 
+# The deployment type of a candidate: Candidate[DecodeDeployment] for decode, [PrefillDeployment]
+# for prefill; covariant (candidates are frozen) so either is a Candidate[Deployment].
+D = TypeVar("D", bound=Deployment, covariant=True)
+
+
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(Generic[D]):
     """One scored configuration of one phase."""
 
     phase: str
-    deployment: DecodeDeployment | PrefillDeployment
+    deployment: D
     estimate: Estimate
 
     @property
@@ -83,12 +89,12 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SearchResult:
-    decode: Candidate
-    prefill: Candidate
+    decode: Candidate[DecodeDeployment]
+    prefill: Candidate[PrefillDeployment]
     decode_instances: int
     prefill_instances: int
     requests_per_s: float
-    frontier: tuple[Candidate, ...]
+    frontier: tuple[Candidate[DecodeDeployment], ...]
     evaluated: int
     rejected: dict = field(default_factory=dict)
 
@@ -109,9 +115,9 @@ def _thin(sizes: list[int], keep: int = 16) -> list[int]:
     return sorted(picked)
 
 
-def _score(fn, shape, topo, dep, tally: dict) -> Estimate | None:
+def _score(shape: ModelShape, topo: Topology, dep: Deployment, tally: dict) -> Estimate | None:
     try:
-        est = fn(shape, topo, dep)
+        est = estimate(shape, topo, dep)
     except InputError as exc:  # a configuration the model refuses (EP too small for E, ...)
         tally["invalid"] = tally.get("invalid", 0) + 1
         tally.setdefault("example_invalid", str(exc))
@@ -123,19 +129,21 @@ def _score(fn, shape, topo, dep, tally: dict) -> Estimate | None:
     return est
 
 
-def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, tally: dict) -> list[Candidate]:
+def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload,
+                      tally: dict) -> list[Candidate[DecodeDeployment]]:
     """Step 1 + 3 (decode): every feasible configuration within the TPOT target."""
     E = shape.num_routed_experts
-    out: list[Candidate] = []
-    common = dict(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
-                  imbalance=wl.imbalance)
+    out: list[Candidate[DecodeDeployment]] = []
+    # what the workload fixes; each candidate replaces the instance shape, batch and microbatches
+    common = DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
+                              imbalance=wl.imbalance)
     colocated = [] if wl.decode_mode == "afd" else (
         [wl.decode_devices] if wl.decode_devices else _thin(_instance_sizes(topo, min_dies=1)))
     for devices in colocated:
         for mb in MICROBATCHES:
             for batch in BATCHES:
-                dep = DecodeDeployment(mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb, **common)
-                est = _score(estimate_decode, shape, topo, dep, tally)
+                dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
+                est = _score(shape, topo, dep, tally)
                 if est is not None:
                     out.append(Candidate("decode", dep, est))
     # AFD: MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
@@ -155,17 +163,18 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, tally: di
             for domains in DP_DOMAINS:
                 for mb in MICROBATCHES:
                     for batch in BATCHES:
-                        dep = DecodeDeployment(mode="afd", attention_devices=attn, moe_devices=moe, dp_domains=domains,
-                                               batch_per_device=batch, microbatches=mb, **common)
-                        est = _score(estimate_decode, shape, topo, dep, tally)
+                        dep = replace(common, mode="afd", attention_devices=attn, moe_devices=moe,
+                                      dp_domains=domains, batch_per_device=batch, microbatches=mb)
+                        est = _score(shape, topo, dep, tally)
                         if est is not None:
                             out.append(Candidate("decode", dep, est))
     return out
 
 
-def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, tally: dict) -> list[Candidate]:
+def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload,
+                       tally: dict) -> list[Candidate[PrefillDeployment]]:
     """Step 2 + 3 (prefill): every feasible instance within the TTFT target."""
-    out: list[Candidate] = []
+    out: list[Candidate[PrefillDeployment]] = []
     sizes = [wl.prefill_devices] if wl.prefill_devices else _thin(_instance_sizes(topo, min_dies=1), 8)
     for devices in sizes:
         for tokens in PREFILL_TOKENS:
@@ -175,16 +184,28 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, tally: d
                 dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
                                         microbatches=mb, prefix_hit_rate=wl.prefix_hit, quant=wl.quant,
                                         imbalance=wl.imbalance)
-                est = _score(estimate_prefill, shape, topo, dep, tally)
+                est = _score(shape, topo, dep, tally)
                 if est is not None:
                     out.append(Candidate("prefill", dep, est))
     return out
 
 
-def pareto(cands: list[Candidate]) -> list[Candidate]:
+def _tpot(c: Candidate[DecodeDeployment]) -> float:
+    tpot = c.estimate.tpot_ms
+    assert tpot is not None, "estimate_decode always sets tpot_ms"
+    return tpot
+
+
+def _ttft(c: Candidate[PrefillDeployment]) -> float:
+    ttft = c.estimate.ttft_ms
+    assert ttft is not None, "estimate_prefill always sets ttft_ms"
+    return ttft
+
+
+def pareto(cands: list[Candidate[DecodeDeployment]]) -> list[Candidate[DecodeDeployment]]:
     """Decode candidates not dominated in (higher throughput per device, lower TPOT)."""
-    pts = sorted(cands, key=lambda c: (c.estimate.tpot_ms, -c.tput))
-    front: list[Candidate] = []
+    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput))
+    front: list[Candidate[DecodeDeployment]] = []
     best = -1.0
     for c in pts:
         if c.tput > best + 1e-9:
@@ -193,12 +214,13 @@ def pareto(cands: list[Candidate]) -> list[Candidate]:
     return front
 
 
-def _key(c: Candidate) -> tuple:
+def _key(c: Candidate[Deployment]) -> tuple[float, int, str]:
     """Deterministic preference: throughput, then fewer devices, then a stable description."""
     return (round(c.tput, 6), -c.instance_devices, repr(c.deployment))
 
 
-def split_devices(topo: Topology, dec: Candidate, pre: Candidate, wl: Workload) -> tuple[int, int, float]:
+def split_devices(topo: Topology, dec: Candidate[DecodeDeployment], pre: Candidate[PrefillDeployment],
+                  wl: Workload) -> tuple[int, int, float]:
     """Step 4: instance counts (decode, prefill) maximising served requests/s on the topology."""
     out_tokens = wl.output_len
     in_tokens = wl.input_len
@@ -232,29 +254,29 @@ def search(shape: ModelShape, topo: Topology, wl: Workload) -> SearchResult:
             f"{shape.name} on {topo.name}: no memory-feasible {phase} configuration ({why}); "
             "use a larger topology or a lower precision (--quant int8)"
         )
-    dec_ok = [c for c in dec_all if wl.tpot_ms is None or c.estimate.tpot_ms <= wl.tpot_ms]
-    pre_ok = [c for c in pre_all if wl.ttft_ms is None or c.estimate.ttft_ms <= wl.ttft_ms]
+    dec_ok = [c for c in dec_all if wl.tpot_ms is None or _tpot(c) <= wl.tpot_ms]
+    pre_ok = [c for c in pre_all if wl.ttft_ms is None or _ttft(c) <= wl.ttft_ms]
     if not dec_ok:
-        best = min(c.estimate.tpot_ms for c in dec_all)
+        best_tpot = min(_tpot(c) for c in dec_all)
         raise InfeasibleError(
             f"{shape.name} on {topo.name}: no decode configuration meets --tpot-ms {wl.tpot_ms:g} "
-            f"(best feasible TPOT {best:.1f} ms); relax --tpot-ms or raise --mtp-accept"
+            f"(best feasible TPOT {best_tpot:.1f} ms); relax --tpot-ms or raise --mtp-accept"
         )
     if not pre_ok:
-        best = min(c.estimate.ttft_ms for c in pre_all)
+        best_ttft = min(_ttft(c) for c in pre_all)
         raise InfeasibleError(
             f"{shape.name} on {topo.name}: no prefill configuration meets --ttft-ms {wl.ttft_ms:g} "
-            f"(best feasible TTFT {best:.0f} ms); relax --ttft-ms or shorten --input-len"
+            f"(best feasible TTFT {best_ttft:.0f} ms); relax --ttft-ms or shorten --input-len"
         )
     pre = max(pre_ok, key=_key)
     # the best decode configuration of each instance shape, then the split decides between them
-    by_shape: dict[tuple, Candidate] = {}
+    by_shape: dict[tuple[str, int, int, int], Candidate[DecodeDeployment]] = {}
     for c in dec_ok:
         dep = c.deployment
         k = (dep.mode, c.instance_devices, dep.attention_devices, dep.moe_devices)
         if k not in by_shape or _key(c) > _key(by_shape[k]):
             by_shape[k] = c
-    best = None
+    best: tuple[tuple[float, float], Candidate[DecodeDeployment], int, int, float] | None = None
     for c in sorted(by_shape.values(), key=_key, reverse=True):
         nd, np_, rate = split_devices(topo, c, pre, wl)
         if nd == 0:
@@ -273,9 +295,8 @@ def search(shape: ModelShape, topo: Topology, wl: Workload) -> SearchResult:
                         rejected={k: v for k, v in tally.items() if not k.startswith("example")})
 
 
-def rescore(c: Candidate, shape: ModelShape, topo: Topology, imbalance: float, redundant: int) -> Candidate:
+def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float, redundant: int) -> Candidate[D]:
     """Re-estimate a chosen candidate with the plan's exact slot layout (`redundant` replicas) and the
     expert imbalance the balancer actually reached."""
     dep = replace(c.deployment, imbalance=max(1.0, imbalance), redundant_experts=redundant)
-    fn = estimate_decode if c.phase == "decode" else estimate_prefill
-    return Candidate(c.phase, dep, fn(shape, topo, dep))
+    return Candidate(c.phase, dep, estimate(shape, topo, dep))

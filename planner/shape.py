@@ -6,12 +6,17 @@ the config (the modules hide head counts inside their projections).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
 from costmodels.model_shape import ModelShape
 from planner.frontend import CausalLMRoot, Traced, build_model
 from planner.roles import ModuleRoles, recognise
 from planner.zoo import ModelSource, load_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 def _numel(mod: nn.Module) -> int:
@@ -22,7 +27,7 @@ def shape_from_traced(traced: Traced) -> ModelShape:
     """Exact parameter counts by role plus the config's attention dimensions."""
     # Count on the model, not on gm: the trace drops modules the forward never calls (e.g. a
     # rotary embedding a family builds but replaces), and roles name every module the model has.
-    return _shape(CausalLMRoot(traced.model), traced.roles, traced.model, traced.source)
+    return _shape(CausalLMRoot(traced.model), traced.roles, traced.model, traced.config, traced.source)
 
 
 def shape_of(model_name: str) -> ModelShape:
@@ -30,11 +35,11 @@ def shape_of(model_name: str) -> ModelShape:
     src = load_source(model_name)
     model = build_model(src)
     root = CausalLMRoot(model)
-    return _shape(root, recognise(root), model, src)
+    return _shape(root, recognise(root), model, model.config, src)
 
 
-def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, source: ModelSource) -> ModelShape:
-    cfg = model.config
+def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, cfg: PreTrainedConfig,
+           source: ModelSource) -> ModelShape:
     per_layer: dict[tuple[str, int | None], int] = {}
     for path, (role, layer) in roles.leaves.items():
         key = (role, layer)
@@ -79,7 +84,10 @@ def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, source: ModelS
         dense_intermediate=params_dense // (3 * hidden),
         moe_intermediate=params_expert // (3 * hidden),
         num_routed_experts=E,
-        num_shared_experts=int(getattr(cfg, "n_shared_experts", 0) or 0) if params_shared else 0,
+        # DeepSeek counts its shared experts (n_shared_experts); Qwen2-MoE, dots1 and kin hold one shared
+        # MLP (possibly gated) and carry no count: that is one shared expert
+        num_shared_experts=(int(getattr(cfg, "n_shared_experts", None) or getattr(cfg, "num_shared_experts", None)
+                                or 1) if params_shared else 0),
         shared_intermediate=params_shared // (3 * hidden),
         top_k=top_k,
         params_total=total,

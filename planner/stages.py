@@ -175,6 +175,7 @@ class StageInterpreter(fx.Interpreter):
         for name, layout in program.experts.items():
             groups = check_partition(expert_groups, layout.num_experts)
             stage = program.gm.get_submodule(name)
+            assert isinstance(stage, fx.GraphModule), f"stage {name}: the pass manager's staged lint checks this"
             self.shards[name] = [shard_stage(stage, ids) for ids in groups]
 
     def call_module(self, target, args, kwargs):

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from costmodels.errors import InputError
-from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate_decode, estimate_prefill
+from costmodels.serving import DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import get_topology
 
 # Defaults of the flags a user leaves out (None in argparse, so we can tell "not given").
@@ -84,7 +84,7 @@ def _check_phase_flags(args: argparse.Namespace) -> None:
         raise InputError("--devices: with --mode afd give --attention-devices and --moe-devices instead")
 
 
-def build_deployment(args: argparse.Namespace) -> DecodeDeployment | PrefillDeployment:
+def build_deployment(args: argparse.Namespace) -> Deployment:
     """The deployment the flags describe, defaults filled in (values are validated by the cost model)."""
     _check_phase_flags(args)
     common = dict(
@@ -114,10 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from planner.frontend import model_shape
 
     shape = model_shape(args.model)
-    if args.phase == "decode":
-        est = estimate_decode(shape, topo, dep)
-    else:
-        est = estimate_prefill(shape, topo, dep)
+    est = estimate(shape, topo, dep)
     doc = est.to_dict()
     doc.update(model=shape.name, topology=topo.name, topology_sha256=topo.digest(),
                device=topo.hardware.name, dies_per_device=topo.dies_per_device)
