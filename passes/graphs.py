@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from costmodels.errors import ConfigError
+
 from passes import meta
 
 # Placeholder names the kv-cache pass adds after `input_ids` (see passes/kv_cache.py).
@@ -68,6 +70,14 @@ class KVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         entry = self.layers.get(layer_idx)
         return 0 if entry is None else int(entry[0].shape[-2])
+
+    def __getattr__(self, name: str):
+        # Only reached for what the class lacks: a family whose attention keeps more state in the
+        # cache (a sparse-attention indexer, linear-attention states) than keys and values.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ConfigError(f"this family's attention calls past_key_values.{name}(), cache state beyond keys and "
+                          "values that podplan's KV cache does not hold; the family is not supported")
 
 
 def new_kv_cache() -> KVCache:

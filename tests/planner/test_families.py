@@ -53,3 +53,18 @@ def test_unbundled_family_is_lossless(family):
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     groups = _random_partition(8, 2, random.Random(family))
     _check_lossless(model, program, ids, prompt=6, groups=groups)
+
+
+@pytest.mark.parametrize("family,fragment", [
+    ("deepseek_v32", "past_key_values.update_indexer()"),  # sparse-attention indexer state in the cache
+    ("gpt_oss", "lm.model.layers.0.mlp (GptOssMLP): unrecognised structure"),  # a router with a bias
+    ("jamba", "no list of decoder layers with attention"),  # Mamba layers
+])
+def test_unsupported_family_is_one_line_exit_2(family, fragment, tmp_path):
+    import json
+
+    from tests.conftest import assert_one_line_error, run_cli
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(small_config(family)))
+    assert_one_line_error(run_cli("trace", str(path), "--stages"), fragment)
