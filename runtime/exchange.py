@@ -13,12 +13,14 @@ sums the top-k contributions exactly as transformers' batched_mm experts do.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from runtime.interpreter import ExpertCall
 from runtime.routing import ReplicaTable, uniform_of
 from runtime.spec import InstanceSpec
 
@@ -30,16 +32,23 @@ class Pending:
     layer: int
     rows: int  # T: tokens the rank sent for this microbatch
     k: int
-    order: torch.Tensor | None  # [A] permutation: send position -> assignment index
-    weights: torch.Tensor | None  # [T, k]
+    order: torch.Tensor | None  # [A] permutation: send position -> assignment index; None: sent no rows
+    weights: torch.Tensor | None  # [T, k]; None exactly when order is
     in_split: list[int]  # rows sent to each group member
     out_split: list[int]  # rows received from each group member
     slot_of_row: torch.Tensor  # [R] local slot (S = shared) of every received row
     recv: torch.Tensor
-    work: object
-    back: torch.Tensor | None = None
-    combine: object = None
+    work: dist.Work  # the dispatch all_to_all
     has_shared: bool = False
+
+
+@dataclass
+class Combining:
+    """One exchange whose expert outputs are on their way back (what `compute` started)."""
+
+    pending: Pending
+    back: torch.Tensor  # [sum(in_split), H] the rows this rank sent, as the experts return them
+    work: dist.Work  # the combine all_to_all
 
 
 class Exchange:
@@ -60,9 +69,10 @@ class Exchange:
         shared_ranks = [r for r in inst.shared_ranks if r in self.members]
         self.shared_pos = torch.tensor([self.members.index(r) for r in shared_ranks], dtype=torch.int64)
         self.metrics = metrics
-        self.expect = lambda key: None  # the worker installs its program check here
+        self.expect: Callable[[str], None] = lambda key: None  # the worker installs its program check here
 
-    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_split, in_split, *, async_op: bool):
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_split: list[int] | None, in_split: list[int] | None,
+             *, async_op: bool):
         G = len(self.members)
         per_row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
         if in_split is None:  # equal splits: one block of rows to every member
@@ -72,15 +82,19 @@ class Exchange:
         self.metrics["bytes_sent"] += to_others * per_row
         return dist.all_to_all_single(out, inp, out_split, in_split, group=self.group, async_op=async_op)
 
-    def dispatch(self, step: int, mb: int, layer: int, call, keys: torch.Tensor | None) -> Pending:
-        """Route and send one microbatch's rows (call None: this rank sends nothing); returns the exchange."""
+    def dispatch(self, step: int, mb: int, layer: int, outgoing: tuple[ExpertCall, torch.Tensor] | None) -> Pending:
+        """Route and send one microbatch's rows; returns the exchange.
+
+        `outgoing` is the experts node's operands and its tokens' keys [T], or None: this rank sends nothing.
+        """
         G, S = len(self.members), self.S
         t0 = time.perf_counter()
-        if call is None:
+        if outgoing is None:
             dest = slot = torch.zeros(0, dtype=torch.int64)
             send = torch.zeros((0, self.hidden), dtype=self.dtype, device=self.device)
             T, k, order, weights, has_shared = 0, 0, None, None, False
         else:
+            call, keys = outgoing
             T, k = call.ids.shape
             u = uniform_of(keys)
             phys = self.tables[layer].pick(call.ids, u).reshape(-1)  # [T*k] physical slot
@@ -88,7 +102,7 @@ class Exchange:
             slot = phys % S
             src_rows = torch.arange(T).repeat_interleave(k)
             has_shared = call.shared_in is not None
-            if has_shared:
+            if call.shared_in is not None:
                 # shared experts: one more row per token, to a shared rank picked by token
                 pick = (keys % len(self.shared_pos)).to(torch.int64)
                 dest = torch.cat([dest, self.shared_pos[pick]])
@@ -96,7 +110,7 @@ class Exchange:
             key = dest * (S + 1) + slot
             order = torch.sort(key, stable=True).indices
             parts = [call.hidden.reshape(-1, self.hidden)[src_rows.to(call.hidden.device)]]
-            if has_shared:
+            if call.shared_in is not None:
                 parts.append(call.shared_in)
             send = torch.cat(parts)[order.to(call.hidden.device)].contiguous()
             weights = call.weights
@@ -116,7 +130,7 @@ class Exchange:
         self.metrics["clock"]["dispatch"] = self.metrics["clock"].get("dispatch", 0.0) + time.perf_counter() - t0
         return Pending(layer, T, k, order, weights, in_split, out_split, slot_of_row, recv, work, has_shared=has_shared)
 
-    def compute(self, step: int, mb: int, p: Pending) -> None:
+    def compute(self, step: int, mb: int, p: Pending) -> Combining:
         """Wait for the rows, run the hosted slots (and shared experts) on them, send the results back."""
         clock = self.metrics["clock"]
         t0 = time.perf_counter()
@@ -136,26 +150,28 @@ class Exchange:
             idx = shared.to(self.device)
             out[idx] = self.shared[p.layer](p.recv[idx])
         t3 = time.perf_counter()
-        p.back = torch.empty((sum(p.in_split), self.hidden), dtype=self.dtype, device=self.device)
+        back = torch.empty((sum(p.in_split), self.hidden), dtype=self.dtype, device=self.device)
         self.expect(f"step {step} layer {p.layer} mb {mb} combine")
-        p.combine = self._a2a(p.back, out, p.in_split, p.out_split, async_op=True)
+        work = self._a2a(back, out, p.in_split, p.out_split, async_op=True)
         t4 = time.perf_counter()
         clock["dispatch"] = clock.get("dispatch", 0.0) + t1 - t0
         clock["routed_experts"] = clock.get("routed_experts", 0.0) + t2 - t1
         clock["shared_experts"] = clock.get("shared_experts", 0.0) + t3 - t2
         clock["combine"] = clock.get("combine", 0.0) + t4 - t3
         self.metrics["expert_rows"] += int(routed.numel())
+        return Combining(p, back, work)
 
-    def finish(self, p: Pending) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def finish(self, c: Combining) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Wait for the results; (routed output [T, H], shared output [T, H] or None) for the rows sent."""
         t0 = time.perf_counter()
-        p.combine.wait()
+        c.work.wait()
         clock = self.metrics["clock"]
         clock["combine"] = clock.get("combine", 0.0) + time.perf_counter() - t0
-        if p.order is None:
+        p = c.pending
+        if p.order is None or p.weights is None:  # this rank sent no rows
             return None
-        back = torch.empty_like(p.back)
-        back[p.order.to(back.device)] = p.back
+        back = torch.empty_like(c.back)
+        back[p.order.to(back.device)] = c.back
         A = p.rows * p.k
         y = back[:A].view(p.rows, p.k, self.hidden)
         # batched_mm's reduction: weight each top-k output, sum over k, cast to the hidden dtype

@@ -40,16 +40,18 @@ class GraphMap:
 
     @classmethod
     def of(cls, traced: Traced) -> GraphMap:
-        roles, experts, shared = {}, {}, {}
+        roles: dict[fx.Node, str] = {}
+        experts: dict[fx.Node, int] = {}
+        shared: dict[int, list[fx.Node]] = {}
         positions = None
         for node in traced.gm.graph.nodes:
             role, layer = traced.roles.leaves.get(str(node.target), ("other", None)) if node.op == "call_module" \
                 else ("other", None)
             roles[node] = role
             if role == "routed_experts":
-                experts[node] = layer
+                experts[node] = _expert_layer(node, layer)
             elif role == "shared_experts":
-                shared.setdefault(layer, []).append(node)
+                shared.setdefault(_expert_layer(node, layer), []).append(node)
             elif role == "attention" and positions is None:
                 positions = node.kwargs.get("position_ids")
         if not isinstance(positions, fx.Node):
@@ -71,6 +73,20 @@ class GraphMap:
             if not order[src] < order[node] < order[nodes[0]]:
                 raise SpecError(f"{name}: layer {layer} runs its shared experts before the routed ones; put the "
                                 "shared experts on the attention devices")
+
+
+def _expert_layer(node: fx.Node, layer: int | None) -> int:
+    if layer is None:  # internal: planner.roles files every expert module under its decoder layer
+        raise AssertionError(f"experts module {node.target} has no layer")
+    return layer
+
+
+def _shared_input(snode: fx.Node) -> fx.Node:
+    """The one node feeding a remote shared-experts module."""
+    src = snode.args[0]
+    if not isinstance(src, fx.Node):  # internal: GraphMap.check_remote_shared rejects this before any rank starts
+        raise AssertionError(f"shared experts {snode.name} take {src!r}, not a node")
+    return src
 
 
 class StageInterpreter(fx.Interpreter):
@@ -105,12 +121,19 @@ class StageInterpreter(fx.Interpreter):
                 return self.env[node]
         raise AssertionError("advance() after the output node")  # internal: the worker's loop is wrong
 
+    @property
+    def paused_at(self) -> fx.Node:
+        """The routed-experts node the last `advance` stopped at."""
+        if self._pending is None:  # internal: the worker's loop is wrong
+            raise AssertionError("the interpreter is not paused at an experts node")
+        return self._pending
+
     def resume(self, routed: torch.Tensor, shared: torch.Tensor | None) -> None:
         """The experts node's value (and the remote shared experts' output) from the exchange."""
-        node, self._pending = self._pending, None
+        node, self._pending = self.paused_at, None
         if shared is not None:
             (snode,) = self.gmap.shared[self.gmap.experts[node]]
-            self._shared_out[snode] = shared.view(self.env[snode.args[0]].shape)
+            self._shared_out[snode] = shared.view(self.env[_shared_input(snode)].shape)
         self._store(node, routed)
 
     def _pause(self, node: fx.Node, layer: int) -> ExpertCall:
@@ -118,7 +141,7 @@ class StageInterpreter(fx.Interpreter):
         hidden, ids, weights = self.fetch_args_kwargs_from_env(node)[0]
         shared_in = None
         if self.remote_shared and self.gmap.shared.get(layer):
-            src = self.gmap.shared[layer][0].args[0]
+            src = _shared_input(self.gmap.shared[layer][0])
             shared_in = self.env[src].reshape(-1, self.env[src].shape[-1])
         return ExpertCall(layer, hidden, ids, weights, shared_in)
 

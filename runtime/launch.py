@@ -73,7 +73,7 @@ def model_facts(spec: RunSpec) -> ModelFacts:
     from planner.frontend import trace
 
     traced = trace(spec.model, device="meta")
-    cfg = traced.model.config
+    cfg = traced.config
     shared = any(role == "shared_experts" for role, _ in traced.roles.leaves.values())
     facts = ModelFacts(traced.source.name, sorted(traced.roles.experts), traced.roles.num_experts, cfg.vocab_size,
                        int(getattr(cfg, "max_position_embeddings", 1 << 30)), shared)
@@ -261,7 +261,10 @@ def _kill(procs: list) -> None:
 
 def _culprit(procs: list, tmp: Path) -> RankFailure:
     """The rank that failed first for its own reason; peers that only lost their connection come last."""
-    own, died, secondary = [], [], []
+    # (time of the report, rank, message): the earliest report of a group names the culprit
+    own: list[tuple[float, int, str]] = []
+    died: list[tuple[float, int, str]] = []
+    secondary: list[tuple[float, int, str]] = []
     for r, p in enumerate(procs):
         err = tmp / f"rank{r}.error.json"
         if err.exists():

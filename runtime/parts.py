@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,8 +18,12 @@ from planner.frontend import CausalLMRoot, Traced, build_model, trace_model
 from planner.roles import ModuleRoles, recognise
 from planner.zoo import ModelSource, load_source
 from runtime.errors import SpecError
-from runtime.interpreter import GraphMap
+from runtime.interpreter import GraphMap, StageInterpreter
+from runtime.kv import KVStore
 from runtime.spec import InstanceSpec, RunSpec
+
+if TYPE_CHECKING:  # transformers is imported lazily, by build_model; types only here
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -37,6 +42,12 @@ class RankParts:
     experts: dict[int, nn.Module] = field(default_factory=dict)  # layer -> this rank's slots
     shared: dict[int, nn.Module] = field(default_factory=dict)  # layer -> shared experts it serves
     params: int = 0  # parameters this rank holds
+
+    def interpreter(self, *, rank: int, kv: KVStore, remote_shared: bool, clock: dict[str, float]) -> StageInterpreter:
+        """A fresh interpreter of this attention rank's graph (one per microbatch)."""
+        if self.traced is None or self.gmap is None:  # internal: only attention ranks run the graph
+            raise AssertionError(f"rank {rank} has no traced model: build_parts traces it for attention ranks only")
+        return StageInterpreter(self.traced, self.gmap, rank=rank, kv=kv, remote_shared=remote_shared, clock=clock)
 
 
 class _RemoteExperts(nn.Module):
@@ -77,7 +88,7 @@ def check_weights(spec: RunSpec) -> None:
     load_weights(build_model(src, device="meta"), spec.weights, src.name)
 
 
-def build_full(spec: RunSpec, device: torch.device | str = "cpu") -> tuple[ModelSource, nn.Module]:
+def build_full(spec: RunSpec, device: torch.device | str = "cpu") -> tuple[ModelSource, PreTrainedModel]:
     """The monolithic model with the run's weights (seeded, or the checkpoint), built on `device`.
 
     On a GPU with bf16 weights the experts run transformers' grouped_mm kernel (batched_mm gathers a
@@ -105,7 +116,8 @@ def slice_experts(container: nn.Module, logical: list[int]) -> nn.Module:
         new._parameters[name] = nn.Parameter(data, requires_grad=False)
     for name, b in container.named_buffers(recurse=False):
         new._buffers[name] = b[idx.to(b.device)].clone() if b.ndim and b.shape[0] == num and not whole else b
-    new.num_experts = len(logical)
+    # setattr: nn.Module types unknown attributes as Tensor | Module; num_experts is the plain int forward reads
+    setattr(new, "num_experts", len(logical))
     return new
 
 
@@ -147,7 +159,7 @@ def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: tor
                       if role == "shared_experts" and layer == lp.layer]
             if len(shared) == 1:
                 parts.shared[lp.layer] = shared[0]
-    if attention:
+    if traced is not None:  # an attention rank
         # the rank keeps its own modules only: routed (and remote shared) experts become stubs
         gm = traced.gm
         stubs = list(roles.experts.values())

@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,16 +40,16 @@ COLLECTIVE_TIMEOUT_S = 120
 
 @dataclass
 class MicroBatch:
-    """A slice of an attention rank's sequences with its own KV cache and interpreter."""
+    """A slice of an attention rank's sequences with its own interpreter (which holds its KV cache).
+
+    A rank's microbatches are a list with one entry per microbatch index of its instance, None where
+    the rank sends no rows (an expert-only rank, or fewer sequences than microbatches): every member
+    still takes part in that index's exchanges.
+    """
 
     seqs: list[int]
-    interp: StageInterpreter | None = None
-    next_input: torch.Tensor | None = None  # [b, S] token ids of the next step
-    kv: KVStore = field(default_factory=KVStore)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.seqs)
+    interp: StageInterpreter
+    next_input: torch.Tensor  # [b, S] token ids of the next step
 
 
 class RankWorker:
@@ -62,7 +63,9 @@ class RankWorker:
         self.metrics: dict = {"rank": rank, "instance": self.inst.name if self.inst else None,
                               "role": self._role(), "clock": {}, "bytes_sent": 0, "expert_rows": 0,
                               "tokens": 0, "steps": {}}
-        self.results: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}
+        # seq -> step -> (token, last-position logits [V] when the spec keeps them)
+        self.results: dict[int, dict[int, tuple[int, torch.Tensor | None]]] = {}
+        self.collected: list[dict[str, Any]] = []  # rank 0, after gather: every rank's payload, by rank
         self.fault = _parse_fault(os.environ.get(FAULT_ENV), rank)
 
     def _role(self) -> str:
@@ -79,25 +82,24 @@ class RankWorker:
         self.program = programs(self.spec, self.moe_layers)[self.rank]
         self.pc = 0
         self.metrics["params"] = 0
-        if self.inst is not None:  # an idle rank builds nothing
-            self.parts: RankParts = build_parts(self.spec, self.inst, self.rank, self.device)
+        inst = self.inst
+        if inst is not None:  # an idle rank builds nothing
+            self.parts: RankParts = build_parts(self.spec, inst, self.rank, self.device)
             self.metrics["params"] = self.parts.params
         # every rank creates every group, in spec order (new_group is collective over the world)
-        self.groups = {inst.name: dist.new_group(list(inst.ranks)) for inst in self.spec.instances}
-        if self.inst is not None:
+        self.groups = {i.name: dist.new_group(list(i.ranks)) for i in self.spec.instances}
+        if inst is not None:
             p = self.parts
             self.exchange = Exchange(
-                self.inst, self.rank, self.groups[self.inst.name], num_experts=p.num_experts, hidden=p.hidden,
+                inst, self.rank, self.groups[inst.name], num_experts=p.num_experts, hidden=p.hidden,
                 dtype=p.dtype, device=self.device, experts=p.experts, shared=p.shared,
-                remote_shared=remote_shared(self.inst, self.rank), metrics=self.metrics)
-            self.exchange.expect = self.expect
+                remote_shared=remote_shared(inst, self.rank), metrics=self.metrics)
+            self.exchange.expect = lambda key: self.expect(key, group=inst.name)
         self.metrics["setup_s"] = time.perf_counter() - t0
 
-    def expect(self, key: str, kind: str = "coll", peer: int = -1, group: str | None = None) -> None:
-        """Check the next communication against the program the dry run replayed."""
-        if kind == "coll" and group is None:
-            group = self.inst.name
-        got = Op(kind, key, group=group or "", peer=peer)
+    def expect(self, key: str, kind: str = "coll", peer: int = -1, group: str = "") -> None:
+        """Check the next communication against the program the dry run replayed (group: a collective's)."""
+        got = Op(kind, key, group=group, peer=peer)
         want = self.program[self.pc] if self.pc < len(self.program) else None
         if got != want:
             raise AssertionError(f"rank {self.rank} issues {got} but its dry-run program says {want}")
@@ -118,16 +120,7 @@ class RankWorker:
 
     def run_instance(self, inst: InstanceSpec) -> None:
         attention = self.rank in inst.attention_ranks
-        first = "prefill" if "prefill" in inst.phases else "decode"
-        seqs = sequences_of(self.spec, first).get(self.rank, []) if attention else []
-        mbs = [MicroBatch(s) for s in microbatches_of(seqs, inst.microbatches)]
-        if attention:
-            prompts = prompts_of(self.spec, self.parts.vocab).to(self.device)
-            for mb in mbs:
-                mb.interp = StageInterpreter(self.parts.traced, self.parts.gmap, rank=self.rank, kv=mb.kv,
-                                             remote_shared=remote_shared(inst, self.rank),
-                                             clock=self.metrics["clock"])
-                mb.next_input = prompts[mb.seqs]
+        mbs = self._microbatches(inst, attention)
         if inst.phases == ("decode",) and attention:
             self.receive_kv(mbs)
         for step in steps_of(self.spec, inst):
@@ -138,42 +131,58 @@ class RankWorker:
         if inst.phases == ("prefill",) and attention:
             self.send_kv(mbs)
 
-    def run_step(self, step: int, mbs: list[MicroBatch]) -> None:
+    def _microbatches(self, inst: InstanceSpec, attention: bool) -> list[MicroBatch | None]:
+        """The rank's microbatches of its first phase, one per index of the instance (see MicroBatch)."""
+        first = "prefill" if "prefill" in inst.phases else "decode"
+        seqs = sequences_of(self.spec, first).get(self.rank, []) if attention else []
+        chunks = microbatches_of(seqs, inst.microbatches)
+        if not attention:
+            return [None] * len(chunks)
+        prompts = prompts_of(self.spec, self.parts.vocab).to(self.device)
+        shared = remote_shared(inst, self.rank)
+        return [MicroBatch(s, self.parts.interpreter(rank=self.rank, kv=KVStore(), remote_shared=shared,
+                                                     clock=self.metrics["clock"]), prompts[s]) if s else None
+                for s in chunks]
+
+    def run_step(self, step: int, mbs: list[MicroBatch | None]) -> None:
         label = "prefill" if step == 0 else f"decode step {step}"
         with torch.no_grad():
             for mb in mbs:
-                if mb.active:
+                if mb is not None:
                     mb.interp.begin(mb.next_input, label)
             for li, layer in enumerate(self.moe_layers):
                 self.stage = f"{label} layer {layer}"
                 pending = []
                 for i, mb in enumerate(mbs):
-                    call = self._advance(mb, layer) if mb.active else None
+                    outgoing = self._advance(mb, layer) if mb is not None else None
                     if li == 0 and self.fault and self.fault[0] == step:
-                        self._fire(mb.interp._pending.name if call else "expert slots")
-                    keys = token_keys(mb.seqs, mb.interp.past, mb.next_input.shape[1]) if call else None
-                    pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, call, keys))
+                        self._fire(self.fault[1], mb.interp.paused_at.name if mb is not None else "expert slots")
+                    pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, outgoing))
+                combining = []
                 for i, p in enumerate(pending):
-                    self._comm("experts", self.exchange.compute, step, i, p)
-                for mb, p in zip(mbs, pending):
-                    out = self._comm("combine", self.exchange.finish, p)
-                    if mb.active:
+                    combining.append(self._comm("experts", self.exchange.compute, step, i, p))
+                for mb, c in zip(mbs, combining):
+                    out = self._comm("combine", self.exchange.finish, c)
+                    if mb is not None:
                         mb.interp.resume(*out)
             self.stage = f"{label} head"
             for mb in mbs:
-                if mb.active:
+                if mb is not None:
                     self._sample(step, mb)
 
-    def _advance(self, mb: MicroBatch, layer: int) -> ExpertCall:
+    def _advance(self, mb: MicroBatch, layer: int) -> tuple[ExpertCall, torch.Tensor]:
+        """Run mb up to the experts of `layer`: their operands and the tokens' routing keys [T]."""
         call = mb.interp.advance()
         if not isinstance(call, ExpertCall) or call.layer != layer:
             got = f"layer {call.layer}" if isinstance(call, ExpertCall) else "the output"
             raise AssertionError(f"interpreter reached {got}, expected the experts of layer {layer}")
-        return call
+        return call, token_keys(mb.seqs, mb.interp.past, mb.next_input.shape[1])
 
     def _sample(self, step: int, mb: MicroBatch) -> None:
         t0 = time.perf_counter()
         logits = mb.interp.advance()
+        if isinstance(logits, ExpertCall):  # internal: run_step ran every MoE layer first
+            raise AssertionError(f"interpreter reached the experts of layer {logits.layer}, expected the output")
         last = logits[:, -1, :].float()
         tokens = last.argmax(dim=-1)
         ids = tokens.tolist()
@@ -197,8 +206,7 @@ class RankWorker:
         finally:
             self.in_comm = False
 
-    def _fire(self, node: str) -> None:
-        _, action = self.fault
+    def _fire(self, action: str, node: str) -> None:
         self.fault = None
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -208,17 +216,17 @@ class RankWorker:
 
     # --- KV-cache hand-over (prefill instance -> decode instance) -------------------------------
 
-    def send_kv(self, mbs: list[MicroBatch]) -> None:
+    def send_kv(self, mbs: list[MicroBatch | None]) -> None:
         self.stage = "kv hand-over"
-        where = {seq: (mb, row) for mb in mbs for row, seq in enumerate(mb.seqs)}
+        where = {seq: (mb, row) for mb in mbs if mb is not None for row, seq in enumerate(mb.seqs)}
         for src, dst, seqs in kv_routes(self.spec):
             if src != self.rank:
                 continue
-            layers = sorted(next(mb for mb in mbs if mb.active).kv.layers)
+            layers = sorted(next(mb for mb in mbs if mb is not None).interp.kv.layers)
             tensors = []
             for layer in layers:
                 for j in (0, 1):
-                    tensors.append(torch.cat([where[s][0].kv.layers[layer][j][where[s][1]:where[s][1] + 1]
+                    tensors.append(torch.cat([where[s][0].interp.kv.layers[layer][j][where[s][1]:where[s][1] + 1]
                                               for s in seqs]))
             tokens = torch.tensor([self.results[s][0][0] for s in seqs], dtype=torch.int64, device=self.device)
             header, payload = pack(tensors)
@@ -228,7 +236,7 @@ class RankWorker:
             self.metrics["bytes_sent"] += sum(t.numel() * t.element_size() for t in (tokens, header, payload))
             self.metrics["clock"]["kv_transfer"] = self.metrics["clock"].get("kv_transfer", 0.0) + time.perf_counter() - t0
 
-    def receive_kv(self, mbs: list[MicroBatch]) -> None:
+    def receive_kv(self, mbs: list[MicroBatch | None]) -> None:
         self.stage = "kv hand-over"
         got: dict[int, tuple[int, list[torch.Tensor]]] = {}
         layers = list(range(self.parts.num_layers))
@@ -247,11 +255,11 @@ class RankWorker:
                 got[seq] = (int(tokens[row]), [t[row:row + 1] for t in tensors])
             self.metrics["clock"]["kv_transfer"] = self.metrics["clock"].get("kv_transfer", 0.0) + time.perf_counter() - t0
         for mb in mbs:
-            if not mb.active:
+            if mb is None:
                 continue
             per_seq = [got[s][1] for s in mb.seqs]
-            mb.kv = KVStore.from_rows(layers, [torch.cat([p[i] for p in per_seq]) for i in range(2 * len(layers))])
-            mb.interp.kv = mb.kv
+            rows = [torch.cat([p[i] for p in per_seq]) for i in range(2 * len(layers))]
+            mb.interp.kv = KVStore.from_rows(layers, rows)
             mb.interp.past = self.spec.prompt_len
             mb.next_input = torch.tensor([[got[s][0]] for s in mb.seqs], dtype=torch.int64, device=self.device)
 
@@ -261,9 +269,9 @@ class RankWorker:
         self.stage, self.node = "finish", "gather results"
         self.expect("gather results", group=WORLD)
         payload = {"rank": self.rank, "results": self.results, "metrics": self.metrics}
-        out = [None] * self.spec.world_size if self.rank == 0 else None
+        out: list[Any] | None = [None] * self.spec.world_size if self.rank == 0 else None
         self._comm("gather results", dist.gather_object, payload, out, 0)
-        if self.rank == 0:
+        if out is not None:  # rank 0
             self.collected = out
 
 
@@ -320,7 +328,7 @@ def _watch_launcher(pid: int) -> None:
 def write_results(worker: RankWorker, out_dir: Path) -> None:
     """Rank 0: tokens [N, T], logits [N, T, V] and every rank's metrics, in one torch file (atomic)."""
     n, t = worker.spec.prompts, worker.spec.new_tokens
-    merged: dict[int, dict[int, tuple[int, torch.Tensor]]] = {}
+    merged: dict[int, dict[int, tuple[int, torch.Tensor | None]]] = {}
     for item in worker.collected:
         for seq, steps in item["results"].items():
             merged.setdefault(seq, {}).update(steps)
@@ -366,7 +374,7 @@ def forked_main(job: str, env: dict[str, str], log_path: str) -> None:
     alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     if alive is not None:
         os.close(alive)
-        forkserver._forkserver._forkserver_alive_fd = None
+        forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[attr-defined]  # private, see above
     _watch_launcher(int(env["PODPLAN_LAUNCHER_PID"]))
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
