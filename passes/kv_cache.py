@@ -83,10 +83,15 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         cache = _tag(graph.placeholder(PAST_KEY_VALUES, default_value=None), placeholders[0])
 
     masks = _frontend_masks(graph)
+    attentions = [n for n in graph.nodes if n.op == "call_module" and meta.role_of(n) == "attention"]
     embeds, old_positions = masks[0].args[0], masks[0].args[1]
+    if old_positions is None and attentions:
+        # a family that builds its masks without position ids (gpt-oss): the positions are the ones
+        # its attention (rotary embedding) is given
+        old_positions = attentions[0].kwargs.get("position_ids")
     if not isinstance(old_positions, fx.Node):
-        raise ConfigError("kv-cache: the causal mask is built without position ids; this family's model "
-                          "forward is not one podplan can cache")
+        raise ConfigError("kv-cache: neither the causal mask nor the attention takes position ids; this family's "
+                          "model forward is not one podplan can cache")
     with graph.inserting_before(masks[0]):
         positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), masks[0])
     for mask in masks:
@@ -99,7 +104,6 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     old_positions.replace_all_uses_with(positions)
     _erase_dead(old_positions)
 
-    attentions = [n for n in graph.nodes if n.op == "call_module" and meta.role_of(n) == "attention"]
     for node in attentions:
         if PAST_KEY_VALUES not in node.kwargs:
             raise ConfigError(

@@ -186,14 +186,17 @@ def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | 
 
 
 def podplan_causal_mask(
-    inputs_embeds: torch.Tensor, position_ids: torch.Tensor, sliding_window: int, past_len: int = 0
+    inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None, sliding_window: int, past_len: int = 0
 ) -> torch.Tensor:
     """Additive causal mask [B, 1, S, past_len + S] of tensors only (HF's create_causal_mask branches in Python).
 
     Same values as transformers' eager mask: 0 where a query may attend a key, finfo(dtype).min
     elsewhere; sliding_window <= 0 means no window. `past_len` cached keys precede the S new ones
-    (the kv-cache pass and the runtime pass it; the traced graph leaves it 0).
+    (the kv-cache pass and the runtime pass it; the traced graph leaves it 0). Families that build
+    the mask without position ids (gpt-oss) get the new tokens' positions past_len .. past_len + S - 1.
     """
+    if position_ids is None:
+        position_ids = torch.arange(past_len, past_len + inputs_embeds.shape[1], device=inputs_embeds.device)[None, :]
     q_pos = position_ids[:, :, None]  # [B|1, S, 1]
     k_pos = torch.arange(past_len + inputs_embeds.shape[1], device=inputs_embeds.device)[None, None, :]
     allowed = k_pos <= q_pos

@@ -64,7 +64,8 @@ def expert_count(mod: nn.Module) -> int:
     if isinstance(mod, nn.ModuleList):
         return len(mod) if len(mod) >= 2 and all(is_mlp(c) for c in mod) else 0
     params = list(mod.parameters(recurse=False))
-    if not params or any(p.ndim != 3 for p in params):
+    # 3-D weights [E, in, out], and per-expert biases [E, out] beside them (gpt-oss)
+    if not any(p.ndim == 3 for p in params) or any(p.ndim not in (2, 3) for p in params):
         return 0
     lead = {p.shape[0] for p in params}
     return lead.pop() if len(lead) == 1 else 0

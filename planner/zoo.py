@@ -20,6 +20,7 @@ BUNDLED: dict[str, tuple[str, str]] = {
     "kimi-k2": ("moonshotai/Kimi-K2-Instruct", "Kimi K2, 1T MoE: DeepSeek-V3's architecture with 384 experts, 64 heads"),
     "qwen3-235b-a22b": ("Qwen/Qwen3-235B-A22B", "Qwen3 235B MoE, 128 experts top-8, GQA"),
     "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", "Qwen3 30B MoE, 128 experts top-8, GQA"),
+    "gpt-oss-120b": ("openai/gpt-oss-120b", "gpt-oss 120B, 128 experts top-4, alternating 128-token sliding window"),
     "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", "Mixtral 8x7B, 8 experts top-2, GQA"),
     "mixtral-8x22b": ("mistralai/Mixtral-8x22B-v0.1", "Mixtral 8x22B, 8 experts top-2, GQA"),
     "olmoe-1b-7b": ("allenai/OLMoE-1B-7B-0924", "OLMoE 1B-active / 7B, 64 experts top-8"),

@@ -143,6 +143,9 @@ SLIDING = {
     # Qwen2-MoE: layers from max_window_layers on use a window (here layer 1 of 2)
     "qwen2_moe": dict(model_type="qwen2_moe", use_sliding_window=True, sliding_window=3, max_window_layers=1,
                       num_experts=8, shared_expert_intermediate_size=24),
+    # gpt-oss: alternating layers, attention sinks, expert biases, masks built without position ids
+    "gpt_oss": dict(model_type="gpt_oss", sliding_window=3, num_local_experts=8, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"]),
     # Cohere2-MoE: explicit layer_types
     "cohere2_moe": dict(model_type="cohere2_moe", sliding_window=3, num_experts=8,
                         layer_types=["sliding_attention", "full_attention"]),

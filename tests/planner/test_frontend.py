@@ -94,6 +94,18 @@ def test_unnamed_family_traces_without_new_code():
         assert (traced.gm(ids) - model(input_ids=ids, use_cache=False).logits).abs().max().item() <= 1e-6
 
 
+def test_gpt_oss_120b_full_size_on_meta():
+    traced = trace("gpt-oss-120b")
+    shape = shape_from_traced(traced)
+    assert (shape.num_layers, shape.num_moe_layers, shape.num_routed_experts, shape.top_k) == (36, 36, 128, 4)
+    # OpenAI's model card: 116.83B total, 5.13B active; our active count also includes the 0.58B
+    # embedding table (a lookup), as it does for every model
+    assert abs(shape.params_total - 116.83e9) / 116.83e9 < 0.005
+    assert abs(shape.params_active - (5.13e9 + 201088 * 2880)) / 5.7e9 < 0.01
+    masks = [n for n in traced.gm.graph.nodes if getattr(n.target, "__name__", "") == "podplan_causal_mask"]
+    assert sorted(n.args[2] for n in masks) == [0, 128]  # full and 128-token sliding layers
+
+
 def test_kimi_k2_runs_as_deepseek_v3_at_full_size():
     """Kimi K2's config says model_type "kimi_k2" (unknown to transformers); it is DeepSeek-V3's code."""
     src = zoo.load_source("kimi-k2")

@@ -110,3 +110,34 @@ def test_a_sliding_window_family_from_a_config_path(tmp_path):
     inst = instance(str(path), "afd-0", ("prefill", "decode"), [0, 1], [2, 3], microbatches=2, slots_per_rank=5,
                     shared=[0, 1])
     _assert_matches(RunSpec(str(path), 4, (inst,), prompts=4, prompt_len=6, new_tokens=4, seed=1))
+
+
+def test_gpt_oss_with_expert_biases_and_sinks(tmp_path):
+    """gpt-oss: per-expert biases travel with their slots, attention sinks stay in attention, a 3-key window."""
+    import json
+
+    cfg = dict(model_type="gpt_oss", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, vocab_size=96, num_local_experts=8, num_experts_per_tok=2,
+               intermediate_size=16, max_position_embeddings=64, sliding_window=3,
+               layer_types=["sliding_attention", "full_attention"], torch_dtype="float32", pad_token_id=0,
+               eos_token_id=2)
+    from safetensors.torch import save_file
+
+    from runtime.parts import build_full
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    # transformers initialises the expert biases to zero: a checkpoint with random ones makes a wrong
+    # slicing of them visible
+    _, model = build_full(RunSpec(str(path), 1, (), seed=1))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    biases = [k for k in state if k.endswith(("gate_up_proj_bias", "down_proj_bias"))]
+    assert len(biases) == 4
+    for k in biases:
+        state[k] = torch.randn(state[k].shape, generator=gen) * 0.5
+    weights = tmp_path / "w.safetensors"
+    save_file(state, str(weights))
+    # 5 slots per expert rank over 2 ranks: replicated experts, so biases are copied as well as split
+    _assert_matches(disaggregated(str(path), 2, 2, microbatches=2, slots_per_rank=5, prompts=4, prompt_len=6,
+                                  new_tokens=4, seed=1, weights=str(weights)))
