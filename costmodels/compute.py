@@ -91,6 +91,7 @@ def attention_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, seqs: fl
     proj_flops = opcount.matrix_params_flops(shape.params_attention) * tokens
     proj_bytes = shape.params_attention * prec.weight_bytes / tp + 2 * tokens * shape.hidden * dtype_bytes("bf16")
     proj = roofline_us(hw, "dense_gemm", proj_flops, proj_bytes, prec.act_dtype)
+    kv_len = shape.attended_kv(kv_len)  # sliding-window layers read at most their window
     if phase == "decode" and shape.attention == "mla":
         core_flops = opcount.mla_absorbed_core_flops(shape, kv_len) * tokens
     else:

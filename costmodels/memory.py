@@ -139,9 +139,12 @@ def expert_weight_bytes(shape: ModelShape, layout: ExpertLayout, weight_bytes: f
     return params * layers * weight_bytes
 
 
-def kv_bytes(shape: ModelShape, tokens: float, kv_bytes_per_value: float, *, extra_layers: int = 0) -> float:
-    """KV cache of `tokens` cached token positions on one die, all layers."""
-    return tokens * (shape.num_layers + extra_layers) * shape.kv_values_per_token_per_layer() * kv_bytes_per_value
+def kv_bytes(shape: ModelShape, tokens: float, kv_bytes_per_value: float, *, extra_layers: int = 0,
+             seq_len: float | None = None) -> float:
+    """KV cache of `tokens` cached token positions on one die, all layers. With the sequences' length
+    `seq_len`, sliding-window layers keep only their window of each sequence."""
+    keep = shape.attended_kv(seq_len) / seq_len if seq_len else 1.0
+    return tokens * (shape.num_layers * keep + extra_layers) * shape.kv_values_per_token_per_layer() * kv_bytes_per_value
 
 
 def workspace_bytes(shape: ModelShape, tokens: float, pairs: float, logits: float) -> float:

@@ -46,6 +46,10 @@ class ModelShape:
     params_gate: int = 0  # one layer's router
     params_embed: int = 0
     params_head: int = 0  # lm_head + final norm (0 extra if tied)
+    # sliding-window attention: `sliding_layers` of the layers attend only the last `sliding_window`
+    # keys (gpt-oss: every other layer, 128); their KV cache need not keep older tokens
+    sliding_window: int = 0
+    sliding_layers: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -55,6 +59,14 @@ class ModelShape:
     @property
     def num_dense_layers(self) -> int:
         return self.num_layers - len(self.moe_layers)
+
+    def attended_kv(self, kv_len: float) -> float:
+        """Keys one query attends per layer, averaged over the layers, for a context of `kv_len` keys:
+        sliding layers stop at their window. Also the tokens a layer's cache must keep, on average."""
+        if not self.sliding_layers or self.sliding_window <= 0 or kv_len <= self.sliding_window:
+            return kv_len
+        full = self.num_layers - self.sliding_layers
+        return (full * kv_len + self.sliding_layers * self.sliding_window) / self.num_layers
 
     def kv_values_per_token_per_layer(self) -> int:
         """KV-cache values stored per token per layer: MLA latent + rope key, or 2 x kv_heads x head_dim."""

@@ -325,7 +325,7 @@ def _colocated_memory(shape: ModelShape, hw, prec: compute.Precision, layout: me
                       pairs: float, role: str = "decode die") -> list[memory.MemoryUse]:
     common = memory.replicated_weight_bytes(shape, prec.weight_bytes, tp=tp, extra_layers=extra)
     kv = memory.kv_bytes(shape, seqs * compute.kv_replicas(shape, tp) * (kv_len + q), prec.kv_bytes,
-                         extra_layers=extra)
+                         extra_layers=extra, seq_len=kv_len + q)
     work = memory.workspace_bytes(shape, tokens_in_flight, pairs, tokens_in_flight)
     kinds = [("routed experts", False)] + ([("shared expert", True)] if layout.shared_dies else [])
     return [
@@ -423,7 +423,7 @@ def _decode_afd(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: 
         "decode attention die", hw,
         weights=memory.replicated_weight_bytes(shape, prec.weight_bytes, tp=tp, extra_layers=drafts),
         kv=memory.kv_bytes(shape, seqs * compute.kv_replicas(shape, tp) * (dep.kv_len + q), prec.kv_bytes,
-                           extra_layers=drafts),
+                           extra_layers=drafts, seq_len=dep.kv_len + q),
         workspace=memory.workspace_bytes(shape, seqs * q, 0.0, seqs * q))
     moe_uses = [
         memory.use(f"decode MoE die ({name})", hw,
@@ -500,7 +500,8 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     moe_layer = _overlapped(m * (att + gate + moe.compute), m * (tp_comm + moe.comm), m)
     dense_layer = _overlapped(m * (att + ffn), m * 2 * tp_comm, m)
     step_us = n_moe * moe_layer + n_dense * dense_layer + head
-    kv_per_die = memory.kv_bytes(shape, tokens * compute.kv_replicas(shape, tp) / tp, prec.kv_bytes)
+    kv_per_die = memory.kv_bytes(shape, tokens * compute.kv_replicas(shape, tp) / tp, prec.kv_bytes,
+                                 seq_len=dep.prompt_len)
     kv_xfer = comm.kv_transfer_us(topo, kv_per_die)
 
     # Step 3: breakdown summing to TTFT (the batch, then its KV over RDMA to a decode instance);

@@ -55,3 +55,23 @@ def test_int8_never_slower_than_bf16(dsv3):
             dsv3, ASCEND_910C, BF16, tokens=tokens)
         assert compute.lm_head_us(dsv3, ASCEND_910C, INT8, tokens=tokens) <= compute.lm_head_us(
             dsv3, ASCEND_910C, BF16, tokens=tokens)
+
+
+def test_sliding_window_layers_read_at_most_their_window(gqa):
+    import dataclasses
+
+    from costmodels import memory
+
+    half = dataclasses.replace(gqa, sliding_window=128, sliding_layers=gqa.num_layers // 2)
+    # half the layers at 128 keys, half at the full context
+    assert half.attended_kv(8192) == pytest.approx((8192 + 128) / 2)
+    assert half.attended_kv(100) == 100 and gqa.attended_kv(8192) == 8192  # within the window / no window
+    prec = compute.precision("bf16", None, H800)
+    run = dict(seqs=64, q_per_seq=1, kv_len=16384, phase="decode")
+    full_us, half_us = compute.attention_us(gqa, H800, prec, **run), compute.attention_us(half, H800, prec, **run)
+    assert 0.45 < half_us / full_us < 0.6  # memory-bound: the bytes read roughly halve
+    # the KV cache of 64 sequences of 16384 tokens: sliding layers keep 128 of each
+    tokens = 64 * 16384
+    assert memory.kv_bytes(half, tokens, 2.0, seq_len=16384) == pytest.approx(
+        memory.kv_bytes(gqa, tokens, 2.0) * (16384 + 128) / (2 * 16384))
+    assert memory.kv_bytes(gqa, tokens, 2.0, seq_len=16384) == memory.kv_bytes(gqa, tokens, 2.0)

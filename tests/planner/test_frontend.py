@@ -104,6 +104,10 @@ def test_gpt_oss_120b_full_size_on_meta():
     assert abs(shape.params_active - (5.13e9 + 201088 * 2880)) / 5.7e9 < 0.01
     masks = [n for n in traced.gm.graph.nodes if getattr(n.target, "__name__", "") == "podplan_causal_mask"]
     assert sorted(n.args[2] for n in masks) == [0, 128]  # full and 128-token sliding layers
+    # the cost models' view of the windows (from the config) is what the traced attention uses
+    windows = [n.kwargs["attention_mask"].args[2] for n in traced.gm.graph.nodes
+               if n.op == "call_module" and meta.role_of(n) == "attention"]
+    assert (shape.sliding_window, shape.sliding_layers) == (128, sum(1 for w in windows if w == 128)) == (128, 18)
 
 
 def test_kimi_k2_runs_as_deepseek_v3_at_full_size():
