@@ -65,6 +65,7 @@ def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, cfg: PreTraine
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
     if mla:
         head_dim = int(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    window, sliding = _sliding(cfg, roles.num_layers)
     return ModelShape(
         name=source.name,
         num_layers=roles.num_layers,
@@ -99,20 +100,21 @@ def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, cfg: PreTraine
         params_gate=per_layer.get(("moe_gate", ref_moe), 0),
         params_embed=per_layer.get(("embed", None), 0),
         params_head=per_layer.get(("lm_head", None), 0) + per_layer.get(("norm", None), 0),
-        **_sliding(cfg, roles.num_layers),
+        sliding_window=window,
+        sliding_layers=sliding,
     )
 
 
-def _sliding(cfg: PreTrainedConfig, num_layers: int) -> dict[str, int]:
+def _sliding(cfg: PreTrainedConfig, num_layers: int) -> tuple[int, int]:
     """Window and number of sliding-window layers, as transformers' mask functions decide them: per
     `layer_types` where the config has them (gpt-oss, Qwen2-MoE, Cohere2), else every layer when a
     window is set (Mixtral, Mistral)."""
     window = int(getattr(cfg, "sliding_window", None) or 0)
     if window <= 0:
-        return {"sliding_window": 0, "sliding_layers": 0}
+        return 0, 0
     types = getattr(cfg, "layer_types", None)
     if types:
         layers = sum(1 for t in types[:num_layers] if "sliding" in str(t))
     else:
         layers = num_layers if getattr(cfg, "use_sliding_window", True) is not False else 0
-    return {"sliding_window": window if layers else 0, "sliding_layers": layers}
+    return (window if layers else 0), layers
