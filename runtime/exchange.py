@@ -8,6 +8,11 @@ colocated ranks do both. The wire format per layer and microbatch is
   combine:  the expert outputs, same rows, splits reversed.
 Rows leave unweighted and come back unweighted; the attention rank applies the routing weights and
 sums the top-k contributions exactly as transformers' batched_mm experts do.
+
+On a GPU the host waits for the device once per (layer, microbatch): `all_to_all_single` needs the
+split sizes on the host, so the counts come back in one copy. Everything else (replica choice,
+sorting, counting, the received rows' slots) stays on the device, and the receiver finds its routed
+and shared rows as contiguous ranges from those counts, never with `nonzero`.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class Pending:
     weights: torch.Tensor | None  # [T, k]; None exactly when order is
     in_split: list[int]  # rows sent to each group member
     out_split: list[int]  # rows received from each group member
-    slot_of_row: torch.Tensor  # [R] local slot (S = shared) of every received row
+    slot_of_row: torch.Tensor  # [R] local slot (S = shared) of every received row, on the device
+    recv_counts: list[list[int]]  # [G][S+1] rows received from each member per local slot (host)
     recv: torch.Tensor
     work: dist.Work  # the dispatch all_to_all
     has_shared: bool = False
@@ -64,10 +70,17 @@ class Exchange:
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.experts, self.shared = experts, shared
         self.remote_shared = remote_shared
-        self.tables = {lp.layer: ReplicaTable(lp, num_experts) for lp in inst.layers}
-        self.expert_pos = torch.tensor([self.members.index(r) for r in inst.expert_ranks], dtype=torch.int64)
+        self.tables = {lp.layer: ReplicaTable(lp, num_experts).to(device) for lp in inst.layers}
+        self.expert_pos = torch.tensor([self.members.index(r) for r in inst.expert_ranks], dtype=torch.int64,
+                                       device=device)
         shared_ranks = [r for r in inst.shared_ranks if r in self.members]
-        self.shared_pos = torch.tensor([self.members.index(r) for r in shared_ranks], dtype=torch.int64)
+        self.shared_pos = torch.tensor([self.members.index(r) for r in shared_ranks], dtype=torch.int64,
+                                       device=device)
+        self.slot_pattern = torch.arange(self.S + 1, device=device).repeat(len(self.members))  # [G*(S+1)]
+        # token keys and their uniforms on the device, per microbatch of the current step: the same
+        # for every layer of a step, so they cross to the device once per step
+        self._uniforms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._uniforms_step = -1
         self.metrics = metrics
         self.expect: Callable[[str], None] = lambda key: None  # the worker installs its program check here
 
@@ -87,48 +100,70 @@ class Exchange:
 
         `outgoing` is the experts node's operands and its tokens' keys [T], or None: this rank sends nothing.
         """
-        G, S = len(self.members), self.S
+        G, S, dev = len(self.members), self.S, self.device
         t0 = time.perf_counter()
         if outgoing is None:
-            dest = slot = torch.zeros(0, dtype=torch.int64)
-            send = torch.zeros((0, self.hidden), dtype=self.dtype, device=self.device)
+            key = torch.zeros(0, dtype=torch.int64, device=dev)
+            send = torch.zeros((0, self.hidden), dtype=self.dtype, device=dev)
             T, k, order, weights, has_shared = 0, 0, None, None, False
         else:
             call, keys = outgoing
             T, k = call.ids.shape
-            u = uniform_of(keys)
+            keys_d, u = self._keys(step, mb, keys)
             phys = self.tables[layer].pick(call.ids, u).reshape(-1)  # [T*k] physical slot
             dest = self.expert_pos[phys // S]
             slot = phys % S
-            src_rows = torch.arange(T).repeat_interleave(k)
+            src_rows = torch.arange(T, device=dev).repeat_interleave(k)
             has_shared = call.shared_in is not None
             if call.shared_in is not None:
                 # shared experts: one more row per token, to a shared rank picked by token
-                pick = (keys % len(self.shared_pos)).to(torch.int64)
+                pick = keys_d % len(self.shared_pos)
                 dest = torch.cat([dest, self.shared_pos[pick]])
-                slot = torch.cat([slot, torch.full((T,), S, dtype=torch.int64)])
+                slot = torch.cat([slot, torch.full((T,), S, dtype=torch.int64, device=dev)])
             key = dest * (S + 1) + slot
             order = torch.sort(key, stable=True).indices
-            parts = [call.hidden.reshape(-1, self.hidden)[src_rows.to(call.hidden.device)]]
+            parts = [call.hidden.reshape(-1, self.hidden)[src_rows]]
             if call.shared_in is not None:
                 parts.append(call.shared_in)
-            send = torch.cat(parts)[order.to(call.hidden.device)].contiguous()
+            send = torch.cat(parts)[order].contiguous()
             weights = call.weights
-        counts = torch.zeros((G, S + 1), dtype=torch.int64)
-        counts.index_put_((dest, slot), torch.ones_like(dest), accumulate=True)
+        # scatter_add, not bincount: CUDA's bincount reads the maximum back to the host
+        counts = torch.zeros(G * (S + 1), dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
         recv_counts = torch.empty_like(counts)
-        counts_d, recv_counts_d = counts.to(self.device), recv_counts.to(self.device)
         self.expect(f"step {step} layer {layer} mb {mb} counts")
-        self._a2a(recv_counts_d, counts_d, None, None, async_op=False)
-        recv_counts = recv_counts_d.cpu()
-        in_split = counts.sum(1).tolist()
-        out_split = recv_counts.sum(1).tolist()
-        recv = torch.empty((sum(out_split), self.hidden), dtype=self.dtype, device=self.device)
+        self._a2a(recv_counts, counts, None, None, async_op=False)
+        both = torch.cat([counts, recv_counts]).view(2, G, S + 1).tolist()  # the one wait for the device
+        in_split = [sum(row) for row in both[0]]
+        out_split = [sum(row) for row in both[1]]
+        recv = torch.empty((sum(out_split), self.hidden), dtype=self.dtype, device=dev)
         self.expect(f"step {step} layer {layer} mb {mb} dispatch")
         work = self._a2a(recv, send, out_split, in_split, async_op=True)
-        slot_of_row = torch.repeat_interleave(torch.arange(S + 1).repeat(G), recv_counts.reshape(-1))
+        slot_of_row = torch.repeat_interleave(self.slot_pattern, recv_counts, output_size=recv.shape[0])
         self.metrics["clock"]["dispatch"] = self.metrics["clock"].get("dispatch", 0.0) + time.perf_counter() - t0
-        return Pending(layer, T, k, order, weights, in_split, out_split, slot_of_row, recv, work, has_shared=has_shared)
+        return Pending(layer, T, k, order, weights, in_split, out_split, slot_of_row, both[1], recv, work,
+                       has_shared=has_shared)
+
+    def _keys(self, step: int, mb: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens' keys and replica-choice uniforms on the device, computed once per (step, microbatch)."""
+        if step != self._uniforms_step:
+            self._uniforms, self._uniforms_step = {}, step
+        if mb not in self._uniforms:
+            keys_d = keys.to(self.device)
+            self._uniforms[mb] = (keys_d, uniform_of(keys_d))
+        return self._uniforms[mb]
+
+    def _ranges(self, p: Pending) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Row ranges of the received rows: routed ones and shared ones, per sending member.
+
+        Rows arrive grouped by sender, each group sorted by local slot, so a sender's routed rows come
+        first and its shared-expert rows (slot S) last."""
+        routed, shared, at = [], [], 0
+        for row in p.recv_counts:
+            n_routed = sum(row[:self.S])
+            routed.append((at, at + n_routed))
+            shared.append((at + n_routed, at + n_routed + row[self.S]))
+            at += n_routed + row[self.S]
+        return [r for r in routed if r[1] > r[0]], [r for r in shared if r[1] > r[0]]
 
     def compute(self, step: int, mb: int, p: Pending) -> Combining:
         """Wait for the rows, run the hosted slots (and shared experts) on them, send the results back."""
@@ -137,18 +172,24 @@ class Exchange:
         p.work.wait()
         t1 = time.perf_counter()
         out = torch.empty_like(p.recv)
-        # row bookkeeping stays on the host: no device sync for nonzero()
-        routed = (p.slot_of_row < self.S).nonzero().squeeze(1)
-        shared = (p.slot_of_row == self.S).nonzero().squeeze(1)
-        if routed.numel():
-            idx = routed.to(self.device)
-            rows = p.recv[idx]
+        routed, shared = self._ranges(p)
+        n_routed = sum(b - a for a, b in routed)
+        if routed:
+            rows = torch.cat([p.recv[a:b] for a, b in routed])
+            slots = torch.cat([p.slot_of_row[a:b] for a, b in routed])
             ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-            out[idx] = self.experts[p.layer](rows, p.slot_of_row[routed][:, None].to(self.device), ones)
+            y = self.experts[p.layer](rows, slots[:, None], ones)
+            at = 0
+            for a, b in routed:
+                out[a:b] = y[at:at + b - a]
+                at += b - a
         t2 = time.perf_counter()
-        if shared.numel():
-            idx = shared.to(self.device)
-            out[idx] = self.shared[p.layer](p.recv[idx])
+        if shared:
+            y = self.shared[p.layer](torch.cat([p.recv[a:b] for a, b in shared]))
+            at = 0
+            for a, b in shared:
+                out[a:b] = y[at:at + b - a]
+                at += b - a
         t3 = time.perf_counter()
         back = torch.empty((sum(p.in_split), self.hidden), dtype=self.dtype, device=self.device)
         self.expect(f"step {step} layer {p.layer} mb {mb} combine")
@@ -158,7 +199,7 @@ class Exchange:
         clock["routed_experts"] = clock.get("routed_experts", 0.0) + t2 - t1
         clock["shared_experts"] = clock.get("shared_experts", 0.0) + t3 - t2
         clock["combine"] = clock.get("combine", 0.0) + t4 - t3
-        self.metrics["expert_rows"] += int(routed.numel())
+        self.metrics["expert_rows"] += n_routed
         return Combining(p, back, work)
 
     def finish(self, c: Combining) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -171,7 +212,7 @@ class Exchange:
         if p.order is None or p.weights is None:  # this rank sent no rows
             return None
         back = torch.empty_like(c.back)
-        back[p.order.to(back.device)] = c.back
+        back[p.order] = c.back
         A = p.rows * p.k
         y = back[:A].view(p.rows, p.k, self.hidden)
         # batched_mm's reduction: weight each top-k output, sum over k, cast to the hidden dtype

@@ -54,9 +54,14 @@ class ReplicaTable:
             self.cum[e, len(r) - 1] = 1.0  # rounding must never leave u above the last bound
             self.slots[e, len(r):] = r[-1]
 
+    def to(self, device: torch.device) -> ReplicaTable:
+        """The table on `device`, so picking needs no copy of the routing ids to the host."""
+        self.slots, self.cum = self.slots.to(device), self.cum.to(device)
+        return self
+
     def pick(self, expert_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Slots [T, k] for expert ids [T, k] and per-token uniforms u [T]."""
-        ids = expert_ids.to(torch.int64).cpu()
+        """Slots [T, k] for expert ids [T, k] and per-token uniforms u [T], on the table's device."""
+        ids = expert_ids.to(torch.int64)
         cum = self.cum[ids]  # [T, k, X]
         idx = (u[:, None, None] >= cum).sum(-1).clamp(max=self.slots.shape[1] - 1)
         return torch.gather(self.slots[ids], 2, idx[..., None]).squeeze(-1)
