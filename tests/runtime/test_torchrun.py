@@ -92,3 +92,15 @@ def test_bad_job_dirs_get_one_line(plan_file, tmp_path):
     a_file.write_text("x")
     assert_one_line_error(run_cli("run", str(plan_file), "--job-dir", str(a_file)), "is a file")
     assert_one_line_error(run_cli("run", str(tmp_path), "--job-dir", str(tmp_path / "x")), "already a job directory")
+
+
+def test_a_gpu_job_is_written_on_a_host_without_gpus(plan_file, tmp_path):
+    """The ranks of a --job-dir run elsewhere: this host's lack of CUDA is not checked, the plan still is."""
+    proc = run_cli("run", str(plan_file), "--backend", "nccl", "--job-dir", str(tmp_path / "job"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["backend"] == "nccl"
+    # run here, on a host with fewer GPUs than ranks, the same plan is refused before any process starts
+    import torch
+
+    if torch.cuda.device_count() < 4:
+        assert_one_line_error(run_cli("run", str(plan_file), "--backend", "nccl"), "backend nccl needs")
