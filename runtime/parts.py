@@ -93,7 +93,9 @@ def build_full(spec: RunSpec, device: torch.device | str = "cpu") -> tuple[Model
 
     On a GPU with bf16 weights the experts run transformers' grouped_mm kernel (batched_mm gathers a
     weight copy per token, far too slow at full size); everywhere else batched_mm, which the CPU
-    reference uses too. Seeded weights are identical on CPU and on every GPU of one kind.
+    reference uses too. Seeded weights depend on the device's generator: identical on every GPU (and
+    on every CPU), but a GPU's differ from a CPU's, so an NCCL run's reference is built on a GPU
+    (`runtime.reference.reference_device`).
     """
     src = load_source(spec.model)
     model = build_model(src, device=str(device), seed=spec.seed)

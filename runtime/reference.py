@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.errors import SpecError
 from runtime.parts import build_full
 from runtime.spec import RunSpec, prompts_of
 
@@ -24,13 +25,29 @@ class Check:
         return self.tokens_match and self.max_abs_diff <= self.tolerance
 
 
+def reference_device(spec: RunSpec) -> str:
+    """Where the reference must run to hold the run's weights.
+
+    Seeded weights are drawn by the generator of the device the model is built on: the CPU's and
+    CUDA's give different numbers for one seed. An NCCL run's ranks draw theirs on their GPUs, so its
+    reference is built on a GPU too (identical draws on every GPU); a checkpoint is the same anywhere.
+    """
+    if spec.backend != "nccl" or spec.weights:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SpecError("the seeded weights of an nccl run are drawn on the GPU, and this host has none to "
+                        "rebuild them: check on a GPU host, or run with --weights (a checkpoint checks anywhere)")
+    return "cuda:0"
+
+
 def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """Tokens [N, T], last-position logits [N, T, V] (fp32) and the weights' dtype, from the monolithic model."""
     from transformers import DynamicCache
 
-    _, model = build_full(spec)
+    device = reference_device(spec)
+    _, model = build_full(spec, device)
     dtype = next(model.parameters()).dtype
-    ids = prompts_of(spec, model.config.vocab_size)
+    ids = prompts_of(spec, model.config.vocab_size).to(device)
     cache = DynamicCache(config=model.config)
     tokens, logits = [], []
     with torch.no_grad():
@@ -41,7 +58,7 @@ def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
             tokens.append(nxt)
             logits.append(last)
             ids = nxt[:, None]
-    return torch.stack(tokens, 1), torch.stack(logits, 1), dtype
+    return torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu(), dtype
 
 
 def tolerance_for(dtype: torch.dtype) -> float:

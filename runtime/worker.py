@@ -413,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PODPLAN_CLIENT_STORE"):  # the launcher serves the store (torchrun: rank 0 does)
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), spec.world_size,
                                   is_master=False, timeout=timeout)
-        dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size, timeout=timeout, store=store)
+        # NCCL: bind the group to this rank's GPU, rather than letting torch guess it from the rank
+        dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size, timeout=timeout, store=store,
+                                device_id=device if device.type == "cuda" else None)
         worker = RankWorker(spec, rank, device)
         worker.setup()
         worker.run()

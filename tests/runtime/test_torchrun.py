@@ -104,3 +104,24 @@ def test_a_gpu_job_is_written_on_a_host_without_gpus(plan_file, tmp_path):
 
     if torch.cuda.device_count() < 4:
         assert_one_line_error(run_cli("run", str(plan_file), "--backend", "nccl"), "backend nccl needs")
+
+
+def test_the_reference_of_a_gpu_run_is_built_where_its_weights_were_drawn(tmp_path):
+    """Seeded weights differ between the CPU's and CUDA's generators: an nccl run is checked on a GPU."""
+    import dataclasses
+
+    import torch
+
+    from runtime.errors import SpecError
+    from runtime.reference import reference_device
+    from tests.runtime.conftest import colocated
+
+    gloo = colocated("tiny-qwen3-moe", 2)
+    nccl = dataclasses.replace(gloo, backend="nccl")
+    assert reference_device(gloo) == "cpu"
+    assert reference_device(dataclasses.replace(nccl, weights=str(tmp_path / "w.safetensors"))) == "cpu"
+    if torch.cuda.is_available():
+        assert reference_device(nccl) == "cuda:0"
+    else:
+        with pytest.raises(SpecError, match="drawn on the GPU.*--weights"):
+            reference_device(nccl)
