@@ -6,7 +6,7 @@ against transformers' `generate` on one GPU and against the HBM-bandwidth roofli
     .venv/bin/python bench/gpu_decode.py --model tiny-qwen3-moe   # a smoke test of the GPU path
 
 The model is the bundled config with seeded random bf16 weights (built on each GPU: identical on
-every GPU of one kind). Baseline: `generate` (greedy, KV cache) of the same model on GPU 0; its
+every GPU, though not to a CPU build of the same seed). Baseline: `generate` (greedy, KV cache) of the same model on GPU 0; its
 decode rate is (tokens of a T-token run - tokens of a 1-token run) / time difference. Runtime: one
 rank per GPU, attention ranks first, then expert ranks; decode rate = batch / measured TPOT.
 Roofline: a decode step must read every active weight once from HBM (attention + norms + head, the
