@@ -23,7 +23,22 @@ PREFILL_FIX = "lower --tokens-per-device, quantise (--quant int8/fp8), or spread
 
 
 @dataclass(frozen=True)
-class DecodeDeployment:
+class _Deployment:
+    """What every instance is given, either phase: its size, EP, precision, microbatches, the expert
+    imbalance the balancer reached, attention head-TP and the redundant expert slots."""
+
+    devices: int = 0
+    ep: int = 0
+    quant: str = "bf16"
+    kv_dtype: str | None = None
+    microbatches: int = 1
+    imbalance: float = 1.0
+    attn_tp: int = 1
+    redundant_experts: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodeDeployment(_Deployment):
     """A decode instance. Counts of devices are chips (NPU) or GPUs; EP and TP count dies.
 
     colocated: `devices` run attention (DP per die, or head-TP `attn_tp`) and hold expert slots,
@@ -34,48 +49,28 @@ class DecodeDeployment:
     """
 
     mode: str = "colocated"
-    devices: int = 0
     attention_devices: int = 0
     moe_devices: int = 0
     dp_domains: int = 1
-    ep: int = 0
     batch_per_device: float = 96
     kv_len: int = 4096
     mtp_accept: float = 0.0
-    quant: str = "bf16"
-    kv_dtype: str | None = None
-    microbatches: int = 1
-    imbalance: float = 1.0
-    attn_tp: int = 1
-    redundant_experts: int | None = None
 
 
 @dataclass(frozen=True)
-class PrefillDeployment:
+class PrefillDeployment(_Deployment):
     """A prefill instance of `devices` devices (0 = all), EP over `ep` dies (0 = all of them).
 
     Each device processes `tokens_per_device` prompt tokens per batch, in prompts of `prompt_len`;
     a share `prefix_hit_rate` of every prompt is already cached (not recomputed, still attended).
     """
 
-    devices: int = 0
-    ep: int = 0
     tokens_per_device: int = 16384
     prompt_len: int = 4096
-    microbatches: int = 1
-    imbalance: float = 1.0
     prefix_hit_rate: float = 0.0
-    quant: str = "bf16"
-    kv_dtype: str | None = None
-    attn_tp: int = 1
-    redundant_experts: int | None = None
 
 
-# Either phase's deployment; the class is the discriminator (estimate() dispatches on it). The
-# fields both have (devices, ep, quant, kv_dtype, microbatches, imbalance, attn_tp,
-# redundant_experts) read fine on the union. Not a shared base dataclass: that would move those
-# fields first, changing the classes' field order and repr(), which search._key uses as its
-# final deterministic tie-break.
+# Either phase's deployment; the class is the discriminator (estimate() dispatches on it).
 Deployment: TypeAlias = DecodeDeployment | PrefillDeployment
 
 

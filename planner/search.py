@@ -13,8 +13,10 @@ Step 4: for the best decode candidate of each instance shape and the best prefil
 
 from __future__ import annotations
 
+import json
+
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Generic, TypeVar
 
 from costmodels.errors import InfeasibleError, InputError
@@ -215,8 +217,9 @@ def pareto(cands: list[Candidate[DecodeDeployment]]) -> list[Candidate[DecodeDep
 
 
 def _key(c: Candidate[Deployment]) -> tuple[float, int, str]:
-    """Deterministic preference: throughput, then fewer devices, then a stable description."""
-    return (round(c.tput, 6), -c.instance_devices, repr(c.deployment))
+    """Deterministic preference: throughput, then fewer devices, then a stable description (fields by
+    name, so it does not depend on the order the dataclass declares them in)."""
+    return (round(c.tput, 6), -c.instance_devices, json.dumps(asdict(c.deployment), sort_keys=True))
 
 
 def split_devices(topo: Topology, dec: Candidate[DecodeDeployment], pre: Candidate[PrefillDeployment],
