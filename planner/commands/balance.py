@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from costmodels.errors import InputError
+from planner.commands.args import at_least, output_file
 from planner.balance import (
     ALGORITHMS,
     DEFAULT_MIGRATION_SLACK,
@@ -61,14 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.is_dir():
-        raise InputError(f"balance: output {out} is a directory; pass a file path such as {out / 'balance.json'}")
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"balance: --workers must be >= 1 (got {args.workers})")
-    for flag, value in (("--layers", args.layers), ("--experts", args.experts)):
-        if value is not None and value < 1:
-            raise InputError(f"balance: {flag} must be >= 1 (got {value})")
+    out = output_file("balance", args.output, "balance.json")
+    for flag, value in (("--workers", args.workers), ("--layers", args.layers), ("--experts", args.experts)):
+        at_least("balance", flag, value, 1)
     loads = read_loads(args.loads, layers=args.layers, experts=args.experts, seed=args.seed)
     previous = _read_previous(args.previous) if args.previous else None
     result = balance(

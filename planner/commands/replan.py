@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from costmodels.errors import InputError
+from planner.commands.args import at_least, output_file
 from planner.console import stderr_console, stdout_console
 from planner.replan import DEFAULT_SLACK, ReplanResult
 
@@ -42,15 +43,11 @@ def run(args: argparse.Namespace) -> int:
     from planner.plan import load_plan, write_plan
     from planner.replan import parse_device_ids, plan_loads, replan
 
-    out = Path(args.output)
-    if out.is_dir():
-        raise InputError(f"replan: output {out} is a directory; pass a file path such as {out / 'plan.json'}")
+    out = output_file("replan", args.output, "plan.json")
     if not args.failed_devices and not args.loads:
         raise InputError("replan: nothing to do; give --failed-devices IDS and/or --loads NEW")
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"replan: --workers must be >= 1 (got {args.workers})")
-    if args.seed is not None and args.seed < 0:
-        raise InputError(f"replan: --seed must be >= 0 (got {args.seed})")
+    at_least("replan", "--workers", args.workers, 1)
+    at_least("replan", "--seed", args.seed, 0)
     plan = load_plan(args.plan)
     failed = parse_device_ids(args.failed_devices, plan.topology.num_devices, plan.topology.name) \
         if args.failed_devices else ()
