@@ -30,6 +30,15 @@ from runtime.routing import ReplicaTable, uniform_of
 from runtime.spec import InstanceSpec
 
 
+@dataclass(frozen=True)
+class TokenRoute:
+    """One microbatch's tokens in one step, on the device: their keys [T] and the uniforms [T] that
+    choose their replicas. The same for every layer of the step, so it is made once per step."""
+
+    keys: torch.Tensor
+    uniforms: torch.Tensor
+
+
 @dataclass
 class Pending:
     """One (layer, microbatch) exchange in flight."""
@@ -77,10 +86,6 @@ class Exchange:
         self.shared_pos = torch.tensor([self.members.index(r) for r in shared_ranks], dtype=torch.int64,
                                        device=device)
         self.slot_pattern = torch.arange(self.S + 1, device=device).repeat(len(self.members))  # [G*(S+1)]
-        # token keys and their uniforms on the device, per microbatch of the current step: the same
-        # for every layer of a step, so they cross to the device once per step
-        self._uniforms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._uniforms_step = -1
         self.metrics = metrics
         self.expect: Callable[[str], None] = lambda key: None  # the worker installs its program check here
 
@@ -95,10 +100,10 @@ class Exchange:
         self.metrics["bytes_sent"] += to_others * per_row
         return dist.all_to_all_single(out, inp, out_split, in_split, group=self.group, async_op=async_op)
 
-    def dispatch(self, step: int, mb: int, layer: int, outgoing: tuple[ExpertCall, torch.Tensor] | None) -> Pending:
+    def dispatch(self, step: int, mb: int, layer: int, outgoing: tuple[ExpertCall, TokenRoute] | None) -> Pending:
         """Route and send one microbatch's rows; returns the exchange.
 
-        `outgoing` is the experts node's operands and its tokens' keys [T], or None: this rank sends nothing.
+        `outgoing` is the experts node's operands and its tokens' route, or None: this rank sends nothing.
         """
         G, S, dev = len(self.members), self.S, self.device
         t0 = time.perf_counter()
@@ -107,17 +112,16 @@ class Exchange:
             send = torch.zeros((0, self.hidden), dtype=self.dtype, device=dev)
             T, k, order, weights, has_shared = 0, 0, None, None, False
         else:
-            call, keys = outgoing
+            call, route = outgoing
             T, k = call.ids.shape
-            keys_d, u = self._keys(step, mb, keys)
-            phys = self.tables[layer].pick(call.ids, u).reshape(-1)  # [T*k] physical slot
+            phys = self.tables[layer].pick(call.ids, route.uniforms).reshape(-1)  # [T*k] physical slot
             dest = self.expert_pos[phys // S]
             slot = phys % S
             src_rows = torch.arange(T, device=dev).repeat_interleave(k)
             has_shared = call.shared_in is not None
             if call.shared_in is not None:
                 # shared experts: one more row per token, to a shared rank picked by token
-                pick = keys_d % len(self.shared_pos)
+                pick = route.keys % len(self.shared_pos)
                 dest = torch.cat([dest, self.shared_pos[pick]])
                 slot = torch.cat([slot, torch.full((T,), S, dtype=torch.int64, device=dev)])
             key = dest * (S + 1) + slot
@@ -143,14 +147,10 @@ class Exchange:
         return Pending(layer, T, k, order, weights, in_split, out_split, slot_of_row, both[1], recv, work,
                        has_shared=has_shared)
 
-    def _keys(self, step: int, mb: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens' keys and replica-choice uniforms on the device, computed once per (step, microbatch)."""
-        if step != self._uniforms_step:
-            self._uniforms, self._uniforms_step = {}, step
-        if mb not in self._uniforms:
-            keys_d = keys.to(self.device)
-            self._uniforms[mb] = (keys_d, uniform_of(keys_d))
-        return self._uniforms[mb]
+    def route(self, keys: torch.Tensor) -> TokenRoute:
+        """The route of tokens with keys [T] (`runtime.routing.token_keys`), moved to the device once."""
+        keys_d = keys.to(self.device)
+        return TokenRoute(keys_d, uniform_of(keys_d))
 
     def _ranges(self, p: Pending) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Row ranges of the received rows: routed ones and shared ones, per sending member.

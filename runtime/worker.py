@@ -147,14 +147,17 @@ class RankWorker:
     def run_step(self, step: int, mbs: list[MicroBatch | None]) -> None:
         label = "prefill" if step == 0 else f"decode step {step}"
         with torch.no_grad():
+            # the step's tokens sit at positions past .. past + S - 1: one route per microbatch and step
+            routes = [self.exchange.route(token_keys(mb.seqs, mb.interp.past, mb.next_input.shape[1]))
+                      if mb is not None else None for mb in mbs]
             for mb in mbs:
                 if mb is not None:
                     mb.interp.begin(mb.next_input, label)
             for li, layer in enumerate(self.moe_layers):
                 self.stage = f"{label} layer {layer}"
                 pending = []
-                for i, mb in enumerate(mbs):
-                    outgoing = self._advance(mb, layer) if mb is not None else None
+                for i, (mb, route) in enumerate(zip(mbs, routes)):
+                    outgoing = (self._advance(mb, layer), route) if mb is not None and route is not None else None
                     if li == 0 and self.fault and self.fault[0] == step:
                         self._fire(self.fault[1], mb.interp.paused_at.name if mb is not None else "expert slots")
                     pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, outgoing))
@@ -170,13 +173,13 @@ class RankWorker:
                 if mb is not None:
                     self._sample(step, mb)
 
-    def _advance(self, mb: MicroBatch, layer: int) -> tuple[ExpertCall, torch.Tensor]:
-        """Run mb up to the experts of `layer`: their operands and the tokens' routing keys [T]."""
+    def _advance(self, mb: MicroBatch, layer: int) -> ExpertCall:
+        """Run mb up to the experts of `layer`: their operands."""
         call = mb.interp.advance()
         if not isinstance(call, ExpertCall) or call.layer != layer:
             got = f"layer {call.layer}" if isinstance(call, ExpertCall) else "the output"
             raise AssertionError(f"interpreter reached {got}, expected the experts of layer {layer}")
-        return call, token_keys(mb.seqs, mb.interp.past, mb.next_input.shape[1])
+        return call
 
     def _sample(self, step: int, mb: MicroBatch) -> None:
         t0 = time.perf_counter()
