@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from costmodels.errors import InputError
 from planner.loads import GENERATED_TOKENS, check_loads, generate_loads, load_file, read_loads
@@ -28,7 +29,6 @@ def test_sglang_json_dump_sums_over_steps(tmp_path):
 
 
 def test_torch_dumps_sglang_and_vllm(tmp_path):
-    torch = pytest.importorskip("torch")
     torch.save({"logical_count": torch.tensor(MATRIX)}, tmp_path / "sglang.pt")
     assert load_file(tmp_path / "sglang.pt").tolist() == MATRIX.tolist()
     # vLLM: loads per physical slot over a window, mapped back to logical experts.

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,7 +101,6 @@ def test_rounding_is_idempotent(x):
 
 
 def test_numpy_values_are_accepted_as_ints_and_floats():
-    np = pytest.importorskip("numpy")
     lp = LayerPlacement(layer=np.int64(3), phy2log=np.array([1, 0, 1]), shares=np.array([0.5, 1.0, 0.5]))
     assert lp.layer == 3 and lp.phy2log == (1, 0, 1) and type(lp.phy2log[0]) is int
     assert json.dumps(lp.to_dict())  # plain JSON types only
