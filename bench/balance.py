@@ -4,7 +4,7 @@
     .venv/bin/python bench/balance.py --layers 8       # quicker
     .venv/bin/python bench/balance.py --loads zipf:1.2 --shapes 320x2
 
-Loads are the seeded generators of `planner.loads` (multinomial draws of 65,536 routed
+Loads are the seeded generators of `planner.balance.loads` (multinomial draws of 65,536 routed
 tokens per layer, a fresh expert ranking per layer). Shapes: EP32 prefill (32 devices x
 9 slots), EP320 decode (320 x 1), 64 x 5 and the weak case 320 x 2. Columns give the
 average and worst layer of max/mean device load, the average bound/mean, the worst gap
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from planner.balance import DEFAULT_TIME_LIMIT, balance
-from planner.loads import generate_loads
+from planner.balance.balancer import DEFAULT_TIME_LIMIT, balance
+from planner.balance.loads import generate_loads
 
 LOADS = ("zipf:0.8", "zipf:1.2", "zipf:1.5", "hot:8")
 SHAPES = ("32x9", "320x1", "64x5", "320x2")

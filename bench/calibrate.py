@@ -20,7 +20,7 @@ from costmodels.calibration import (
 )
 from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
 from costmodels.topology import get_topology
-from planner.frontend import model_shape
+from planner.frontend.trace import model_shape
 
 MODEL = "deepseek-v3"  # DeepSeek-R1 shares its architecture
 
@@ -84,7 +84,7 @@ def main() -> int:
     doc = calibration_document(cal, f"{MODEL} (bundled zoo; DeepSeek-R1 has the same architecture)")
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     if args.write:
-        from planner.fileio import write_atomic
+        from planner.ir.fileio import write_atomic
 
         write_atomic(CALIBRATION_FILE, text)
         load_calibration.cache_clear()

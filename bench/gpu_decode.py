@@ -134,7 +134,7 @@ def roofline(args, gpu: str) -> dict:
     """Lower bound of a decode step from the bytes it must read from HBM."""
     from costmodels import opcount
     from costmodels.hardware import H100, H200
-    from planner.shape import shape_of
+    from planner.frontend.shape import shape_of
 
     s = shape_of(args.model)
     tbps = args.hbm_tbps or (H200.chip_hbm_tbps if "H200" in gpu else H100.chip_hbm_tbps)

@@ -9,7 +9,7 @@ Scenarios on plans/deepseek-v3.cloudmatrix384.json (decode: 2 x 88 devices x 4 s
   shift      new decode loads (zipf:1.2 drawn with seed 1), no failure
 Columns: slots whose surviving device must load a new expert ("moved") and max/mean device load
 (average and worst layer) for `podplan replan`, for the from-scratch solve deployed as solved,
-and for `planner.balance.balance(previous=...)` (the balancer's own migration-aware mode: the fresh
+and for `planner.balance.balancer.balance(previous=...)` (the balancer's own migration-aware mode: the fresh
 layout relabelled onto the old devices or its repair) at the same slack, plus wall times.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.balance import balance
-from planner.loads import read_loads
-from planner.plan import load_plan
+from planner.balance.balancer import balance
+from planner.balance.loads import read_loads
+from planner.ir.plan import load_plan
 from planner.replan import DEFAULT_SLACK, replan
 
 GOLDEN = Path(__file__).resolve().parents[1] / "plans" / "deepseek-v3.cloudmatrix384.json"

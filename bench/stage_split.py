@@ -15,9 +15,9 @@ import sys
 _CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from planner.frontend import trace
-from planner.shape import shape_from_traced
-from planner.stages import compile_stages, stage_counts
+from planner.frontend.trace import trace
+from planner.frontend.shape import shape_from_traced
+from planner.frontend.stages import compile_stages, stage_counts
 t1 = time.perf_counter()
 traced = trace(sys.argv[1])
 shape = shape_from_traced(traced)

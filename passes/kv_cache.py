@@ -28,7 +28,7 @@ NAME = "kv-cache"
 NEEDS = (meta.ROLE, meta.LAYER)
 PROVIDES = (meta.KV_INPUTS,)
 
-# The frontend's mask function (planner.frontend.podplan_causal_mask), found by name: passes do not
+# The frontend's mask function (planner.frontend.trace.podplan_causal_mask), found by name: passes do not
 # import the planner. Its arguments are (inputs_embeds, position_ids, sliding_window, past_len=0);
 # this pass reuses the node's own target and feeds it the new `past_len` input.
 _FRONTEND_MASK = "podplan_causal_mask"
@@ -44,7 +44,7 @@ def _frontend_masks(graph: fx.Graph) -> list[fx.Node]:
     masks = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == _FRONTEND_MASK]
     if not masks:
         raise ConfigError(
-            f"kv-cache: no '{_FRONTEND_MASK}' node in the traced graph; trace the model with planner.frontend "
+            f"kv-cache: no '{_FRONTEND_MASK}' node in the traced graph; trace the model with planner.frontend.trace "
             "(it routes every causal mask through that function)"
         )
     if len({n.args[1] for n in masks}) != 1:

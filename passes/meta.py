@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from costmodels.errors import PodplanError
 
-ROLE = "podplan.role"  # str, one of planner.roles.ROLES
+ROLE = "podplan.role"  # str, one of planner.frontend.roles.ROLES
 LAYER = "podplan.layer"  # int | None (None outside decoder layers)
 MODULE = "podplan.module"  # str: qualified name of the innermost module the node belongs to
 COST = "podplan.cost"  # NodeCost

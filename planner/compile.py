@@ -1,7 +1,7 @@
 """The compile driver: trace -> passes -> search -> balance -> placement -> Plan.
 
 `compile_plan(model, topology, options)` is the whole pipeline behind `podplan compile`; it returns
-the Plan IR object (`planner.plan.Plan`), which `planner.plan.write_plan` serialises.
+the Plan IR object (`planner.ir.plan.Plan`), which `planner.ir.plan.write_plan` serialises.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from costmodels.serving import DecodeDeployment, Deployment
 from costmodels.topology import Topology, get_topology
 from passes.annotate import annotate
 from passes.context import PassContext
-from planner import __version__, plan as ir
-from planner.balance import BalanceResult, balance
-from planner.frontend import trace
-from planner.loads import read_loads
+from planner import __version__
+from planner.ir import plan as ir
+from planner.balance.balancer import BalanceResult, balance
+from planner.frontend.trace import trace
+from planner.balance.loads import read_loads
 from planner.placement import InstanceRequest, InstanceSlot, place
-from planner.report import layer_rows
+from planner.frontend.report import layer_rows
 from planner.search import Candidate, SearchResult, Workload, rescore, search
-from planner.shape import shape_from_traced
+from planner.frontend.shape import shape_from_traced
 
 
 @dataclass(frozen=True)

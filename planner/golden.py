@@ -14,7 +14,7 @@ from pathlib import Path
 
 from planner.compile import CompileOptions, compile_plan
 from planner.search import Workload
-from planner.plan import write_plan
+from planner.ir.plan import write_plan
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
 

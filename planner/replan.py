@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from costmodels.errors import InfeasibleError, InputError
-from planner import plan as ir
-from planner.balance import BalanceResult, balance
-from planner.balance_ilp import weighted_shares
-from planner.balance_migrate import keep_positions, migrate, moved_slots
-from planner.loads import read_loads
+from planner.ir import plan as ir
+from planner.balance.balancer import BalanceResult, balance
+from planner.balance.ilp import weighted_shares
+from planner.balance.migrate import keep_positions, migrate, moved_slots
+from planner.balance.loads import read_loads
 
 if TYPE_CHECKING:
     from costmodels.model_shape import ModelShape
@@ -527,7 +527,7 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, st
     """The phase with predictions and memory from the cost model (the slowest instance; throughput
     averaged over devices), or unchanged with a note when the model or deployment cannot be scored."""
     from planner.compile import memory_of, prediction_of  # the compile driver's own IR conversions
-    from planner.shape import shape_of
+    from planner.frontend.shape import shape_of
     from costmodels.topology import get_topology
 
     source = plan.provenance.options.get("model", plan.model.name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.plan import PlanError
+from planner.ir.plan import PlanError
 
 
 class SpecError(PlanError):

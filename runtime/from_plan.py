@@ -6,8 +6,8 @@ the prefill ranks to the decode ranks); a plan with one phase runs both phases o
 
 from __future__ import annotations
 
-from planner.plan import Plan
-from planner.zoo import load_source
+from planner.ir.plan import Plan
+from planner.frontend.zoo import load_source
 from runtime.errors import SpecError
 from runtime.spec import InstanceSpec, LayerSlots, RunSpec, equal_shares
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from planner.frontend import Traced, podplan_causal_mask
+from planner.frontend.trace import Traced, podplan_causal_mask
 from runtime.errors import SpecError, StageError
 from runtime.kv import KVStore
 
@@ -76,7 +76,7 @@ class GraphMap:
 
 
 def _expert_layer(node: fx.Node, layer: int | None) -> int:
-    if layer is None:  # internal: planner.roles files every expert module under its decoder layer
+    if layer is None:  # internal: planner.frontend.roles files every expert module under its decoder layer
         raise AssertionError(f"experts module {node.target} has no layer")
     return layer
 

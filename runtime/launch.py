@@ -70,7 +70,7 @@ def host_capacity() -> int:
 
 
 def model_facts(spec: RunSpec) -> ModelFacts:
-    from planner.frontend import trace
+    from planner.frontend.trace import trace
 
     traced = trace(spec.model, device="meta")
     cfg = traced.config

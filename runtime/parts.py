@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from planner.frontend import CausalLMRoot, Traced, build_model, trace_model
-from planner.roles import ModuleRoles, recognise
-from planner.zoo import ModelSource, load_source
+from planner.frontend.trace import CausalLMRoot, Traced, build_model, trace_model
+from planner.frontend.roles import ModuleRoles, recognise
+from planner.frontend.zoo import ModelSource, load_source
 from runtime.errors import SpecError
 from runtime.interpreter import GraphMap, StageInterpreter
 from runtime.kv import KVStore

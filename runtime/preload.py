@@ -12,8 +12,8 @@ import torch  # noqa: F401 - the point is the import
 import torch.distributed  # noqa: F401
 
 import runtime.worker  # noqa: F401
-from planner import zoo
-from planner.frontend import build_config
+from planner.frontend import zoo
+from planner.frontend.trace import build_config
 
 
 def _import_families() -> None:

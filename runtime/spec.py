@@ -58,7 +58,7 @@ class InstanceSpec:
 class RunSpec:
     """Everything a worker needs: the model, the instances, the requests and the backend."""
 
-    model: str  # bundled name or config path (planner.zoo.load_source)
+    model: str  # bundled name or config path (planner.frontend.zoo.load_source)
     world_size: int
     instances: tuple[InstanceSpec, ...]
     prompts: int = 4

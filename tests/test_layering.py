@@ -1,4 +1,9 @@
-"""The import arrows of DESIGN.md: costmodels <- passes <- planner -> runtime, nobody imports the CLI."""
+"""The import arrows of DESIGN.md: costmodels <- passes <- planner -> runtime, nobody imports the CLI.
+
+Inside planner the wings are layered too: the IR and the frontend are the floor (the runtime may read
+them and nothing else of planner), balance/views/export sit on the IR, and only the drivers
+(compile, search, replan, golden) and the CLI see every wing.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,18 @@ ALLOWED = {
                 "safetensors"},
     "runtime": {"torch", "numpy", "safetensors", "rich", "transformers"},
 }
-# runtime reads only the Plan IR and the model loader
-RUNTIME_PLANNER = {"planner", "planner.plan", "planner.zoo", "planner.frontend", "planner.roles", "planner.fileio"}
-# the CLI commands are the one place where planner meets runtime
-CLI_MAY_IMPORT_RUNTIME = {"planner/commands/run.py", "planner/cli.py"}
+# runtime reads only the Plan IR and the model loader (the frontend wing)
+RUNTIME_MAY_READ = ("planner.ir", "planner.frontend")
+# planner wing -> the planner wings it may import (itself always); "planner" is the package root (__version__)
+WINGS = {
+    "ir": {"planner"},
+    "frontend": {"planner"},
+    "balance": {"planner", "ir"},
+    "views": {"planner", "ir"},
+    "export": {"planner", "ir", "frontend"},
+}
+# the CLI command that runs plans is the one place where planner meets runtime
+CLI_MAY_IMPORT_RUNTIME = {"planner/cli/run.py"}
 
 
 def _imports(path: Path) -> list[str]:
@@ -34,19 +47,26 @@ def _imports(path: Path) -> list[str]:
     return out
 
 
+def _modules(pkg: str) -> list[tuple[str, Path]]:
+    return [(p.relative_to(ROOT).as_posix(), p) for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+def _wing(mod: str) -> str:
+    """planner.views.text -> 'views'; planner.compile -> 'compile'; planner -> 'planner'."""
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "planner"
+
+
 def test_import_arrows_point_down():
     problems = []
     for pkg, allowed in ALLOWED.items():
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
+        for rel, path in _modules(pkg):
             for mod in _imports(path):
                 top = mod.split(".")[0]
                 if top in STDLIB or top == pkg or top == "__future__":
                     continue
-                if mod == "planner.cli" and rel != "planner/__main__.py":
-                    problems.append(f"{rel} imports the CLI ({mod})")
                 if pkg == "runtime" and top == "planner":
-                    if mod not in RUNTIME_PLANNER:
+                    if not mod.startswith(RUNTIME_MAY_READ):
                         problems.append(f"{rel} imports {mod}: runtime may only read the Plan IR and the model loader")
                     continue
                 if pkg == "planner" and top == "runtime" and rel in CLI_MAY_IMPORT_RUNTIME:
@@ -54,3 +74,34 @@ def test_import_arrows_point_down():
                 if top not in allowed:
                     problems.append(f"{rel} imports {mod}: {pkg} may import only {sorted(allowed)}")
     assert not problems, "\n".join(problems)
+
+
+def test_nobody_imports_the_cli():
+    problems = []
+    for pkg in ALLOWED:
+        for rel, path in _modules(pkg):
+            if rel.startswith("planner/cli/") or rel == "planner/__main__.py":
+                continue
+            problems += [f"{rel} imports the CLI ({m})" for m in _imports(path) if m.startswith("planner.cli")]
+    assert not problems, "\n".join(problems)
+
+
+def test_planner_wings_point_down():
+    problems = []
+    for rel, path in _modules("planner"):
+        parts = rel.split("/")
+        wing = parts[1] if len(parts) > 2 else None
+        if wing not in WINGS:
+            continue
+        for mod in _imports(path):
+            if mod.split(".")[0] != "planner" or _wing(mod) == wing:
+                continue
+            if _wing(mod) not in WINGS[wing]:
+                problems.append(f"{rel} imports {mod}: planner/{wing} may import only {sorted(WINGS[wing])}")
+    assert not problems, "\n".join(problems)
+
+
+def test_planner_is_in_wings():
+    """The flat layout stays gone: top-level planner modules are the drivers only."""
+    top = sorted(p.name for p in (ROOT / "planner").glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "compile.py", "golden.py", "placement.py", "replan.py", "search.py"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from costmodels.model_shape import ModelShape
 
-# DeepSeek-V3 exactly as `planner.frontend.model_shape("deepseek-v3")` reports it
+# DeepSeek-V3 exactly as `planner.frontend.trace.model_shape("deepseek-v3")` reports it
 # (tests/planner/test_estimate_cli.py checks the two agree).
 DSV3 = ModelShape(
     name="deepseek-v3", num_layers=61, moe_layers=tuple(range(3, 61)), hidden=7168, vocab=129280,

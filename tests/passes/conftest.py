@@ -6,9 +6,9 @@ import functools
 
 import pytest
 
-from planner.frontend import trace
-from planner.shape import shape_from_traced
-from planner.stages import compile_stages
+from planner.frontend.trace import trace
+from planner.frontend.shape import shape_from_traced
+from planner.frontend.stages import compile_stages
 
 TINY = ["tiny-deepseek-v3", "tiny-qwen3-moe", "tiny-mixtral", "tiny-olmoe"]
 

@@ -12,7 +12,7 @@ from costmodels.errors import InputError, PlanError
 from passes import meta
 from passes.expert_decompose import ExpertShard, shard_stage
 from passes.microbatch import DEFAULT_LANES, Action, MicrobatchSchedule, build_schedule
-from planner.stages import compile_stages, stage_rows
+from planner.frontend.stages import compile_stages, stage_rows
 from tests.passes.conftest import staged, traced
 
 

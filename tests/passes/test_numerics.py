@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from passes.graphs import new_kv_cache
-from planner import zoo
-from planner.frontend import build_model, trace_model
-from planner.shape import shape_from_traced
-from planner.stages import compile_stages, run_staged
+from planner.frontend import zoo
+from planner.frontend.trace import build_model, trace_model
+from planner.frontend.shape import shape_from_traced
+from planner.frontend.stages import compile_stages, run_staged
 from tests.passes.conftest import TINY, traced
 
 TOL = 1e-6
@@ -62,7 +62,7 @@ def test_every_expert_group_matters():
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     full = run_staged(program, ids, expert_groups=groups)
     from passes.expert_decompose import shard_stage
-    from planner.stages import StageInterpreter
+    from planner.frontend.stages import StageInterpreter
 
     runner = StageInterpreter(program, groups)
     for name in runner.shards:

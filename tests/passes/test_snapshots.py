@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.stages import stage_document
+from planner.frontend.stages import stage_document
 from tests.passes.conftest import TINY, staged
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

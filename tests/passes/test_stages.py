@@ -14,7 +14,7 @@ from passes import meta
 from passes.classify import classify
 from passes.context import PassContext
 from passes.manager import PassManager
-from planner.stages import compile_stages, stage_counts, stage_rows
+from planner.frontend.stages import compile_stages, stage_counts, stage_rows
 from tests.passes.conftest import staged, traced
 
 KEYS = (meta.ROLE, meta.LAYER, meta.MODULE, meta.COST, meta.STAGE, meta.STAGE_LAYER)

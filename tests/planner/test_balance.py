@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from costmodels.errors import InputError
-from planner.balance import balance
-from planner.eplb import eplb
-from planner.loads import generate_loads
+from planner.balance.balancer import balance
+from planner.balance.eplb import eplb
+from planner.balance.loads import generate_loads
 from tests.planner.test_eplb import WEIGHT
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from planner.cli import main
+from planner.cli.main import main
 from tests.conftest import assert_one_line_error, run_cli
 from tests.planner.test_eplb import PHY2LOG, WEIGHT
 

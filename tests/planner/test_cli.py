@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from planner.cli import COMMANDS, build_parser, main
+from planner.cli.main import COMMANDS, build_parser, main
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from planner.golden import GOLDEN, PLANS_DIR
-from planner.plan import load_plan
+from planner.ir.plan import load_plan
 from tests.conftest import assert_one_line_error, run_cli
 
 

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from costmodels.errors import InputError
-from planner.cli import main
-from planner.plan import LayerPlacement, Plan, write_plan
-from planner.plan_factory import tiny_plan
-from planner.plandiff import DEFAULT_FAIL_ON, check, diff_plans, parse_fail_on
+from planner.cli.main import main
+from planner.ir.plan import LayerPlacement, Plan, write_plan
+from tests.plan_factory import tiny_plan
+from planner.views.diff import DEFAULT_FAIL_ON, check, diff_plans, parse_fail_on
 from tests.conftest import assert_one_line_error, run_cli
 
 

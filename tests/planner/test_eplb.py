@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from costmodels.errors import InputError
-from planner.eplb import eplb
+from planner.balance.eplb import eplb
 
 # The conformance example of DeepSeek's EPLB README (reference file, "DeepSeek EPLB").
 WEIGHT = np.array([

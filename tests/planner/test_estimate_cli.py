@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from planner.cli import main
+from planner.cli.main import main
 from tests.conftest import assert_one_line_error, run_cli
 from tests.costmodels.shapes import DSV3
 
@@ -23,7 +23,7 @@ def cached_shapes():
     """Build each model's shape once for the in-process calls (the frontend takes ~1-3 s a model)."""
     import functools
 
-    import planner.frontend as frontend
+    import planner.frontend.trace as frontend
 
     original = frontend.model_shape
     frontend.model_shape = functools.lru_cache(maxsize=None)(original)
@@ -83,7 +83,7 @@ def test_defaults_afd_and_gpus(capsys):
 
 
 def test_frontend_shape_matches_the_hand_built_one():
-    import planner.frontend as frontend
+    import planner.frontend.trace as frontend
 
     assert frontend.model_shape("deepseek-v3") == DSV3
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from costmodels.errors import InputError
-from planner import export as ex
-from planner.plan import devices_of, load_plan
-from planner.plan_factory import tiny_plan
+from planner.export import engines as ex
+from planner.ir.plan import devices_of, load_plan
+from tests.plan_factory import tiny_plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 GOLDEN = ROOT / "plans" / "deepseek-v3.cloudmatrix384.json"

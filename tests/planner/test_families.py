@@ -12,10 +12,10 @@ import random
 import pytest
 import torch
 
-from planner import zoo
-from planner.frontend import build_model, trace_model
-from planner.shape import shape_from_traced
-from planner.stages import compile_stages
+from planner.frontend import zoo
+from planner.frontend.trace import build_model, trace_model
+from planner.frontend.shape import shape_from_traced
+from planner.frontend.stages import compile_stages
 from tests.passes.test_numerics import _check_lossless, _random_partition
 
 FAMILIES = ("cohere2_moe", "deepseek_v2", "dots1", "exaone_moe", "glm4_moe", "glm4_moe_lite", "granitemoe",

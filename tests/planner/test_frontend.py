@@ -9,10 +9,10 @@ import torch
 
 from costmodels.errors import ConfigError
 from passes import meta
-from planner import zoo
-from planner.frontend import TRANSFORMERS_VERSION, build_model, check_transformers, trace, trace_model
-from planner.roles import recognise
-from planner.shape import shape_from_traced, shape_of
+from planner.frontend import zoo
+from planner.frontend.trace import TRANSFORMERS_VERSION, build_model, check_transformers, trace, trace_model
+from planner.frontend.roles import recognise
+from planner.frontend.shape import shape_from_traced, shape_of
 
 TINY = ["tiny-deepseek-v3", "tiny-qwen3-moe", "tiny-mixtral", "tiny-olmoe"]
 
@@ -162,7 +162,7 @@ def test_unrecognised_structure_names_module_and_class():
             self.blob = torch.nn.Parameter(torch.zeros(4, 4, 4, 4))
 
     model.model.layers[1].mlp = Mystery()
-    from planner.frontend import CausalLMRoot
+    from planner.frontend.trace import CausalLMRoot
 
     with pytest.raises(ConfigError, match=r"lm\.model\.layers\.1\.mlp \(Mystery\)"):
         recognise(CausalLMRoot(model))
@@ -186,7 +186,7 @@ def test_source_digest_is_stable_and_sensitive():
 
 
 def test_config_path_and_directory(tmp_path):
-    text = zoo.resources.files("planner").joinpath("zoo", "tiny-olmoe.json").read_text()
+    text = zoo.resources.files("planner.frontend").joinpath("configs", "tiny-olmoe.json").read_text()
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(text)
     by_dir = zoo.load_source(str(tmp_path / "m"))

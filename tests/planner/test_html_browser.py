@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from planner.cli import main
-from planner.plan import devices_of, write_plan
-from planner.plan_factory import deepseek_v3_plan
-from planner.render_html import ROLE_COLOURS
+from planner.cli.main import main
+from planner.ir.plan import devices_of, write_plan
+from tests.plan_factory import deepseek_v3_plan
+from planner.views.html import ROLE_COLOURS
 
 pytestmark = pytest.mark.browser
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from costmodels.errors import InputError
-from planner.loads import GENERATED_TOKENS, check_loads, generate_loads, load_file, read_loads
+from planner.balance.loads import GENERATED_TOKENS, check_loads, generate_loads, load_file, read_loads
 
 MATRIX = np.array([[3.0, 0.0, 5.0], [1.0, 2.0, 4.0]])
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from costmodels.errors import InputError
-from planner.loads import read_loads
-from planner.plan import load_plan
+from planner.balance.loads import read_loads
+from planner.ir.plan import load_plan
 from tests.conftest import assert_one_line_error, run_cli
 
 # tiny-deepseek-v3: 3 decoder layers, layer 0 dense, MoE layers 1-2, 8 routed experts

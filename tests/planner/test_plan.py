@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costmodels.errors import PlanError
-from planner import fileio
-from planner import plan as plan_mod
-from planner.plan import (
+from planner.ir import fileio
+from planner.ir import plan as plan_mod
+from planner.ir.plan import (
     SCHEMA_VERSION,
     LayerPlacement,
     Plan,
@@ -25,7 +25,7 @@ from planner.plan import (
     load_plan,
     write_plan,
 )
-from planner.plan_factory import deepseek_v3_plan, synthetic_plan, tiny_plan
+from tests.plan_factory import deepseek_v3_plan, synthetic_plan, tiny_plan
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch):
 
 def test_shipped_schema_is_up_to_date():
     shipped = plan_mod.SCHEMA_FILE.read_text()
-    assert shipped == plan_mod.schema_text(), "planner/schema/plan.schema.json is stale: run python -m planner.plan --write-schema"
+    assert shipped == plan_mod.schema_text(), "planner/schema/plan.schema.json is stale: run python -m planner.ir.plan --write-schema"
 
 
 def _validate(value, schema: dict, root: dict, path: str = "plan") -> list[str]:

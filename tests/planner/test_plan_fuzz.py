@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from costmodels.errors import PlanError
-from planner.plan import from_json
-from planner.plan_factory import tiny_plan
+from planner.ir.plan import from_json
+from tests.plan_factory import tiny_plan
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from costmodels.errors import InfeasibleError, InputError
-from planner.balance_migrate import moved_slots
-from planner.plan import devices_of, from_json, load_plan
-from planner.loads import read_loads
+from planner.balance.migrate import moved_slots
+from planner.ir.plan import devices_of, from_json, load_plan
+from planner.balance.loads import read_loads
 from planner.replan import parse_device_ids, repair, replan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
@@ -80,7 +80,7 @@ def test_repair_keeps_survivors_and_meets_the_target():
     old = np.array([rng.permutation(E)[:S] for _ in range(D + 1)])
     old[:, 0] = np.arange(D + 1) % E  # some structure; device 6 fails
     survivors = old[:D]
-    from planner.balance import balance
+    from planner.balance.balancer import balance
 
     fresh = balance(load[None], D, S, time_limit=0.2)
     target = float(fresh.device_loads[0].max()) * 1.02
@@ -107,7 +107,7 @@ def test_parse_device_ids():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tiny-deepseek-v3 on local:8: prefill 2 x 2 devices (4-7), decode 4 devices (0-3) x 3 slots."""
-    from planner.cli import main
+    from planner.cli.main import main
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.json"
     assert main(["compile", "tiny-deepseek-v3", "--topology", "local:8", "--decode-devices", "4",
@@ -122,7 +122,7 @@ def test_cli_replan_after_a_failure_then_diff(tiny, tmp_path, capsys):
     assert "decode-0" in proc.stdout and "4 -> 3 x 3 slots" in proc.stdout
     plan = load_plan(out)
     assert plan.decode.instances[0].devices == (0, 1, 3)
-    from planner.cli import main
+    from planner.cli.main import main
 
     capsys.readouterr()
     assert main(["diff", str(tiny), str(out)]) in (0, 1)
@@ -130,7 +130,7 @@ def test_cli_replan_after_a_failure_then_diff(tiny, tmp_path, capsys):
 
 
 def test_cli_replan_for_new_loads(tiny, tmp_path, capsys):
-    from planner.cli import main
+    from planner.cli.main import main
 
     out = tmp_path / "shift.json"
     assert main(["replan", str(tiny), "--loads", "hot:2", "--seed", "5", "--phase", "decode", "-o", str(out)]) == 0
@@ -142,7 +142,7 @@ def test_cli_replan_for_new_loads(tiny, tmp_path, capsys):
 
 
 def test_cli_refusals_are_one_line_and_write_nothing(tiny, tmp_path, capsys):
-    from planner.cli import main
+    from planner.cli.main import main
 
     out = tmp_path / "x.json"
     assert_one_line_error(run_cli("replan", str(tiny), "--failed-devices", "1,2", "-o", str(out)),
@@ -163,7 +163,7 @@ def test_cli_refusals_are_one_line_and_write_nothing(tiny, tmp_path, capsys):
 
 
 def test_refuses_when_the_plan_cannot_say_its_loads(tmp_path):
-    from planner.plan_factory import tiny_plan
+    from tests.plan_factory import tiny_plan
 
     plan = tiny_plan()  # synthetic: no 'loads' option
     with pytest.raises(InputError, match="pass --loads"):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.cli import main
-from planner.plan import SCHEMA_VERSION, Plan, from_json, write_plan
-from planner.plan_factory import deepseek_v3_plan, tiny_plan
+from planner.cli.main import main
+from planner.ir.plan import SCHEMA_VERSION, Plan, from_json, write_plan
+from tests.plan_factory import deepseek_v3_plan, tiny_plan
 from tests.conftest import assert_one_line_error, run_cli
 
 

@@ -62,7 +62,7 @@ def test_prefill_decode_instances_hand_over_the_kv_cache():
 
 
 def test_synthetic_plan_on_eight_processes():
-    from planner.plan_factory import tiny_plan
+    from tests.plan_factory import tiny_plan
 
     plan = tiny_plan("tiny-olmoe", decode_mode="disaggregated", weighted=True, microbatches=2)
     spec = spec_from_plan(plan, prompts=6, prompt_len=4, new_tokens=3)
@@ -86,7 +86,7 @@ def test_safetensors_weights(tmp_path):
 
 def test_every_golden_local_plan_runs_and_matches():
     """The golden plans compiled for local:N are executable: run each and check it against the model."""
-    from planner.plan import load_plan
+    from planner.ir.plan import load_plan
     from tests.conftest import ROOT
 
     paths = sorted((ROOT / "plans").glob("*.local-*.json"))

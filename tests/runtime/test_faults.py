@@ -55,8 +55,8 @@ def test_rank_zero_killed_during_prefill(monkeypatch):
 
 def test_killing_the_launcher_leaves_no_workers(tmp_path):
     """SIGKILL `podplan run` while its workers run (stalled by a hung rank): they exit within seconds."""
-    from planner.plan import write_plan
-    from planner.plan_factory import tiny_plan
+    from planner.ir.plan import write_plan
+    from tests.plan_factory import tiny_plan
 
     plan = tmp_path / "plan.json"
     write_plan(tiny_plan("tiny-mixtral", prefill_devices=0, decode_devices=3), plan)

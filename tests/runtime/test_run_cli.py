@@ -10,8 +10,8 @@ import os
 import pytest
 from rich.console import Console
 
-from planner.plan import load_plan, write_plan
-from planner.plan_factory import synthetic_plan, tiny_plan
+from planner.ir.plan import load_plan, write_plan
+from tests.plan_factory import synthetic_plan, tiny_plan
 from runtime.errors import SpecError
 from runtime.from_plan import spec_from_plan
 from runtime.launch import launch, validate

@@ -1,0 +1,47 @@
+"""`podplan diff OLD.json NEW.json [--json | --markdown] [--fail-on SPEC]`: semantic diff with CI exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from planner.ir.plan import load_plan
+from planner.views.diff import (
+    DEFAULT_FAIL_ON,
+    check,
+    diff_plans,
+    parse_fail_on,
+    render_markdown,
+    render_text,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diff", help="semantic diff of two plans; exit 0 ok, 1 regression, 2 bad input")
+    p.add_argument("old", metavar="OLD.json")
+    p.add_argument("new", metavar="NEW.json")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the diff and the regressions as JSON")
+    out.add_argument("--markdown", action="store_true", help="print a Markdown report fit for a CI comment")
+    p.add_argument("--fail-on", metavar="SPEC", default=None,
+                   help=f"regression rules, overriding the defaults ({DEFAULT_FAIL_ON.replace('%', '%%')}) metric by metric: "
+                        "[prefill.|decode.]METRIC:LIMIT, e.g. 'throughput:-0.5%%,tpot:+2%%,moved-experts:100,"
+                        "migration:10GB,balance:+5%%,memory:+10%%,ttft:off'; 'none' drops the defaults")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rules = parse_fail_on(args.fail_on)  # a bad spec fails before any file is read
+    old, new = load_plan(args.old), load_plan(args.new)
+    diff = diff_plans(old, new)
+    violations = check(diff, rules)
+    if args.json:
+        doc = {"old": args.old, "new": args.new, "rules": [r.text for r in rules], "regressions": violations,
+               "exit": 1 if violations else 0, **diff}
+        sys.stdout.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    elif args.markdown:
+        sys.stdout.write(render_markdown(diff, violations, rules, args.old, args.new))
+    else:
+        sys.stdout.write(render_text(diff, violations, rules, args.old, args.new))
+    return 1 if violations else 0

@@ -1,0 +1,63 @@
+"""The `podplan` command line: one subcommand per capability, errors as one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NoReturn, Sequence
+
+from costmodels.errors import PodplanError
+
+# Subcommands in the order `podplan --help` lists them; each is planner.cli.<name>
+# exporting `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+COMMANDS = (
+    "models",
+    "trace",
+    "estimate",
+    "balance",
+    "compile",
+    "show",
+    "diff",
+    "run",
+    "replan",
+    "export",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (not usage + error) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="podplan", description=__doc__)
+    from planner import __version__
+
+    parser.add_argument("--version", action="version", version=f"podplan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"planner.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PodplanError as exc:
+        print(f"podplan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"podplan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

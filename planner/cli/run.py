@@ -1,0 +1,95 @@
+"""`podplan run PLAN.json`: execute a local:N plan on N processes and check it against the model.
+
+With --job-dir the plan is only validated and written as a job for torchrun (one host or many);
+`podplan run DIR` then reports and checks what that run wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from costmodels.errors import InputError
+from planner.cli.console import stderr_console, stdout_console
+from planner.ir.plan import load_plan
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a local:N plan on N processes (torch.distributed) and check it against the model")
+    p.add_argument("plan", help="a plan written by `podplan compile` for --topology local:N, or a --job-dir "
+                                "that torchrun has run (report and check its result)")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="gloo (CPU processes, default) or nccl (one GPU per rank)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts generated in parallel (default 8)")
+    p.add_argument("--prompt-len", type=int, default=16, help="tokens per prompt (seeded random ids; default 16)")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated greedily per prompt (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    p.add_argument("--weights", metavar="PATH", help="safetensors file of the model's state_dict instead of seeded weights")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with the monolithic model")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--job-dir", metavar="DIR", help="validate, write DIR/job.json and print the torchrun command "
+                                                   "instead of starting processes here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.errors import RankFailure
+    from runtime.from_plan import spec_from_plan
+    from runtime.launch import launch, validate
+    from runtime.torchrun import collect, command, is_job_dir, read_spec, write_job
+
+    if args.timeout <= 0:
+        raise InputError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if is_job_dir(args.plan):
+        if args.job_dir:
+            raise InputError(f"{args.plan} is already a job directory; --job-dir takes a plan file")
+        spec = read_spec(args.plan)
+        try:
+            outcome = collect(args.plan)
+        except RankFailure as exc:
+            print(f"podplan run: error: {exc}", file=sys.stderr)
+            return 1
+        return _report(args, spec, outcome)
+    plan = load_plan(args.plan)
+    spec = spec_from_plan(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          seed=args.seed, weights=args.weights, backend=args.backend)
+    err = stderr_console()
+    if args.job_dir:
+        validate(spec, on_this_host=False)  # the ranks may run on other hosts: check the job, not this machine
+        job = write_job(spec, args.job_dir)
+        err.print(f"wrote {job} ({spec.world_size} ranks, {spec.backend})")
+        print(command(spec, job))
+        err.print(f"then: podplan run {args.job_dir}   (report and check; the job dir must be rank 0's)")
+        return 0
+    validate(spec)  # everything that can fail before a process starts: one line, exit 2
+    err.print(f"running {spec.model} on {spec.world_size} ranks ({spec.backend}): {spec.prompts} prompts, "
+              f"{spec.new_tokens} new tokens")
+    try:
+        outcome = launch(spec, timeout_s=args.timeout, validated=True)
+    except RankFailure as exc:
+        print(f"podplan run: error: {exc}", file=sys.stderr)
+        return 1
+    return _report(args, spec, outcome)
+
+
+def _report(args: argparse.Namespace, spec, outcome) -> int:
+    """Check against the monolithic model (unless --no-check), print the tables or JSON, exit 1 on a mismatch."""
+    from runtime.metrics import render, summarise
+    from runtime.reference import check as check_run
+
+    check = None
+    if not args.no_check:
+        stderr_console().print("checking against the monolithic transformers model")
+        check = check_run(spec, outcome.tokens, outcome.logits)
+    doc = summarise(spec, outcome.metrics, outcome.wall_s, check)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        render(doc, stdout_console())
+    if check is not None and not check.ok:
+        print(f"podplan run: check failed: {check.mismatches} token mismatches, max |logit diff| "
+              f"{check.max_abs_diff:.2e} > {check.tolerance:.0e}", file=sys.stderr)
+        return 1
+    return 0

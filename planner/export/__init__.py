@@ -1,0 +1,1 @@
+"""Export a plan to serving engines: expert-placement files and launch scripts."""

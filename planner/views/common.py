@@ -1,0 +1,169 @@
+"""Plain-data summaries of a plan shared by the text, DOT and HTML views (and by `podplan diff`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.ir.plan import ExpertPlacement, Instance, Plan, Stage, device_ranges
+
+# Display order of step stages; others follow alphabetically.
+STAGE_ORDER = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.2M' (parameters, FLOPs)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (decimal units, as link bandwidths are quoted)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def num(x: float | None, digits: int = 4) -> str:
+    """A number for a table: '-' for None, `digits` significant digits, thousands kept whole."""
+    if x is None:
+        return "-"
+    if abs(x) < 1e-9:  # float noise from subtractions (an overlap of 3e-15 ms) reads as 0
+        return "0"
+    if abs(x) >= 10 ** digits:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def stage_names(breakdown: dict[str, float]) -> list[str]:
+    known = [s for s in STAGE_ORDER if s in breakdown]
+    return known + sorted(k for k in breakdown if k not in STAGE_ORDER)
+
+
+def instance_row(phase: str, inst: Instance, placement: ExpertPlacement) -> dict:
+    """One deployment table row."""
+    af = inst.af_ratio
+    return {
+        "phase": phase,
+        "instance": inst.id,
+        "mode": inst.mode,
+        "devices": len(inst.devices),
+        "device_ids": device_ranges(inst.devices),
+        "attention": device_ranges(inst.attention_devices),
+        "experts": device_ranges(inst.expert_devices),
+        "dp_tp": f"{inst.attention_dp}x{inst.attention_tp}",
+        "ep": inst.ep,
+        "af": f"{len(inst.attention_devices)}:{len(inst.expert_devices)}" if af is not None else "-",
+        "dp_domains": inst.dp_domains,
+        "microbatches": inst.microbatches,
+        "batch_per_device": inst.batch_per_device,
+        "slots_per_device": placement.slots_per_device,
+    }
+
+
+def deployment_rows(plan: Plan) -> list[dict]:
+    return [instance_row(phase, inst, plan.placement_of(phase, inst)) for phase, inst in plan.instances()]
+
+
+@dataclass(frozen=True)
+class BalanceStats:
+    """Expert balance of one placement: max/mean device load per layer, and replicas doubled on a device."""
+
+    phase: str
+    index: int
+    used_by: tuple[str, ...]
+    slots: int
+    slots_per_device: int
+    algorithm: str
+    weighted: bool
+    mean_balance: float | None  # mean over layers of max/mean
+    worst_balance: float | None
+    worst_layer: int | None
+    replicas: int  # redundant slots (slots - experts)
+    doubled: int  # (layer, device) pairs holding one expert twice
+
+
+def balance_stats(plan: Plan) -> list[BalanceStats]:
+    out = []
+    for phase, ph in plan.phases.items():
+        for k, placement in enumerate(ph.experts):
+            users = tuple(inst.id for inst in ph.instances if inst.experts == k)
+            balances = [(lp.balance, lp.layer) for lp in placement.layers if lp.balance is not None]
+            spd = placement.slots_per_device
+            doubled = 0
+            for lp in placement.layers:
+                for d in range(placement.devices):
+                    held = lp.phy2log[d * spd:(d + 1) * spd]
+                    doubled += len(held) - len(set(held))
+            worst = max(balances) if balances else (None, None)
+            out.append(BalanceStats(
+                phase=phase, index=k, used_by=users, slots=placement.slots, slots_per_device=spd,
+                algorithm=placement.algorithm or "-", weighted=placement.weighted,
+                mean_balance=sum(b for b, _ in balances) / len(balances) if balances else None,
+                worst_balance=worst[0], worst_layer=worst[1],
+                replicas=placement.slots - plan.model.num_routed_experts, doubled=doubled,
+            ))
+    return out
+
+
+def device_counts(plan: Plan) -> dict[str, int]:
+    """Devices per phase, shared between phases, and idle."""
+    per = {name: set(ph.devices) for name, ph in plan.phases.items()}
+    used = set().union(*per.values()) if per else set()
+    counts = {name: len(ds) for name, ds in per.items()}
+    if len(per) == 2:
+        counts["shared"] = len(per["prefill"] & per["decode"])
+    counts["idle"] = plan.topology.num_devices - len(used)
+    return counts
+
+
+@dataclass(frozen=True)
+class StageGroup:
+    """Consecutive decoder layers with identical stages, drawn once ('layers 3-60 x58')."""
+
+    first: int
+    last: int
+    stage: Stage
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+    @property
+    def label(self) -> str:
+        span = f"layer {self.first}" if self.count == 1 else f"layers {self.first}-{self.last}"
+        return f"{span} x{self.count}" if self.count > 1 else span
+
+
+def stage_groups(plan: Plan) -> list[StageGroup]:
+    def sig(st: Stage) -> tuple:
+        return (st.kind, st.roles, st.params, st.flops_per_token, st.a2e_bytes_per_token, st.e2a_bytes_per_token)
+
+    groups: list[StageGroup] = []
+    for st in plan.stages:
+        if groups and sig(groups[-1].stage) == sig(st) and groups[-1].last == st.layer - 1:
+            groups[-1] = StageGroup(groups[-1].first, st.layer, groups[-1].stage)
+        else:
+            groups.append(StageGroup(st.layer, st.layer, st))
+    return groups
+
+
+def ffn_label(st: Stage, experts: int) -> str:
+    """'dense FFN' or 'MoE: router, 256 experts, shared'."""
+    if st.kind == "dense":
+        return "dense FFN"
+    names = {"moe_gate": "router", "routed_experts": f"{experts} experts", "shared_experts": "shared"}
+    return "MoE: " + ", ".join(names.get(r, r.replace("_", " ")) for r in st.roles if r != "attention")
+
+
+def slo_status(plan: Plan) -> dict[str, str]:
+    """'ok' / 'miss' / '' per predicted metric against the workload's SLOs."""
+    w = plan.workload
+    out = {}
+    if plan.decode is not None and w.tpot_slo_ms is not None and plan.decode.predictions.tpot_ms is not None:
+        out["tpot"] = "ok" if plan.decode.predictions.tpot_ms <= w.tpot_slo_ms else "miss"
+    if plan.prefill is not None and w.ttft_slo_ms is not None and plan.prefill.predictions.ttft_ms is not None:
+        out["ttft"] = "ok" if plan.prefill.predictions.ttft_ms <= w.ttft_slo_ms else "miss"
+    return out
