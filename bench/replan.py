@@ -9,8 +9,9 @@ Scenarios on plans/deepseek-v3.cloudmatrix384.json (decode: 2 x 88 devices x 4 s
   shift      new decode loads (zipf:1.2 drawn with seed 1), no failure
 Columns: slots whose surviving device must load a new expert ("moved") and max/mean device load
 (average and worst layer) for `podplan replan`, for the from-scratch solve deployed as solved,
-and for `planner.balance.balancer.balance(previous=...)` (the balancer's own migration-aware mode: the fresh
-layout relabelled onto the old devices or its repair) at the same slack, plus wall times.
+and for `planner.balance.balancer.balance(previous=...)` at the same slack, plus wall times. Both run the
+one migration step (`planner.balance.migrate`: relabel, repair or sticky re-pack of the fresh layout),
+so with the same loads and seed the two agree; the balancer row times it inside `podplan balance`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ keeps the rest of the plan. Steps are numbered as in the README section "podplan
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
@@ -16,9 +15,8 @@ import numpy as np
 
 from costmodels.errors import InfeasibleError, InputError
 from planner.ir import plan as ir
-from planner.balance.balancer import BalanceResult, balance
-from planner.balance.ilp import weighted_shares
-from planner.balance.migrate import keep_positions, migrate, moved_slots
+from planner.balance.balancer import balance
+from planner.balance.migrate import migrate, moved_slots
 from planner.balance.loads import read_loads
 
 if TYPE_CHECKING:
@@ -30,12 +28,6 @@ if TYPE_CHECKING:
 # device load is within this fraction of the from-scratch solve on the surviving devices. The
 # issue 8 acceptance bar is 2 %; 1.5 % leaves room for the weighted-split LP's rounding.
 DEFAULT_SLACK = 0.015
-
-# Polishing exchanges k experts between the most loaded device and another one; k grows while the
-# number of exchange patterns per device pair stays below this (S = 4: all 70; S = 8: single swaps).
-_MAX_PATTERNS = 300
-
-_REL = 1e-12  # relative tolerance when comparing loads
 
 
 @dataclass(frozen=True)
@@ -185,7 +177,7 @@ def replan(
     options["replans"] = tuple(options.get("replans", ())) + (record,)
     runs = tuple(plan.provenance.solvers) + tuple(
         ir.SolverRun(name=f"replan {c.phase} ({', '.join(c.instances)}): {c.moved_slots} moved slots",
-                     solver="repair+polish/migrate", status=f"repaired {c.repaired_layers}/{c.layers} layers",
+                     solver="migrate", status=f"repaired {c.repaired_layers}/{c.layers} layers",
                      objective=c.worst_after)
         for c in changes
     )
@@ -290,14 +282,16 @@ def _resolve(plan, phase, ids, old, keep, loads, time_limit, seed, slack, worker
     fresh_tables = fresh.phy2log.reshape(L, D, S)
     tables, shares, loads_out, repaired = [], [], [], 0
     for layer in range(L):
-        survivors = old_tables[layer][list(keep)]
-        # Step 3: repair the old layout towards the fresh counts; Step 4: keep it or the balancer's
-        # migration (the fresh layout relabelled onto the old devices), whichever moves fewer slots.
-        table, share, peak, ok = _layer(loads[layer], survivors, fresh, layer, fresh_tables[layer], split, slack)
-        repaired += ok
-        tables.append(table)
-        shares.append(share)
-        loads_out.append(_device_loads(loads[layer], table, share))
+        survivors = [tuple(int(e) for e in row) for row in old_tables[layer][list(keep)]]
+        # Steps 3-4: the balancer's migration step: the old layout repaired towards the fresh replica
+        # counts, the fresh layout relabelled onto the old devices, or packed sticky; of those within
+        # the slack of the fresh max load, the one that moves the fewest slots.
+        picked = migrate(loads[layer], fresh_tables[layer], survivors, nodes=1, split=split, slack=slack,
+                         reference=float(fresh.device_loads[layer].max()))
+        repaired += picked.source == "repair"
+        tables.append(picked.table)
+        shares.append(picked.shares)
+        loads_out.append(_device_loads(loads[layer], picked.table, picked.shares))
     layers = tuple(
         ir.LayerPlacement(layer=layer, phy2log=tables[i].reshape(-1), device_loads=loads_out[i],
                           shares=None if shares[i] is None else _round_shares(tables[i].reshape(-1),
@@ -321,33 +315,6 @@ def _resolve(plan, phase, ids, old, keep, loads, time_limit, seed, slack, worker
         repaired_layers=repaired, layers=L,
     )
     return placement, change
-
-
-def _layer(load, survivors, fresh: BalanceResult, layer, fresh_table, split, slack):  # noqa: ANN001, ANN202
-    """(table [D, S], shares or None, max load, repaired?) of one layer: of the repair and the
-    balancer's own migration (`balance_migrate.migrate`), the fewest moved slots within the slack."""
-    reference = float(fresh.device_loads[layer].max())
-    limit = reference * (1 + slack) * (1 + 1e-9)
-    old = [tuple(int(e) for e in row) for row in survivors]
-    options = []
-    table = repair(load, survivors, fresh.logcnt[layer], reference * (1 + slack))
-    if table is not None:
-        share, peak = _split(load, table, split)
-        options.append((moved_slots(table, old), peak, 0, table, share))
-    picked = migrate(load, fresh_table, old, nodes=1, split=split, slack=slack, reference=reference)
-    share, peak = _split(load, picked.table, split)
-    options.append((picked.moved, peak, 1, picked.table, share))
-    fitting = [o for o in options if o[1] <= limit]
-    best = min(fitting, key=lambda o: o[:3]) if fitting else min(options, key=lambda o: (o[1], o[2]))
-    return best[3], best[4], best[1], best[2] == 0
-
-
-def _split(load: np.ndarray, table: np.ndarray, split: str) -> tuple[np.ndarray | None, float]:
-    if split == "weighted":
-        share, peak = weighted_shares(load, table)
-        return share, float(peak)
-    counts = np.bincount(table.reshape(-1), minlength=load.shape[0])
-    return None, float((load / np.maximum(counts, 1))[table].sum(axis=1).max())
 
 
 def _device_loads(load: np.ndarray, table: np.ndarray, share: np.ndarray | None) -> tuple[float, ...]:
@@ -374,153 +341,6 @@ def _round_shares(row: np.ndarray, shares: np.ndarray) -> tuple[float, ...]:
         slots = np.flatnonzero(row == e)
         out[slots[-1]] = round(1.0 - float(out[slots[:-1]].sum()), 6)
     return tuple(float(v) for v in out)
-
-
-# --- the repair: few moves from the old layout to a balanced one ----------------------------------
-
-
-def repair(load: np.ndarray, survivors: np.ndarray, counts: np.ndarray, target: float) -> np.ndarray | None:
-    """A layout [D, S] with replica `counts` that keeps most of `survivors` and loads no device above `target`
-    if it can (else as low as the local search gets); None when the counts cannot be placed.
-
-    load: [E] tokens; survivors: [D, S] the old experts of the surviving devices (experts whose
-    replicas all sat on failed devices are missing); counts: [E] replicas (sum D * S, each <= D).
-    Step 3a frees surplus replicas on the most loaded devices; 3b places missing replicas, heaviest
-    first, on the lightest device with a free slot; 3c re-partitions the experts of the most
-    loaded device and another one while the max (then the sum of squares) drops, fewest moves first.
-    """
-    D, S = survivors.shape
-    E = load.shape[0]
-    size = load / np.maximum(counts, 1)
-    table = survivors.copy()
-    have = np.bincount(table.reshape(-1), minlength=E)
-    free = np.zeros((D, S), dtype=bool)
-    projected = size[table].sum(axis=1)
-    # Step 3a: surplus replicas leave the devices with the highest projected load.
-    for e in np.argsort(-size, kind="stable"):
-        for _ in range(int(have[e] - counts[e])):
-            holders = np.flatnonzero(((table == e) & ~free).any(axis=1))
-            d = int(holders[np.argmax(projected[holders])])
-            free[d, int(np.flatnonzero((table[d] == e) & ~free[d])[0])] = True
-            projected[d] -= size[e]
-    # Step 3b: missing replicas, heaviest first, to the lightest device with room that lacks them.
-    for e in np.argsort(-size, kind="stable"):
-        for _ in range(int(counts[e] - have[e])):
-            holds = ((table == e) & ~free).any(axis=1)
-            room = free.any(axis=1) & ~holds
-            if room.any():
-                cand = np.flatnonzero(room)
-                d = int(cand[np.argmin(projected[cand])])
-                j = int(np.flatnonzero(free[d])[0])
-                table[d, j], free[d, j] = e, False
-                projected[d] += size[e]
-            elif not _relay(table, free, holds, projected, size, int(e)):
-                return None
-    return _polish(size, table, survivors, target)
-
-
-def _relay(table: np.ndarray, free: np.ndarray, holds: np.ndarray, projected: np.ndarray, size: np.ndarray,
-           e: int) -> bool:
-    """Every free slot sits on a device that already holds e: move an expert g from a device
-    lacking e into such a free slot and put e where g was (least projected max load first)."""
-    best = None
-    for d in np.flatnonzero(free.any(axis=1)):
-        j = int(np.flatnonzero(free[d])[0])
-        for d2 in np.flatnonzero(~holds):
-            for j2 in np.flatnonzero(~free[d2]):
-                g = int(table[d2, j2])
-                if ((table[d] == g) & ~free[d]).any():
-                    continue
-                worst = max(projected[d] + size[g], projected[d2] - size[g] + size[e])
-                key = (worst, int(d), j, int(d2), int(j2))
-                if best is None or key < best:
-                    best = key
-    if best is None:
-        return False
-    _, to_d, to_j, from_d, from_j = best  # g moves from (from_d, from_j) to the free slot (to_d, to_j)
-    g = int(table[from_d, from_j])
-    table[to_d, to_j], free[to_d, to_j] = g, False
-    table[from_d, from_j] = e
-    projected[to_d] += size[g]
-    projected[from_d] += size[e] - size[g]
-    return True
-
-
-def _patterns(slots: int) -> np.ndarray:
-    """Masks [K, 2S] choosing which S of two devices' 2S experts go to the first device.
-
-    All splits when few enough (S <= 4), else those exchanging at most k experts."""
-    mine, theirs = range(slots), range(slots, 2 * slots)
-    out: list[np.ndarray] = []
-    for k in range(slots + 1):
-        level = []
-        for give in itertools.combinations(mine, k):
-            for take in itertools.combinations(theirs, k):
-                mask = np.zeros(2 * slots, dtype=bool)
-                mask[[i for i in mine if i not in give]] = True
-                mask[list(take)] = True
-                level.append(mask)
-        if out and len(out) + len(level) > _MAX_PATTERNS:
-            break
-        out += level
-    return np.array(out)
-
-
-def _polish(size: np.ndarray, table: np.ndarray, old: np.ndarray, target: float) -> np.ndarray:
-    """Step 3c: re-partition the top device with another while (max, sum of squares) drops."""
-    table = table.copy()
-    D, S = table.shape
-    if D < 2:
-        return table
-    was = np.zeros((D, size.shape[0]), dtype=bool)
-    was[np.arange(D)[:, None], old] = True
-    masks = _patterns(S)
-    mine, theirs = masks.astype(np.int64), (~masks).astype(np.int64)
-    K = masks.shape[0]
-    for _ in range(4 * D * S):
-        loads = size[table].sum(axis=1)
-        top = float(loads.max())
-        if top <= target:
-            break
-        d1 = int(np.argmax(loads))
-        sq0 = float(np.square(loads).sum())
-        others = np.delete(np.arange(D), d1)
-        pool = np.concatenate([np.broadcast_to(table[d1], (D - 1, S)), table[others]], axis=1)  # [N, 2S]
-        weight = size[pool]
-        side = weight @ masks.T  # [N, K] load of d1 after the split
-        rest_side = weight.sum(axis=1, keepdims=True) - side
-        ranked = [int(d) for d in np.argsort(-loads, kind="stable")[:3] if d != d1]
-        rest = np.where(others == ranked[0], loads[ranked[1]] if len(ranked) > 1 else -np.inf, loads[ranked[0]])
-        new_top = np.maximum(rest[:, None], np.maximum(side, rest_side))
-        sq = sq0 - loads[d1] ** 2 - loads[others][:, None] ** 2 + side ** 2 + rest_side ** 2
-        valid = _unique_sides(table, d1, others, masks)
-        # moved slots after the split: experts new to d1 on its side, new to d2 on the other
-        cost = (~was[d1][pool]).astype(np.int64) @ mine.T + (~was[others[:, None], pool]).astype(np.int64) @ theirs.T
-        better = (new_top < top * (1 - _REL)) | ((new_top <= top * (1 + _REL)) & (sq < sq0 * (1 - _REL)))
-        ok = valid & better
-        if not ok.any():
-            break
-        rounded = np.where(ok, np.round(new_top / max(top, 1e-300), 9), np.inf).reshape(-1)
-        pick = int(np.lexsort((sq.reshape(-1), cost.reshape(-1), rounded))[0])
-        n, k = divmod(pick, K)
-        d2 = int(others[n])
-        table[d1] = keep_positions(pool[n][masks[k]], old[d1])
-        table[d2] = keep_positions(pool[n][~masks[k]], old[d2])
-    return table
-
-
-def _unique_sides(table: np.ndarray, d1: int, others: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """[N, K]: split k of d1 with others[n] leaves no device holding an expert twice.
-
-    Only an expert both devices hold can end up twice on one side: its two copies must split."""
-    S = table.shape[1]
-    valid = np.ones((others.shape[0], masks.shape[0]), dtype=bool)
-    theirs = table[others]  # [N, S]
-    for i in range(S):
-        n, k = np.nonzero(theirs == table[d1, i])
-        if n.size:
-            valid[n] &= masks[:, i][None, :] != masks[:, S + k].T
-    return valid
 
 
 def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, str]:

@@ -1,10 +1,10 @@
 """Migration-aware placement: stay close to a previous layout, move few expert replicas.
 
-Three candidates per layer: the fresh layout with its devices relabelled to overlap the
-old ones most (an assignment problem, OR-Tools); the old layout repaired (lost experts
-re-homed, empty slots filled) then rebalanced one replica move at a time; and the fresh
-replica counts packed "sticky" (old places first). The last two finish with swaps that
-prefer replicas already moved. The one with the fewest moved slots whose max load is
+The one migration step of `podplan balance --previous` and `podplan replan`. Three candidates per
+layer: the fresh layout with its devices relabelled to overlap the old ones most (an assignment
+problem, OR-Tools); the old layout repaired towards the fresh replica counts
+(`planner.balance.repair`); and the fresh replica counts packed "sticky" (old places first), then
+swaps that prefer replicas already moved. The one with the fewest moved slots whose max load is
 within the slack of the fresh one wins.
 """
 
@@ -17,6 +17,7 @@ from ortools.graph.python import linear_sum_assignment
 
 from planner.balance import ilp as balance_ilp
 from planner.balance import search as balance_search
+from planner.balance.repair import keep_positions, repair
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,12 @@ def migrate(
     relabelled = _align_slots(_relabel(table, old, nodes), old)
     options = [_finish(load, relabelled, old, split, "relabel")]
     if nodes == 1:
+        counts = np.bincount(table.reshape(-1), minlength=load.shape[0])
+        repaired = repair(load, old, counts, reference * (1 + slack))
+        if repaired is not None:
+            options.append(_finish(load, repaired, old, split, "repair"))
         target = float(balance_search.table_loads(load, table).max()) * (1 + slack)
         was = _was(old, table.shape[0], load.shape[0])
-        repaired = _repair(load, old, table.shape, target)
-        if repaired is not None:
-            repaired = _move_aware_swaps(load, repaired, was, target)
-            options.append(_finish(load, _align_slots(repaired, old), old, split, "repair"))
-        counts = np.bincount(table.reshape(-1), minlength=load.shape[0])
         sticky = _sticky(load, counts, old, table.shape, float(balance_search.table_loads(load, table).max()))
         if sticky is not None:
             sticky = _move_aware_swaps(load, sticky, was, target)
@@ -118,164 +118,12 @@ def _assign(gain: np.ndarray) -> list[int]:
     return [solver.right_mate(i) for i in range(n)]
 
 
-def keep_positions(experts: np.ndarray, old_row: tuple[int, ...] | np.ndarray) -> np.ndarray:
-    """One device's experts [S], with every one it held before back in its old slot index.
-
-    Engines copy weights slot by slot, so an expert that stays on a device but changes slot
-    would still be a copy; the rest fill the free slots in order.
-    """
-    slots = len(experts)
-    old = [int(e) for e in old_row]
-    row = [-1] * slots
-    rest = []
-    for e in (int(x) for x in experts):
-        j = old.index(e) if e in old else -1
-        if 0 <= j < slots and row[j] < 0:
-            row[j] = e
-        else:
-            rest.append(e)
-    for j in range(slots):
-        if row[j] < 0:
-            row[j] = rest.pop(0)
-    return np.array(row, dtype=np.int64)
-
-
 def _align_slots(table: np.ndarray, old: list[tuple[int, ...]]) -> np.ndarray:
     """Put every kept expert back in its old slot index on each device."""
     out = table.copy()
     for d, row in enumerate(table):
         out[d] = keep_positions(row, old[d])
     return out
-
-
-def _repair(load: np.ndarray, old: list[tuple[int, ...]], shape: tuple[int, int], target: float) -> np.ndarray | None:
-    """The old layout made valid for this shape, then rebalanced by single replica moves."""
-    devices, slots = shape
-    experts = load.shape[0]
-    table = np.full((devices, slots), -1, dtype=np.int64)
-    for d in range(devices):
-        kept: list[int] = []
-        for e in old[d]:
-            if e not in kept and len(kept) < slots:
-                kept.append(e)
-        table[d, : len(kept)] = kept
-    # Lost experts first (heaviest first): an empty slot, else evict a spare replica.
-    for e in np.argsort(-load, kind="stable"):
-        if (table == e).any():
-            continue
-        if not _place_lost(load, table, int(e)):
-            return None
-    # Fill empty slots with the expert whose replicas carry the most, Replicate-style.
-    for d in range(devices):
-        for j in range(slots):
-            if table[d, j] >= 0:
-                continue
-            counts = np.bincount(table[table >= 0], minlength=experts)
-            per = np.where(np.isin(np.arange(experts), table[d]), -1.0, load / np.maximum(counts, 1) / (counts + 1))
-            if per.max() < 0:
-                return None
-            table[d, j] = int(np.argmax(per))
-    return _rebalance(load, table, old, target)
-
-
-def _place_lost(load: np.ndarray, table: np.ndarray, e: int) -> bool:
-    experts = load.shape[0]
-    filled = table >= 0
-    counts = np.bincount(table[filled], minlength=experts)
-    loads = np.where(filled, (load / np.maximum(counts, 1))[np.maximum(table, 0)], 0.0).sum(axis=1)
-    free = [(loads[d], d, j) for d, j in zip(*np.nonzero(~filled)) if e not in table[d]]
-    if free:
-        _, d, j = min(free)
-        table[d, j] = e
-        return True
-    best = None
-    for d, j in zip(*np.nonzero(filled)):
-        g = table[d, j]
-        if counts[g] < 2 or e in table[d]:
-            continue
-        after = loads[d] - load[g] / counts[g] + load[e]
-        if best is None or after < best[0]:
-            best = (after, d, j)
-    if best is None:
-        return False
-    table[best[1], best[2]] = e
-    return True
-
-
-def _rebalance(load: np.ndarray, table: np.ndarray, old: list[tuple[int, ...]], target: float) -> np.ndarray:
-    """Hand one slot from expert g to expert e, or swap two replicas, while (max load, sum
-    of squared loads) drops, until the max reaches `target` or no move helps."""
-    devices, slots = table.shape
-    table = table.copy()
-    experts = load.shape[0]
-    was = _was(old, devices, experts)
-    for _ in range(2 * devices * slots):
-        counts = np.bincount(table.reshape(-1), minlength=experts)
-        size = load / counts
-        loads = size[table].sum(axis=1)
-        now = (float(loads.max()), float(np.square(loads).sum()))
-        if now[0] <= target:
-            break
-        move = _best_transfer(load, table, counts, size, loads, was)
-        swap = balance_search.swap_search(load, table, max_iters=1)
-        swap_loads = balance_search.table_loads(load, swap)
-        swap_key = (float(swap_loads.max()), float(np.square(swap_loads).sum()))
-        if move is not None and move[0] <= swap_key and move[0] < now:
-            _, d, j, e = move
-            table[d, j] = e
-        elif swap_key[0] < now[0] * (1 - 1e-12):
-            table = swap
-        else:
-            break
-    return table
-
-
-def _best_transfer(
-    load: np.ndarray, table: np.ndarray, counts: np.ndarray, size: np.ndarray, loads: np.ndarray, was: np.ndarray
-) -> tuple | None:
-    """Best ((new max, new sum of squares), device, slot, expert): one slot of a spare
-    replica of g handed to expert e. e: the experts of the two most loaded devices and the
-    eight cheapest to add. Ties prefer slots whose expert was new there anyway."""
-    devices, slots = table.shape
-    experts = load.shape[0]
-    held = np.zeros((devices, experts), dtype=bool)
-    held[np.arange(devices)[:, None], table] = True
-    spare = counts >= 2
-    grow_g = np.where(spare, load / np.maximum(counts - 1, 1) - size, 0.0)  # [E]
-    heavy = np.argsort(-loads, kind="stable")[:2]
-    open_ = np.flatnonzero(counts < devices)
-    cheap = open_[np.argsort(load[open_] / (counts[open_] + 1), kind="stable")[:8]]
-    candidates = sorted(set(table[heavy].reshape(-1).tolist()) | set(cheap.tolist()))
-    best = None
-    for e in candidates:
-        if counts[e] >= devices:
-            continue
-        new_e = load[e] / (counts[e] + 1)
-        base = loads + (new_e - size[e]) * held[:, e]  # [D]
-        v = base[None, :] + grow_g[:, None] * held.T  # [E, D]: g lost a replica somewhere
-        order = np.sort(v, axis=1)
-        first = order[:, -1]
-        second = order[:, -2] if devices > 1 else np.full(experts, -np.inf)
-        squares = np.square(v).sum(axis=1)
-        dd, jj = np.nonzero(~held[:, e][:, None] & np.ones((1, slots), dtype=bool))
-        g = table[dd, jj]
-        ok = spare[g] & (g != e)
-        if not ok.any():
-            continue
-        dd, jj, g = dd[ok], jj[ok], g[ok]
-        here = loads[dd] - size[g] + new_e
-        at = v[g, dd]
-        rest = np.where(at >= first[g], second[g], first[g])
-        new_top = np.maximum(rest, here)
-        new_sq = squares[g] - np.square(at) + np.square(here)
-        cost = (~was[dd, e]).astype(int) - (~was[dd, g]).astype(int)
-        k = int(np.lexsort((jj, dd, cost, new_sq, new_top))[0])
-        key = ((float(new_top[k]), float(new_sq[k])), int(cost[k]), int(dd[k]), int(jj[k]), e)
-        if best is None or key < best:
-            best = key
-    if best is None:
-        return None
-    return best[0], best[2], best[3], best[4]
 
 
 def _was(old: list[tuple[int, ...]], devices: int, experts: int) -> np.ndarray:

@@ -11,7 +11,8 @@ from costmodels.errors import InfeasibleError, InputError
 from planner.balance.migrate import moved_slots
 from planner.ir.plan import devices_of, from_json, load_plan
 from planner.balance.loads import read_loads
-from planner.replan import parse_device_ids, repair, replan
+from planner.balance.repair import repair
+from planner.replan import parse_device_ids, replan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 GOLDEN = ROOT / "plans" / "deepseek-v3.cloudmatrix384.json"
