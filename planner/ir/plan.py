@@ -12,12 +12,13 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from costmodels.errors import PlanError
 from planner.ir.fileio import write_atomic
@@ -37,6 +38,24 @@ REGENERATE = "regenerate it with `podplan compile`"
 PhaseName = Literal["prefill", "decode"]
 Mode = Literal["colocated", "disaggregated"]
 StageKind = Literal["dense", "moe"]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string field's allowed form: `regex` (full match, JSON Schema `pattern`) and at most `max_length` chars."""
+
+    regex: str
+    max_length: int
+    what: str  # the rule in words, for the error line
+
+
+# Names a plan gives reach shell scripts, Python files and file names of exports (plans are shared
+# artefacts): letters, digits and . _ : + -, no spaces, no path separators, no quotes or $.
+Name = Annotated[str, Pattern(r"[A-Za-z0-9][A-Za-z0-9._:+-]*", 128,
+                              "letters, digits and . _ : + - (starting with a letter or digit)")]
+# Spec-sheet names ("Ascend 910C", "H100 SXM"): a Name's characters, words separated by single spaces.
+Label = Annotated[str, Pattern(r"[A-Za-z0-9][A-Za-z0-9._:+-]*( [A-Za-z0-9._:+-]+)*", 64,
+                               "letters, digits and . _ : + -, words separated by single spaces")]
 
 
 class PlanValidationError(PlanError):
@@ -124,6 +143,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             _fail(path, f"expected an object ({tp.__name__}), got {_kind(value)}")
         return _build(tp, value, path)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        value = _coerce(args[0], value, path)
+        for rule in args[1:]:
+            if isinstance(rule, Pattern) and (len(value) > rule.max_length or not re.fullmatch(rule.regex, value)):
+                _fail(path, f"{_kind(value)} is not allowed here: use {rule.what}, at most {rule.max_length} "
+                      "characters")
+        return value
     if origin is Literal:
         if not isinstance(value, str) or value not in args:
             _fail(path, f"{_kind(value)} is not one of {', '.join(args)}")
@@ -176,7 +202,7 @@ def _fields(cls: type) -> dict[str, Any]:
     """Field name -> resolved type hint, in declaration order (cached)."""
     hints = _HINTS.get(cls)
     if hints is None:
-        resolved = typing.get_type_hints(cls)
+        resolved = typing.get_type_hints(cls, include_extras=True)
         hints = _HINTS[cls] = {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
     return hints
 
@@ -252,7 +278,7 @@ def _unique(rel: str, ids: tuple[int, ...], what: str) -> None:
 class ModelInfo(_Node):
     """The model a plan was compiled for: identity (config hash) and architecture summary."""
 
-    name: str
+    name: Name
     config_sha256: str  # sha256 of the canonical config.json (planner.frontend.zoo.ModelSource.digest)
     attention: str  # "mla" or "gqa"
     num_layers: int
@@ -306,11 +332,11 @@ class TopologyInfo(_Node):
     Device d sits in server d // devices_per_server, pod d // (devices_per_server * servers_per_pod).
     """
 
-    name: str  # e.g. "cloudmatrix384", "h100-cluster:2", "local:8"
-    kind: str
+    name: Name  # e.g. "cloudmatrix384", "h100-cluster:2", "local:8"
+    kind: Name
     params: dict[str, int]
     sha256: str  # costmodels.topology.Topology.digest(): pins the exact topology
-    hardware: str
+    hardware: Label
     num_devices: int
     dies_per_device: int
     devices_per_server: int
@@ -399,7 +425,7 @@ class Instance(_Node):
     = dies of the attention devices; ep = dies of the expert and shared-expert devices.
     """
 
-    id: str  # unique in the plan, e.g. "prefill-0", "decode-0"
+    id: Name  # unique in the plan, e.g. "prefill-0", "decode-0"
     mode: Mode
     devices: tuple[int, ...]
     attention_devices: tuple[int, ...]
@@ -1024,6 +1050,12 @@ def _schema_of(tp: Any, defs: dict[str, dict]) -> dict:
             return {"$ref": "#/$defs/Plan"}
         return {"$ref": f"#/$defs/{name}"}
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        out = _schema_of(args[0], defs)
+        for rule in args[1:]:
+            if isinstance(rule, Pattern):
+                out.update(pattern=f"^{rule.regex}$", maxLength=rule.max_length)
+        return out
     if origin is Literal:
         return {"enum": list(args)}
     if origin in (Union, types.UnionType):
