@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from planner.export.engines import FORMATS
+from planner.export.registry import FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from planner.cli.console import stderr_console, stdout_console
-    from planner.export.engines import export_plan, write_export
+    from planner.export import export_plan, write_export
     from planner.ir.plan import load_plan
 
     plan = load_plan(args.plan)

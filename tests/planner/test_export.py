@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from costmodels.errors import InputError
-from planner.export import engines as ex
+import planner.export as ex
 from planner.ir.plan import devices_of, load_plan
 from tests.plan_factory import tiny_plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli

@@ -1,0 +1,28 @@
+"""SGLang: `--init-expert-location` JSON (physical_to_logical_map, one row per decoder layer) and launch.sh."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.export.exporter import Exporter, Files
+from planner.export.groups import Group
+from planner.export.render import json_bytes
+from planner.ir import plan as ir
+
+
+def _expert_location(plan: ir.Plan, group: Group) -> Files:
+    # SGLang sizes the map by config.num_hidden_layers: dense rows hold its trivial layout, p -> p % E
+    m = plan.model
+    rows = np.tile(np.arange(group.num_physical) % m.num_routed_experts, (m.num_layers, 1))
+    for i, layer in enumerate(m.moe_layers):
+        rows[layer] = group.phy2log[i]
+    return {"expert_location.json": json_bytes({"physical_to_logical_map": rows.tolist()})}
+
+
+EXPORTER = Exporter(
+    name="sglang",
+    layer_ids="decoder layers 0..num_layers-1 (dense rows unused)",
+    built=("expert_location.json",),
+    build=_expert_location,
+    templates={"launch.sh": "launch_sglang.sh.j2"},
+)
