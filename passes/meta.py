@@ -11,17 +11,13 @@ from typing import Any
 
 import torch.fx as fx
 
-from costmodels.errors import PodplanError
+from passes.errors import MetadataError
 
 ROLE = "podplan.role"  # str, one of planner.frontend.roles.ROLES
 LAYER = "podplan.layer"  # int | None (None outside decoder layers)
 MODULE = "podplan.module"  # str: qualified name of the innermost module the node belongs to
 COST = "podplan.cost"  # NodeCost
 STAGE = "podplan.stage"  # str: stage kind assigned by classification
-
-
-class MetadataError(PodplanError):
-    """A pass found a node without the metadata it needs."""
 
 
 @dataclass(frozen=True)

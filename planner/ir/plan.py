@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from costmodels.errors import PlanError
+from planner.ir.errors import PlanError
 from planner.ir.fileio import write_atomic
 
 # Readers accept exactly this version; any change to the shipped schema file bumps it (README policy).

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from costmodels.errors import PlanError
+from planner.ir.errors import PlanError
 from planner.ir import fileio
 from planner.ir import plan as plan_mod
 from planner.ir.plan import (
