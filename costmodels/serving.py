@@ -317,7 +317,7 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
 
 def _colocated_memory(shape: ModelShape, hw, prec: compute.Precision, layout: memory.ExpertLayout, tp: int,
                       extra: int, *, seqs: float, q: float, kv_len: float, tokens_in_flight: float,
-                      pairs: float, role: str = "decode die") -> list[memory.MemoryUse]:
+                      pairs: float, role: str = "decode die") -> list[memory.DieMemory]:
     common = memory.replicated_weight_bytes(shape, prec.weight_bytes, tp=tp, extra_layers=extra)
     kv = memory.kv_bytes(shape, seqs * compute.kv_replicas(shape, tp) * (kv_len + q), prec.kv_bytes,
                          extra_layers=extra, seq_len=kv_len + q)
