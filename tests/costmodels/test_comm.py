@@ -67,7 +67,7 @@ def test_afd_reproduces_xdeepserve():
 
 
 def test_collectives_and_kv_transfer_by_hand():
-    eff = comm.collective_efficiency("cloudmatrix384")
+    eff = comm.collective_efficiency(comm.profile_for(CM))
     assert eff == pytest.approx(128 * 8 * 14336 / 98.0 / 1e3 / 196.0)  # EP8 combine / UB link
     assert comm.all_reduce_us(CM, 1e6, 2) == pytest.approx(20.0 + 1e6 / (196e3 * eff))
     assert comm.all_gather_us(CM, 4e6, 4) == pytest.approx(20.0 + 0.75 * 4e6 / (196e3 * eff))
