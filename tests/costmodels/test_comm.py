@@ -83,3 +83,25 @@ def test_message_size_agrees_with_opcount(dsv3):
     assert 8 * comm.combine_dest_bytes(7168) == opcount.combine_bytes_per_token(dsv3)
     # CMI §3: ~7.5 KB per token-expert in INT8, ~14 KB in BF16
     assert 7000 < comm.dispatch_dest_bytes(7168, "int8") < 7600 and 14000 < comm.dispatch_dest_bytes(7168, "bf16") < 14500
+
+
+def test_a_new_topology_needs_no_change_here():
+    """comm asks the hardware for its fabric: a topology family it has never seen is priced like its fabric."""
+    from costmodels.hardware import H100
+    from costmodels.topology import _gpu_cluster
+
+    new = _gpu_cluster(H100, "test", 4)  # not in FAMILIES, not named anywhere in comm
+    assert comm.profile_for(new) is comm.NVIDIA_IB_PROFILE
+    assert comm.dispatch_us(new, 128, 7168, "fp8", 8, 8) == pytest.approx(77.0)  # DeepEP EP8
+    assert comm.collective_efficiency(comm.profile_for(new)) == comm.collective_efficiency(comm.profile_for(H800))
+
+
+def test_a_fabric_without_measurements_is_one_line():
+    from dataclasses import replace
+
+    from costmodels.errors import TopologyError
+    from costmodels.topology import _gpu_cluster
+
+    odd = _gpu_cluster(replace(H800.hardware, scaleup_fabric="Infinity Fabric"), "mi300", 1)
+    with pytest.raises(TopologyError, match=r"no measured all-to-all profile for the Infinity Fabric fabric"):
+        comm.dispatch_us(odd, 128, 7168, "fp8", 8, 8)
