@@ -229,7 +229,7 @@ def estimate(shape: ModelShape, topo: Topology, dep: Deployment, calibration: Ca
 
 def estimate_decode(shape: ModelShape, topo: Topology, dep: DecodeDeployment,
                     calibration: Calibration | None = None) -> Estimate:
-    """Decode step, TPOT and throughput per device for a colocated or AFD deployment."""
+    """Decode step, TPOT and throughput per device for a colocated or disaggregated deployment."""
     cal = calibration or load_calibration()
     _positive("--batch-per-device", dep.batch_per_device)
     _positive("--kv-len", dep.kv_len, integer=True)
