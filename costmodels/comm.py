@@ -202,7 +202,7 @@ AFD_A2E_GBPS = _afd_bw(XDS_AFD_A2E_US, dispatch_dest_bytes(MEASURED_HIDDEN, "int
 AFD_E2A_GBPS = _afd_bw(XDS_AFD_E2A_US, combine_dest_bytes(MEASURED_HIDDEN))  # [D] XDS §3.3
 
 
-def afd_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
+def disaggregated_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
                     recv_tokens_per_moe_die: float, bytes_per_dest: float, imbalance: float = 1.0) -> float:
     """One-way attention->expert ('a2e') or expert->attention ('e2a') transfer for one layer, in us.
 
@@ -214,12 +214,12 @@ def afd_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: fl
         raise InputError(f"communication cost: AFD direction must be a2e or e2a, got {direction!r}")
     if sent_tokens_per_attn_die == 0 and recv_tokens_per_moe_die == 0:
         return 0.0
-    bw = (AFD_A2E_GBPS if direction == "a2e" else AFD_E2A_GBPS) * _afd_fabric_scale(topo)
+    bw = (AFD_A2E_GBPS if direction == "a2e" else AFD_E2A_GBPS) * _disaggregated_fabric_scale(topo)
     nbytes = max(sent_tokens_per_attn_die, recv_tokens_per_moe_die * imbalance) * bytes_per_dest
     return FLOOR_US + nbytes / (bw * 1e3)
 
 
-def _afd_fabric_scale(topo: Topology) -> float:
+def _disaggregated_fabric_scale(topo: Topology) -> float:
     """AFD bandwidth relative to the measured fabric (CloudMatrix UB), by the link the traffic takes."""
     if topo.scaleup_spans_pod:  # attention and MoE dies share the pod-wide scale-up plane
         return topo.hardware.scaleup_gbps / ASCEND_910C.scaleup_gbps

@@ -380,9 +380,10 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
             if layout.has_shared else 0.0
     dests = shape.top_k + (1 if layout.has_shared else 0)
     recv = domain_tokens * dests / f_dies
-    a2e = comm.afd_transfer_us(topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype),
-                               dep.imbalance)
-    e2a = comm.afd_transfer_us(topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden), dep.imbalance)
+    a2e = comm.disaggregated_transfer_us(topo, "a2e", tok_mb * dests, recv,
+                                         comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype), dep.imbalance)
+    e2a = comm.disaggregated_transfer_us(topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden),
+                                         dep.imbalance)
     t_a = att + gate + tp_comm
     t_e = routed + shared
     chain = t_a + a2e + t_e + e2a

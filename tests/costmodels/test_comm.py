@@ -57,13 +57,13 @@ def test_cross_pod_all_to_all_pays_rdma():
     assert across == pytest.approx(20.0 + (1536 - 768) / 1535 * nbytes / 25e3)
 
 
-def test_afd_reproduces_xdeepserve():
+def test_disaggregated_transfer_reproduces_xdeepserve():
     # XDS §3.3: 480 attention dies at batch 96, 288 MoE dies, 9 destinations per token
     recv = 480 * 96 * 9 / 288
-    a2e = comm.afd_transfer_us(CM, "a2e", 96 * 9, recv, comm.dispatch_dest_bytes(7168, "int8"))
-    e2a = comm.afd_transfer_us(CM, "e2a", 96 * 9, recv, comm.combine_dest_bytes(7168))
+    a2e = comm.disaggregated_transfer_us(CM, "a2e", 96 * 9, recv, comm.dispatch_dest_bytes(7168, "int8"))
+    e2a = comm.disaggregated_transfer_us(CM, "e2a", 96 * 9, recv, comm.combine_dest_bytes(7168))
     assert (a2e, e2a) == (pytest.approx(172.0), pytest.approx(193.0))
-    assert comm.afd_transfer_us(H800, "a2e", 96 * 9, recv, 7180) > a2e  # InfiniBand-bound on GPUs
+    assert comm.disaggregated_transfer_us(H800, "a2e", 96 * 9, recv, 7180) > a2e  # InfiniBand-bound on GPUs
 
 
 def test_collectives_and_kv_transfer_by_hand():
