@@ -65,7 +65,7 @@ def main() -> int:
         ("cloudmatrix384 decode batch 8/NPU int8 MTP 0.7 1 mb", "cloudmatrix384",
          DecodeDeployment(devices=160, ep=320, batch_per_device=8, mtp_accept=0.7, quant="int8")),
         ("cloudmatrix384 AFD 240+144 NPUs, 3 domains, batch 192 int8", "cloudmatrix384",
-         DecodeDeployment(mode="afd", attention_devices=240, moe_devices=144, dp_domains=3, batch_per_device=192,
+         DecodeDeployment(mode="disaggregated", attention_devices=240, moe_devices=144, dp_domains=3, batch_per_device=192,
                           mtp_accept=0.7, quant="int8", microbatches=2)),
     ]
     for name, tname, dep in checks:

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from costmodels.errors import ConfigError
+from costmodels.errors import InputError
 from costmodels.model_shape import ModelShape
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
@@ -41,16 +41,16 @@ IDENTITY = Calibration()
 
 @functools.lru_cache(maxsize=1)
 def load_calibration() -> Calibration:
-    """The fitted factors from calibration.json (checked: a corrupt file is a ConfigError)."""
+    """The fitted factors from calibration.json (checked: a corrupt file is a InputError)."""
     try:
         data = json.loads(CALIBRATION_FILE.read_text())
         cal = Calibration(decode_overhead=float(data["decode_overhead"]["value"]),
                           prefill_efficiency=float(data["prefill_efficiency"]["value"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{CALIBRATION_FILE}: unreadable calibration ({exc}); regenerate it with "
+        raise InputError(f"{CALIBRATION_FILE}: unreadable calibration ({exc}); regenerate it with "
                           "'python bench/calibrate.py --write'") from None
     if not (cal.decode_overhead >= 1.0 and 0.0 < cal.prefill_efficiency <= 1.0):
-        raise ConfigError(f"{CALIBRATION_FILE}: factors out of range {cal}; decode_overhead must be >= 1 and "
+        raise InputError(f"{CALIBRATION_FILE}: factors out of range {cal}; decode_overhead must be >= 1 and "
                           "prefill_efficiency in (0, 1]: regenerate it with 'python bench/calibrate.py --write'")
     return cal
 

@@ -11,8 +11,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-from costmodels.errors import InputError
-from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800, dtype_bytes
+from costmodels.errors import InputError, TopologyError
+from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800, DeviceSpec, dtype_bytes
 from costmodels.topology import Topology
 
 # --- measured operators (reference §5) ------------------------------------------------------------
@@ -71,6 +71,9 @@ class A2AProfile:
     dispatch: tuple[tuple[int, float], ...]  # (EP, GB/s)
     combine: tuple[tuple[int, float], ...]
     source: str
+    measured_on: DeviceSpec  # the device whose scale-up link the measurements ran on
+    server_ep: int  # the measured EP that stays inside one server (the scale-up link alone)
+    spans_scaleout: bool  # the larger measured EPs already crossed the scale-out fabric
 
     def bandwidth(self, op: str, ep: int) -> float:
         points = self.dispatch if op == "dispatch" else self.combine
@@ -95,43 +98,46 @@ def _gbps(nbytes: float, us: float) -> float:
     return nbytes / ((us - FLOOR_US) * 1e-6) / 1e9
 
 
-def _derive(rows: tuple[tuple[int, float, float], ...], fabric: str, source: str) -> A2AProfile:
+def _derive(rows: tuple[tuple[int, float, float], ...], fabric: str, source: str, measured_on: DeviceSpec,
+            spans_scaleout: bool) -> A2AProfile:
     return A2AProfile(
         fabric=fabric,
         dispatch=tuple((ep, _gbps(_MEASURED_DISPATCH_BYTES, d)) for ep, d, _ in rows),
         combine=tuple((ep, _gbps(_MEASURED_COMBINE_BYTES, c)) for ep, _, c in rows),
-        source=source,
+        source=source, measured_on=measured_on, server_ep=rows[0][0], spans_scaleout=spans_scaleout,
     )
 
 
-ASCEND_UB_PROFILE = _derive(ASCEND_A2A_US, "UB", "CMI Table 6 [S] with XDS §3.1 floor")
+# CMI's EP8..EP256 all stay inside one SuperPod's UB plane.
+ASCEND_UB_PROFILE = _derive(ASCEND_A2A_US, "UB", "CMI Table 6 [S] with XDS §3.1 floor", ASCEND_910C,
+                            spans_scaleout=False)
 # H100/H200 clusters reuse H800's: beyond one node the same 400 Gb/s NIC per GPU bounds EP > 8.
-NVIDIA_IB_PROFILE = _derive(DEEPEP_H800_A2A_US, "NVLink+InfiniBand", "DeepEP README (H800) [P] with XDS §3.1 floor")
+NVIDIA_IB_PROFILE = _derive(DEEPEP_H800_A2A_US, "NVLink+InfiniBand", "DeepEP README (H800) [P] with XDS §3.1 floor",
+                            H800, spans_scaleout=True)
 # Nominal for local CPU processes: gloo over shared memory (never calibrated).
-LOCAL_PROFILE = A2AProfile("shm", ((1, 5.0),), ((1, 5.0),), "nominal")
+LOCAL_PROFILE = A2AProfile("shm", ((1, 5.0),), ((1, 5.0),), "nominal", CPU_PROCESS, server_ep=1,
+                           spans_scaleout=False)
+# Scale-up fabric (DeviceSpec.scaleup_fabric) -> the profile measured on it.
+PROFILES: dict[str, A2AProfile] = {"UB": ASCEND_UB_PROFILE, "NVLink": NVIDIA_IB_PROFILE, "shm": LOCAL_PROFILE}
 
 
 def profile_for(topo: Topology) -> A2AProfile:
-    """The measured all-to-all profile matching the topology's fabric."""
-    if topo.kind == "cloudmatrix384":
-        return ASCEND_UB_PROFILE
-    if topo.kind == "local":
-        return LOCAL_PROFILE
-    return NVIDIA_IB_PROFILE
+    """The measured all-to-all profile of the topology's scale-up fabric."""
+    fabric = topo.hardware.scaleup_fabric
+    if fabric not in PROFILES:
+        raise TopologyError(f"{topo.name}: no measured all-to-all profile for the {fabric} fabric of "
+                            f"{topo.hardware.name}; add one to costmodels.comm.PROFILES")
+    return PROFILES[fabric]
 
 
 @functools.lru_cache(maxsize=64)
-def collective_efficiency(kind: str) -> float:
-    """Achieved / link bandwidth for bulk collectives: the EP8 combine of the fabric's profile [D].
+def collective_efficiency(profile: A2AProfile) -> float:
+    """Achieved / link bandwidth for bulk collectives: the one-server combine of the fabric's profile [D].
 
     CMI Table 6 EP8 combine (one server, UB) and DeepEP EP8 combine (one node, NVLink) are the
     measured large-message transfers that stay on the scale-up link.
     """
-    if kind == "cloudmatrix384":
-        return ASCEND_UB_PROFILE.bandwidth("combine", 8) / ASCEND_910C.scaleup_gbps
-    if kind == "local":
-        return LOCAL_PROFILE.bandwidth("combine", 1) / CPU_PROCESS.scaleup_gbps
-    return min(1.0, NVIDIA_IB_PROFILE.bandwidth("combine", 8) / H800.scaleup_gbps)
+    return min(1.0, profile.bandwidth("combine", profile.server_ep) / profile.measured_on.scaleup_gbps)
 
 
 # --- MoE all-to-all --------------------------------------------------------------------------------
@@ -160,10 +166,12 @@ def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_tok
     if ep <= 1 or tokens_per_rank == 0:
         return 0.0
     nbytes = tokens_per_rank * dests_per_token * bytes_per_dest * imbalance
-    transfer = nbytes / (profile_for(topo).bandwidth(op, ep) * 1e3)  # GB/s -> bytes/us
+    profile = profile_for(topo)
+    transfer = nbytes / (profile.bandwidth(op, ep) * 1e3)  # GB/s -> bytes/us
     off = topo.offisland_fraction(ep)
-    if off > 0 and topo.kind == "cloudmatrix384" and topo.hardware.scaleout_gbps > 0:
-        # K SuperPods: the share bound for other pods crosses RDMA at 25 GB/s per die
+    if off > 0 and not profile.spans_scaleout and topo.hardware.scaleout_gbps > 0:
+        # measured inside one scale-up island (K CloudMatrix SuperPods): the share bound for
+        # other islands crosses the scale-out link (RDMA, 25 GB/s per die)
         transfer = max(transfer, off * nbytes / (topo.hardware.scaleout_gbps * 1e3))
     return FLOOR_US + transfer
 
@@ -194,7 +202,7 @@ AFD_A2E_GBPS = _afd_bw(XDS_AFD_A2E_US, dispatch_dest_bytes(MEASURED_HIDDEN, "int
 AFD_E2A_GBPS = _afd_bw(XDS_AFD_E2A_US, combine_dest_bytes(MEASURED_HIDDEN))  # [D] XDS §3.3
 
 
-def afd_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
+def disaggregated_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
                     recv_tokens_per_moe_die: float, bytes_per_dest: float, imbalance: float = 1.0) -> float:
     """One-way attention->expert ('a2e') or expert->attention ('e2a') transfer for one layer, in us.
 
@@ -206,16 +214,17 @@ def afd_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: fl
         raise InputError(f"communication cost: AFD direction must be a2e or e2a, got {direction!r}")
     if sent_tokens_per_attn_die == 0 and recv_tokens_per_moe_die == 0:
         return 0.0
-    bw = (AFD_A2E_GBPS if direction == "a2e" else AFD_E2A_GBPS) * _afd_fabric_scale(topo)
+    bw = (AFD_A2E_GBPS if direction == "a2e" else AFD_E2A_GBPS) * _disaggregated_fabric_scale(topo)
     nbytes = max(sent_tokens_per_attn_die, recv_tokens_per_moe_die * imbalance) * bytes_per_dest
     return FLOOR_US + nbytes / (bw * 1e3)
 
 
-def _afd_fabric_scale(topo: Topology) -> float:
+def _disaggregated_fabric_scale(topo: Topology) -> float:
     """AFD bandwidth relative to the measured fabric (CloudMatrix UB), by the link the traffic takes."""
-    if topo.kind == "cloudmatrix384":
-        return 1.0
-    # GPU: most attention GPUs sit in other nodes than the MoE GPU, so InfiniBand bounds it.
+    if topo.scaleup_spans_pod:  # attention and MoE dies share the pod-wide scale-up plane
+        return topo.hardware.scaleup_gbps / ASCEND_910C.scaleup_gbps
+    # server-wide scale-up (GPU): most attention GPUs sit in other nodes than the MoE GPU, so
+    # the scale-out link (InfiniBand) bounds it
     link = topo.hardware.scaleout_gbps or topo.hardware.scaleup_gbps
     return link / ASCEND_910C.scaleup_gbps
 
@@ -243,7 +252,7 @@ def _group_bw(topo: Topology, group_dies: int) -> float:
     """Per-die GB/s inside a contiguous group: scale-up link unless it spills off the island."""
     hw = topo.hardware
     link = hw.scaleup_gbps if topo.offisland_fraction(group_dies) == 0 or not hw.scaleout_gbps else hw.scaleout_gbps
-    return link * collective_efficiency(topo.kind)
+    return link * collective_efficiency(profile_for(topo))
 
 
 def kv_transfer_us(topo: Topology, nbytes_per_die: float) -> float:

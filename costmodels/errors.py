@@ -1,8 +1,11 @@
-"""The one error hierarchy of podplan.
+"""The root of podplan's one error hierarchy, and the errors the cost models raise themselves.
 
-It lives in the leaf package so that every layer (costmodels, passes, planner,
-runtime) can raise it; the CLI turns any `PodplanError` into one line on stderr
-and exit code 2. Messages are subject first: what failed, the broken rule, the fix.
+`PodplanError` lives here, in the leaf package, because every layer (costmodels, passes,
+planner, runtime) subclasses it and imports only point down; the CLI turns any `PodplanError`
+into one line on stderr and exit code 2. Each other error lives with the concept it names:
+`PlanError` in planner.ir, `ConfigError` in planner.frontend, `PassError` and its kin in
+passes.errors, the runtime's in runtime.errors. Messages are subject first: what failed,
+the broken rule, the fix.
 """
 
 
@@ -10,21 +13,17 @@ class PodplanError(Exception):
     """A user-facing error: bad input, an impossible request, a corrupt file."""
 
 
-class ConfigError(PodplanError):
-    """A model name, config.json or architecture podplan cannot use."""
+class InputError(PodplanError):
+    """A bad value given to podplan: a flag, a loads file, a cost-model argument (--ep, --quant, ...).
+
+    The cost models check the values they are handed, so the error for any bad user-supplied
+    value is this one, defined next to the root and raised by every layer.
+    """
 
 
 class TopologyError(PodplanError):
     """An unknown topology name or bad topology parameters."""
 
 
-class InputError(PodplanError):
-    """A bad flag value, loads file or other command-line input."""
-
-
 class InfeasibleError(PodplanError):
     """A request that cannot be met (memory budget, slot counts, SLOs)."""
-
-
-class PlanError(PodplanError):
-    """A plan file that is missing, corrupt or fails validation."""

@@ -7,8 +7,13 @@ totals are the `chip_*` properties. Source keys refer to `shared/reference/cloud
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from costmodels.errors import InputError
+
+# The software platform serving engines target on a device: Ascend CANN (vllm-ascend, MindIE),
+# NVIDIA CUDA (SGLang, vLLM, TensorRT-LLM) or plain CPU processes (podplan's local runtime).
+Platform = Literal["ascend", "cuda", "cpu"]
 
 # Bytes per element of each numeric format podplan prices.
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
@@ -27,9 +32,11 @@ class DeviceSpec:
     hbm_tbps: float  # per die
     scaleup_gbps: float  # per die, one direction (UB / NVLink / shared memory)
     scaleout_gbps: float  # per die, one direction (RoCE / InfiniBand); 0 = none
-    scaleup_fabric: str
+    scaleup_fabric: str  # names the measured all-to-all profile costmodels.comm prices it with
     scaleout_fabric: str
     source: str
+    platform: Platform
+    nominal: bool = False  # placeholder figures, never calibrated: predictions on it are not meaningful
 
     @property
     def chip_bf16_tflops(self) -> float:
@@ -73,8 +80,17 @@ class DeviceSpec:
             )
         return peak
 
+    @property
+    def is_npu(self) -> bool:
+        """An Ascend NPU (engines: vllm-ascend, MindIE) rather than a GPU or a CPU process."""
+        return self.platform == "ascend"
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec sheet, what a topology's digest hashes: the figures, fabrics and source (the
+        platform and the nominal mark describe the same device, so plans keep their digests)."""
+        out = asdict(self)
+        del out["platform"], out["nominal"]
+        return out
 
 
 ASCEND_910C = DeviceSpec(
@@ -90,6 +106,7 @@ ASCEND_910C = DeviceSpec(
     scaleup_fabric="UB",
     scaleout_fabric="RoCE",
     source="CMI §3.2-3.3, Tables 2-3, 9; XDS §2.2, §4.7",
+    platform="ascend",
 )
 
 # NVIDIA SXM parts: spec sheet (reference §8). INT8 dense = FP8 dense on Hopper (datasheet:
@@ -108,6 +125,7 @@ H100 = DeviceSpec(
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
     source="NVIDIA H100 SXM spec sheet (reference §8)",
+    platform="cuda",
 )
 
 H800 = DeviceSpec(
@@ -123,6 +141,7 @@ H800 = DeviceSpec(
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
     source="NVIDIA H800 SXM spec sheet (reference §8)",
+    platform="cuda",
 )
 
 H200 = DeviceSpec(
@@ -138,6 +157,7 @@ H200 = DeviceSpec(
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
     source="NVIDIA H200 SXM spec sheet (reference §8)",
+    platform="cuda",
 )
 
 # `local:N` runs the plan on CPU processes to check numerics; its numbers are nominal
@@ -155,6 +175,8 @@ CPU_PROCESS = DeviceSpec(
     scaleup_fabric="shm",
     scaleout_fabric="none",
     source="nominal placeholder (local runtime only)",
+    platform="cpu",
+    nominal=True,
 )
 
 DEVICES: dict[str, DeviceSpec] = {
@@ -164,6 +186,15 @@ DEVICES: dict[str, DeviceSpec] = {
     "h200": H200,
     "cpu": CPU_PROCESS,
 }
+
+
+def device_named(name: str) -> DeviceSpec:
+    """The device whose spec-sheet name is `name` (what a plan records, e.g. "Ascend 910C")."""
+    for spec in DEVICES.values():
+        if spec.name == name:
+            return spec
+    known = ", ".join(repr(s.name) for s in DEVICES.values())
+    raise InputError(f"unknown hardware {name!r}; known: {known}")
 
 
 def dtype_bytes(dtype: str) -> float:

@@ -91,8 +91,8 @@ def dests_per_token(shape: ModelShape, layout: ExpertLayout) -> int:
 
 
 @dataclass(frozen=True)
-class MemoryUse:
-    """HBM use of one die in one role, GB."""
+class DieMemory:
+    """HBM use of one die in one role, GB (the plan records per-device use as planner.ir.plan.MemoryUse)."""
 
     role: str
     weights: float
@@ -154,13 +154,13 @@ def workspace_bytes(shape: ModelShape, tokens: float, pairs: float, logits: floa
     return hidden + experts + logits * shape.vocab * 4.0
 
 
-def use(role: str, hw: DeviceSpec, *, weights: float, kv: float, workspace: float) -> MemoryUse:
+def use(role: str, hw: DeviceSpec, *, weights: float, kv: float, workspace: float) -> DieMemory:
     """A role's use in GB (bytes in), with the communication buffers of CMI."""
-    return MemoryUse(role=role, weights=weights / GB, kv=kv / GB, buffers=COMM_BUFFER_GB,
+    return DieMemory(role=role, weights=weights / GB, kv=kv / GB, buffers=COMM_BUFFER_GB,
                      activations=workspace / GB, capacity=hw.hbm_gb)
 
 
-def check(uses: list[MemoryUse], fix: str) -> tuple[bool, str]:
+def check(uses: list[DieMemory], fix: str) -> tuple[bool, str]:
     """(feasible, reason): the first role over its HBM, with what it needs and by how much."""
     for u in sorted(uses, key=lambda u: -u.overflow):
         if u.overflow > 0:

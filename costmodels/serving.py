@@ -17,6 +17,8 @@ from costmodels.errors import InputError
 from costmodels.model_shape import ModelShape
 from costmodels.topology import Topology
 
+# How a decode instance lays out attention and experts (the plan's Instance.mode uses the same names).
+DECODE_MODES = ("colocated", "disaggregated")
 STAGES = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
 DECODE_FIX = "lower --batch-per-device or --kv-len, quantise (--quant int8/fp8, --kv-dtype), or use a larger --ep"
 PREFILL_FIX = "lower --tokens-per-device, quantise (--quant int8/fp8), or spread experts over a larger --ep"
@@ -42,7 +44,7 @@ class DecodeDeployment(_Deployment):
     """A decode instance. Counts of devices are chips (NPU) or GPUs; EP and TP count dies.
 
     colocated: `devices` run attention (DP per die, or head-TP `attn_tp`) and hold expert slots,
-    EP over `ep` dies (0 = all). afd: `attention_devices` run attention in `dp_domains` domains
+    EP over `ep` dies (0 = all). disaggregated: `attention_devices` run attention in `dp_domains` domains
     taking turns on the `moe_devices`, which hold the experts (EP = all their dies).
     batch_per_device: sequences per (attention) device. mtp_accept > 0 turns on one MTP draft
     token with that acceptance: 1 + a tokens per step.
@@ -62,12 +64,12 @@ class PrefillDeployment(_Deployment):
     """A prefill instance of `devices` devices (0 = all), EP over `ep` dies (0 = all of them).
 
     Each device processes `tokens_per_device` prompt tokens per batch, in prompts of `prompt_len`;
-    a share `prefix_hit_rate` of every prompt is already cached (not recomputed, still attended).
+    a share `prefix_hit` of every prompt is already cached (not recomputed, still attended).
     """
 
     tokens_per_device: int = 16384
     prompt_len: int = 4096
-    prefix_hit_rate: float = 0.0
+    prefix_hit: float = 0.0
 
 
 # Either phase's deployment; the class is the discriminator (estimate() dispatches on it).
@@ -227,7 +229,7 @@ def estimate(shape: ModelShape, topo: Topology, dep: Deployment, calibration: Ca
 
 def estimate_decode(shape: ModelShape, topo: Topology, dep: DecodeDeployment,
                     calibration: Calibration | None = None) -> Estimate:
-    """Decode step, TPOT and throughput per device for a colocated or AFD deployment."""
+    """Decode step, TPOT and throughput per device for a colocated or disaggregated deployment."""
     cal = calibration or load_calibration()
     _positive("--batch-per-device", dep.batch_per_device)
     _positive("--kv-len", dep.kv_len, integer=True)
@@ -237,9 +239,9 @@ def estimate_decode(shape: ModelShape, topo: Topology, dep: DecodeDeployment,
     prec = compute.precision(dep.quant, dep.kv_dtype, topo.hardware)
     if dep.mode == "colocated":
         return _decode_colocated(shape, topo, dep, prec, cal)
-    if dep.mode == "afd":
-        return _decode_afd(shape, topo, dep, prec, cal)
-    raise InputError(f"--mode {dep.mode}: unknown decode mode; use colocated or afd")
+    if dep.mode == "disaggregated":
+        return _decode_disaggregated(shape, topo, dep, prec, cal)
+    raise InputError(f"--mode {dep.mode}: unknown decode mode; use {' or '.join(DECODE_MODES)}")
 
 
 def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: compute.Precision,
@@ -317,7 +319,7 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
 
 def _colocated_memory(shape: ModelShape, hw, prec: compute.Precision, layout: memory.ExpertLayout, tp: int,
                       extra: int, *, seqs: float, q: float, kv_len: float, tokens_in_flight: float,
-                      pairs: float, role: str = "decode die") -> list[memory.MemoryUse]:
+                      pairs: float, role: str = "decode die") -> list[memory.DieMemory]:
     common = memory.replicated_weight_bytes(shape, prec.weight_bytes, tp=tp, extra_layers=extra)
     kv = memory.kv_bytes(shape, seqs * compute.kv_replicas(shape, tp) * (kv_len + q), prec.kv_bytes,
                          extra_layers=extra, seq_len=kv_len + q)
@@ -331,20 +333,20 @@ def _colocated_memory(shape: ModelShape, hw, prec: compute.Precision, layout: me
     ]
 
 
-def _decode_afd(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: compute.Precision,
+def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: compute.Precision,
                 cal: Calibration) -> Estimate:
     hw = topo.hardware
     if shape.num_routed_experts == 0:
-        raise InputError(f"--mode afd: {shape.name} has no MoE layers to disaggregate; use --mode colocated")
+        raise InputError(f"--mode disaggregated: {shape.name} has no MoE layers to disaggregate; use --mode colocated")
     if dep.attention_devices <= 0 or dep.moe_devices <= 0:
-        raise InputError("--mode afd needs --attention-devices N and --moe-devices N (both > 0)")
+        raise InputError("--mode disaggregated needs --attention-devices N and --moe-devices N (both > 0)")
     if dep.attention_devices + dep.moe_devices > topo.num_devices:
         raise InputError(f"--attention-devices {dep.attention_devices} + --moe-devices {dep.moe_devices}: "
                          f"{topo.name} has only {topo.num_devices} devices")
     a_dies = _instance_dies(topo, dep.attention_devices, "--attention-devices")
     f_dies = _instance_dies(topo, dep.moe_devices, "--moe-devices")
     if dep.ep and dep.ep != f_dies:
-        raise InputError(f"--ep {dep.ep}: with --mode afd the {f_dies} MoE dies form the EP group; "
+        raise InputError(f"--ep {dep.ep}: with --mode disaggregated the {f_dies} MoE dies form the EP group; "
                          f"drop --ep or pass --ep {f_dies}")
     d = dep.dp_domains
     _positive("--dp-domains", d, integer=True)
@@ -378,9 +380,10 @@ def _decode_afd(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: 
             if layout.has_shared else 0.0
     dests = shape.top_k + (1 if layout.has_shared else 0)
     recv = domain_tokens * dests / f_dies
-    a2e = comm.afd_transfer_us(topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype),
-                               dep.imbalance)
-    e2a = comm.afd_transfer_us(topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden), dep.imbalance)
+    a2e = comm.disaggregated_transfer_us(topo, "a2e", tok_mb * dests, recv,
+                                         comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype), dep.imbalance)
+    e2a = comm.disaggregated_transfer_us(topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden),
+                                         dep.imbalance)
     t_a = att + gate + tp_comm
     t_e = routed + shared
     chain = t_a + a2e + t_e + e2a
@@ -430,7 +433,7 @@ def _decode_afd(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: 
     uses = [attn_use] + moe_uses
     feasible, reason = memory.check(uses, DECODE_FIX)
     return Estimate(
-        phase="decode", mode="afd", step_ms=step_us / 1e3, tpot_ms=tpot_ms, ttft_ms=None,
+        phase="decode", mode="disaggregated", step_ms=step_us / 1e3, tpot_ms=tpot_ms, ttft_ms=None,
         throughput_per_device=sequences / tpot_ms * 1e3 / total_devices,
         breakdown=_finish(stages),
         memory_per_device_gb=max(u.total for u in uses) * hw.dies,
@@ -459,8 +462,8 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     hw = topo.hardware
     _positive("--tokens-per-device", dep.tokens_per_device)
     _positive("--prompt-len", dep.prompt_len, integer=True)
-    if not 0.0 <= dep.prefix_hit_rate < 1.0:
-        raise InputError(f"--prefix-hit-rate {dep.prefix_hit_rate}: must be in [0, 1)")
+    if not 0.0 <= dep.prefix_hit < 1.0:
+        raise InputError(f"--prefix-hit {dep.prefix_hit}: must be in [0, 1)")
     _check_common(dep.imbalance, dep.microbatches)
     prec = compute.precision(dep.quant, dep.kv_dtype, hw)
     devices = dep.devices or topo.num_devices
@@ -472,7 +475,7 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     layout = memory.expert_layout(shape, ep, dep.redundant_experts)
     m = dep.microbatches
     tokens = dep.tokens_per_device / hw.dies  # prompt tokens per die per batch
-    hit = dep.prefix_hit_rate
+    hit = dep.prefix_hit
     computed = tokens * (1.0 - hit)
     prompts = tokens / dep.prompt_len
     tok_mb = computed / m
@@ -528,7 +531,7 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
         details={
             "topology": topo.name, "devices": devices, "dies": dies, "ep": ep, "attn_tp": tp, "microbatches": m,
             "prompt_tokens_per_die": tokens, "computed_tokens_per_die": computed, "prompts_per_die": prompts,
-            "prefix_hit_rate": hit, "routed_slots_per_die": layout.slots_per_routed_die,
+            "prefix_hit": hit, "routed_slots_per_die": layout.slots_per_routed_die,
             "shared_expert_dies": layout.shared_dies, "redundant_experts": layout.redundant,
             "quant": prec.quant, "kv_dtype": prec.kv,
             "calibration": {"prefill_efficiency": cal.prefill_efficiency},

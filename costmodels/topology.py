@@ -1,5 +1,8 @@
 """Named cluster topologies as networkx graphs, with O(1) path bandwidth/latency between devices.
 
+`FAMILIES` is the one list of topology names (`get_topology` parses them, CLI help and error
+messages list them): adding a topology is a builder and a `TopologyFamily` line here.
+
 The graph is compact: dies hang off one aggregated scale-up switch node per server (UB L1 /
 NVSwitch), servers off one node per scale-up plane (UB L2), and every die off a scale-out
 (RDMA / InfiniBand) node. Path figures are computed once per pair class (same chip, same
@@ -12,17 +15,13 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import networkx as nx
 
 from costmodels.errors import TopologyError
 from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H100, H200, H800, DeviceSpec
-
-VALID_NAMES = (
-    "cloudmatrix384, cloudmatrix384:K (K SuperPods joined by RDMA), h100-cluster:N, h800-cluster:N, "
-    "h200-cluster:N (N nodes of 8 GPUs), local:N (N CPU processes on this host)"
-)
 
 # Hop latencies (us). The papers give end-to-end software floors (XCCL < 20 us, XDS §3.1), which
 # comm.py uses; the per-hop figures below only order paths and are assumptions, except where noted.
@@ -98,9 +97,14 @@ class Topology:
         return die // self.dies_per_device
 
     @property
+    def scaleup_spans_pod(self) -> bool:
+        """The scale-up fabric joins a whole pod (UB), not just the devices of one server (NVLink, shm)."""
+        return self.scaleup_scope == "pod"
+
+    @property
     def scaleup_devices(self) -> int:
         """Devices in one scale-up domain (UB: the whole pod; NVLink: one server)."""
-        if self.scaleup_scope == "pod":
+        if self.scaleup_spans_pod:
             return self.devices_per_server * self.servers_per_pod
         return self.devices_per_server
 
@@ -281,17 +285,64 @@ def _local(procs: int) -> Topology:
                     scaleup_scope="server")
 
 
-def _count(name: str, text: str | None, what: str, limit: int) -> int:
+@dataclass(frozen=True)
+class TopologyFamily:
+    """Topologies named `kind` or `kind:N`, built by `build(N)`.
+
+    `default` is N when the name has none (None: N is required); N must be in 1..`limit`.
+    """
+
+    kind: str
+    letter: str  # how help and errors write N ("K" pods, "N" nodes)
+    counts: str  # what N counts, for errors: "pod", "node", "process"
+    limit: int
+    default: int | None
+    about: str  # what N means, for help and errors
+    build: Callable[[int], Topology]
+
+    @property
+    def usage(self) -> str:
+        """'h100-cluster:N', or 'cloudmatrix384[:K]' when the count is optional."""
+        suffix = f"[:{self.letter}]" if self.default is not None else f":{self.letter}"
+        return self.kind + suffix
+
+    def describe(self) -> str:
+        """The family in an error message: 'cloudmatrix384, cloudmatrix384:K (K SuperPods ...)'."""
+        names = f"{self.kind}, {self.kind}:{self.letter}" if self.default is not None else f"{self.kind}:{self.letter}"
+        return f"{names} ({self.about})"
+
+
+def _gpus(hw: DeviceSpec, prefix: str) -> Callable[[int], Topology]:
+    return lambda nodes: _gpu_cluster(hw, prefix, nodes)
+
+
+FAMILIES: tuple[TopologyFamily, ...] = (
+    TopologyFamily("cloudmatrix384", "K", "pod", MAX_PODS, 1, "K SuperPods joined by RDMA", _cloudmatrix),
+    TopologyFamily("h100-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H100 GPUs", _gpus(H100, "h100")),
+    TopologyFamily("h800-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H800 GPUs", _gpus(H800, "h800")),
+    TopologyFamily("h200-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H200 GPUs", _gpus(H200, "h200")),
+    TopologyFamily("local", "N", "process", MAX_LOCAL, None, "N CPU processes on this host", _local),
+)
+_FAMILY = {f.kind: f for f in FAMILIES}
+VALID_NAMES = ", ".join(f.describe() for f in FAMILIES)
+_NAME = re.compile(r"([a-z0-9-]+)(?::(\d+))?")
+
+
+def topology_names() -> str:
+    """The names `get_topology` accepts, for CLI help: 'cloudmatrix384[:K], h100-cluster:N, ...'."""
+    return ", ".join(f.usage for f in FAMILIES)
+
+
+def _count(name: str, text: str | None, family: TopologyFamily) -> int:
     if text is None:
-        raise TopologyError(f"topology '{name}' needs a {what} count ('{name}:N'); valid: {VALID_NAMES}")
+        if family.default is not None:
+            return family.default
+        raise TopologyError(f"topology '{name}' needs a {family.counts} count ('{name}:N'); valid: {VALID_NAMES}")
     value = int(text)
-    if not 1 <= value <= limit:
-        raise TopologyError(f"topology '{name}': {what} count must be 1..{limit}, got {value}; valid: {VALID_NAMES}")
+    if not 1 <= value <= family.limit:
+        raise TopologyError(f"topology '{name}': {family.counts} count must be 1..{family.limit}, got {value}; "
+                            f"valid: {VALID_NAMES}")
     return value
-
-
-_NAME = re.compile(r"(cloudmatrix384|h100-cluster|h800-cluster|h200-cluster|local)(?::(\d+))?")
-_GPUS = {"h100-cluster": (H100, "h100"), "h800-cluster": (H800, "h800"), "h200-cluster": (H200, "h200")}
 
 
 @functools.lru_cache(maxsize=32)
@@ -300,12 +351,7 @@ def get_topology(name: str) -> Topology:
     if not isinstance(name, str):
         raise TopologyError(f"topology name must be a string; valid: {VALID_NAMES}")
     m = _NAME.fullmatch(name.strip().lower())
-    if m is None:
+    family = _FAMILY.get(m.group(1)) if m else None
+    if m is None or family is None:
         raise TopologyError(f"unknown topology '{name}'; valid: {VALID_NAMES}")
-    kind, count = m.group(1), m.group(2)
-    if kind == "cloudmatrix384":
-        return _cloudmatrix(1 if count is None else _count(name, count, "pod", MAX_PODS))
-    if kind == "local":
-        return _local(_count(name, count, "process", MAX_LOCAL))
-    hw, prefix = _GPUS[kind]
-    return _gpu_cluster(hw, prefix, _count(name, count, "node", MAX_NODES))
+    return family.build(_count(name, m.group(2), family))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from costmodels.errors import ConfigError
+from passes.errors import UnsupportedModelError
 from passes import meta
 from passes.context import PassContext
 from passes.graphs import copy_module, program_order
@@ -84,7 +84,7 @@ def _leaf_stage(node: fx.Node) -> meta.StageKey | None:
     if kind in ("embed", "head"):
         return meta.StageKey(None, kind)
     if layer is None:
-        raise ConfigError(f"classify: {kind} module '{node.target}' is outside the decoder layers; cannot stage it")
+        raise UnsupportedModelError(f"classify: {kind} module '{node.target}' is outside the decoder layers; cannot stage it")
     return meta.StageKey(layer, kind)
 
 
@@ -93,7 +93,7 @@ def _check_forward(graph: fx.Graph, stage: dict[fx.Node, meta.StageKey], num_lay
         for arg in node.all_input_nodes:
             src, dst = stage[arg], stage[node]
             if program_order(src, num_layers) > program_order(dst, num_layers):
-                raise ConfigError(
+                raise UnsupportedModelError(
                     f"classify: '{arg.name}' in stage {src.name} feeds '{node.name}' in the earlier stage {dst.name}; "
                     "the stage-assignment rule cannot order this model's structure (see passes/classify.py)"
                 )

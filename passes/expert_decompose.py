@@ -116,11 +116,11 @@ def shard_stage(stage: fx.GraphModule, hosted: Sequence[int]) -> fx.GraphModule:
     return out
 
 
-def _layout(name: str, experts: nn.Module) -> meta.ExpertLayout:
+def _weights(name: str, experts: nn.Module) -> meta.ExpertWeights:
     num, tensors = _expert_tensors(experts)
     params = sum(t.numel() for n, t in tensors if n in experts._parameters)
     size = sum(t.numel() * t.element_size() for n, t in tensors if n in experts._parameters)
-    return meta.ExpertLayout(
+    return meta.ExpertWeights(
         stage=name,
         num_experts=num,
         weights=tuple((n, tuple(int(d) for d in t.shape)) for n, t in tensors),
@@ -132,7 +132,7 @@ def _layout(name: str, experts: nn.Module) -> meta.ExpertLayout:
 def expert_decompose(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Wrap every routed_experts stage's expert module in an ExpertShard hosting all experts."""
     out = copy_module(gm)
-    layouts: dict[str, meta.ExpertLayout] = {}
+    weights: dict[str, meta.ExpertWeights] = {}
     for call, key in stage_calls(out):
         if key.kind != "routed_experts":
             continue
@@ -143,6 +143,6 @@ def expert_decompose(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             experts = experts.source[0]
         stage.add_module(str(node.target), ExpertShard(experts))
         out.add_module(str(call.target), stage)
-        layouts[key.name] = _layout(key.name, experts)
-    out.meta[meta.EXPERTS] = layouts
+        weights[key.name] = _weights(key.name, experts)
+    out.meta[meta.EXPERTS] = weights
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from costmodels.errors import ConfigError
+from passes.errors import UnsupportedModelError
 
 from passes import meta
 
@@ -76,7 +76,7 @@ class KVCache:
         # cache (a sparse-attention indexer, linear-attention states) than keys and values.
         if name.startswith("__"):
             raise AttributeError(name)
-        raise ConfigError(f"this family's attention calls past_key_values.{name}(), cache state beyond keys and "
+        raise UnsupportedModelError(f"this family's attention calls past_key_values.{name}(), cache state beyond keys and "
                           "values that podplan's KV cache does not hold; the family is not supported")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from costmodels.errors import ConfigError
+from passes.errors import UnsupportedModelError
 from passes import meta
 from passes.context import PassContext
 from passes.graphs import PAST_KEY_VALUES, PAST_LEN, copy_module
@@ -43,12 +43,12 @@ def _frontend_masks(graph: fx.Graph) -> list[fx.Node]:
     """The mask calls: one, or one per attention kind (families mixing full and sliding-window layers)."""
     masks = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == _FRONTEND_MASK]
     if not masks:
-        raise ConfigError(
+        raise UnsupportedModelError(
             f"kv-cache: no '{_FRONTEND_MASK}' node in the traced graph; trace the model with planner.frontend.trace "
             "(it routes every causal mask through that function)"
         )
     if len({n.args[1] for n in masks}) != 1:
-        raise ConfigError(f"kv-cache: the {len(masks)} causal masks use different position ids; this family "
+        raise UnsupportedModelError(f"kv-cache: the {len(masks)} causal masks use different position ids; this family "
                           "builds its masks in a way podplan does not cache")
     return masks
 
@@ -90,7 +90,7 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         # its attention (rotary embedding) is given
         old_positions = attentions[0].kwargs.get("position_ids")
     if not isinstance(old_positions, fx.Node):
-        raise ConfigError("kv-cache: neither the causal mask nor the attention takes position ids; this family's "
+        raise UnsupportedModelError("kv-cache: neither the causal mask nor the attention takes position ids; this family's "
                           "model forward is not one podplan can cache")
     with graph.inserting_before(masks[0]):
         positions = _tag(graph.call_function(cached_positions, (embeds, past_len)), masks[0])
@@ -106,7 +106,7 @@ def kv_cache(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
     for node in attentions:
         if PAST_KEY_VALUES not in node.kwargs:
-            raise ConfigError(
+            raise UnsupportedModelError(
                 f"kv-cache: attention node '{node.name}' ({node.target}) is not called with a "
                 f"'{PAST_KEY_VALUES}' keyword; this family's decoder layer passes the cache differently"
             )

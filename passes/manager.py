@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from costmodels.errors import PodplanError
 from passes import PASSES, get_pass, meta
+from passes.errors import LintError, PassError
 from passes.context import PassContext
 from passes.graphs import stage_module
 
@@ -22,14 +23,6 @@ from passes.graphs import stage_module
 _FRONTEND_KEYS = (meta.ROLE, meta.LAYER, meta.MODULE)
 # Node keys that, once a pass sets them, every node must carry.
 _ALL_OR_NONE = (meta.COST, meta.STAGE, meta.STAGE_LAYER)
-
-
-class PassError(PodplanError):
-    """A pass failed, was run out of order, or left the graph invalid."""
-
-
-class LintError(PassError):
-    """The graph breaks an invariant (torch's lint or podplan's)."""
 
 
 @dataclass(frozen=True)

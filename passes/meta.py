@@ -11,17 +11,13 @@ from typing import Any
 
 import torch.fx as fx
 
-from costmodels.errors import PodplanError
+from passes.errors import MetadataError
 
 ROLE = "podplan.role"  # str, one of planner.frontend.roles.ROLES
 LAYER = "podplan.layer"  # int | None (None outside decoder layers)
 MODULE = "podplan.module"  # str: qualified name of the innermost module the node belongs to
 COST = "podplan.cost"  # NodeCost
 STAGE = "podplan.stage"  # str: stage kind assigned by classification
-
-
-class MetadataError(PodplanError):
-    """A pass found a node without the metadata it needs."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ STAGE_LAYER = "podplan.stage_layer"  # int | None: decoder layer of the stage th
 STAGED = "podplan.staged"  # graph-level bool: the top-level graph only wires stage submodules (split)
 KV_INPUTS = "podplan.kv_inputs"  # graph-level bool: positions and the KV cache are graph inputs (kv-cache)
 CUTS = "podplan.cuts"  # graph-level tuple[CutTensor]: every value crossing a stage boundary (cut-analysis)
-EXPERTS = "podplan.experts"  # graph-level dict[str, ExpertLayout]: routed_experts stage name -> layout (expert-decompose)
+EXPERTS = "podplan.experts"  # graph-level dict[str, ExpertWeights]: routed_experts stage name -> its stacked weights (expert-decompose)
 PHASES = "podplan.phases"  # graph-level tuple[PhaseSignature]: prefill and decode stage signatures (phases)
 SCHEDULE = "podplan.schedule"  # graph-level MicrobatchSchedule of passes/microbatch.py (microbatch)
 
@@ -129,8 +125,11 @@ class CutTensor:
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
-    """How a routed_experts stage splits by expert id: every weight below is sliced along dim 0."""
+class ExpertWeights:
+    """A routed_experts stage's stacked expert weights, which split by expert id along dim 0.
+
+    (Not costmodels.memory.ExpertLayout, which is how an EP group's dies hold expert slots.)
+    """
 
     stage: str
     num_experts: int

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from costmodels.errors import InputError, PlanError
+from costmodels.errors import InputError
 from passes import meta
 from passes.context import PassContext
 from passes.graphs import copy_module, stage_calls
@@ -56,7 +56,7 @@ def stage_code(key: meta.StageKey) -> str:
 def _parse_stage(code: str, where: str) -> meta.StageKey:
     m = _STAGE.match(code)
     if m is None:
-        raise PlanError(f"schedule {where}: bad stage code '{code}'; expected emb, head or [agfxs]LAYER (e.g. a3)")
+        raise InputError(f"schedule {where}: bad stage code '{code}'; expected emb, head or [agfxs]LAYER (e.g. a3)")
     if m.group(1) == "emb":
         return meta.StageKey(None, "embed")
     if m.group(1) == "head":
@@ -94,7 +94,7 @@ class MicrobatchSchedule:
             for item in chunk.strip().split(","):
                 m = _ACTION.match(item.strip())
                 if m is None:
-                    raise PlanError(f"schedule tick {t}: bad action '{item.strip()}'; expected MB:STAGE[+STAGE...] (e.g. 0:a3+g3)")
+                    raise InputError(f"schedule tick {t}: bad action '{item.strip()}'; expected MB:STAGE[+STAGE...] (e.g. 0:a3+g3)")
                 stages = tuple(_parse_stage(c, f"tick {t}") for c in m.group(2).split("+"))
                 actions.append(Action(int(m.group(1)), stages))
             ticks.append(tuple(actions))

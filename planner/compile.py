@@ -7,7 +7,7 @@ the Plan IR object (`planner.ir.plan.Plan`), which `planner.ir.plan.write_plan` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -16,7 +16,7 @@ from costmodels.errors import InputError
 from costmodels.hardware import dtype_bytes
 from costmodels.memory import expert_layout
 from costmodels.model_shape import ModelShape
-from costmodels.serving import DecodeDeployment, Deployment
+from costmodels.serving import DECODE_MODES, DecodeDeployment, Deployment
 from costmodels.topology import Topology, get_topology
 from passes.annotate import annotate
 from passes.context import PassContext
@@ -27,26 +27,53 @@ from planner.frontend.trace import trace
 from planner.balance.loads import read_loads
 from planner.placement import InstanceRequest, InstanceSlot, place
 from planner.frontend.report import layer_rows
-from planner.search import Candidate, SearchResult, Workload, rescore, search
+from planner.search import Candidate, Pins, SearchResult, rescore, search
 from planner.frontend.shape import shape_from_traced
+
+
+# What `podplan compile` serves when no flag says otherwise: CloudMatrix-Infer's setting
+# (4K prompts, 1K outputs, INT8 weights, a 50 ms TPOT target).
+DEFAULT_WORKLOAD = ir.Workload(input_len=4096, output_len=1024, quant="int8", tpot_slo_ms=50.0)
+# Workload fields whose `podplan compile` flag has another name (the provenance records flag names).
+_FLAG_OF = {"tpot_slo_ms": "tpot_ms", "ttft_slo_ms": "ttft_ms"}
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     """Everything `podplan compile` takes besides the model and topology (see README for defaults):
-    the workload and search pins (`search.Workload`) and the balancer's settings."""
+    the workload the plan serves (the plan's own `Workload` record), the search pins and the
+    balancer's settings."""
 
-    workload: Workload = field(default_factory=Workload)
+    workload: ir.Workload = DEFAULT_WORKLOAD
+    pins: Pins = Pins()
     loads: str = "uniform"
     time_limit: float = 0.5  # balancer seconds per sub-problem (deterministic CP-SAT time)
     seed: int = 0
     split: str = "equal"
 
     def to_dict(self) -> dict:
-        """Flat, sorted: what the plan's provenance records (the search-internal imbalance left out)."""
-        flat = {k: getattr(self.workload, k) for k in self.workload.__dataclass_fields__ if k != "imbalance"}
-        flat.update({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "workload"})
+        """Flat, sorted, keyed by flag (--tpot-ms -> tpot_ms): what the plan's provenance records."""
+        flat = {_FLAG_OF.get(k, k): v for k, v in self.workload.to_dict().items()}
+        flat.update({f.name: getattr(self.pins, f.name) for f in fields(self.pins)})
+        flat.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("workload", "pins")})
         return dict(sorted(flat.items()))
+
+
+def workload_from_flags(*, tpot_ms: float | None, ttft_ms: float | None, input_len: int, output_len: int,
+                        prefix_hit: float, quant: str, mtp_accept: float) -> ir.Workload:
+    """The plan's Workload from `podplan compile` flags; a bad value is an InputError naming its flag."""
+    if tpot_ms is not None and tpot_ms <= 0:
+        raise InputError(f"--tpot-ms {tpot_ms}: must be > 0")
+    if ttft_ms is not None and ttft_ms <= 0:
+        raise InputError(f"--ttft-ms {ttft_ms}: must be > 0")
+    if input_len <= 0 or output_len <= 0:
+        raise InputError(f"--input-len/--output-len must be > 0 (got {input_len}, {output_len})")
+    if not 0.0 <= prefix_hit < 1.0:
+        raise InputError(f"--prefix-hit {prefix_hit}: must be in [0, 1)")
+    if not 0.0 <= mtp_accept <= 1.0:
+        raise InputError(f"--mtp-accept {mtp_accept}: must be in [0, 1]")
+    return ir.Workload(input_len=input_len, output_len=output_len, prefix_hit=prefix_hit, quant=quant,
+                       mtp_accept=mtp_accept, tpot_slo_ms=tpot_ms, ttft_slo_ms=ttft_ms)
 
 
 @dataclass
@@ -66,28 +93,21 @@ class _PhasePlan:
 
 
 def _validate(opts: CompileOptions) -> None:
-    wl = opts.workload
-    if wl.tpot_ms is not None and wl.tpot_ms <= 0:
-        raise InputError(f"--tpot-ms {wl.tpot_ms}: must be > 0")
-    if wl.ttft_ms is not None and wl.ttft_ms <= 0:
-        raise InputError(f"--ttft-ms {wl.ttft_ms}: must be > 0")
-    if wl.input_len <= 0 or wl.output_len <= 0:
-        raise InputError(f"--input-len/--output-len must be > 0 (got {wl.input_len}, {wl.output_len})")
-    if not 0.0 <= wl.prefix_hit < 1.0:
-        raise InputError(f"--prefix-hit {wl.prefix_hit}: must be in [0, 1)")
-    if not 0.0 <= wl.mtp_accept <= 1.0:
-        raise InputError(f"--mtp-accept {wl.mtp_accept}: must be in [0, 1]")
+    """The options the Workload record does not check itself (it validates on construction)."""
+    pins = opts.pins
     if opts.time_limit <= 0:
         raise InputError(f"--time-limit {opts.time_limit}: must be > 0 seconds")
     if opts.seed < 0:
         raise InputError(f"--seed {opts.seed}: must be >= 0")
     for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices"):
-        value = getattr(wl, flag)
+        value = getattr(pins, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: must be > 0")
-    if (wl.attention_devices is None) != (wl.moe_devices is None):
+    if pins.decode_mode is not None and pins.decode_mode not in DECODE_MODES:
+        raise InputError(f"--decode-mode {pins.decode_mode}: use one of {', '.join(DECODE_MODES)}")
+    if (pins.attention_devices is None) != (pins.moe_devices is None):
         raise InputError("--attention-devices and --moe-devices go together (a disaggregated decode instance)")
-    if wl.decode_devices is not None and wl.attention_devices is not None:
+    if pins.decode_devices is not None and pins.attention_devices is not None:
         raise InputError("--decode-devices pins a colocated instance, --attention/--moe-devices a disaggregated one: give one")
 
 
@@ -116,7 +136,7 @@ def _layout(shape: ModelShape, topo: Topology, expert_devices: int) -> tuple[int
 
 def _phase_plan(name: str, cand: Candidate[Deployment], count: int, shape: ModelShape, topo: Topology) -> _PhasePlan:
     dep = cand.deployment
-    if isinstance(dep, DecodeDeployment) and dep.mode == "afd":
+    if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
         routed, shared, slots, red = _layout(shape, topo, dep.moe_devices)
         return _PhasePlan(name, cand, count, "disaggregated", dep.attention_devices, routed, shared, slots, red)
     routed, shared, slots, red = _layout(shape, topo, dep.devices)
@@ -173,7 +193,7 @@ def _instances(pp: _PhasePlan, topo: Topology, shape_has_shared: bool) -> tuple[
             id=slot.id, mode=pp.mode, devices=slot.devices, attention_devices=slot.attention_devices,
             expert_devices=slot.expert_devices, shared_expert_devices=slot.shared_expert_devices,
             attention_dp=attn_dies // tp, attention_tp=tp,
-            ep=(len(slot.expert_devices) + pp.shared) * d if pp.mode == "disaggregated" else len(slot.devices) * d,
+            ep=ir.expert_parallel_dies(slot.expert_devices, slot.shared_expert_devices, d),
             microbatches=dep.microbatches,
             batch_per_device=dep.batch_per_device if isinstance(dep, DecodeDeployment) else dep.tokens_per_device,
             dp_domains=getattr(dep, "dp_domains", 1) if pp.mode == "disaggregated" else 1,
@@ -185,8 +205,8 @@ def _config_line(c: Candidate[Deployment]) -> str:
     s = c.summary()
     if s["phase"] == "prefill":
         return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
-    if s["mode"] == "afd":
-        return (f"afd {s['attention_devices']}A+{s['moe_devices']}F, {s['dp_domains']} domains, "
+    if s["mode"] == "disaggregated":
+        return (f"disaggregated {s['attention_devices']}A+{s['moe_devices']}F, {s['dp_domains']} domains, "
                 f"batch {s['batch_per_device']:g}, mb {s['microbatches']}")
     return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
 
@@ -257,9 +277,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
 
     say(f"searching deployments on {topo.name}")
     wl = opts.workload
-    if wl.attention_devices and not wl.decode_mode:
-        wl = replace(wl, decode_mode="afd")  # pinned attention/MoE devices mean a disaggregated instance
-    sr = search(shape, topo, wl)
+    sr = search(shape, topo, wl, opts.pins)
     phases = [_phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo),
               _phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
 
@@ -288,8 +306,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
     return ir.Plan(
         model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
         topology=ir.TopologyInfo.from_topology(topo),
-        workload=ir.Workload(input_len=wl.input_len, output_len=wl.output_len, prefix_hit=wl.prefix_hit,
-                             quant=wl.quant, mtp_accept=wl.mtp_accept, tpot_slo_ms=wl.tpot_ms, ttft_slo_ms=wl.ttft_ms),
+        workload=wl,
         stages=stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),

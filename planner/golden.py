@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.compile import CompileOptions, compile_plan
-from planner.search import Workload
-from planner.ir.plan import write_plan
+from planner.ir.plan import Workload, write_plan
+from planner.search import Pins
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
 
@@ -33,18 +33,18 @@ class Golden:
 GOLDEN = (
     # CloudMatrix-Infer's setting: DeepSeek-V3/R1 INT8, MTP 70%, SLO 50 ms, skewed expert loads
     Golden("deepseek-v3.cloudmatrix384.json", "deepseek-v3", "cloudmatrix384",
-           CompileOptions(Workload(tpot_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
+           CompileOptions(Workload(4096, 1024, tpot_slo_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
     # Kimi K2 (DeepSeek-V3's architecture, 384 experts) in the same setting
     Golden("kimi-k2.cloudmatrix384.json", "kimi-k2", "cloudmatrix384",
-           CompileOptions(Workload(tpot_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
+           CompileOptions(Workload(4096, 1024, tpot_slo_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),
     Golden("qwen3-235b-a22b.cloudmatrix384.json", "qwen3-235b-a22b", "cloudmatrix384",
-           CompileOptions(Workload(tpot_ms=50.0, quant="int8"), loads="zipf:1.2")),
+           CompileOptions(Workload(4096, 1024, tpot_slo_ms=50.0, quant="int8"), loads="zipf:1.2")),
     Golden("mixtral-8x22b.h100-cluster-2.json", "mixtral-8x22b", "h100-cluster:2",
-           CompileOptions(Workload(tpot_ms=50.0, quant="fp8", input_len=2048, output_len=512), loads="hot:1")),
+           CompileOptions(Workload(2048, 512, tpot_slo_ms=50.0, quant="fp8"), loads="hot:1")),
     # runnable by `podplan run`: disaggregated MoE-attention decode + a prefill instance on 8 processes
     Golden("tiny-deepseek-v3.local-8.json", "tiny-deepseek-v3", "local:8",
-           CompileOptions(Workload(tpot_ms=None, quant="bf16", input_len=16, output_len=8, attention_devices=2,
-                                   moe_devices=4, prefill_devices=2), loads="zipf:1.2")),
+           CompileOptions(Workload(16, 8, quant="bf16"), Pins(attention_devices=2, moe_devices=4, prefill_devices=2),
+                          loads="zipf:1.2")),
 )
 
 

@@ -220,7 +220,7 @@ def _shrink(plan: ir.Plan, inst: ir.Instance, failed: set[int]) -> tuple[ir.Inst
     attention_dp = attention_dies // inst.attention_tp
     return replace(
         inst, devices=alive(inst.devices), attention_devices=attention, expert_devices=experts,
-        shared_expert_devices=shared, attention_dp=attention_dp, ep=len(experts) * dies,
+        shared_expert_devices=shared, attention_dp=attention_dp, ep=ir.expert_parallel_dies(experts, shared, dies),
         dp_domains=min(inst.dp_domains, attention_dp),
     ), keep
 
@@ -400,13 +400,13 @@ def _estimate(plan: ir.Plan, name: str, inst: ir.Instance, shape: ModelShape, to
                                   quant=wl.quant, imbalance=imbalance, attn_tp=inst.attention_tp)
         if inst.mode == "disaggregated":
             moe = len(set(inst.devices) - set(inst.attention_devices))
-            dep = replace(common, mode="afd", attention_devices=len(inst.attention_devices), moe_devices=moe,
+            dep = replace(common, mode="disaggregated", attention_devices=len(inst.attention_devices), moe_devices=moe,
                           dp_domains=inst.dp_domains)
         else:
             dep = replace(common, mode="colocated", devices=len(inst.devices))
         return estimate_decode(shape, topo, dep)
     prefill = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
                                 prompt_len=wl.input_len, microbatches=inst.microbatches,
-                                prefix_hit_rate=wl.prefix_hit, quant=wl.quant, imbalance=imbalance,
+                                prefix_hit=wl.prefix_hit, quant=wl.quant, imbalance=imbalance,
                                 attn_tp=inst.attention_tp)
     return estimate_prefill(shape, topo, prefill)

@@ -23,6 +23,7 @@ from costmodels.errors import InfeasibleError, InputError
 from costmodels.model_shape import ModelShape
 from costmodels.serving import DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import Topology
+from planner.ir.plan import Workload
 
 BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 PREFILL_TOKENS = (2048, 4096, 8192, 16384, 32768)
@@ -31,23 +32,24 @@ DP_DOMAINS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
-class Workload:
-    """What the service must meet: SLOs (ms, None = no target) and the request shape."""
+class Pins:
+    """Instance shapes a user fixes instead of letting the search choose them (None = search over it).
 
-    tpot_ms: float | None = 50.0
-    ttft_ms: float | None = None
-    input_len: int = 4096
-    output_len: int = 1024
-    prefix_hit: float = 0.0
-    quant: str = "int8"
-    mtp_accept: float = 0.0
-    imbalance: float = 1.0  # expected max/mean expert load before balancing is known
-    # pins a user may put on the search (None = search over it)
-    decode_mode: str | None = None  # "colocated" | "afd"
+    What the service must serve (request shape, precision, SLOs) is the plan's `Workload`.
+    """
+
+    decode_mode: str | None = None  # one of costmodels.serving.DECODE_MODES
     decode_devices: int | None = None  # colocated decode instance size
-    attention_devices: int | None = None  # afd
-    moe_devices: int | None = None  # afd
+    attention_devices: int | None = None  # disaggregated decode: devices running attention
+    moe_devices: int | None = None  # disaggregated decode: devices holding the experts
     prefill_devices: int | None = None
+
+    @property
+    def effective_decode_mode(self) -> str | None:
+        """The decode mode the pins imply: pinned attention/MoE devices mean a disaggregated instance."""
+        if self.decode_mode is None and self.attention_devices:
+            return "disaggregated"
+        return self.decode_mode
 
 
 # The deployment type of a candidate: Candidate[DecodeDeployment] for decode, [PrefillDeployment]
@@ -66,7 +68,7 @@ class Candidate(Generic[D]):
     @property
     def instance_devices(self) -> int:
         dep = self.deployment
-        if isinstance(dep, DecodeDeployment) and dep.mode == "afd":
+        if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
             return dep.attention_devices + dep.moe_devices
         return dep.devices
 
@@ -80,7 +82,7 @@ class Candidate(Generic[D]):
         if isinstance(dep, DecodeDeployment):
             d.update(mode=dep.mode, batch_per_device=dep.batch_per_device, microbatches=dep.microbatches,
                      tpot_ms=self.estimate.tpot_ms)
-            if dep.mode == "afd":
+            if dep.mode == "disaggregated":
                 d.update(attention_devices=dep.attention_devices, moe_devices=dep.moe_devices,
                          dp_domains=dep.dp_domains)
         else:
@@ -131,16 +133,16 @@ def _score(shape: ModelShape, topo: Topology, dep: Deployment, tally: dict) -> E
     return est
 
 
-def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload,
+def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins,
                       tally: dict) -> list[Candidate[DecodeDeployment]]:
     """Step 1 + 3 (decode): every feasible configuration within the TPOT target."""
     E = shape.num_routed_experts
     out: list[Candidate[DecodeDeployment]] = []
     # what the workload fixes; each candidate replaces the instance shape, batch and microbatches
-    common = DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
-                              imbalance=wl.imbalance)
-    colocated = [] if wl.decode_mode == "afd" else (
-        [wl.decode_devices] if wl.decode_devices else _thin(_instance_sizes(topo, min_dies=1)))
+    common = DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant)
+    mode = pins.effective_decode_mode
+    colocated = [] if mode == "disaggregated" else (
+        [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, min_dies=1)))
     for devices in colocated:
         for mb in MICROBATCHES:
             for batch in BATCHES:
@@ -148,13 +150,13 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload,
                 est = _score(shape, topo, dep, tally)
                 if est is not None:
                     out.append(Candidate("decode", dep, est))
-    # AFD: MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
+    # disaggregated (AFD): MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
     per = topo.devices_per_server
     moe_sizes = sorted({per * math.ceil(E / (topo.dies_per_device * per) * f) for f in (1.0, 1.125, 1.25)})
-    if wl.moe_devices:
-        moe_sizes = [wl.moe_devices]
-    attn_sizes = [wl.attention_devices] if wl.attention_devices else _thin(_instance_sizes(topo, 1), 8)
-    if wl.decode_mode == "colocated" or wl.decode_devices:
+    if pins.moe_devices:
+        moe_sizes = [pins.moe_devices]
+    attn_sizes = [pins.attention_devices] if pins.attention_devices else _thin(_instance_sizes(topo, 1), 8)
+    if mode == "colocated" or pins.decode_devices:
         moe_sizes = []
     for moe in moe_sizes:
         if moe >= topo.num_devices:
@@ -165,7 +167,7 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload,
             for domains in DP_DOMAINS:
                 for mb in MICROBATCHES:
                     for batch in BATCHES:
-                        dep = replace(common, mode="afd", attention_devices=attn, moe_devices=moe,
+                        dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
                                       dp_domains=domains, batch_per_device=batch, microbatches=mb)
                         est = _score(shape, topo, dep, tally)
                         if est is not None:
@@ -173,19 +175,18 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload,
     return out
 
 
-def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload,
+def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins,
                        tally: dict) -> list[Candidate[PrefillDeployment]]:
     """Step 2 + 3 (prefill): every feasible instance within the TTFT target."""
     out: list[Candidate[PrefillDeployment]] = []
-    sizes = [wl.prefill_devices] if wl.prefill_devices else _thin(_instance_sizes(topo, min_dies=1), 8)
+    sizes = [pins.prefill_devices] if pins.prefill_devices else _thin(_instance_sizes(topo, min_dies=1), 8)
     for devices in sizes:
         for tokens in PREFILL_TOKENS:
             if tokens < wl.input_len // max(1, topo.dies_per_device):
                 continue
             for mb in MICROBATCHES:
                 dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
-                                        microbatches=mb, prefix_hit_rate=wl.prefix_hit, quant=wl.quant,
-                                        imbalance=wl.imbalance)
+                                        microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant)
                 est = _score(shape, topo, dep, tally)
                 if est is not None:
                     out.append(Candidate("prefill", dep, est))
@@ -244,11 +245,15 @@ def split_devices(topo: Topology, dec: Candidate[DecodeDeployment], pre: Candida
     return best
 
 
-def search(shape: ModelShape, topo: Topology, wl: Workload) -> SearchResult:
-    """Steps 1-4; raises InfeasibleError naming why nothing fits."""
+def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins()) -> SearchResult:
+    """Steps 1-4; raises InfeasibleError naming why nothing fits.
+
+    Candidates are scored at perfect expert balance (imbalance 1.0): the balancer has not run yet;
+    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`).
+    """
     tally: dict = {}
-    dec_all = decode_candidates(shape, topo, wl, tally)
-    pre_all = prefill_candidates(shape, topo, wl, tally)
+    dec_all = decode_candidates(shape, topo, wl, pins, tally)
+    pre_all = prefill_candidates(shape, topo, wl, pins, tally)
     evaluated = len(dec_all) + len(pre_all) + tally.get("invalid", 0) + tally.get("memory", 0)
     if not dec_all or not pre_all:
         phase = "decode" if not dec_all else "prefill"
@@ -257,18 +262,18 @@ def search(shape: ModelShape, topo: Topology, wl: Workload) -> SearchResult:
             f"{shape.name} on {topo.name}: no memory-feasible {phase} configuration ({why}); "
             "use a larger topology or a lower precision (--quant int8)"
         )
-    dec_ok = [c for c in dec_all if wl.tpot_ms is None or _tpot(c) <= wl.tpot_ms]
-    pre_ok = [c for c in pre_all if wl.ttft_ms is None or _ttft(c) <= wl.ttft_ms]
+    dec_ok = [c for c in dec_all if wl.tpot_slo_ms is None or _tpot(c) <= wl.tpot_slo_ms]
+    pre_ok = [c for c in pre_all if wl.ttft_slo_ms is None or _ttft(c) <= wl.ttft_slo_ms]
     if not dec_ok:
         best_tpot = min(_tpot(c) for c in dec_all)
         raise InfeasibleError(
-            f"{shape.name} on {topo.name}: no decode configuration meets --tpot-ms {wl.tpot_ms:g} "
+            f"{shape.name} on {topo.name}: no decode configuration meets --tpot-ms {wl.tpot_slo_ms:g} "
             f"(best feasible TPOT {best_tpot:.1f} ms); relax --tpot-ms or raise --mtp-accept"
         )
     if not pre_ok:
         best_ttft = min(_ttft(c) for c in pre_all)
         raise InfeasibleError(
-            f"{shape.name} on {topo.name}: no prefill configuration meets --ttft-ms {wl.ttft_ms:g} "
+            f"{shape.name} on {topo.name}: no prefill configuration meets --ttft-ms {wl.ttft_slo_ms:g} "
             f"(best feasible TTFT {best_ttft:.0f} ms); relax --ttft-ms or shorten --input-len"
         )
     pre = max(pre_ok, key=_key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.ir.plan import PlanError
+from planner.ir.errors import PlanError
 
 
 class SpecError(PlanError):

@@ -34,6 +34,7 @@ from planner.ir.plan import (
     Stage,
     TopologyInfo,
     Workload,
+    expert_parallel_dies,
 )
 from planner.frontend.shape import shape_of
 from planner.frontend.zoo import load_source
@@ -137,11 +138,13 @@ def _slots(experts: int, devices: int) -> int:
 def _instance(iid: str, mode: Mode, attn: tuple[int, ...], experts: tuple[int, ...], t: TopologyInfo,
               shape: ModelShape, microbatches: int, batch: float, dp_domains: int) -> Instance:
     devices = tuple(sorted(set(attn) | set(experts)))
+    shared = experts if shape.num_shared_experts else ()
     return Instance(
         id=iid, mode=mode, devices=devices, attention_devices=attn, expert_devices=experts,
-        attention_dp=len(attn) * t.dies_per_device, attention_tp=1, ep=len(experts) * t.dies_per_device,
+        attention_dp=len(attn) * t.dies_per_device, attention_tp=1,
+        ep=expert_parallel_dies(experts, shared, t.dies_per_device),
         microbatches=microbatches, batch_per_device=batch, experts=0, dp_domains=dp_domains,
-        shared_expert_devices=experts if shape.num_shared_experts else (),
+        shared_expert_devices=shared,
     )
 
 

@@ -19,3 +19,8 @@ def at_least(command: str, flag: str, value: int | None, low: int) -> None:
     """An optional integer flag must be >= `low` when given."""
     if value is not None and value < low:
         raise InputError(f"{command}: {flag} must be >= {low} (got {value})")
+
+
+def decode_mode(text: str) -> str:
+    """A --mode / --decode-mode value (argparse `type`); 'afd', the old name of disaggregated, is still read."""
+    return "disaggregated" if text == "afd" else text

@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from planner.compile import CompileOptions, compile_plan
-from planner.search import Workload
+from costmodels.serving import DECODE_MODES
+from costmodels.topology import topology_names
+from planner.compile import CompileOptions, compile_plan, workload_from_flags
+from planner.search import Pins
+from planner.cli.args import decode_mode
 from planner.cli.console import stderr_console, stdout_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d, w = CompileOptions(), Workload()
+    d = CompileOptions()
+    w = d.workload
     p = sub.add_parser("compile", help="compile a model into a deployment plan for a topology")
     p.add_argument("model", help="bundled name, config.json, or a directory holding one")
-    p.add_argument("--topology", required=True, help="cloudmatrix384[:K], h100|h800|h200-cluster:N, local:N")
-    p.add_argument("--tpot-ms", type=float, default=w.tpot_ms, help=f"decode TPOT target, ms (default {w.tpot_ms:g})")
-    p.add_argument("--ttft-ms", type=float, default=w.ttft_ms, help="prefill TTFT target, ms (default: none)")
+    p.add_argument("--topology", required=True, help=topology_names())
+    p.add_argument("--tpot-ms", type=float, default=w.tpot_slo_ms,
+                   help=f"decode TPOT target, ms (default {w.tpot_slo_ms:g})")
+    p.add_argument("--ttft-ms", type=float, default=w.ttft_slo_ms, help="prefill TTFT target, ms (default: none)")
     p.add_argument("--input-len", type=int, default=w.input_len, help=f"prompt tokens (default {w.input_len})")
     p.add_argument("--output-len", type=int, default=w.output_len, help=f"output tokens (default {w.output_len})")
     p.add_argument("--prefix-hit", type=float, default=w.prefix_hit, help="prefix-cache hit rate 0..1 (default 0)")
@@ -30,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"balancer seconds per sub-problem (default {d.time_limit:g}; deterministic)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for generated loads and solvers (default 0)")
     pins = p.add_argument_group("pins (restrict the search; default: search over them)")
-    pins.add_argument("--decode-mode", choices=("colocated", "afd"), help="colocated EP or disaggregated MoE-attention")
+    pins.add_argument("--decode-mode", type=decode_mode, choices=DECODE_MODES,
+                      help="colocated EP or disaggregated MoE-attention")
     pins.add_argument("--decode-devices", type=int, help="devices per colocated decode instance")
     pins.add_argument("--attention-devices", type=int, help="attention devices per disaggregated decode instance")
     pins.add_argument("--moe-devices", type=int, help="MoE devices per disaggregated decode instance")
@@ -42,13 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from planner.ir.plan import write_plan
 
-    workload = Workload(
+    workload = workload_from_flags(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
-        prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept, decode_mode=args.decode_mode,
-        decode_devices=args.decode_devices, attention_devices=args.attention_devices, moe_devices=args.moe_devices,
-        prefill_devices=args.prefill_devices,
+        prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept,
     )
-    opts = CompileOptions(workload, loads=args.loads, time_limit=args.time_limit, seed=args.seed, split=args.split)
+    pins = Pins(decode_mode=args.decode_mode, decode_devices=args.decode_devices,
+                attention_devices=args.attention_devices, moe_devices=args.moe_devices,
+                prefill_devices=args.prefill_devices)
+    opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
+                          split=args.split)
     err = stderr_console()
     t0 = time.perf_counter()
     with err.status("compiling") as status:

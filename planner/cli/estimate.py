@@ -6,8 +6,9 @@ import argparse
 import json
 
 from costmodels.errors import InputError
-from costmodels.serving import DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
-from costmodels.topology import get_topology
+from costmodels.serving import DECODE_MODES, DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
+from costmodels.topology import get_topology, topology_names
+from planner.cli.args import decode_mode
 
 # Defaults of the flags a user leaves out (None in argparse, so we can tell "not given").
 DEFAULTS = {
@@ -23,35 +24,34 @@ DEFAULTS = {
     "imbalance": 1.0,  # perfect expert balance
     "attn_tp": 1,
     "dp_domains": 1,
-    "prefix_hit_rate": 0.0,
+    "prefix_hit": 0.0,
 }
 DECODE_ONLY = ("mode", "batch_per_device", "kv_len", "mtp_accept", "attention_devices", "moe_devices", "dp_domains")
-PREFILL_ONLY = ("prompt_len", "tokens_per_device", "prefix_hit_rate")
+PREFILL_ONLY = ("prompt_len", "tokens_per_device", "prefix_hit")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate", help="predict TPOT/TTFT, throughput per device, memory and a per-stage breakdown "
                                         "for one deployment")
     p.add_argument("model", help="bundled name (see `podplan models`), a config.json, or a directory holding one")
-    p.add_argument("--topology", required=True, help="cloudmatrix384[:K], h100-cluster:N, h800-cluster:N, "
-                                                     "h200-cluster:N or local:N")
+    p.add_argument("--topology", required=True, help=topology_names())
     p.add_argument("--phase", required=True, choices=("decode", "prefill"))
-    p.add_argument("--mode", choices=("colocated", "afd"),
+    p.add_argument("--mode", type=decode_mode, choices=DECODE_MODES,
                    help="decode: colocated attention+experts on every device, or disaggregated MoE-attention "
                         "(default colocated)")
     p.add_argument("--devices", type=int, help="devices (NPU chips / GPUs) in the instance (default: all)")
-    p.add_argument("--attention-devices", type=int, help="afd: devices running attention")
-    p.add_argument("--moe-devices", type=int, help="afd: devices holding the experts")
-    p.add_argument("--dp-domains", type=int, help="afd: attention DP domains taking turns on the MoE devices "
+    p.add_argument("--attention-devices", type=int, help="disaggregated: devices running attention")
+    p.add_argument("--moe-devices", type=int, help="disaggregated: devices holding the experts")
+    p.add_argument("--dp-domains", type=int, help="disaggregated: attention DP domains taking turns on the MoE devices "
                                                   "(default 1)")
     p.add_argument("--ep", type=int, help="expert-parallel size in dies (default: every die of the instance; "
-                                          "afd: every MoE die)")
+                                          "disaggregated: every MoE die)")
     p.add_argument("--attn-tp", type=int, help="attention head-TP size in dies (default 1: DP per die)")
     p.add_argument("--batch-per-device", type=float, help="decode: sequences per (attention) device (default 96)")
     p.add_argument("--kv-len", type=int, help="decode: cached tokens per sequence (default 4096)")
     p.add_argument("--prompt-len", type=int, help="prefill: tokens per prompt (default 4096)")
     p.add_argument("--tokens-per-device", type=int, help="prefill: prompt tokens per device per batch (default 16384)")
-    p.add_argument("--prefix-hit-rate", type=float, help="prefill: share of each prompt already cached (default 0)")
+    p.add_argument("--prefix-hit", type=float, help="prefill: share of each prompt already cached (default 0)")
     p.add_argument("--mtp-accept", type=float, help="decode: MTP draft acceptance a; tokens per step = 1 + a "
                                                     "(default 0: MTP off)")
     p.add_argument("--quant", choices=("bf16", "fp8", "int8"), help="weights and activations (default bf16)")
@@ -79,9 +79,9 @@ def _check_phase_flags(args: argparse.Namespace) -> None:
     if args.phase == "decode" and mode == "colocated":
         for name in ("attention_devices", "moe_devices", "dp_domains"):
             if getattr(args, name) is not None:
-                raise InputError(f"--{name.replace('_', '-')} applies to --mode afd only; add --mode afd or drop it")
-    if args.phase == "decode" and mode == "afd" and args.devices is not None:
-        raise InputError("--devices: with --mode afd give --attention-devices and --moe-devices instead")
+                raise InputError(f"--{name.replace('_', '-')} applies to --mode disaggregated only; add --mode disaggregated or drop it")
+    if args.phase == "decode" and mode == "disaggregated" and args.devices is not None:
+        raise InputError("--devices: with --mode disaggregated give --attention-devices and --moe-devices instead")
 
 
 def build_deployment(args: argparse.Namespace) -> Deployment:
@@ -99,7 +99,7 @@ def build_deployment(args: argparse.Namespace) -> Deployment:
     if args.phase == "prefill":
         return PrefillDeployment(devices=args.devices or 0, tokens_per_device=_value(args, "tokens_per_device"),
                                  prompt_len=_value(args, "prompt_len"),
-                                 prefix_hit_rate=_value(args, "prefix_hit_rate"), **common)
+                                 prefix_hit=_value(args, "prefix_hit"), **common)
     return DecodeDeployment(
         mode=_value(args, "mode"), devices=args.devices or 0, attention_devices=args.attention_devices or 0,
         moe_devices=args.moe_devices or 0, dp_domains=_value(args, "dp_domains"),
@@ -132,7 +132,7 @@ def _print(doc: dict, est: Estimate, model: str, topo) -> None:
 
     console = stdout_console()
     d = doc["details"]
-    if est.phase == "decode" and est.mode == "afd":
+    if est.phase == "decode" and est.mode == "disaggregated":
         layout = (f"{d['attention_devices']} attention + {d['moe_devices']} MoE devices "
                   f"(A:F {d['af_ratio']:.2f}, {d['dp_domains']} DP domains), EP{d['ep']}")
     else:
@@ -167,13 +167,13 @@ def _print(doc: dict, est: Estimate, model: str, topo) -> None:
     console.print(table)
     notes = ["overlap < 0: time hidden by microbatch overlap"]
     if "pipeline_wait" in est.breakdown:
-        notes.append("pipeline_wait: a microbatch waiting for the busier side of the AFD pipeline")
+        notes.append("pipeline_wait: a microbatch waiting for the busier side of the disaggregated pipeline")
     if est.phase == "decode":
         notes.append("scheduling: the calibrated per-step overhead")
     else:
         notes.append("compute stages include the calibrated prefill efficiency")
     console.print("; ".join(notes) + " (costmodels/calibration.json)")
-    if topo.kind == "local":
-        console.print("note: local:N uses nominal CPU numbers; its predictions are not meaningful")
+    if topo.hardware.nominal:
+        console.print(f"note: {topo.name} uses nominal {topo.hardware.name} numbers; its predictions are not meaningful")
     if not est.feasible:
         console.print(f"[red]infeasible:[/red] {est.infeasible_reason}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from costmodels.errors import ConfigError
+from planner.frontend.errors import ConfigError
 
 ROLES = (
     "embed",

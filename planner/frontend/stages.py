@@ -52,7 +52,7 @@ class StagedProgram:
         return meta.graph_meta(self.gm, meta.PHASES)
 
     @property
-    def experts(self) -> dict[str, meta.ExpertLayout]:
+    def experts(self) -> dict[str, meta.ExpertWeights]:
         return meta.graph_meta(self.gm, meta.EXPERTS)
 
 
@@ -172,8 +172,8 @@ class StageInterpreter(fx.Interpreter):
         self.shards: dict[str, list[fx.GraphModule]] = {}
         if expert_groups is None:
             return
-        for name, layout in program.experts.items():
-            groups = check_partition(expert_groups, layout.num_experts)
+        for name, weights in program.experts.items():
+            groups = check_partition(expert_groups, weights.num_experts)
             stage = program.gm.get_submodule(name)
             assert isinstance(stage, fx.GraphModule), f"stage {name}: the pass manager's staged lint checks this"
             self.shards[name] = [shard_stage(stage, ids) for ids in groups]

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from costmodels.errors import ConfigError
+from planner.frontend.errors import ConfigError
 from costmodels.model_shape import ModelShape
 from passes import meta
 from planner.frontend.roles import ModuleRoles, recognise

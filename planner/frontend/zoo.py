@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from costmodels.errors import ConfigError
+from planner.frontend.errors import ConfigError
 
 # name -> (Hugging Face repo the config.json comes from, one-line description)
 BUNDLED: dict[str, tuple[str, str]] = {

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from costmodels.errors import PlanError
+from planner.ir.errors import PlanError
 from planner.ir.fileio import write_atomic
 
 # Readers accept exactly this version; any change to the shipped schema file bumps it (README policy).
@@ -414,6 +414,14 @@ class Stage(_Node):
             _fail(".a2e_bytes_per_token", "cut bytes must be >= 0")
 
 
+def expert_parallel_dies(expert_devices: typing.Iterable[int], shared_expert_devices: typing.Iterable[int],
+                         dies_per_device: int) -> int:
+    """An instance's EP degree, the one definition: every die in its all-to-all, i.e. the dies of its
+    routed-slot devices and of its dedicated shared-expert devices. Writers derive `Instance.ep`
+    with it and the loader checks it."""
+    return len(set(expert_devices) | set(shared_expert_devices)) * dies_per_device
+
+
 @dataclass(frozen=True)
 class Instance(_Node):
     """One serving instance of a phase: its devices and how attention and experts are laid out on them.
@@ -771,8 +779,7 @@ class Plan(_Node):
             if inst.attention_dp * inst.attention_tp != attn:
                 _fail(f"{at}.attention_dp", f"attention_dp x attention_tp = {inst.attention_dp * inst.attention_tp}, "
                       f"but the attention devices have {attn} dies")
-            # EP counts every die in the all-to-all: routed-slot dies and dedicated shared-expert dies
-            ep_dies = len(set(inst.expert_devices) | set(inst.shared_expert_devices)) * dies
+            ep_dies = expert_parallel_dies(inst.expert_devices, inst.shared_expert_devices, dies)
             if inst.ep != ep_dies:
                 _fail(f"{at}.ep", f"ep {inst.ep} != dies of the expert and shared-expert devices ({ep_dies})")
             if m.num_shared_experts and not inst.shared_expert_devices:

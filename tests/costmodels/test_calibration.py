@@ -41,14 +41,14 @@ def test_stored_factors_match_a_fresh_fit(dsv3):
 
 
 def test_corrupt_file_is_a_config_error(tmp_path, monkeypatch):
-    from costmodels.errors import ConfigError
+    from costmodels.errors import InputError
 
     bad = tmp_path / "calibration.json"
     bad.write_text("{not json")
     monkeypatch.setattr(calibration, "CALIBRATION_FILE", bad)
     calibration.load_calibration.cache_clear()
     try:
-        with pytest.raises(ConfigError, match="bench/calibrate.py --write"):
+        with pytest.raises(InputError, match="bench/calibrate.py --write"):
             calibration.load_calibration()
     finally:
         calibration.load_calibration.cache_clear()

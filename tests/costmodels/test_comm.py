@@ -57,17 +57,17 @@ def test_cross_pod_all_to_all_pays_rdma():
     assert across == pytest.approx(20.0 + (1536 - 768) / 1535 * nbytes / 25e3)
 
 
-def test_afd_reproduces_xdeepserve():
+def test_disaggregated_transfer_reproduces_xdeepserve():
     # XDS §3.3: 480 attention dies at batch 96, 288 MoE dies, 9 destinations per token
     recv = 480 * 96 * 9 / 288
-    a2e = comm.afd_transfer_us(CM, "a2e", 96 * 9, recv, comm.dispatch_dest_bytes(7168, "int8"))
-    e2a = comm.afd_transfer_us(CM, "e2a", 96 * 9, recv, comm.combine_dest_bytes(7168))
+    a2e = comm.disaggregated_transfer_us(CM, "a2e", 96 * 9, recv, comm.dispatch_dest_bytes(7168, "int8"))
+    e2a = comm.disaggregated_transfer_us(CM, "e2a", 96 * 9, recv, comm.combine_dest_bytes(7168))
     assert (a2e, e2a) == (pytest.approx(172.0), pytest.approx(193.0))
-    assert comm.afd_transfer_us(H800, "a2e", 96 * 9, recv, 7180) > a2e  # InfiniBand-bound on GPUs
+    assert comm.disaggregated_transfer_us(H800, "a2e", 96 * 9, recv, 7180) > a2e  # InfiniBand-bound on GPUs
 
 
 def test_collectives_and_kv_transfer_by_hand():
-    eff = comm.collective_efficiency("cloudmatrix384")
+    eff = comm.collective_efficiency(comm.profile_for(CM))
     assert eff == pytest.approx(128 * 8 * 14336 / 98.0 / 1e3 / 196.0)  # EP8 combine / UB link
     assert comm.all_reduce_us(CM, 1e6, 2) == pytest.approx(20.0 + 1e6 / (196e3 * eff))
     assert comm.all_gather_us(CM, 4e6, 4) == pytest.approx(20.0 + 0.75 * 4e6 / (196e3 * eff))
@@ -83,3 +83,25 @@ def test_message_size_agrees_with_opcount(dsv3):
     assert 8 * comm.combine_dest_bytes(7168) == opcount.combine_bytes_per_token(dsv3)
     # CMI §3: ~7.5 KB per token-expert in INT8, ~14 KB in BF16
     assert 7000 < comm.dispatch_dest_bytes(7168, "int8") < 7600 and 14000 < comm.dispatch_dest_bytes(7168, "bf16") < 14500
+
+
+def test_a_new_topology_needs_no_change_here():
+    """comm asks the hardware for its fabric: a topology family it has never seen is priced like its fabric."""
+    from costmodels.hardware import H100
+    from costmodels.topology import _gpu_cluster
+
+    new = _gpu_cluster(H100, "test", 4)  # not in FAMILIES, not named anywhere in comm
+    assert comm.profile_for(new) is comm.NVIDIA_IB_PROFILE
+    assert comm.dispatch_us(new, 128, 7168, "fp8", 8, 8) == pytest.approx(77.0)  # DeepEP EP8
+    assert comm.collective_efficiency(comm.profile_for(new)) == comm.collective_efficiency(comm.profile_for(H800))
+
+
+def test_a_fabric_without_measurements_is_one_line():
+    from dataclasses import replace
+
+    from costmodels.errors import TopologyError
+    from costmodels.topology import _gpu_cluster
+
+    odd = _gpu_cluster(replace(H800.hardware, scaleup_fabric="Infinity Fabric"), "mi300", 1)
+    with pytest.raises(TopologyError, match=r"no measured all-to-all profile for the Infinity Fabric fabric"):
+        comm.dispatch_us(odd, 128, 7168, "fp8", 8, 8)

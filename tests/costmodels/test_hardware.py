@@ -40,3 +40,21 @@ def test_dtype_bytes():
     assert [dtype_bytes(d) for d in ("fp32", "bf16", "fp8", "int8")] == [4, 2, 1, 1]
     with pytest.raises(InputError, match="known: bf16"):
         dtype_bytes("fp4")
+
+
+def test_devices_say_what_runs_on_them():
+    from costmodels.hardware import CPU_PROCESS, device_named
+
+    assert ASCEND_910C.is_npu and ASCEND_910C.platform == "ascend"
+    assert all(not g.is_npu and g.platform == "cuda" for g in (H100, H800, H200))
+    assert CPU_PROCESS.nominal and not any(d.nominal for d in (ASCEND_910C, H100, H800, H200))
+    assert device_named("Ascend 910C") is ASCEND_910C and device_named("H200 SXM") is H200
+    with pytest.raises(InputError, match=r"unknown hardware 'TPU v5'; known: 'Ascend 910C'"):
+        device_named("TPU v5")
+
+
+def test_platform_is_not_part_of_the_spec_sheet_digest():
+    # plans pin the topology by a digest of the spec sheet; describing the software platform
+    # must not change it
+    assert "platform" not in ASCEND_910C.to_dict() and "nominal" not in ASCEND_910C.to_dict()
+    assert ASCEND_910C.to_dict()["scaleup_fabric"] == "UB"

@@ -63,8 +63,8 @@ def test_infeasible_names_the_role_and_overflow(dsv3):
     assert not pre.feasible and pre.infeasible_reason.startswith("prefill die (routed experts) needs")
 
 
-def test_afd_roles(dsv3):
-    est = estimate_decode(dsv3, CM, DecodeDeployment(mode="afd", attention_devices=240, moe_devices=144,
+def test_disaggregated_roles(dsv3):
+    est = estimate_decode(dsv3, CM, DecodeDeployment(mode="disaggregated", attention_devices=240, moe_devices=144,
                                                      dp_domains=3, batch_per_device=192, quant="int8"))
     assert set(est.memory) == {"decode attention die", "decode MoE die (routed experts)", "decode MoE die (shared expert)"}
     assert est.memory["decode MoE die (routed experts)"]["kv"] == 0.0

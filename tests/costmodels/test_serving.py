@@ -19,7 +19,7 @@ CMI_DECODE = DecodeDeployment(devices=160, ep=320, batch_per_device=96, kv_len=4
                               microbatches=2)
 CMI_PREFILL = PrefillDeployment(devices=16, ep=32, prompt_len=4096, tokens_per_device=16384, quant="int8",
                                 microbatches=2)
-XDS_AFD = DecodeDeployment(mode="afd", attention_devices=240, moe_devices=144, dp_domains=3, batch_per_device=192,
+XDS_AFD = DecodeDeployment(mode="disaggregated", attention_devices=240, moe_devices=144, dp_domains=3, batch_per_device=192,
                            mtp_accept=0.7, quant="int8", microbatches=2)
 
 
@@ -54,7 +54,7 @@ def test_prefill_throughput_rises_with_tokens_and_cache_hits(dsv3):
     runs = [estimate_prefill(dsv3, CM, PrefillDeployment(devices=16, ep=32, tokens_per_device=t, quant="int8"))
             for t in (1024, 4096, 16384)]
     assert runs[0].throughput_per_device < runs[1].throughput_per_device < runs[2].throughput_per_device
-    hits = [estimate_prefill(dsv3, CM, PrefillDeployment(devices=16, ep=32, quant="int8", prefix_hit_rate=h))
+    hits = [estimate_prefill(dsv3, CM, PrefillDeployment(devices=16, ep=32, quant="int8", prefix_hit=h))
             for h in (0.0, 0.5, 0.9)]
     assert hits[0].ttft_ms > hits[1].ttft_ms > hits[2].ttft_ms
 
@@ -154,11 +154,11 @@ def test_to_dict_is_canonical_and_deterministic(dsv3):
     (CM, DecodeDeployment(devices=16, imbalance=0.5), "--imbalance"),
     (CM, DecodeDeployment(devices=16, quant="fp8"), "XDS §4.7"),
     (CM, DecodeDeployment(devices=16, batch_per_device=0), "--batch-per-device"),
-    (CM, DecodeDeployment(mode="afd", moe_devices=8), "--attention-devices"),
-    (CM, DecodeDeployment(mode="afd", attention_devices=16, moe_devices=16, ep=8), "MoE dies form the EP group"),
-    (CM, DecodeDeployment(mode="afd", attention_devices=300, moe_devices=100), "only 384 devices"),
+    (CM, DecodeDeployment(mode="disaggregated", moe_devices=8), "--attention-devices"),
+    (CM, DecodeDeployment(mode="disaggregated", attention_devices=16, moe_devices=16, ep=8), "MoE dies form the EP group"),
+    (CM, DecodeDeployment(mode="disaggregated", attention_devices=300, moe_devices=100), "only 384 devices"),
     (CM, DecodeDeployment(mode="pipeline"), "--mode pipeline"),
-    (CM, PrefillDeployment(devices=16, prefix_hit_rate=1.0), "--prefix-hit-rate"),
+    (CM, PrefillDeployment(devices=16, prefix_hit=1.0), "--prefix-hit"),
     (CM, PrefillDeployment(devices=16, attn_tp=3), "--attn-tp 3"),
 ])
 def test_bad_deployments_are_one_line_input_errors(dsv3, topo, dep, fragment):

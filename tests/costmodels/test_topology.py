@@ -73,3 +73,20 @@ def test_build_is_fast_and_digest_is_stable():
     assert a is not b and a.digest() == b.digest() and len(a.digest()) == 64
     assert a.digest() != get_topology("cloudmatrix384:2").digest() != get_topology("h800-cluster:40").digest()
     assert get_topology("cloudmatrix384:1").name == "cloudmatrix384"
+
+
+def test_the_family_registry_is_the_one_list_of_names():
+    from costmodels.topology import FAMILIES, VALID_NAMES, topology_names
+
+    assert topology_names() == "cloudmatrix384[:K], h100-cluster:N, h800-cluster:N, h200-cluster:N, local:N"
+    for family in FAMILIES:
+        assert family.usage in topology_names() and family.describe() in VALID_NAMES
+        t = get_topology(family.kind if family.default is not None else f"{family.kind}:2")
+        assert t.kind == family.kind
+        with pytest.raises(TopologyError, match=f"count must be 1..{family.limit}"):
+            get_topology(f"{family.kind}:{family.limit + 1}")
+
+
+def test_scaleup_scope_is_asked_not_compared():
+    assert get_topology("cloudmatrix384").scaleup_spans_pod
+    assert not get_topology("h100-cluster:2").scaleup_spans_pod and not get_topology("local:2").scaleup_spans_pod

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from costmodels import opcount
-from costmodels.errors import InputError, PlanError
+from costmodels.errors import InputError
 from passes import meta
 from passes.expert_decompose import ExpertShard, shard_stage
 from passes.microbatch import DEFAULT_LANES, Action, MicrobatchSchedule, build_schedule
@@ -122,8 +122,8 @@ def _steps(stages, lanes):
 
 
 def test_schedule_parse_errors_name_tick_and_action():
-    with pytest.raises(PlanError, match=r"schedule tick 1: bad action '0-a1'; expected MB:STAGE"):
+    with pytest.raises(InputError, match=r"schedule tick 1: bad action '0-a1'; expected MB:STAGE"):
         MicrobatchSchedule.parse("0:emb | 0-a1")
-    with pytest.raises(PlanError, match=r"schedule tick 0: bad stage code 'q3'"):
+    with pytest.raises(InputError, match=r"schedule tick 0: bad stage code 'q3'"):
         MicrobatchSchedule.parse("0:q3")
     assert Action(3, (meta.StageKey(12, "routed_experts"),)).format() == "3:x12"

@@ -14,7 +14,7 @@ from costmodels.errors import InputError
 from passes import PASSES, PIPELINES, get_pass, get_pipeline
 
 # Modules of passes/ that are infrastructure, not passes.
-INFRA = {"manager", "meta", "context", "graphs"}
+INFRA = {"manager", "meta", "context", "graphs", "errors"}
 PASS_DIR = Path(passes.__file__).parent
 
 

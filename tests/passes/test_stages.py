@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from costmodels import opcount
-from costmodels.errors import ConfigError
+from passes.errors import UnsupportedModelError
 from costmodels.model_shape import ModelShape
 from passes import meta
 from passes.classify import classify
@@ -101,5 +101,5 @@ def test_classify_rejects_a_structure_it_cannot_order():
              "gate": ("moe_gate", 0), "output": ("other", None)}
     for n in g.nodes:
         n.meta[meta.ROLE], n.meta[meta.LAYER] = roles[n.name]
-    with pytest.raises(ConfigError, match=r"'add' in stage head feeds 'gate' in the earlier stage layer0_moe_gate"):
+    with pytest.raises(UnsupportedModelError, match=r"'add' in stage head feeds 'gate' in the earlier stage layer0_moe_gate"):
         classify(fx.GraphModule(root, g), PassContext(shape=_toy_shape()))

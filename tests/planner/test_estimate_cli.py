@@ -67,14 +67,14 @@ def test_json_fields(capsys):
     assert pre["throughput_per_device"] == pytest.approx(6688, rel=0.05)
 
 
-def test_defaults_afd_and_gpus(capsys):
+def test_defaults_disaggregated_and_gpus(capsys):
     code, out, _ = cli(capsys, "estimate", "tiny-deepseek-v3", "--topology", "h800-cluster:2", "--phase", "decode",
                        "--json")
     doc = json.loads(out)
     assert code == 0 and doc["details"]["devices"] == 16 and doc["details"]["ep"] == 16
     assert doc["details"]["quant"] == "bf16" and doc["details"]["tokens_per_step"] == 1.0
     code, out, _ = cli(capsys, "estimate", "deepseek-v3", "--topology", "cloudmatrix384", "--phase", "decode",
-                       "--mode", "afd", "--attention-devices", "240", "--moe-devices", "144", "--dp-domains", "3",
+                       "--mode", "disaggregated", "--attention-devices", "240", "--moe-devices", "144", "--dp-domains", "3",
                        "--batch-per-device", "192", "--quant", "int8", "--microbatches", "2")
     assert code == 0 and "A:F 1.67" in out and "pipeline_wait" in out
     code, out, _ = cli(capsys, "estimate", "deepseek-v3", "--topology", "cloudmatrix384", "--phase", "decode",
@@ -94,8 +94,10 @@ def test_frontend_shape_matches_the_hand_built_one():
     (["--topology", "cloudmatrix384", "--phase", "decode", "--devices", "160", "--ep", "300"], ["--ep 300", "divisor"]),
     (["--topology", "cloudmatrix384", "--phase", "decode", "--prompt-len", "10"], ["--prompt-len", "prefill only"]),
     (["--topology", "cloudmatrix384", "--phase", "prefill", "--mtp-accept", "0.5"], ["--mtp-accept", "decode only"]),
-    (["--topology", "cloudmatrix384", "--phase", "decode", "--mode", "afd"], ["--attention-devices"]),
-    (["--topology", "cloudmatrix384", "--phase", "decode", "--attention-devices", "4"], ["--mode afd"]),
+    (["--topology", "cloudmatrix384", "--phase", "decode", "--mode", "disaggregated"], ["--attention-devices"]),
+    # 'afd', the old name of the mode, is still read
+    (["--topology", "cloudmatrix384", "--phase", "decode", "--mode", "afd"], ["--mode disaggregated needs"]),
+    (["--topology", "cloudmatrix384", "--phase", "decode", "--attention-devices", "4"], ["--mode disaggregated"]),
     (["--topology", "cloudmatrix384", "--phase", "decode", "--imbalance", "0.5"], ["--imbalance 0.5", ">= 1.0"]),
     (["--topology", "cloudmatrix384", "--phase", "decode", "--devices", "0"], ["--devices 0"]),
     (["--topology", "h800-cluster:0", "--phase", "decode"], ["node count must be 1..1024"]),

@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from costmodels.errors import ConfigError
+from planner.frontend.errors import ConfigError
 from passes import meta
 from planner.frontend import zoo
 from planner.frontend.trace import TRANSFORMERS_VERSION, build_model, check_transformers, trace, trace_model

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from costmodels.errors import PlanError
+from planner.ir.errors import PlanError
 from planner.ir import fileio
 from planner.ir import plan as plan_mod
 from planner.ir.plan import (
@@ -370,3 +370,15 @@ def test_factory_variants_are_valid():
         assert from_json(p.to_json()) == p
     with pytest.raises(Exception, match="do not fit local:8"):
         synthetic_plan("tiny-mixtral", "local:8", prefill_devices=4, prefill_instances=3)
+
+
+def test_ep_has_one_definition():
+    from planner.ir.plan import expert_parallel_dies
+
+    # routed-slot devices and dedicated shared-expert devices both join the all-to-all; overlap counts once
+    assert expert_parallel_dies((4, 5, 6), (7,), 2) == 8
+    assert expert_parallel_dies((0, 1), (0, 1), 2) == 4
+    for plan in (tiny_plan("tiny-deepseek-v3"), tiny_plan("tiny-deepseek-v3", decode_mode="disaggregated")):
+        for _, inst in plan.instances():
+            assert inst.ep == expert_parallel_dies(inst.expert_devices, inst.shared_expert_devices,
+                                                   plan.topology.dies_per_device)

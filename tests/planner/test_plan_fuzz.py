@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from costmodels.errors import PlanError
+from planner.ir.errors import PlanError
 from planner.ir.plan import from_json
 from tests.plan_factory import tiny_plan
 
