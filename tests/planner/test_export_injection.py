@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import planner.export as ex
-from costmodels.errors import PlanError
+from planner.ir.errors import PlanError
 from planner.export.render import comment, environment
 from planner.ir.plan import from_json, load_plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
