@@ -33,7 +33,7 @@ from planner.frontend.shape import shape_from_traced
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Everything `podplan compile` takes besides the model and topology (see README for defaults):
+    """Everything `podplan compile` takes besides the model and topology (defaults: docs/cli.md):
     the workload and search pins (`search.Workload`) and the balancer's settings."""
 
     workload: Workload = field(default_factory=Workload)
