@@ -84,15 +84,25 @@ def test_the_repository_stands_alone():
     assert not problems, "points outside the repository:\n" + "\n".join(problems)
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    prose = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)  # a '# comment' in a block is no heading
+    heads = re.findall(r"^#+ (.+)$", prose, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 def test_doc_links_resolve():
-    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    link = re.compile(r"\]\(([^)#\s]+)(?:#([^)]*))?\)")
     problems = []
     for path in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
-        for target in link.findall(path.read_text()):
+        for target, anchor in link.findall(path.read_text()):
             if re.match(r"[a-z]+:", target):
                 continue
-            if not (path.parent / target).exists():
+            dest = path.parent / target
+            if not dest.exists():
                 problems.append(f"{path.relative_to(ROOT)} links to missing {target}")
+            elif anchor and anchor not in _anchors(dest):
+                problems.append(f"{path.relative_to(ROOT)} links to {target}#{anchor}: no such heading")
     assert not problems, "\n".join(problems)
 
 
