@@ -1,4 +1,4 @@
-"""Re-derive the cost model's two calibrated factors and print how they reproduce reference §4.
+"""Re-derive the cost model's two calibrated factors and print how they reproduce CMI's two points.
 
     .venv/bin/python bench/calibrate.py          # print the table, check calibration.json is current
     .venv/bin/python bench/calibrate.py --write  # rewrite costmodels/calibration.json

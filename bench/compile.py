@@ -4,7 +4,7 @@
     .venv/bin/python bench/compile.py deepseek-v3     # only those of one model
 
 Each compile runs in a fresh process (so RSS is that compile's own) and the table prints
-wall seconds, peak RSS and the plan's headline numbers. Targets (issue 5): full DeepSeek-V3 ->
+wall seconds, peak RSS and the plan's headline numbers. Targets: full DeepSeek-V3 ->
 cloudmatrix384 (prefill + decode) <= 60 s and <= 4 GiB RSS on 2 cores.
 """
 

@@ -1,6 +1,6 @@
 """The two calibrated factors of the serving model, their data file, and how they are fitted.
 
-Only the two end-to-end points of reference §4 (CloudMatrix-Infer, DeepSeek-R1 INT8) are
+Only the two end-to-end points of CloudMatrix-Infer (arXiv 2506.12708, DeepSeek-R1 INT8) are
 used: decode 1,943 tokens/s per NPU at TPOT 49.4 ms, prefill 6,688 tokens/s per NPU. Each
 fixes one factor in closed form; `bench/calibrate.py` re-derives them and rewrites the file.
 """
@@ -17,7 +17,7 @@ from costmodels.model_shape import ModelShape
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
-# Reference §4 targets (CMI abstract + Tables 2-3).
+# Targets: CMI abstract + Tables 2-3.
 DECODE_TARGET_TPS_PER_NPU = 1943.0
 DECODE_TARGET_TPOT_MS = 49.4
 PREFILL_TARGET_TPS_PER_NPU = 6688.0

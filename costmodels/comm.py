@@ -1,7 +1,7 @@
 """Communication cost: MoE dispatch/combine, AFD attention<->expert transfers, TP collectives, KV transfer.
 
 Every transfer is priced as a software floor plus bytes over an effective bandwidth. The
-effective bandwidths are derived from the operator measurements of reference §5 (so the
+effective bandwidths are derived from the published operator measurements below (so the
 model reproduces them exactly at the measured point); the slowest rank sets the time.
 """
 
@@ -15,9 +15,9 @@ from costmodels.errors import InputError, TopologyError
 from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800, DeviceSpec, dtype_bytes
 from costmodels.topology import Topology
 
-# --- measured operators (reference §5) ------------------------------------------------------------
+# --- measured operators (CMI Table 6, DeepEP README, XDS §3.1/§3.3) --------------------------------
 
-# Every row of reference §5 was measured with 128 tokens per rank, top-8, hidden 7,168,
+# Every all-to-all row below was measured with 128 tokens per rank, top-8, hidden 7,168,
 # INT8/FP8 dispatch (one fp32 scale per token) and BF16 combine.
 MEASURED_TOKENS = 128
 MEASURED_TOP_K = 8

@@ -13,7 +13,7 @@ from costmodels.errors import InputError
 from costmodels.hardware import DeviceSpec, dtype_bytes
 from costmodels.model_shape import ModelShape
 
-# Achieved fraction of peak FLOPs per op class (reference §5).
+# Achieved fraction of peak FLOPs per op class (CMI Tables 8-10).
 DENSE_GEMM_EFF = 0.80  # CMI Table 10 [S]: INT8 GEMM 77-83% of peak, midpoint
 EXPERT_GEMM_EFF = 0.77  # CMI Table 10 [S], low end: grouped expert GEMMs run smaller tiles
 ATTN_COMPUTE_EFF = 0.654  # CMI Table 8 [S]: MLA compute-bound, 65.4% of peak

@@ -1,7 +1,7 @@
 """Accelerator spec sheets: Ascend 910C, H100, H800, H200 (and a nominal CPU process for `local:N`).
 
 Values are per die (the unit podplan computes on) and one direction for links; a chip's
-totals are the `chip_*` properties. Source keys refer to `shared/reference/cloudmatrix384.md`.
+totals are the `chip_*` properties. Source keys (CMI, XDS, ...) name the papers listed in docs/costmodel.md.
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ ASCEND_910C = DeviceSpec(
     platform="ascend",
 )
 
-# NVIDIA SXM parts: spec sheet (reference §8). INT8 dense = FP8 dense on Hopper (datasheet:
+# NVIDIA SXM parts: NVIDIA's datasheets. INT8 dense = FP8 dense on Hopper (datasheet:
 # 3,958 TOPS INT8 with sparsity, half of it dense). NVLink is quoted bidirectional: halve it.
-# Scale-out: 8 x 400 Gb/s InfiniBand per 8-GPU node = 50 GB/s per GPU (reference §8).
+# Scale-out: 8 x 400 Gb/s InfiniBand per 8-GPU node = 50 GB/s per GPU (DGX H100 datasheet: 8 x ConnectX-7).
 H100 = DeviceSpec(
     name="H100 SXM",
     dies=1,
@@ -121,7 +121,7 @@ H100 = DeviceSpec(
     hbm_gb=80.0,  # spec sheet
     hbm_tbps=3.35,  # spec sheet
     scaleup_gbps=450.0,  # spec sheet: NVLink 900 GB/s bidirectional
-    scaleout_gbps=50.0,  # reference §8: 400 Gb/s IB per GPU
+    scaleout_gbps=50.0,  # DGX H100 datasheet: 400 Gb/s IB per GPU
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
     source="NVIDIA H100 SXM spec sheet (reference §8)",
@@ -137,7 +137,7 @@ H800 = DeviceSpec(
     hbm_gb=80.0,  # spec sheet
     hbm_tbps=3.35,  # spec sheet
     scaleup_gbps=200.0,  # spec sheet: NVLink 400 GB/s bidirectional
-    scaleout_gbps=50.0,  # reference §8: 400 Gb/s IB per GPU
+    scaleout_gbps=50.0,  # DGX H100 datasheet: 400 Gb/s IB per GPU
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
     source="NVIDIA H800 SXM spec sheet (reference §8)",
@@ -153,7 +153,7 @@ H200 = DeviceSpec(
     hbm_gb=141.0,  # spec sheet
     hbm_tbps=4.8,  # spec sheet
     scaleup_gbps=450.0,  # spec sheet: NVLink 900 GB/s bidirectional
-    scaleout_gbps=50.0,  # reference §8: 400 Gb/s IB per GPU
+    scaleout_gbps=50.0,  # DGX H100 datasheet: 400 Gb/s IB per GPU
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
     source="NVIDIA H200 SXM spec sheet (reference §8)",

@@ -388,7 +388,7 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
     t_e = routed + shared
     chain = t_a + a2e + t_e + e2a
 
-    # Step 2: the round per layer (MegaScale-Infer / Step-3 rules, reference AFD section): the
+    # Step 2: the round per layer (MegaScale-Infer arXiv 2504.02263 / Step-3 arXiv 2507.19427): the
     # attention dies run m microbatches, the MoE dies serve d domains x m microbatches.
     t_round = max(m * t_a, d * m * t_e, d * m * max(a2e, e2a), chain)
     ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp)

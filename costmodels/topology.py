@@ -33,7 +33,7 @@ RDMA_HOP_US = 2.0  # assumed: RoCE NIC + switch
 NVLINK_HOP_US = 0.5  # assumed: GPU <-> NVSwitch
 IB_HOP_US = 1.5  # assumed: HCA + leaf switch
 SHM_HOP_US = 5.0  # nominal: gloo shared-memory copy
-GPUS_PER_NODE = 8  # reference §8: 8-GPU nodes
+GPUS_PER_NODE = 8  # DGX/HGX datasheets: 8-GPU nodes
 
 MAX_PODS = 16
 MAX_NODES = 1024

@@ -40,7 +40,7 @@ _FLAG_OF = {"tpot_slo_ms": "tpot_ms", "ttft_slo_ms": "ttft_ms"}
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Everything `podplan compile` takes besides the model and topology (see README for defaults):
+    """Everything `podplan compile` takes besides the model and topology (defaults: docs/cli.md):
     the workload the plan serves (the plan's own `Workload` record), the search pins and the
     balancer's settings."""
 

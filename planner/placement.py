@@ -2,7 +2,7 @@
 
 A constructive rule, not an ILP, and why: every instance size the search emits is a whole number
 of servers (or a fraction of one server), and inside a CloudMatrix384 pod the UB fabric is flat
-(< 3% bandwidth loss between servers, reference §1), so the only choices that change modelled
+(< 3% bandwidth loss between servers, CMI §3), so the only choices that change modelled
 traffic are (1) never splitting an instance across pods (RDMA is ~8x slower per chip), (2) keeping
 each instance on whole servers (TP groups and a server's L1 switches stay inside one instance),
 and (3) on GPU clusters, keeping an instance's all-to-all inside as few NVLink islands as possible.

@@ -2,7 +2,7 @@
 
 `replan(plan, failed=..., loads=...)` drops failed devices from their instances, re-solves the
 expert placement of every affected instance shape, re-estimates predictions with the cost model and
-keeps the rest of the plan. Steps are numbered as in the README section "podplan replan".
+keeps the rest of the plan. Steps are numbered as in docs/replan.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # Default tolerance on a re-solved layer: keep the layout with the fewest moved slots whose max
 # device load is within this fraction of the from-scratch solve on the surviving devices. The
-# issue 8 acceptance bar is 2 %; 1.5 % leaves room for the weighted-split LP's rounding.
+# acceptance bar is 2 %; 1.5 % leaves room for the weighted-split LP's rounding.
 DEFAULT_SLACK = 0.015
 
 

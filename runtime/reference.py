@@ -62,7 +62,7 @@ def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
 
 
 def tolerance_for(dtype: torch.dtype) -> float:
-    """1e-4 in fp32 (issue 7); half precision rounds each op to ~3 significant digits."""
+    """1e-4 in fp32; half precision rounds each op to ~3 significant digits."""
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 

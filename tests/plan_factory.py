@@ -40,7 +40,7 @@ from planner.frontend.shape import shape_of
 from planner.frontend.zoo import load_source
 
 # Redundant slots beyond one per expert: 1/8 more, as CloudMatrix-Infer prefill (9 slots per die for
-# 8 routed experts, reference §3) and decode (288 routed slots over 256 experts).
+# 8 routed experts, CMI) and decode (288 routed slots over 256 experts).
 REDUNDANCY = 9 / 8
 # Tokens per step the synthetic loads sum to, per MoE layer (only ratios matter).
 TOKENS_PER_STEP = 16384
@@ -119,7 +119,7 @@ def tiny_plan(model: str = "tiny-mixtral", **kwargs) -> Plan:
 
 
 def deepseek_v3_plan(decode_mode: Mode = "colocated", **kwargs) -> Plan:
-    """DeepSeek-V3 on cloudmatrix384 shaped like CloudMatrix-Infer (reference §3): 6 x 16-NPU prefill
+    """DeepSeek-V3 on cloudmatrix384 shaped like CloudMatrix-Infer (arXiv 2506.12708): 6 x 16-NPU prefill
     instances and a 160-NPU decode instance (colocated), or 288 decode NPUs split attention/experts."""
     decode = 160 if decode_mode == "colocated" else 288
     kwargs.setdefault("attention_devices", 160 if decode_mode == "disaggregated" else None)
@@ -179,7 +179,7 @@ def _phase(name: str, instances: tuple[Instance, ...], placement: ExpertPlacemen
            t: TopologyInfo, wb: float, spd: int, mtp_accept: float = 0.0) -> Phase:
     inst = instances[0]
     big = shape.hidden >= 1024
-    # Illustrative step times: CloudMatrix-Infer's decode (TPOT ~50 ms, reference §4) for big
+    # Illustrative step times: CloudMatrix-Infer's decode (TPOT ~50 ms, CMI Table 3) for big
     # models, a few ms for the tiny ones on CPU processes.
     step = (49.4 * (1 + mtp_accept) if name == "decode" else 1200.0) if big else (3.0 if name == "decode" else 8.0)
     breakdown = _breakdown(step, shape, inst.mode)
@@ -187,7 +187,7 @@ def _phase(name: str, instances: tuple[Instance, ...], placement: ExpertPlacemen
     dense_gb = (shape.params_total - shape.num_routed_experts * shape.params_expert * shape.num_moe_layers) * wb / 1e9
     expert_gb = spd * shape.params_expert * shape.num_moe_layers * wb / 1e9
     kv_gb = inst.batch_per_device * 4096 * opcount.kv_bytes_per_token(shape, 2.0) / 1e9 if name == "decode" else 2.0
-    work_gb = 0.65 * t.dies_per_device  # CloudMatrix-Infer's ~645 MB static buffers per die (reference §3)
+    work_gb = 0.65 * t.dies_per_device  # CloudMatrix-Infer's ~645 MB static buffers per die (CMI)
     if not big:
         kv_gb, work_gb = kv_gb / 1e3, 0.01
     memory = {}

@@ -1,4 +1,4 @@
-"""The import arrows of DESIGN.md: costmodels <- passes <- planner -> runtime, nobody imports the CLI.
+"""The import arrows of docs/design.md: costmodels <- passes <- planner -> runtime, nobody imports the CLI.
 
 Inside planner the wings are layered too: the IR and the frontend are the floor (the runtime may read
 them and nothing else of planner), balance/views/export sit on the IR, and only the drivers

@@ -4,7 +4,7 @@
 `phy2log` [L, D*S] (slot s on device s // S; device d on node d // (D / N)) and the
 numbers to trust it: device loads, max/mean, a proven lower bound, the gap, and the
 DeepSeek-EPLB baseline's max/mean on the same input. Steps are numbered as in the
-README section "podplan balance".
+explanation of docs/balancer.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 GLOP solves the shares of a fixed layout (a small LP, always optimal). CP-SAT solves
 small sub-problems exactly (replica counts and placement together) and proves a bound;
 large ones are left to `planner.balance.search`, where CP-SAT was measured to lose
-(see the README section "podplan balance").
+(see docs/balancer.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ortools.sat.python import cp_model
 from costmodels.errors import InfeasibleError
 
 # Literal budget of the exact CP-SAT model (experts x devices x replica-count options).
-# Measured (README, "podplan balance"): up to ~500 literals CP-SAT proves optimality or
+# Measured (docs/balancer.md): up to ~500 literals CP-SAT proves optimality or
 # improves the search within 1 s; from ~1000 on it never improved it nor lifted the bound.
 EXACT_MAX_LITERALS = 600
 

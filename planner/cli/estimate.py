@@ -13,10 +13,10 @@ from planner.cli.args import decode_mode
 # Defaults of the flags a user leaves out (None in argparse, so we can tell "not given").
 DEFAULTS = {
     "mode": "colocated",
-    "batch_per_device": 96.0,  # CMI decode (reference §3)
+    "batch_per_device": 96.0,  # CMI decode (Table 3)
     "kv_len": 4096,
     "prompt_len": 4096,
-    "tokens_per_device": 16384,  # CMI prefill (reference §4)
+    "tokens_per_device": 16384,  # CMI prefill (Table 2)
     "mtp_accept": 0.0,  # MTP off
     "quant": "bf16",
     "kv_dtype": "bf16",

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 from planner.ir.errors import PlanError
 from planner.ir.fileio import write_atomic
 
-# Readers accept exactly this version; any change to the shipped schema file bumps it (README policy).
+# Readers accept exactly this version; any change to the shipped schema file bumps it (docs/plan-ir.md).
 SCHEMA_VERSION = 1
 # Significant digits kept for every float: enough for ms and tokens/s, short enough to diff.
 FLOAT_DIGITS = 6

@@ -15,7 +15,7 @@ def test_ascend_910c_per_die_and_per_chip():
     assert (ASCEND_910C.int8_tops, ASCEND_910C.chip_int8_tops) == (752.0, 1504.0)
     assert (ASCEND_910C.chip_hbm_gb, ASCEND_910C.chip_hbm_tbps) == (128.0, 3.2)
     assert ASCEND_910C.chip_scaleup_gbps == 392.0 and ASCEND_910C.chip_scaleout_gbps == 50.0
-    # RDMA is ~7.8x slower than UB per chip (reference §2)
+    # RDMA is ~7.8x slower than UB per chip (CMI §3.2)
     assert ASCEND_910C.chip_scaleup_gbps / ASCEND_910C.chip_scaleout_gbps == pytest.approx(7.84)
 
 

@@ -8,7 +8,7 @@ import pytest
 from costmodels.errors import InputError
 from planner.balance.eplb import eplb
 
-# The conformance example of DeepSeek's EPLB README (reference file, "DeepSeek EPLB").
+# The conformance example of DeepSeek's EPLB README (github.com/deepseek-ai/EPLB).
 WEIGHT = np.array([
     [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
     [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],

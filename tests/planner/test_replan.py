@@ -26,7 +26,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def replanned(golden):
-    """The issue 8 acceptance case: 8 devices of the DeepSeek-V3 decode plan fail (~40 s on 2 cores)."""
+    """The acceptance case: 8 devices of the DeepSeek-V3 decode plan fail (~40 s on 2 cores)."""
     return replan(golden, failed=FAILED, time_limit=0.1, seed=0)
 
 

@@ -1,4 +1,4 @@
-"""`podplan trace` / `podplan models` from the command line, including every bad input of issue 2."""
+"""`podplan trace` / `podplan models` from the command line, including every bad input."""
 
 from __future__ import annotations
 

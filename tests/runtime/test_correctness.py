@@ -90,7 +90,7 @@ def test_every_golden_local_plan_runs_and_matches():
     from tests.conftest import ROOT
 
     paths = sorted((ROOT / "plans").glob("*.local-*.json"))
-    assert paths, "plans/ holds no local:N golden plan (issue 6 asks for a tiny model on local:8)"
+    assert paths, "plans/ holds no local:N golden plan (planner/golden.py should list a tiny model on local:8)"
     for path in paths:
         _assert_matches(spec_from_plan(load_plan(path), prompts=4, prompt_len=4, new_tokens=3))
 
