@@ -1,4 +1,4 @@
-"""The compile driver: trace -> passes -> search -> balance -> placement -> Plan.
+"""The compile driver: trace -> stage-split pass pipeline -> search -> balance -> placement -> Plan.
 
 `compile_plan(model, topology, options)` is the whole pipeline behind `podplan compile`; it returns
 the Plan IR object (`planner.ir.plan.Plan`), which `planner.ir.plan.write_plan` serialises.
@@ -18,17 +18,15 @@ from costmodels.memory import expert_layout
 from costmodels.model_shape import ModelShape
 from costmodels.serving import DecodeDeployment, Deployment
 from costmodels.topology import Topology, get_topology
-from passes.annotate import annotate
-from passes.context import PassContext
 from planner import __version__
 from planner.ir import plan as ir
 from planner.balance.balancer import BalanceResult, balance
 from planner.frontend.trace import trace
 from planner.balance.loads import read_loads
 from planner.placement import InstanceRequest, InstanceSlot, place
-from planner.frontend.report import layer_rows
 from planner.search import Candidate, SearchResult, Workload, rescore, search
 from planner.frontend.shape import shape_from_traced
+from planner.stage_table import stage_table
 
 
 @dataclass(frozen=True)
@@ -249,10 +247,8 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
     say(f"tracing {model}")
     traced = trace(model)
     shape = shape_from_traced(traced)
-    gm = annotate(traced.gm, PassContext(shape=shape, batch=1, seq=128))
-    stages = tuple(ir.Stage(layer=r["layer"], kind=r["kind"], roles=tuple(r["roles"]), params=r["params"],
-                            flops_per_token=r["flops_per_token"], a2e_bytes_per_token=r["a2e_bytes_per_token"],
-                            e2a_bytes_per_token=r["e2a_bytes_per_token"]) for r in layer_rows(gm, shape))
+    say(f"running the stage-split pass pipeline on {model}")
+    table = stage_table(traced, shape)  # Plan.stages: the pipeline's stages and measured cuts
     loads = read_loads(opts.loads, layers=shape.num_moe_layers, experts=shape.num_routed_experts, seed=opts.seed)
 
     say(f"searching deployments on {topo.name}")
@@ -290,9 +286,10 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         topology=ir.TopologyInfo.from_topology(topo),
         workload=ir.Workload(input_len=wl.input_len, output_len=wl.output_len, prefix_hit=wl.prefix_hit,
                              quant=wl.quant, mtp_accept=wl.mtp_accept, tpot_slo_ms=wl.tpot_ms, ttft_slo_ms=wl.ttft_ms),
-        stages=stages,
+        stages=table.stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
-                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers)),
+                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers),
+                                 passes=table.passes),
         prefill=phase_ir["prefill"], decode=phase_ir["decode"], frontier=frontier,
     )
