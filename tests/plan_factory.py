@@ -39,7 +39,7 @@ from planner.ir.plan import (
 from planner.frontend.shape import shape_from_traced, shape_of
 from planner.frontend.trace import trace
 from planner.frontend.zoo import load_source
-from planner.stage_table import StageTable, stage_table
+from planner.compile import StageTable, stage_table
 
 # Redundant slots beyond one per expert: 1/8 more, as CloudMatrix-Infer prefill (9 slots per die for
 # 8 routed experts, reference §3) and decode (288 routed slots over 256 experts).

@@ -13,7 +13,7 @@ from planner.cli.console import stdout_console
 from planner.frontend.report import human_count, model_row
 from planner.frontend.shape import shape_from_traced
 from planner.frontend.trace import trace
-from planner.stage_table import StageTable, stage_table
+from planner.compile import StageTable, stage_table
 from planner.views.common import LayerStages, layer_stages
 
 
