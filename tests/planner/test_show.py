@@ -40,8 +40,12 @@ def test_text_summary(plans, capsys):
     rc, out, err = _show(capsys, plans["dsv3"][1])
     assert rc == 0, err
     for fragment in ("deepseek-v3", "cloudmatrix384", "decode-0", "prefill-5", "predictions", "49.4", "1943",
-                     "memory per device", "expert balance", "layers 3-60 x58", "idle 128"):
+                     "memory per device", "expert balance", "layers 3-60 x58", "idle 128",
+                     "passes: kv-cache -> annotate -> classify -> split -> cut-analysis"):
         assert fragment in out, fragment
+    # stage facts measured by cut-analysis: the attention stage feeds the router, 8 expert copies and
+    # the shared expert (10 x 7168 x 2 B); 8 expert outputs + the shared output go on (9 x 7168 x 2 B)
+    assert re.search(r"layers 3-60 x58 .* 143 KB .* 129 KB .* 71.7 KB .* 64.5 KB", out)
 
 
 def test_text_summary_of_a_disaggregated_plan(plans, capsys):
@@ -114,6 +118,7 @@ def test_html_is_self_contained_with_grid_and_metrics(plans, capsys):
     assert 'id="metric-prefill-ttft"' in out and 'class="bar" data-stage="dispatch"' in out
     assert out.count('class="point') == len(plan.frontier) and 'class="point chosen"' in out
     assert 'class="stage-group" data-kind="moe"' in out
+    assert 'id="passes">stages built by the passes, in order: kv-cache, annotate, classify' in out
 
 
 def test_html_splits_devices_serving_both_phases(plans, capsys):
