@@ -1,4 +1,4 @@
-"""Plain-data summaries of a model for the CLI: the zoo listing (stage facts come from planner.stage_table)."""
+"""Plain-data summaries of a model for the CLI: the zoo listing (stage facts come from the stage-split pipeline: planner.compile.stage_table)."""
 
 from __future__ import annotations
 

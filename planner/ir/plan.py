@@ -38,7 +38,6 @@ PhaseName = Literal["prefill", "decode"]
 Mode = Literal["colocated", "disaggregated"]
 # The staged program's stage kinds, in the order they run inside a decoder layer (embed before all, head after).
 StageKind = Literal["embed", "attention", "moe_gate", "dense_ffn", "routed_experts", "shared_experts", "head"]
-FFN_KINDS = ("moe_gate", "dense_ffn", "routed_experts", "shared_experts")
 # What changed in each schema version: an old plan's reader is told why to recompile.
 VERSION_NOTES = {1: "version 1 had one formula-based stage per layer; version 2 lists the pass pipeline's stages "
                     "with measured cut bytes and the passes that ran"}
@@ -435,11 +434,6 @@ class Stage(_Node):
             total = sum(getattr(i, part) for i in self.inputs)
             if not _close(getattr(self, field_), total):
                 _fail(f".{field_}", f"{getattr(self, field_)} but the inputs sum to {_round(total)}")
-
-    @property
-    def ffn_side(self) -> bool:
-        """True for the stages after a layer's attention (gate, experts, dense FFN)."""
-        return self.kind in FFN_KINDS
 
 
 @dataclass(frozen=True)

@@ -236,8 +236,7 @@ def ffn_label(layer: LayerStages, experts: int) -> str:
     """'dense FFN' or 'MoE: router, 256 experts, shared'."""
     if layer.kind == "dense":
         return "dense FFN"
-    names = dict(FFN_NAMES, routed_experts=f"{experts} experts")
-    return "MoE: " + ", ".join(names.get(st.kind, st.kind.replace("_", " ")) for st in layer.ffn)
+    return "MoE: " + ", ".join(stage_label(st.kind, experts) for st in layer.ffn)
 
 
 def stage_label(kind: str, experts: int) -> str:
