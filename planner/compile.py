@@ -1,4 +1,4 @@
-"""The compile driver: trace -> passes -> search -> balance -> placement -> Plan.
+"""The compile driver: trace -> stage-split pass pipeline -> search -> balance -> placement -> Plan.
 
 `compile_plan(model, topology, options)` is the whole pipeline behind `podplan compile`; it returns
 the Plan IR object (`planner.ir.plan.Plan`), which `planner.ir.plan.write_plan` serialises.
@@ -18,17 +18,15 @@ from costmodels.memory import expert_layout
 from costmodels.model_shape import ModelShape
 from costmodels.serving import DECODE_MODES, DecodeDeployment, Deployment
 from costmodels.topology import Topology, get_topology
-from passes.annotate import annotate
-from passes.context import PassContext
 from planner import __version__
 from planner.ir import plan as ir
 from planner.balance.balancer import BalanceResult, balance
-from planner.frontend.trace import trace
+from planner.frontend.trace import Traced, trace
 from planner.balance.loads import read_loads
 from planner.placement import InstanceRequest, InstanceSlot, place
-from planner.frontend.report import layer_rows
 from planner.search import Candidate, Pins, SearchResult, rescore, search
 from planner.frontend.shape import shape_from_traced
+from planner.frontend.stages import TRAFFIC_KINDS, StagedProgram, compile_stages, stage_rows
 
 
 # What `podplan compile` serves when no flag says otherwise: CloudMatrix-Infer's setting
@@ -255,6 +253,71 @@ def _frontier(sr: SearchResult, final: dict[str, Candidate[Deployment]]) -> tupl
     return tuple(points)
 
 
+# --- the stage table: the stage-split pass pipeline's stages and measured cuts as Plan IR records ---
+#
+# `podplan compile` and `podplan trace` both read stage facts from here, so a pass added to the
+# pipeline changes what they show; nothing re-derives a stage's params, FLOPs or bytes by formula.
+
+# The signature the compiler traces: one 128-token prompt (the attention FLOPs per token depend on
+# it through the causal mean KV length; every other stage fact is per token and does not).
+STAGE_BATCH = 1
+STAGE_SEQ = 128
+
+
+@dataclass(frozen=True)
+class StageTable:
+    """What the pipeline produced, in the plan's terms."""
+
+    stages: tuple[ir.Stage, ...]
+    passes: tuple[str, ...]  # in the order they ran
+    program: StagedProgram
+
+
+def stage_table(traced: Traced, shape: ModelShape, batch: int = STAGE_BATCH, seq: int = STAGE_SEQ) -> StageTable:
+    """Run the registered stage-split pipeline (passes.PIPELINES) through the PassManager."""
+    program = compile_stages(traced, shape, batch, seq)
+    return StageTable(plan_stages(program), tuple(r.name for r in program.records), program)
+
+
+def plan_stages(program: StagedProgram) -> tuple[ir.Stage, ...]:
+    """One ir.Stage per stage of the staged program, in program order, with its inputs by producer."""
+    rows = stage_rows(program)
+    order = {row["stage"]: i for i, row in enumerate(rows)}
+    # (dst, src) -> [kinds, bf16, int8], summed over the values crossing that edge
+    edges: dict[tuple[str, str], list] = {}
+    for cut in program.cuts:
+        if cut.kind not in TRAFFIC_KINDS:
+            continue
+        edge = edges.setdefault((cut.dst, cut.src), [set(), 0.0, 0.0])
+        edge[0].add(cut.kind)
+        edge[1] += cut.bytes_bf16
+        edge[2] += cut.bytes_int8
+    inputs: dict[str, tuple[ir.StageInput, ...]] = {}
+    for (dst, src), (kinds, bf16, int8) in sorted(edges.items(), key=lambda e: (order[e[0][0]], order[e[0][1]])):
+        inputs[dst] = (*inputs.get(dst, ()), ir.StageInput(src=src, kinds=tuple(sorted(kinds)), bytes_per_token=bf16,
+                                                           bytes_per_token_int8=int8))
+    out_bf16: dict[str, float] = {}
+    out_int8: dict[str, float] = {}
+    for ins in inputs.values():
+        for i in ins:
+            out_bf16[i.src] = out_bf16.get(i.src, 0.0) + i.bytes_per_token
+            out_int8[i.src] = out_int8.get(i.src, 0.0) + i.bytes_per_token_int8
+    stages = []
+    for row in rows:
+        name = row["stage"]
+        ins = inputs.get(name, ())
+        stages.append(ir.Stage(
+            name=name, layer=row["layer"], kind=row["kind"], params=row["params"], weight_bytes=row["weight_bytes"],
+            flops_per_token=row["flops_per_token"],
+            bytes_in_per_token=sum(i.bytes_per_token for i in ins),
+            bytes_out_per_token=out_bf16.get(name, 0.0),
+            bytes_in_per_token_int8=sum(i.bytes_per_token_int8 for i in ins),
+            bytes_out_per_token_int8=out_int8.get(name, 0.0),
+            inputs=ins,
+        ))
+    return tuple(stages)
+
+
 def compile_plan(model: str, topology: str, opts: CompileOptions,
                  progress: Callable[[str], None] | None = None) -> ir.Plan:
     """Run the whole pipeline and return the plan (nothing is written)."""
@@ -269,10 +332,8 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
     say(f"tracing {model}")
     traced = trace(model)
     shape = shape_from_traced(traced)
-    gm = annotate(traced.gm, PassContext(shape=shape, batch=1, seq=128))
-    stages = tuple(ir.Stage(layer=r["layer"], kind=r["kind"], roles=tuple(r["roles"]), params=r["params"],
-                            flops_per_token=r["flops_per_token"], a2e_bytes_per_token=r["a2e_bytes_per_token"],
-                            e2a_bytes_per_token=r["e2a_bytes_per_token"]) for r in layer_rows(gm, shape))
+    say(f"running the stage-split pass pipeline on {model}")
+    table = stage_table(traced, shape)  # Plan.stages: the pipeline's stages and measured cuts
     loads = read_loads(opts.loads, layers=shape.num_moe_layers, experts=shape.num_routed_experts, seed=opts.seed)
 
     say(f"searching deployments on {topo.name}")
@@ -307,9 +368,10 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
         model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
         topology=ir.TopologyInfo.from_topology(topo),
         workload=wl,
-        stages=stages,
+        stages=table.stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
-                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers)),
+                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers),
+                                 passes=table.passes),
         prefill=phase_ir["prefill"], decode=phase_ir["decode"], frontier=frontier,
     )

@@ -54,5 +54,7 @@ def predictions_of(plan: Plan) -> dict:
         pred = p.predictions
         out[phase] = {"step_ms": pred.step_ms, "tpot_ms": pred.tpot_ms, "ttft_ms": pred.ttft_ms,
                       "throughput_per_device": pred.throughput_per_device, "breakdown": dict(pred.breakdown)}
-    out["cut_bytes_per_token"] = sum(s.a2e_bytes_per_token + s.e2a_bytes_per_token for s in plan.stages)
+    # the all-to-all: what the routed-experts stages take in (dispatch) and send back (combine)
+    out["cut_bytes_per_token"] = sum(s.bytes_in_per_token + s.bytes_out_per_token for s in plan.stages
+                                     if s.kind == "routed_experts")
     return out

@@ -1,11 +1,13 @@
 """Synthetic but valid plans built without the compiler: for tests, the runtime and the plan views.
 
-Shapes and topologies are real (zoo config, costmodels topology); expert loads are seeded Zipf,
-placement is EPLB, and predictions/memory are round illustrative numbers, not cost-model output.
+Shapes and topologies are real (zoo config, costmodels topology) and the stages are the model's stage
+table from the stage-split pass pipeline (what `podplan compile` records); expert loads are seeded
+Zipf, placement is EPLB, and predictions/memory are round illustrative numbers, not cost-model output.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,13 +33,14 @@ from planner.ir.plan import (
     Prediction,
     Provenance,
     SolverRun,
-    Stage,
     TopologyInfo,
     Workload,
     expert_parallel_dies,
 )
-from planner.frontend.shape import shape_of
+from planner.frontend.shape import shape_from_traced, shape_of
+from planner.frontend.trace import trace
 from planner.frontend.zoo import load_source
+from planner.compile import StageTable, stage_table
 
 # Redundant slots beyond one per expert: 1/8 more, as CloudMatrix-Infer prefill (9 slots per die for
 # 8 routed experts, CMI) and decode (288 routed slots over 256 experts).
@@ -60,6 +63,7 @@ def synthetic_plan(model: str = "tiny-mixtral", topology: str = "local:8", *, pr
     """
     src = load_source(model)
     shape = shape_of(model)
+    table = _stage_table(model)
     topo = get_topology(topology)
     tinfo = TopologyInfo.from_topology(topo)
     wb = DTYPE_BYTES[quant]
@@ -105,8 +109,9 @@ def synthetic_plan(model: str = "tiny-mixtral", topology: str = "local:8", *, pr
         topology=tinfo,
         workload=Workload(input_len=4096 if shape.hidden >= 1024 else 64, output_len=1024 if shape.hidden >= 1024 else 16,
                           quant=quant, mtp_accept=mtp_accept, tpot_slo_ms=50.0, ttft_slo_ms=2000.0),
-        stages=_stages(shape),
-        provenance=Provenance(podplan_version=__version__, seed=seed, options=options, solvers=tuple(solvers)),
+        stages=table.stages,
+        provenance=Provenance(podplan_version=__version__, seed=seed, options=options, solvers=tuple(solvers),
+                              passes=table.passes),
         prefill=prefill,
         decode=decode,
         frontier=_frontier(prefill, decode),
@@ -227,24 +232,12 @@ def _breakdown(step: float, shape: ModelShape, mode: str) -> dict[str, float]:
     return {k: step * v for k, v in parts.items()}
 
 
-def _stages(shape: ModelShape) -> tuple[Stage, ...]:
-    moe = set(shape.moe_layers)
-    out = []
-    for layer in range(shape.num_layers):
-        if layer in moe:
-            roles = ("attention", "moe_gate", "routed_experts") + (("shared_experts",) if shape.num_shared_experts else ())
-            params = (shape.params_attention + shape.params_gate + shape.params_shared
-                      + shape.num_routed_experts * shape.params_expert)
-            active = shape.params_attention + shape.params_gate + shape.params_shared + shape.top_k * shape.params_expert
-            a2e = opcount.dispatch_bytes_per_token(shape, 2.0)
-            e2a = opcount.combine_bytes_per_token(shape, 2.0)
-            out.append(Stage(layer=layer, kind="moe", roles=roles, params=params, flops_per_token=2.0 * active,
-                             a2e_bytes_per_token=a2e, e2a_bytes_per_token=e2a))
-        else:
-            params = shape.params_attention + shape.params_dense_ffn
-            out.append(Stage(layer=layer, kind="dense", roles=("attention", "dense_ffn"), params=params,
-                             flops_per_token=2.0 * params, a2e_bytes_per_token=0.0, e2a_bytes_per_token=0.0))
-    return tuple(out)
+@functools.lru_cache(maxsize=None)
+def _stage_table(model: str) -> StageTable:
+    """The model's stage table from the stage-split pass pipeline, as `podplan compile` builds it
+    (once per model and test process: DeepSeek-V3 takes a few seconds on meta)."""
+    traced = trace(model)
+    return stage_table(traced, shape_from_traced(traced))
 
 
 def _frontier(prefill: Phase | None, decode: Phase | None) -> tuple[FrontierPoint, ...]:

@@ -1,4 +1,5 @@
-"""`podplan trace MODEL`: trace the transformers model on meta and print the per-layer table."""
+"""`podplan trace MODEL`: trace the transformers model on meta, run the stage-split pass pipeline and
+print its stage facts per decoder layer (`--stages`: per stage, with the cuts and the schedule)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ import sys
 import time
 
 from costmodels.errors import InputError
-from passes.annotate import annotate
-from passes.context import PassContext
 from planner.cli.console import stdout_console
-from planner.frontend.trace import trace
-from planner.frontend.report import human_count, layer_rows, model_row
+from planner.frontend.report import human_count, model_row
 from planner.frontend.shape import shape_from_traced
+from planner.frontend.trace import trace
+from planner.compile import StageTable, stage_table
+from planner.views.common import LayerStages, layer_stages
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("trace", help="trace a model with torch.fx and print per-layer params, FLOPs and cut bytes")
+    p = sub.add_parser("trace", help="trace a model, run the stage-split passes, print per-layer params, FLOPs and cut bytes")
     p.add_argument("model", help="bundled name (see `podplan models`), a config.json, or a directory holding one")
     p.add_argument("--batch", type=int, default=1, help="sequences in the traced signature (default 1)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence in the traced signature (default 128)")
@@ -29,19 +30,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_trace_document(model: str, batch: int, seq: int) -> tuple[dict, object, object]:
-    """Trace + annotate; return the JSON document, the annotated graph and the ModelShape."""
+def build_trace_document(model: str, batch: int, seq: int) -> tuple[dict, StageTable]:
+    """Trace + the stage-split pipeline; the JSON document (one row per decoder layer) and the stage table."""
     traced = trace(model)
     shape = shape_from_traced(traced)
-    gm = annotate(traced.gm, PassContext(shape=shape, batch=batch, seq=seq))
+    table = stage_table(traced, shape, batch, seq)
     doc = model_row(shape)
     doc.update(
         model=shape.name,
         signature={"batch": batch, "seq": seq},
         config_sha256=traced.source.digest(),
-        layers=layer_rows(gm, shape),
+        passes=list(table.passes),
+        layers=[layer_row(ls) for ls in layer_stages(table.stages)],
     )
-    return doc, gm, shape
+    return doc, table
+
+
+def layer_row(ls: LayerStages) -> dict:
+    """One decoder layer summed from its stages: params, FLOPs, and bytes/token between its attention
+    and FFN side; dispatch/combine are what its routed-experts stage takes in and sends (0: dense)."""
+    routed = next((st for st in ls.stages if st.kind == "routed_experts"), None)
+    return {
+        "layer": ls.layer,
+        "kind": ls.kind,
+        "stages": [st.kind for st in ls.stages],
+        "params": ls.params,
+        "weight_bytes": sum(st.weight_bytes for st in ls.stages),
+        "flops_per_token": round(ls.flops_per_token, 1),
+        "attention_to_ffn_bytes_per_token": round(ls.attention_to_ffn, 1),
+        "ffn_to_next_bytes_per_token": round(ls.ffn_to_next, 1),
+        "attention_to_ffn_bytes_per_token_int8": round(ls.attention_to_ffn_int8, 1),
+        "ffn_to_next_bytes_per_token_int8": round(ls.ffn_to_next_int8, 1),
+        "dispatch_bytes_per_token": routed.bytes_in_per_token if routed else 0.0,
+        "combine_bytes_per_token": routed.bytes_out_per_token if routed else 0.0,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stages or args.dump_after:
         return _run_stages(args)
     t0 = time.perf_counter()
-    doc, gm, shape = build_trace_document(args.model, args.batch, args.seq)
+    doc, table = build_trace_document(args.model, args.batch, args.seq)
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -70,23 +92,27 @@ def _print_table(doc: dict, elapsed: float) -> None:
             f"{human_count(doc['params_total'])} total / {human_count(doc['params_active'])} active"
         )
     )
-    for col in ("layer", "kind", "roles", "params", "FLOPs/token", "attn->MoE B/token", "MoE->attn B/token"):
-        table.add_column(col, justify="left" if col in ("kind", "roles") else "right")
+    for col in ("layer", "kind", "stages", "params", "FLOPs/token", "attn->FFN B/token", "FFN->next B/token",
+                "dispatch B/token", "combine B/token"):
+        table.add_column(col, justify="left" if col in ("kind", "stages") else "right")
     for row in _collapse(doc["layers"]):
         table.add_row(
-            row["span"], row["kind"], ", ".join(row["roles"]), human_count(row["params"]),
-            human_count(row["flops_per_token"]), f"{row['a2e_bytes_per_token']:,.0f}", f"{row['e2a_bytes_per_token']:,.0f}",
+            row["span"], row["kind"], ", ".join(row["stages"][1:]), human_count(row["params"]),
+            human_count(row["flops_per_token"]), f"{row['attention_to_ffn_bytes_per_token']:,.0f}",
+            f"{row['ffn_to_next_bytes_per_token']:,.0f}", f"{row['dispatch_bytes_per_token']:,.0f}",
+            f"{row['combine_bytes_per_token']:,.0f}",
         )
     console.print(table)
-    print(f"traced + annotated in {elapsed:.1f} s (batch {doc['signature']['batch']}, seq {doc['signature']['seq']})", file=sys.stderr)
+    sig = doc["signature"]
+    print(f"traced + stage-split pipeline in {elapsed:.1f} s (batch {sig['batch']}, seq {sig['seq']}; "
+          "`--stages` for the per-stage table)", file=sys.stderr)
 
 
 def _collapse(layers: list[dict]) -> list[dict]:
     """Merge runs of identical consecutive layers into one row (`3-60`)."""
-    keys = ("kind", "roles", "params", "flops_per_token", "a2e_bytes_per_token", "e2a_bytes_per_token")
     out: list[dict] = []
     for row in layers:
-        if out and all(out[-1][k] == row[k] for k in keys):
+        if out and all(out[-1][k] == row[k] for k in row if k != "layer"):
             out[-1]["last"] = row["layer"]
         else:
             out.append(dict(row, first=row["layer"], last=row["layer"]))

@@ -1,10 +1,8 @@
-"""Plain-data summaries of a model for the CLI and the plan: the zoo listing and the per-layer trace table."""
+"""Plain-data summaries of a model for the CLI: the zoo listing (stage facts come from the stage-split pipeline: planner.compile.stage_table)."""
 
 from __future__ import annotations
 
-from costmodels import opcount
 from costmodels.model_shape import ModelShape
-from passes import meta
 
 
 def model_row(shape: ModelShape) -> dict:
@@ -21,37 +19,6 @@ def model_row(shape: ModelShape) -> dict:
         "hidden": shape.hidden,
         "attention": shape.attention,
     }
-
-
-def layer_rows(gm, shape: ModelShape) -> list[dict]:
-    """Per decoder layer: roles, params, FLOPs/token and the attention<->MoE cut bytes/token (bf16).
-
-    `gm` must carry `podplan.cost` (the annotate pass).
-    """
-    rows: dict[int, dict] = {}
-    for node in gm.graph.nodes:
-        layer = meta.layer_of(node)
-        if layer is None:
-            continue
-        row = rows.setdefault(layer, {"layer": layer, "roles": set(), "params": 0, "flops_per_token": 0.0})
-        cost = meta.cost_of(node)
-        if meta.role_of(node) != "other":
-            row["roles"].add(meta.role_of(node))
-        row["params"] += cost.params
-        row["flops_per_token"] += cost.flops_per_token
-    moe = set(shape.moe_layers)
-    out = []
-    for layer in sorted(rows):
-        row = rows[layer]
-        is_moe = layer in moe
-        row["roles"] = sorted(row["roles"])
-        row["flops_per_token"] = round(row["flops_per_token"], 1)
-        row["kind"] = "moe" if is_moe else "dense"
-        # bf16 hidden states to each of the top-k experts (+ routing), weighted outputs back in bf16
-        row["a2e_bytes_per_token"] = round(opcount.dispatch_bytes_per_token(shape, 2.0), 1) if is_moe else 0.0
-        row["e2a_bytes_per_token"] = round(opcount.combine_bytes_per_token(shape, 2.0), 1) if is_moe else 0.0
-        out.append(row)
-    return out
 
 
 def human_count(n: float) -> str:

@@ -24,7 +24,7 @@ from planner.ir.errors import PlanError
 from planner.ir.fileio import write_atomic
 
 # Readers accept exactly this version; any change to the shipped schema file bumps it (docs/plan-ir.md).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Significant digits kept for every float: enough for ms and tokens/s, short enough to diff.
 FLOAT_DIGITS = 6
 # Tolerance on "the shares of one expert sum to 1" after rounding to FLOAT_DIGITS.
@@ -37,7 +37,11 @@ REGENERATE = "regenerate it with `podplan compile`"
 
 PhaseName = Literal["prefill", "decode"]
 Mode = Literal["colocated", "disaggregated"]
-StageKind = Literal["dense", "moe"]
+# The staged program's stage kinds, in the order they run inside a decoder layer (embed before all, head after).
+StageKind = Literal["embed", "attention", "moe_gate", "dense_ffn", "routed_experts", "shared_experts", "head"]
+# What changed in each schema version: an old plan's reader is told why to recompile.
+VERSION_NOTES = {1: "version 1 had one formula-based stage per layer; version 2 lists the pass pipeline's stages "
+                    "with measured cut bytes and the passes that ran"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ def _fail(rel: str, rule: str) -> typing.NoReturn:
 def _round(x: float) -> float:
     """Round to FLOAT_DIGITS significant digits (idempotent; -0.0 becomes 0.0)."""
     return float(f"{x:.{FLOAT_DIGITS}g}") + 0.0
+
+
+def _close(a: float, b: float) -> bool:
+    """Equal up to the rounding of FLOAT_DIGITS (sums of rounded parts)."""
+    return abs(a - b) <= 10.0 ** (1 - FLOAT_DIGITS) * max(1.0, abs(a), abs(b))
 
 
 def _kind(value: Any) -> str:
@@ -396,22 +405,61 @@ class Workload(_Node):
 
 
 @dataclass(frozen=True)
-class Stage(_Node):
-    """One decoder layer as a pipeline of stages: attention, then its FFN (dense or MoE) across a cut."""
+class StageInput(_Node):
+    """Traffic into a stage from one producing stage, per token: the cut-analysis pass's measured bytes
+    (top-k fan-out included) summed over the values that cross, and the kinds of those values."""
 
-    layer: int
-    kind: StageKind
-    roles: tuple[str, ...]  # module roles in the layer (attention, moe_gate, routed_experts, ...)
-    params: int
-    flops_per_token: float
-    a2e_bytes_per_token: float  # attention -> FFN across the cut (0 for dense layers: no cut)
-    e2a_bytes_per_token: float  # FFN -> attention
+    src: str  # the producing stage's name
+    kinds: tuple[str, ...]  # cut kinds, sorted: hidden, routing_ids, routing_weights, expert_out, ...
+    bytes_per_token: float  # BF16 activations (ids int32, routing weights fp32)
+    bytes_per_token_int8: float  # INT8 activations plus one fp32 scale per token and copy
 
     def _check(self) -> None:
-        if self.params < 0 or self.flops_per_token < 0:
-            _fail(".params", "params and flops_per_token must be >= 0")
-        if self.a2e_bytes_per_token < 0 or self.e2a_bytes_per_token < 0:
-            _fail(".a2e_bytes_per_token", "cut bytes must be >= 0")
+        if not self.src:
+            _fail(".src", "empty stage name")
+        if not self.kinds:
+            _fail(".kinds", "name the kinds of value that cross")
+        if self.bytes_per_token < 0 or self.bytes_per_token_int8 < 0:
+            _fail(".bytes_per_token", "bytes must be >= 0")
+
+
+@dataclass(frozen=True)
+class Stage(_Node):
+    """One stage of the staged program the stage-split pass pipeline built, in program order.
+
+    A decoder layer is an attention stage followed by its FFN side (dense_ffn, or moe_gate,
+    routed_experts and shared_experts); embed comes first and head last. Costs are per token for
+    the compiler's traced signature (a 128-token prompt); params and weight_bytes at the model
+    config's dtype. Bytes count the stage-to-stage traffic (hidden states, routing, expert and FFN
+    outputs, the residual stream); positions, masks and the KV cache are not counted.
+    """
+
+    name: str  # "embed", "layer3_attention", "head" (the staged program's submodule name)
+    layer: int | None  # decoder layer; None for embed and head
+    kind: StageKind
+    params: int
+    weight_bytes: int
+    flops_per_token: float
+    bytes_in_per_token: float  # BF16, the sum of `inputs`
+    bytes_out_per_token: float  # BF16, what later stages list as inputs from this one
+    bytes_in_per_token_int8: float
+    bytes_out_per_token_int8: float
+    inputs: tuple[StageInput, ...] = ()  # by producing stage, in program order
+
+    def _check(self) -> None:
+        if (self.layer is None) != (self.kind in ("embed", "head")):
+            _fail(".layer", f"stage kind '{self.kind}' {'has no' if self.kind in ('embed', 'head') else 'needs a'} decoder layer")
+        expected = self.kind if self.layer is None else f"layer{self.layer}_{self.kind}"
+        if self.name != expected:
+            _fail(".name", f"'{self.name}' for a {self.kind} stage of layer {self.layer}: expected '{expected}'")
+        for name in ("params", "weight_bytes", "flops_per_token", "bytes_in_per_token", "bytes_out_per_token",
+                     "bytes_in_per_token_int8", "bytes_out_per_token_int8"):
+            if getattr(self, name) < 0:
+                _fail(f".{name}", f"{getattr(self, name)} must be >= 0")
+        for field_, part in (("bytes_in_per_token", "bytes_per_token"), ("bytes_in_per_token_int8", "bytes_per_token_int8")):
+            total = sum(getattr(i, part) for i in self.inputs)
+            if not _close(getattr(self, field_), total):
+                _fail(f".{field_}", f"{getattr(self, field_)} but the inputs sum to {_round(total)}")
 
 
 def expert_parallel_dies(expert_devices: typing.Iterable[int], shared_expert_devices: typing.Iterable[int],
@@ -714,6 +762,7 @@ class Provenance(_Node):
     seed: int
     options: dict[str, Any]  # the options the compiler ran with (JSON values)
     solvers: tuple[SolverRun, ...] = ()
+    passes: tuple[str, ...] = ()  # the passes that built `stages`, in the order they ran
 
 
 @dataclass(frozen=True)
@@ -723,7 +772,7 @@ class Plan(_Node):
     model: ModelInfo
     topology: TopologyInfo
     workload: Workload
-    stages: tuple[Stage, ...]  # one per decoder layer, by layer
+    stages: tuple[Stage, ...]  # the staged program's stages, in program order
     provenance: Provenance
     prefill: Phase | None = None
     decode: Phase | None = None
@@ -745,15 +794,50 @@ class Plan(_Node):
                 _fail(f".frontier[{chosen[1]}].chosen", f"two chosen {name} points; mark one")
 
     def _check_stages(self) -> None:
-        m = self.model
-        if len(self.stages) != m.num_layers:
-            _fail(".stages", f"{len(self.stages)} stages for {m.num_layers} layers: give one per layer")
+        """Program order (embed, each layer's attention then its FFN side, head), one FFN kind per layer
+        as model.moe_layers says, inputs from earlier stages, bytes out = what later stages take in."""
+        m, stages = self.model, self.stages
+        if len(stages) < 2 or stages[0].kind != "embed" or stages[-1].kind != "head":
+            _fail(".stages", "expected the staged program: embed first, head last")
+        index: dict[str, int] = {}
+        kinds: dict[int, list[str]] = {}
+        out_bf16: dict[str, float] = {}
+        out_int8: dict[str, float] = {}
+        for i, st in enumerate(stages):
+            at = f".stages[{i}]"
+            if st.name in index:
+                _fail(f"{at}.name", f"stage '{st.name}' listed twice")
+            if 0 < i < len(stages) - 1 and st.kind in ("embed", "head"):
+                _fail(f"{at}.kind", f"a {st.kind} stage between decoder layers")
+            if st.layer is not None:
+                if not 0 <= st.layer < m.num_layers:
+                    _fail(f"{at}.layer", f"layer {st.layer} out of range 0..{m.num_layers - 1}")
+                prev = stages[i - 1].layer
+                if prev is not None and st.layer < prev:
+                    _fail(f"{at}.layer", f"layer {st.layer} after layer {prev}: list stages in program order")
+                seen = kinds.setdefault(st.layer, [])
+                if (st.kind == "attention") != (not seen):
+                    _fail(f"{at}.kind", f"'{st.kind}': each layer starts with exactly one attention stage")
+                seen.append(st.kind)
+            for j, inp in enumerate(st.inputs):
+                if index.get(inp.src) is None:
+                    _fail(f"{at}.inputs[{j}].src", f"'{inp.src}' is not an earlier stage")
+                out_bf16[inp.src] = out_bf16.get(inp.src, 0.0) + inp.bytes_per_token
+                out_int8[inp.src] = out_int8.get(inp.src, 0.0) + inp.bytes_per_token_int8
+            index[st.name] = i
         moe = set(m.moe_layers)
-        for i, st in enumerate(self.stages):
-            if st.layer != i:
-                _fail(f".stages[{i}].layer", f"layer {st.layer} at position {i}: list layers in order")
-            if (st.kind == "moe") != (i in moe):
-                _fail(f".stages[{i}].kind", f"'{st.kind}' disagrees with model.moe_layers")
+        for layer in range(m.num_layers):
+            if layer not in kinds:
+                _fail(".stages", f"layer {layer} has no stages: give every decoder layer its attention and FFN")
+            ffn = "routed_experts" if layer in moe else "dense_ffn"
+            if ffn not in kinds[layer]:
+                at = f".stages[{index[f'layer{layer}_attention']}]"
+                _fail(f"{at}.kind", f"layer {layer} has no {ffn} stage, which model.moe_layers implies")
+        for i, st in enumerate(stages):
+            for name, got, total in (("bytes_out_per_token", st.bytes_out_per_token, out_bf16),
+                                     ("bytes_out_per_token_int8", st.bytes_out_per_token_int8, out_int8)):
+                if not _close(got, total.get(st.name, 0.0)):
+                    _fail(f".stages[{i}].{name}", f"{got} but later stages take in {_round(total.get(st.name, 0.0))}")
 
     def _check_phase(self, name: str, phase: Phase, owner: dict[int, str], ids: set[str]) -> None:
         m, t = self.model, self.topology
@@ -837,7 +921,9 @@ def _check_version(version: int) -> None:
         return
     if version > SCHEMA_VERSION:
         _fail(".schema_version", f"{version} is newer than this podplan reads ({SCHEMA_VERSION}); upgrade podplan")
-    _fail(".schema_version", f"{version} is older than this podplan reads ({SCHEMA_VERSION}); {REGENERATE}")
+    why = f" ({VERSION_NOTES[version]})" if version in VERSION_NOTES else ""
+    _fail(".schema_version", f"{version} is older than this podplan reads ({SCHEMA_VERSION}){why}; "
+          "recompile it with `podplan compile`")
 
 
 # --- the per-device view ------------------------------------------------------------------------

@@ -120,12 +120,90 @@ def device_counts(plan: Plan) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
+class LayerStages:
+    """One decoder layer's stages (attention first, then its FFN side) and the traffic around them.
+
+    attention_to_ffn: bytes/token the layer's attention stage sends to its FFN-side stages;
+    ffn_to_next: bytes/token the FFN-side stages send on to later stages (the next layer, the head);
+    both BF16 and INT8, summed from the stages' measured inputs.
+    """
+
+    layer: int
+    stages: tuple[Stage, ...]
+    attention_to_ffn: float
+    ffn_to_next: float
+    attention_to_ffn_int8: float
+    ffn_to_next_int8: float
+
+    @property
+    def kind(self) -> str:
+        """'moe' when the layer has a routed_experts stage, else 'dense'."""
+        return "moe" if any(st.kind == "routed_experts" for st in self.stages) else "dense"
+
+    @property
+    def attention(self) -> Stage:
+        return self.stages[0]
+
+    @property
+    def ffn(self) -> tuple[Stage, ...]:
+        return self.stages[1:]
+
+    @property
+    def params(self) -> int:
+        return sum(st.params for st in self.stages)
+
+    @property
+    def flops_per_token(self) -> float:
+        return sum(st.flops_per_token for st in self.stages)
+
+    def signature(self) -> tuple:
+        """What must repeat for consecutive layers to be drawn once: every stage's params, FLOPs to 3
+        significant digits, bytes out, and the inputs it takes from its own layer.
+
+        Inputs from the layer before depend on that layer, and so do a few FLOPs: the residual adds
+        that close a layer run in the next layer's attention stage, so the first MoE layer after a dense
+        one differs from the rest by a hidden-size add (7K of DeepSeek-V3's 380M attention FLOPs).
+        """
+        own = {st.name: st.kind for st in self.stages}
+        return tuple(
+            (st.kind, st.params, st.weight_bytes, float(f"{st.flops_per_token:.3g}"), st.bytes_out_per_token,
+             st.bytes_out_per_token_int8,
+             tuple((own[i.src], i.kinds, i.bytes_per_token, i.bytes_per_token_int8) for i in st.inputs if i.src in own))
+            for st in self.stages
+        )
+
+
+def layer_stages(stages: tuple[Stage, ...]) -> list[LayerStages]:
+    """The decoder layers of a stage table, in layer order (embed and head left out)."""
+    by_layer: dict[int, list[Stage]] = {}
+    for st in stages:
+        if st.layer is not None:
+            by_layer.setdefault(st.layer, []).append(st)
+    out = []
+    for layer in sorted(by_layer):
+        group = by_layer[layer]
+        attention = next(st for st in group if st.kind == "attention")
+        ffn = [st for st in group if st.kind != "attention"]
+        ffn_names = {st.name for st in ffn}
+        to_ffn = [i for st in ffn for i in st.inputs if i.src == attention.name]
+        inside = [i for st in ffn for i in st.inputs if i.src in ffn_names]  # e.g. gate -> routed experts
+        out.append(LayerStages(
+            layer=layer, stages=(attention, *ffn),
+            attention_to_ffn=sum(i.bytes_per_token for i in to_ffn),
+            ffn_to_next=sum(st.bytes_out_per_token for st in ffn) - sum(i.bytes_per_token for i in inside),
+            attention_to_ffn_int8=sum(i.bytes_per_token_int8 for i in to_ffn),
+            ffn_to_next_int8=sum(st.bytes_out_per_token_int8 for st in ffn) - sum(i.bytes_per_token_int8 for i in inside),
+        ))
+    return out
+
+
+@dataclass(frozen=True)
 class StageGroup:
     """Consecutive decoder layers with identical stages, drawn once ('layers 3-60 x58')."""
 
     first: int
     last: int
-    stage: Stage
+    layer: LayerStages  # the first layer of the group
 
     @property
     def count(self) -> int:
@@ -138,24 +216,32 @@ class StageGroup:
 
 
 def stage_groups(plan: Plan) -> list[StageGroup]:
-    def sig(st: Stage) -> tuple:
-        return (st.kind, st.roles, st.params, st.flops_per_token, st.a2e_bytes_per_token, st.e2a_bytes_per_token)
-
     groups: list[StageGroup] = []
-    for st in plan.stages:
-        if groups and sig(groups[-1].stage) == sig(st) and groups[-1].last == st.layer - 1:
-            groups[-1] = StageGroup(groups[-1].first, st.layer, groups[-1].stage)
+    for ls in layer_stages(plan.stages):
+        if groups and groups[-1].layer.signature() == ls.signature() and groups[-1].last == ls.layer - 1:
+            groups[-1] = StageGroup(groups[-1].first, ls.layer, groups[-1].layer)
         else:
-            groups.append(StageGroup(st.layer, st.layer, st))
+            groups.append(StageGroup(ls.layer, ls.layer, ls))
     return groups
 
 
-def ffn_label(st: Stage, experts: int) -> str:
+def stage_named(plan: Plan, name: str) -> Stage:
+    return next(st for st in plan.stages if st.name == name)
+
+
+FFN_NAMES = {"moe_gate": "router", "shared_experts": "shared", "dense_ffn": "dense FFN"}
+
+
+def ffn_label(layer: LayerStages, experts: int) -> str:
     """'dense FFN' or 'MoE: router, 256 experts, shared'."""
-    if st.kind == "dense":
+    if layer.kind == "dense":
         return "dense FFN"
-    names = {"moe_gate": "router", "routed_experts": f"{experts} experts", "shared_experts": "shared"}
-    return "MoE: " + ", ".join(names.get(r, r.replace("_", " ")) for r in st.roles if r != "attention")
+    return "MoE: " + ", ".join(stage_label(st.kind, experts) for st in layer.ffn)
+
+
+def stage_label(kind: str, experts: int) -> str:
+    """A stage kind as drawn: 'attention', 'router', '256 experts', 'shared', 'dense FFN'."""
+    return dict(FFN_NAMES, routed_experts=f"{experts} experts").get(kind, kind.replace("_", " "))
 
 
 def slo_status(plan: Plan) -> dict[str, str]:

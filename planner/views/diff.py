@@ -257,6 +257,20 @@ def _phase_diff(old: Plan, new: Plan, name: str) -> dict:
     return out
 
 
+def _stages_diff(old: Plan, new: Plan) -> dict:
+    """Stages added, removed or changed (by name), and the pass pipeline if it changed."""
+    a = {st.name: st for st in old.stages}
+    b = {st.name: st for st in new.stages}
+    out: dict[str, Any] = {
+        "added": [n for n in b if n not in a],
+        "removed": [n for n in a if n not in b],
+        "changed": [n for n in b if n in a and a[n] != b[n]],
+    }
+    if old.provenance.passes != new.provenance.passes:
+        out["passes"] = {"old": list(old.provenance.passes), "new": list(new.provenance.passes)}
+    return out
+
+
 def diff_plans(old: Plan, new: Plan) -> dict:
     """The semantic difference between two plans, as JSON-ready data."""
     chosen = {n: [f"{p.phase}: {p.config}" for p in plan.frontier if p.chosen] for n, plan in (("old", old), ("new", new))}
@@ -268,6 +282,7 @@ def diff_plans(old: Plan, new: Plan) -> dict:
         "topology": {"name": new.topology.name, "changes": _changes(_flat(old.topology.to_dict()),
                                                                     _flat(new.topology.to_dict()))},
         "workload": _changes(old.workload.to_dict(), new.workload.to_dict()),
+        "stages": _stages_diff(old, new),
         "phases": {name: _phase_diff(old, new, name) for name in PHASES if name in old.phases or name in new.phases},
         "frontier": {"old_points": len(old.frontier), "new_points": len(new.frontier),
                      "old_chosen": chosen["old"], "new_chosen": chosen["new"]},
@@ -376,6 +391,7 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
             f"{c['field']} {_value(c['old'])} -> {_value(c['new'])}" for c in ch[:6]) + (" ..." if len(ch) > 6 else "")))
     if diff["workload"]:
         lines.append("workload: " + ", ".join(f"{c['field']} {_value(c['old'])} -> {_value(c['new'])}" for c in diff["workload"]))
+    lines += _stage_lines(diff["stages"])
     for name, ph in diff["phases"].items():
         if ph["status"] != "compared":
             lines.append(f"{name}: phase {ph['status']} ({ph['devices']} devices {ph['device_ids']})")
@@ -419,6 +435,18 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
     else:
         lines.append(f"result: within thresholds (rules {rules_text})")
     return "\n".join(lines) + "\n"
+
+
+def _stage_lines(st: dict) -> list[str]:
+    lines = []
+    if "passes" in st:
+        lines.append(f"passes: {' -> '.join(st['passes']['old']) or 'none'} => {' -> '.join(st['passes']['new']) or 'none'}")
+    for what in ("added", "removed", "changed"):
+        names = st[what]
+        if names:
+            shown = ", ".join(names[:6]) + (f" ... ({len(names)})" if len(names) > 6 else "")
+            lines.append(f"stages {what}: {shown}")
+    return lines
 
 
 def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: str, new: str) -> str:
@@ -469,6 +497,9 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
     if rows:
         header = "| phase | layers changed | moved experts | changed slots | migration | worst max/mean |"
         lines += ["**Expert placement**", "", header, "|---|---:|---:|---:|---:|---|", *rows, ""]
+    stage_lines = _stage_lines(diff["stages"])
+    if stage_lines:
+        lines += ["**Stages**", "", *[f"- {line}" for line in stage_lines], ""]
     if violations:
         lines += ["**Regressions**", "", *[f"- `{v['rule']}`: {v['message']}" for v in violations], ""]
     return "\n".join(lines)

@@ -105,6 +105,7 @@ def page(plan: Plan) -> dict:
         "load_legend": [{"label": f"{r:g}", "fill": _load_fill(r)} for r in (0.5, 0.75, 1.0, 1.25, 1.5)],
         "stages": _stage_graph(plan),
         "solvers": plan.provenance.solvers,
+        "passes": plan.provenance.passes,
         "digest": plan.digest(),
     }
 
@@ -180,16 +181,16 @@ def _stage_graph(plan: Plan) -> dict:
     row_h, box_w, box_h, left, mid = 74.0, 280.0, 46.0, 20.0, 450.0
     rows = []
     for i, g in enumerate(groups):
-        st = g.stage
+        ls = g.layer
         y = 60.0 + i * row_h
         rows.append({
-            "y": y, "label": g.label, "kind": st.kind,
+            "y": y, "label": g.label, "kind": ls.kind,
             "attn": {"x": left, "label": "attention", "sub": f"{g.label}"},
-            "ffn": {"x": mid, "label": ffn_label(st, plan.model.num_routed_experts),
-                    "sub": f"{human_count(st.params)} params/layer"},
-            "a2e": human_bytes(st.a2e_bytes_per_token) + "/token" if st.kind == "moe" else "in-device",
-            "e2a": human_bytes(st.e2a_bytes_per_token) + "/token" if st.kind == "moe" else "",
-            "flops": f"{human_count(st.flops_per_token)} FLOP/token",
+            "ffn": {"x": mid, "label": ffn_label(ls, plan.model.num_routed_experts),
+                    "sub": f"{human_count(ls.params)} params/layer"},
+            "a2e": human_bytes(ls.attention_to_ffn) + "/token",
+            "e2a": human_bytes(ls.ffn_to_next) + "/token",
+            "flops": f"{human_count(ls.flops_per_token)} FLOP/token",
         })
     height = 60.0 + len(groups) * row_h + 50
     return {"rows": rows, "box_w": box_w, "box_h": box_h, "left": left, "mid": mid, "height": height,

@@ -12,6 +12,7 @@ from planner.views.common import (
     balance_stats,
     deployment_rows,
     device_counts,
+    ffn_label,
     human_bytes,
     human_count,
     num,
@@ -119,12 +120,15 @@ def _balance(plan: Plan) -> Table:
 
 
 def _stages(plan: Plan) -> Table:
-    table = _table("stages (identical layers collapsed)", ["layers", "kind", "params/layer", "FLOP/token",
-                                                           "attention->FFN /token", "FFN->attention /token"])
+    table = _table("stages of the pass pipeline (per token, BF16; identical layers collapsed)",
+                   ["layers", "kind", "FFN stages", "params/layer", "FLOP/token", "attention->FFN", "FFN->next",
+                    "attention->FFN int8", "FFN->next int8"], left=3)
+    experts = plan.model.num_routed_experts
     for g in stage_groups(plan):
-        st = g.stage
-        table.add_row(g.label, st.kind, human_count(st.params), human_count(st.flops_per_token),
-                      human_bytes(st.a2e_bytes_per_token), human_bytes(st.e2a_bytes_per_token))
+        ls = g.layer
+        table.add_row(g.label, ls.kind, ffn_label(ls, experts), human_count(ls.params), human_count(ls.flops_per_token),
+                      human_bytes(ls.attention_to_ffn), human_bytes(ls.ffn_to_next),
+                      human_bytes(ls.attention_to_ffn_int8), human_bytes(ls.ffn_to_next_int8))
     return table
 
 
@@ -140,5 +144,6 @@ def _footer(plan: Plan, console: Console) -> None:
     solver = ", ".join(f"{k} x{v}" for k, v in sorted(statuses.items())) or "none recorded"
     worst_gap = f", worst gap {max(gaps):.2%}" if gaps else ""
     console.print(f"provenance: podplan {pr.podplan_version}, seed {pr.seed}, solvers: {solver}{worst_gap}")
+    console.print("passes: " + (" -> ".join(pr.passes) or "none recorded"))
     console.print(f"model config sha256 {plan.model.config_sha256[:12]}..., topology sha256 "
                   f"{plan.topology.sha256[:12]}..., plan sha256 {plan.digest()[:12]}...")

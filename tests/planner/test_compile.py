@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch.fx as fx
 
+from passes import PASSES, PIPELINES, PassInfo, meta
+from passes.context import PassContext
+from passes.graphs import copy_module
+from planner.compile import compile_plan
 from planner.golden import GOLDEN, PLANS_DIR
-from planner.ir.plan import load_plan
+from planner.ir.plan import from_json, load_plan
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -80,3 +86,45 @@ def test_compile_bad_input_is_one_line_and_no_file(tmp_path, args, fragments):
     out = tmp_path / "plan.json"
     assert_one_line_error(run_cli("compile", *args, "-o", str(out)), *fragments)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# --- the pass pipeline is the compiler ------------------------------------------------------------
+
+
+def _halve_dispatch(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Toy: the hidden state travels to the routed experts at half its bytes (as an FP8 dispatch would)."""
+    out = copy_module(gm)
+    out.meta[meta.CUTS] = tuple(
+        replace(c, bytes_bf16=c.bytes_bf16 / 2) if c.kind == "hidden" and c.dst.endswith("_routed_experts") else c
+        for c in meta.graph_meta(gm, meta.CUTS)
+    )
+    return out
+
+
+def test_a_pass_added_to_the_pipeline_changes_the_compiled_plan(monkeypatch):
+    """compile_plan runs the registered stage-split pipeline: a pass registered and inserted after
+    cut-analysis changes Plan.stages and is named in the provenance; the search does not move."""
+    golden = next(g for g in GOLDEN if g.model == "tiny-deepseek-v3")
+    before = load_plan(PLANS_DIR / golden.file)
+    pipeline = PIPELINES["stage-split"]
+    assert before.provenance.passes == pipeline  # what the golden plan was built by
+    at = pipeline.index("cut-analysis") + 1
+    monkeypatch.setitem(PASSES, "halve-dispatch", PassInfo("halve-dispatch", _halve_dispatch, (meta.CUTS,),
+                                                           (meta.CUTS,), "toy"))
+    monkeypatch.setitem(PIPELINES, "stage-split", (*pipeline[:at], "halve-dispatch", *pipeline[at:]))
+
+    after = compile_plan(golden.model, golden.topology, golden.options)
+
+    assert after.provenance.passes == (*pipeline[:at], "halve-dispatch", *pipeline[at:])
+    old = {st.name: st for st in before.stages}
+    changed = {st.name for st in after.stages if st != old[st.name]}
+    assert changed == {f"layer{i}_{k}" for i in (1, 2) for k in ("attention", "routed_experts")}
+    for layer in (1, 2):
+        routed, prev = {st.name: st for st in after.stages}[f"layer{layer}_routed_experts"], old[f"layer{layer}_routed_experts"]
+        hidden = 2 * 64 * 2  # top-2 copies of the 64-wide BF16 hidden state, now halved
+        assert routed.bytes_in_per_token == prev.bytes_in_per_token - hidden / 2
+        attention = {st.name: st for st in after.stages}[f"layer{layer}_attention"]
+        assert attention.bytes_out_per_token == old[f"layer{layer}_attention"].bytes_out_per_token - hidden / 2
+    # the plan is still valid, and only the stages and the provenance's pass list moved
+    assert from_json(after.to_json()) == after
+    assert replace(after, stages=before.stages, provenance=before.provenance) == before

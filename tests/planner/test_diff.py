@@ -218,3 +218,21 @@ def test_bad_input_in_process(base, capsys, tmp_path):
             rc = exc.code
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stage_and_pass_changes_are_reported(base, capsys, tmp_path):
+    """A pass added to the pipeline changes only stages and provenance.passes: the diff names both."""
+    stages = tuple(dataclasses.replace(st, flops_per_token=st.flops_per_token * 2) if st.kind == "routed_experts" else st
+                   for st in base.stages)
+    passes = (*base.provenance.passes, "toy")
+    new = dataclasses.replace(base, stages=stages, provenance=dataclasses.replace(base.provenance, passes=passes))
+    d = diff_plans(base, new)["stages"]
+    routed = [st.name for st in base.stages if st.kind == "routed_experts"]
+    assert d["changed"] == routed and d["added"] == d["removed"] == []
+    assert d["passes"] == {"old": list(base.provenance.passes), "new": list(passes)}
+    rc, out, _ = _diff(capsys, tmp_path, base, new)
+    assert rc == 0 and f"stages changed: {', '.join(routed)}" in out and "-> microbatch => kv-cache" in out
+    assert "-> microbatch -> toy" in out
+    rc, out, _ = _diff(capsys, tmp_path, base, new, "--markdown")
+    assert "**Stages**" in out and f"- stages changed: {', '.join(routed)}" in out
+    assert diff_plans(base, base)["stages"] == {"added": [], "removed": [], "changed": []}

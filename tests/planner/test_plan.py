@@ -137,7 +137,22 @@ def test_expert_out_of_range_names_the_path(dsv3):
     (lambda d: d["decode"]["predictions"].__setitem__("step_ms", float("nan")), "malformed JSON"),
     (lambda d: d["decode"]["memory"]["both"].__setitem__("used_gb", 500.0),
      "plan.decode.memory.both.used_gb: 500.0 GB exceeds capacity 128.0 GB but predictions.feasible is true"),
-    (lambda d: d["stages"][4].__setitem__("kind", "dense"), "plan.stages[4].kind: 'dense' disagrees"),
+    (lambda d: d["stages"][9].__setitem__("kind", "dense_ffn"),
+     "plan.stages[9].name: 'layer3_routed_experts' for a dense_ffn stage of layer 3: expected 'layer3_dense_ffn'"),
+    (lambda d: d["stages"][9].__setitem__("kind", "dense"),
+     "plan.stages[9].kind: the string 'dense' is not one of embed, attention"),
+    (lambda d: d["model"].__setitem__("moe_layers", list(range(2, 61))),
+     "plan.stages[5].kind: layer 2 has no routed_experts stage, which model.moe_layers implies"),
+    (lambda d: d["stages"][9].__setitem__("bytes_in_per_token", 1.0),
+     "plan.stages[9].bytes_in_per_token: 1.0 but the inputs sum to 114752.0"),
+    (lambda d: d["stages"][9].__setitem__("bytes_out_per_token", 1.0),
+     "plan.stages[9].bytes_out_per_token: 1.0 but later stages take in 114688.0"),
+    (lambda d: d["stages"][9]["inputs"][0].__setitem__("src", "layer5_attention"),
+     "plan.stages[9].inputs[0].src: 'layer5_attention' is not an earlier stage"),
+    (lambda d: d["stages"].insert(8, d["stages"].pop(9)),
+     "plan.stages[8].inputs[1].src: 'layer3_moe_gate' is not an earlier stage"),
+    (lambda d: d["stages"].pop(), "plan.stages: expected the staged program: embed first, head last"),
+    (lambda d: d["stages"][7].__setitem__("layer", None), "plan.stages[7].layer: stage kind 'attention' needs a decoder layer"),
     (lambda d: d["topology"].__setitem__("num_devices", 100), "plan.topology.num_devices: 100 != devices_per_server"),
     (lambda d: d["prefill"]["instances"][1].__setitem__("id", "prefill-0"), "plan.prefill.instances[1].id: instance id"),
     (lambda d: d["provenance"]["options"].__setitem__("x", {"y": [1, {"z": float("inf")}]}), "malformed JSON"),
@@ -179,8 +194,10 @@ def test_python_construction_errors_name_the_class():
 
 
 @pytest.mark.parametrize("version,words", [
-    (2, "2 is newer than this podplan reads (1); upgrade podplan"),
-    (0, "0 is older than this podplan reads (1); regenerate it with `podplan compile`"),
+    (3, "3 is newer than this podplan reads (2); upgrade podplan"),
+    (1, "1 is older than this podplan reads (2) (version 1 had one formula-based stage per layer; version 2 lists "
+        "the pass pipeline's stages with measured cut bytes and the passes that ran); recompile it with `podplan compile`"),
+    (0, "0 is older than this podplan reads (2); recompile it with `podplan compile`"),
 ])
 def test_schema_version_mismatch(tiny, version, words):
     doc = _doc(tiny)

@@ -40,8 +40,12 @@ def test_text_summary(plans, capsys):
     rc, out, err = _show(capsys, plans["dsv3"][1])
     assert rc == 0, err
     for fragment in ("deepseek-v3", "cloudmatrix384", "decode-0", "prefill-5", "predictions", "49.4", "1943",
-                     "memory per device", "expert balance", "layers 3-60 x58", "idle 128"):
+                     "memory per device", "expert balance", "layers 3-60 x58", "idle 128",
+                     "passes: kv-cache -> annotate -> classify -> split -> cut-analysis"):
         assert fragment in out, fragment
+    # stage facts measured by cut-analysis: the attention stage feeds the router, 8 expert copies and
+    # the shared expert (10 x 7168 x 2 B); 8 expert outputs + the shared output go on (9 x 7168 x 2 B)
+    assert re.search(r"layers 3-60 x58 .* 143 KB .* 129 KB .* 71.7 KB .* 64.5 KB", out)
 
 
 def test_text_summary_of_a_disaggregated_plan(plans, capsys):
@@ -82,7 +86,13 @@ def test_dot_has_collapsed_stages_cut_sizes_and_devices(plans, capsys):
     assert out.startswith("digraph plan {") and out.rstrip().endswith("}")
     assert out.count("{") == out.count("}")
     assert "layers 0-2 x3" in out and "layers 3-60 x58" in out  # 61 layers drawn as 2 groups
-    assert re.search(r'g1_attention -> g1_ffn \[label="115 KB/token"\]', out)
+    # cut sizes are the stages' measured inputs: top-8 copies of the 7168-wide BF16 hidden state,
+    # 8 int32 expert ids + 8 fp32 weights from the router, 8 expert outputs back to the next layer
+    assert re.search(r'g1_attention -> g1_routed_experts \[label="115 KB/token"\]', out)
+    assert re.search(r'g1_moe_gate -> g1_routed_experts \[label="64 B/token"\]', out)
+    assert re.search(r'g1_routed_experts -> g1_attention \[label="115 KB/token", style=dashed\]', out)
+    assert re.search(r'g1_routed_experts -> head \[label="115 KB/token"\]', out)
+    assert re.search(r'g0_dense_ffn -> g1_attention \[label="14.3 KB/token"\]', out)
     assert "devices 96-255 (160)" in out and "cluster_decode" in out and "KV cache" in out
     nodes, edges = _dot_nodes_and_edges(out)
     assert edges and all(a in nodes and b in nodes for a, b in edges)
@@ -108,6 +118,7 @@ def test_html_is_self_contained_with_grid_and_metrics(plans, capsys):
     assert 'id="metric-prefill-ttft"' in out and 'class="bar" data-stage="dispatch"' in out
     assert out.count('class="point') == len(plan.frontier) and 'class="point chosen"' in out
     assert 'class="stage-group" data-kind="moe"' in out
+    assert 'id="passes">stages built by the passes, in order: kv-cache, annotate, classify' in out
 
 
 def test_html_splits_devices_serving_both_phases(plans, capsys):
@@ -134,6 +145,19 @@ def _future(tmp_path):
     return str(p), f"plan.schema_version: {SCHEMA_VERSION + 1} is newer than this podplan reads"
 
 
+def _version_1(tmp_path):
+    """A plan from before the pass pipeline built the stages: per-layer formula stages, schema_version 1."""
+    doc = json.loads(tiny_plan().to_json())
+    doc["schema_version"] = 1
+    doc["stages"] = [{"layer": i, "kind": "moe", "roles": ["attention", "moe_gate", "routed_experts"], "params": 1,
+                      "flops_per_token": 1.0, "a2e_bytes_per_token": 272.0, "e2a_bytes_per_token": 256.0}
+                     for i in range(doc["model"]["num_layers"])]
+    del doc["provenance"]["passes"]
+    p = tmp_path / "v1.json"
+    p.write_text(json.dumps(doc))
+    return str(p), "plan.schema_version: 1 is older than this podplan reads (2) (version 1 had one formula-based stage"
+
+
 def _bad_expert(tmp_path):
     doc = json.loads(tiny_plan().to_json())
     doc["decode"]["experts"][0]["layers"][1]["phy2log"][3] = 300
@@ -144,7 +168,7 @@ def _bad_expert(tmp_path):
 
 @pytest.mark.parametrize("make", [
     lambda tmp: (str(tmp / "missing.json"), "no such plan file"),
-    _corrupt, _future, _bad_expert,
+    _corrupt, _future, _version_1, _bad_expert,
 ])
 def test_bad_plans_fail_in_one_line_without_output(capsys, tmp_path, make):
     path, fragment = make(tmp_path)
@@ -170,3 +194,6 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     proc = run_cli("show", path, "--format", "json", "-o", str(tmp_path / "o.json"))
     assert_one_line_error(proc, "corrupt.json: malformed JSON")
     assert not (tmp_path / "o.json").exists()
+    path, _ = _version_1(tmp_path)
+    assert_one_line_error(run_cli("show", path), "v1.json: plan.schema_version: 1 is older",
+                          "recompile it with `podplan compile`")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from passes import PIPELINES
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -17,17 +18,45 @@ def test_trace_deepseek_v3_json():
     assert (doc["num_layers"], doc["num_moe_layers"]) == (61, 58)
     assert (doc["num_routed_experts"], doc["num_shared_experts"], doc["top_k"]) == (256, 1, 8)
     assert round(doc["params_total"] / 1e9) == 671 and round(doc["params_active"] / 1e9) in (37, 38)
+    assert doc["passes"] == list(PIPELINES["stage-split"])  # the rows come from the stage-split pipeline
     assert len(doc["layers"]) == 61
     moe = doc["layers"][3]
-    assert moe["kind"] == "moe" and "routed_experts" in moe["roles"]
-    assert moe["a2e_bytes_per_token"] > 8 * 7168 * 2 and moe["e2a_bytes_per_token"] == 8 * 7168 * 2
-    assert doc["layers"][0]["kind"] == "dense" and doc["layers"][0]["a2e_bytes_per_token"] == 0
+    assert moe["kind"] == "moe" and moe["stages"] == ["attention", "moe_gate", "routed_experts", "shared_experts"]
+    # measured by cut-analysis: top-8 copies of the 7168-wide BF16 hidden state plus an int32 expert id
+    # and an fp32 weight each go in; 8 expert outputs come back
+    assert moe["dispatch_bytes_per_token"] == 8 * (7168 * 2 + 4 + 4)
+    assert moe["combine_bytes_per_token"] == 8 * 7168 * 2
+    # the attention stage feeds the router, the 8 expert copies and the shared expert
+    assert moe["attention_to_ffn_bytes_per_token"] == (1 + 8 + 1) * 7168 * 2
+    assert moe["ffn_to_next_bytes_per_token"] == (8 + 1) * 7168 * 2
+    # INT8: one byte per element plus one fp32 scale per token and copy
+    assert moe["attention_to_ffn_bytes_per_token_int8"] == (1 + 8 + 1) * (7168 + 4)
+    dense = doc["layers"][0]
+    assert dense["kind"] == "dense" and dense["stages"] == ["attention", "dense_ffn"]
+    assert dense["dispatch_bytes_per_token"] == 0 and dense["attention_to_ffn_bytes_per_token"] == 7168 * 2
+
+
+def test_trace_json_is_the_stage_table_summed_per_layer():
+    per_layer = run_cli("trace", "tiny-deepseek-v3", "--json")
+    staged = run_cli("trace", "tiny-deepseek-v3", "--stages", "--json")
+    assert per_layer.returncode == 0 and staged.returncode == 0, per_layer.stderr + staged.stderr
+    assert run_cli("trace", "tiny-deepseek-v3", "--json").stdout == per_layer.stdout  # deterministic
+    layers, stages = json.loads(per_layer.stdout)["layers"], json.loads(staged.stdout)["stages"]
+    for row in layers:
+        own = [s for s in stages if s["layer"] == row["layer"]]
+        assert row["stages"] == [s["kind"] for s in own]
+        assert row["params"] == sum(s["params"] for s in own)
+        assert row["flops_per_token"] == round(sum(s["flops_per_token"] for s in own), 1)
+        routed = [s for s in own if s["kind"] == "routed_experts"]
+        if routed:
+            assert row["dispatch_bytes_per_token"] == routed[0]["cut_in_bytes_per_token"]
+            assert row["combine_bytes_per_token"] == routed[0]["cut_out_bytes_per_token"]
 
 
 def test_trace_table_and_models_listing():
     proc = run_cli("trace", "tiny-deepseek-v3")
     assert proc.returncode == 0, proc.stderr
-    assert "tiny-deepseek-v3" in proc.stdout and "routed_experts" in proc.stdout
+    assert "tiny-deepseek-v3" in proc.stdout and "routed_experts" in proc.stdout and "dispatch B/token" in proc.stdout
     models = run_cli("models", "--json")
     assert models.returncode == 0, models.stderr
     rows = {r["name"]: r for r in json.loads(models.stdout)}
