@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 
 from runtime.errors import StageError
-from runtime.interpreter import ExpertCall
+from runtime.interpreter import ExpertCall, failing_node
 from runtime.parts import ExpertStage, SharedStage
 from runtime.routing import ReplicaTable, uniform_of
 from runtime.spec import InstanceSpec
@@ -182,7 +183,7 @@ class Exchange:
             rows = torch.cat([p.recv[a:b] for a, b in routed])
             slots = torch.cat([p.slot_of_row[a:b] for a, b in routed])
             stage = self.experts[p.layer]
-            y = self._run(stage.name, stage, rows, slots)
+            y = self._run(stage.name, stage.module, stage, rows, slots)
             at = 0
             for a, b in routed:
                 out[a:b] = y[at:at + b - a]
@@ -190,7 +191,7 @@ class Exchange:
         t2 = time.perf_counter()
         if shared:
             sstage = self.shared[p.layer]
-            y = self._run(sstage.name, sstage, torch.cat([p.recv[a:b] for a, b in shared]))
+            y = self._run(sstage.name, sstage.module, sstage, torch.cat([p.recv[a:b] for a, b in shared]))
             at = 0
             for a, b in shared:
                 out[a:b] = y[at:at + b - a]
@@ -212,12 +213,14 @@ class Exchange:
         self.metrics["expert_rows"] += n_routed
         return Combining(p, back, work)
 
-    def _run(self, name: str, stage: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-        """Run a stage module on received rows; a failure names the stage (not a communication error)."""
+    def _run(self, name: str, module: fx.GraphModule, stage: Callable[..., torch.Tensor],
+             *args: torch.Tensor) -> torch.Tensor:
+        """Run a stage module on received rows; a failure names its node (not a communication error)."""
         try:
             return stage(*args)
-        except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its stage
-            raise StageError(self.rank, self.where(), name, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
+            raise StageError(self.rank, self.where(), f"{failing_node(module, exc)} in {name}",
+                             f"{type(exc).__name__}: {exc}") from exc
 
     def finish(self, c: Combining) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Wait for the results; (routed output [T, H], shared output [T, H] or None) for the rows sent."""

@@ -14,7 +14,9 @@ Errors name rank, step and the node inside the stage module that failed.
 
 from __future__ import annotations
 
+import linecache
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -40,16 +42,24 @@ class ExpertCall:
     shared_in: torch.Tensor | None  # [T, H] input of the shared-experts stage when it runs remotely
 
 
-class StageRunner(fx.Interpreter):
-    """One stage module, run node by node so that a failure can name the node."""
+def call_stage(stage: fx.GraphModule, *args: object) -> tuple:
+    """Run a stage module: its generated forward, called directly (GraphModule.__call__ prints the
+    failing line to stderr and may drop the traceback, which `failing_node` reads)."""
+    return stage.forward(*args)
 
-    def __init__(self, stage: fx.GraphModule):
-        super().__init__(stage, garbage_collect_values=True)
-        self.current = "(inputs)"
 
-    def run_node(self, n: fx.Node):
-        self.current = n.name
-        return super().run_node(n)
+def failing_node(stage: fx.GraphModule, exc: BaseException) -> str:
+    """The node of `stage` whose line of generated code raised `exc`; '(call)' if it failed entering it.
+
+    torch.fx generates one `name = ...` statement per node, so the innermost frame in the stage's
+    code names the node, without running the stage node by node in Python."""
+    code = stage.forward.__code__.co_filename
+    lines = [ln for frame, ln in traceback.walk_tb(exc.__traceback__) if frame.f_code.co_filename == code]
+    if not lines:
+        return "(call)"
+    statement = linecache.getline(code, lines[-1]).strip()
+    name = statement.split(" = ", 1)[0] if " = " in statement else ""
+    return name if name.isidentifier() else "(output)" if statement.startswith("return") else "(call)"
 
 
 @dataclass
@@ -61,7 +71,7 @@ class RankProgram:
     experts: dict[fx.Node, int]  # routed-experts stage call -> layer
     operands: dict[int, tuple[int, int, int]]  # layer -> positions of (hidden, ids, weights) in its call
     shared: dict[int, fx.Node]  # layer -> shared-experts stage call
-    runners: dict[str, StageRunner]  # stage name -> its runner (built on first use)
+    modules: dict[str, fx.GraphModule]  # stage name -> its module (looked up on first use)
 
     @classmethod
     def of(cls, program: StagedProgram) -> RankProgram:
@@ -86,12 +96,12 @@ class RankProgram:
                 shared[key.layer] = node
         return cls(program.gm, keys, experts, operands, shared, {})
 
-    def runner(self, name: str) -> StageRunner:
-        if name not in self.runners:
+    def module(self, name: str) -> fx.GraphModule:
+        if name not in self.modules:
             stage = self.gm.get_submodule(name)
             assert isinstance(stage, fx.GraphModule), f"stage {name}: the pass manager's staged lint checks this"
-            self.runners[name] = StageRunner(stage)
-        return self.runners[name]
+            self.modules[name] = stage
+        return self.modules[name]
 
     @property
     def moe_layers(self) -> list[int]:
@@ -200,15 +210,13 @@ class RankInterpreter(fx.Interpreter):
         if node in self._shared_out:
             return self._shared_out.pop(node)
         key = self.program.keys[node]
-        runner = self.program.runner(key.name)
+        stage = self.program.module(key.name)
         args = self.fetch_args_kwargs_from_env(node)[0]
         t0 = time.perf_counter()
         try:
-            value = runner.run(*args)
-        except StageError:
-            raise
+            value = call_stage(stage, *args)
         except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
-            raise StageError(self.rank, self.stage, f"{runner.current} in {key.name}",
+            raise StageError(self.rank, self.stage, f"{failing_node(stage, exc)} in {key.name}",
                              f"{type(exc).__name__}: {exc}") from exc
         dt = time.perf_counter() - t0
         self.clock[key.kind] = self.clock.get(key.kind, 0.0) + dt

@@ -22,7 +22,7 @@ from planner.frontend.stages import KVCache, StagedProgram, expert_shard, load_p
 from planner.frontend.trace import build_model
 from planner.frontend.zoo import ModelSource, load_source
 from runtime.errors import SpecError
-from runtime.interpreter import RankInterpreter, RankProgram
+from runtime.interpreter import RankInterpreter, RankProgram, call_stage
 from runtime.spec import InstanceSpec, RunSpec
 
 if TYPE_CHECKING:  # transformers is imported lazily, by build_model; types only here
@@ -45,7 +45,7 @@ class ExpertStage:
         args[h] = rows
         args[i] = self.logical[slots][:, None]
         args[w] = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-        return self.module(*args)[0]
+        return call_stage(self.module, *args)[0]
 
 
 @dataclass
@@ -56,7 +56,7 @@ class SharedStage:
     module: fx.GraphModule
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.module(rows)[0]
+        return call_stage(self.module, rows)[0]
 
 
 @dataclass

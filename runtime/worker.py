@@ -303,6 +303,20 @@ def _parse_fault(text: str | None, rank: int) -> tuple[int, str] | None:
     return (int(step), action) if int(r) == rank else None
 
 
+def _thread_lock_for_tqdm() -> None:
+    """torch.fx's Interpreter.run (the passes' shape propagation, while the worker loads its program)
+    opens a disabled tqdm bar, whose first use creates a multiprocessing lock; a worker leaves with
+    os._exit, so the launcher's resource tracker would report that semaphore as leaked. A worker is
+    one process: a thread lock serves."""
+    import threading
+
+    from torch.hub import tqdm
+
+    set_lock = getattr(tqdm, "set_lock", None)  # absent from torch's stand-in when tqdm is not installed
+    if set_lock is not None:
+        set_lock(threading.RLock())
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGKILLed when the launcher dies, so a killed `podplan run` leaves no orphans."""
     parent = os.environ.get("PODPLAN_PARENT_PID")
@@ -402,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = job.parent
     rank = int(os.environ["RANK"])
     _die_with_parent()
+    _thread_lock_for_tqdm()
     torch.set_num_threads(int(os.environ.get("PODPLAN_THREADS", "1")))
     worker = None
     try:

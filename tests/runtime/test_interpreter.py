@@ -18,7 +18,7 @@ from passes.expert_decompose import ExpertShard
 from passes.graphs import copy_module, stage_module
 from planner.frontend.stages import PIPELINE, new_kv_cache
 from runtime.errors import StageError
-from runtime.interpreter import ExpertCall, RankInterpreter
+from runtime.interpreter import ExpertCall, call_stage, failing_node
 from runtime.parts import RankParts, RemoteStage, build_full, build_parts
 from runtime.reference import greedy
 from runtime.spec import prompts_of
@@ -130,6 +130,21 @@ def test_a_failing_module_is_reported_with_rank_stage_and_node():
             interp.resume(_local_experts(parts, r), None)
     assert str(info.value) == ("rank 3, stage decode step 4, while executing lm_model_layers_1_self_attn in "
                                "layer1_attention: ValueError: boom")
+
+
+def test_the_failing_line_of_a_stage_module_names_its_node():
+    def body(x, y):
+        a = x + 1
+        return (a * y,)
+
+    stage = fx.symbolic_trace(body)
+    assert call_stage(stage, torch.ones(2), torch.ones(2))[0].tolist() == [2.0, 2.0]
+    with pytest.raises(RuntimeError) as info:
+        call_stage(stage, torch.ones(2), torch.ones(3))
+    assert failing_node(stage, info.value) == "mul"
+    with pytest.raises(TypeError) as info:
+        call_stage(stage, torch.ones(2))
+    assert failing_node(stage, info.value) == "(call)"
 
 
 # --- what runs is what was split: a toy pass changes the run -----------------------------------------
