@@ -35,7 +35,6 @@ class ExpertCall:
     """The operands of one routed-experts stage: rows [T, H], top-k ids and weights [T, k]."""
 
     layer: int
-    stage: str  # the stage module's name, e.g. 'layer3_routed_experts'
     hidden: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
@@ -102,10 +101,6 @@ class RankProgram:
             assert isinstance(stage, fx.GraphModule), f"stage {name}: the pass manager's staged lint checks this"
             self.modules[name] = stage
         return self.modules[name]
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return sorted(self.experts.values())
 
     def check_remote_shared(self, program: StagedProgram, name: str) -> None:
         """Remote shared experts: each layer's shared stage takes one input, ready before its routed stage."""
@@ -195,7 +190,7 @@ class RankInterpreter(fx.Interpreter):
         if self.remote_shared and snode is not None:
             src = self.env[_shared_input(snode)]
             shared_in = src.reshape(-1, src.shape[-1])
-        return ExpertCall(layer, str(node.target), args[h], args[i], args[w], shared_in)
+        return ExpertCall(layer, args[h], args[i], args[w], shared_in)
 
     def _store(self, node: fx.Node, value: object) -> None:
         self.env[node] = value
