@@ -60,8 +60,8 @@ class ExpertShard(nn.Module):
 
     forward(hidden [T, H], top_k_index [T, K] global ids, top_k_weights [T, K]) -> [T, H]: the
     weighted sum, per token, of the outputs of its hosted selected experts (zero rows elsewhere).
-    Computation goes through transformers' own expert module (top-1 per routed pair), so family
-    specifics (activation, gating, biases) are unchanged.
+    Computation goes through transformers' own expert module, so family specifics (activation,
+    gating, biases) are unchanged.
     """
 
     local_id: torch.Tensor  # [E] local index of each global expert id, -1 if not hosted (a buffer)
@@ -88,14 +88,14 @@ class ExpertShard(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden.device.type == "meta":
-            return hidden.new_empty(hidden.shape)  # shapes only: nonzero has no meta kernel
+            return hidden.new_empty(hidden.shape)  # shapes only
         local = self.local_id[top_k_index]
-        token, slot = (local >= 0).nonzero(as_tuple=True)
-        out = torch.zeros_like(hidden)
-        if token.numel() == 0:
-            return out
-        pairs = self.experts(hidden[token], local[token, slot].unsqueeze(-1), top_k_weights[token, slot].unsqueeze(-1))
-        return out.index_add(0, token, pairs.to(out.dtype))
+        hosted = local >= 0
+        # Pairs routed elsewhere run local expert 0 at weight 0 and add nothing. No `nonzero` to pick
+        # the hosted pairs: on a GPU it waits for the device, and a runtime expert rank, which is sent
+        # only pairs it hosts, calls this once per layer and microbatch.
+        weights = torch.where(hosted, top_k_weights, torch.zeros_like(top_k_weights))
+        return self.experts(hidden, local.clamp(min=0), weights).to(hidden.dtype)
 
 
 def _experts_node(stage: fx.GraphModule, name: str) -> fx.Node:

@@ -7,7 +7,9 @@ colocated ranks do both. The wire format per layer and microbatch is
   dispatch: hidden rows sorted by (destination, slot), uneven splits from the counts;
   combine:  the expert outputs, same rows, splits reversed.
 Rows leave unweighted and come back unweighted; the attention rank applies the routing weights and
-sums the top-k contributions exactly as transformers' batched_mm experts do.
+sums the top-k contributions exactly as transformers' batched_mm experts do. An expert rank runs
+its shard of the layer's routed-experts stage module on the rows it receives (`runtime.parts.ExpertStage`),
+a shared-expert rank the layer's shared-experts stage module (`runtime.parts.SharedStage`).
 
 On a GPU the host waits for the device once per (layer, microbatch): `all_to_all_single` needs the
 split sizes on the host, so the counts come back in one copy. Everything else (replica choice,
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+import torch.fx as fx
 
-from runtime.interpreter import ExpertCall
+from runtime.errors import StageError
+from runtime.interpreter import ExpertCall, failing_node
+from runtime.parts import ExpertStage, SharedStage
 from runtime.routing import ReplicaTable, uniform_of
 from runtime.spec import InstanceSpec
 
@@ -70,7 +74,7 @@ class Exchange:
     """The data movement of one rank in one instance; counts bytes sent to other ranks and time spent."""
 
     def __init__(self, inst: InstanceSpec, rank: int, group, *, num_experts: int, hidden: int, dtype: torch.dtype,
-                 device: torch.device, experts: dict[int, nn.Module], shared: dict[int, nn.Module],
+                 device: torch.device, experts: dict[int, ExpertStage], shared: dict[int, SharedStage],
                  remote_shared: bool, metrics: dict):
         self.inst, self.rank, self.group = inst, rank, group
         self.members = list(inst.ranks)
@@ -88,6 +92,7 @@ class Exchange:
         self.slot_pattern = torch.arange(self.S + 1, device=device).repeat(len(self.members))  # [G*(S+1)]
         self.metrics = metrics
         self.expect: Callable[[str], None] = lambda key: None  # the worker installs its program check here
+        self.where: Callable[[], str] = lambda: "?"  # and the step it is in, for errors of the stages run here
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_split: list[int] | None, in_split: list[int] | None,
              *, async_op: bool):
@@ -177,15 +182,16 @@ class Exchange:
         if routed:
             rows = torch.cat([p.recv[a:b] for a, b in routed])
             slots = torch.cat([p.slot_of_row[a:b] for a, b in routed])
-            ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-            y = self.experts[p.layer](rows, slots[:, None], ones)
+            stage = self.experts[p.layer]
+            y = self._run(stage.name, stage.module, stage, rows, slots)
             at = 0
             for a, b in routed:
                 out[a:b] = y[at:at + b - a]
                 at += b - a
         t2 = time.perf_counter()
         if shared:
-            y = self.shared[p.layer](torch.cat([p.recv[a:b] for a, b in shared]))
+            sstage = self.shared[p.layer]
+            y = self._run(sstage.name, sstage.module, sstage, torch.cat([p.recv[a:b] for a, b in shared]))
             at = 0
             for a, b in shared:
                 out[a:b] = y[at:at + b - a]
@@ -198,9 +204,23 @@ class Exchange:
         clock["dispatch"] = clock.get("dispatch", 0.0) + t1 - t0
         clock["routed_experts"] = clock.get("routed_experts", 0.0) + t2 - t1
         clock["shared_experts"] = clock.get("shared_experts", 0.0) + t3 - t2
+        per_stage = self.metrics["stage_clock"]
+        if routed:
+            per_stage[stage.name] = per_stage.get(stage.name, 0.0) + t2 - t1
+        if shared:
+            per_stage[sstage.name] = per_stage.get(sstage.name, 0.0) + t3 - t2
         clock["combine"] = clock.get("combine", 0.0) + t4 - t3
         self.metrics["expert_rows"] += n_routed
         return Combining(p, back, work)
+
+    def _run(self, name: str, module: fx.GraphModule, stage: Callable[..., torch.Tensor],
+             *args: torch.Tensor) -> torch.Tensor:
+        """Run a stage module on received rows; a failure names its node (not a communication error)."""
+        try:
+            return stage(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
+            raise StageError(self.rank, self.where(), f"{failing_node(module, exc)} in {name}",
+                             f"{type(exc).__name__}: {exc}") from exc
 
     def finish(self, c: Combining) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Wait for the results; (routed output [T, H], shared output [T, H] or None) for the rows sent."""

@@ -1,118 +1,162 @@
-"""Runs the traced model on an attention rank, one microbatch at a time, pausing at every MoE layer.
+"""Runs the staged program on an attention rank, one microbatch at a time, pausing at every routed-experts stage.
 
-The graph is the frontend's leaf-module trace. The interpreter feeds it the rank's KV cache and
-positions, and stops at each routed-experts node so the worker can dispatch the tokens to the
-expert ranks; `resume` hands the combined result back. Errors name rank, stage and fx node.
+The program is the stage-split pipeline's output (`planner.frontend.stages`): its top-level graph
+only calls stage modules (embed, layerN_attention, layerN_moe_gate, layerN_dense_ffn,
+layerN_routed_experts, layerN_shared_experts, head) and unpacks their outputs. The interpreter
+feeds it the graph inputs the kv-cache pass made (`past_key_values`: the microbatch's cache,
+`past_len`: the positions already cached), runs every stage module the rank holds, and stops at
+each routed-experts stage so the worker can send its operands to the expert ranks; `resume` hands
+the combined rows back as that stage's output. With remote shared experts, the shared-experts
+stage's input leaves with the dispatch and its output comes back with the combine.
+
+Errors name rank, step and the node inside the stage module that failed.
 """
 
 from __future__ import annotations
 
+import linecache
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from planner.frontend.trace import Traced, podplan_causal_mask
+from planner.frontend.stages import (PAST_KEY_VALUES, PAST_LEN, KVCache, StagedProgram, StageKey, routed_operands,
+                                     single_input_stage, stage_calls)
 from runtime.errors import SpecError, StageError
-from runtime.kv import KVStore
+
+INPUT_IDS = "input_ids"
+_INPUTS = (INPUT_IDS, PAST_LEN, PAST_KEY_VALUES)
 
 
 @dataclass
 class ExpertCall:
-    """The operands of one routed-experts node: rows [T, H], top-k ids and weights [T, k]."""
+    """The operands of one routed-experts stage: rows [T, H], top-k ids and weights [T, k]."""
 
     layer: int
     hidden: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
-    shared_in: torch.Tensor | None  # [T, H] input of the shared experts when they run remotely
+    shared_in: torch.Tensor | None  # [T, H] input of the shared-experts stage when it runs remotely
 
 
-@dataclass(frozen=True)
-class GraphMap:
-    """Where the interpreter intervenes: per-layer experts / shared nodes, positions, masks, roles."""
+def call_stage(stage: fx.GraphModule, *args: object) -> tuple:
+    """Run a stage module: its generated forward, called directly (GraphModule.__call__ prints the
+    failing line to stderr and may drop the traceback, which `failing_node` reads)."""
+    return stage.forward(*args)
 
-    experts: dict[fx.Node, int]  # routed-experts node -> layer
-    shared: dict[int, list[fx.Node]]  # layer -> shared-expert nodes
-    positions: fx.Node
-    roles: dict[fx.Node, str]
+
+def failing_node(stage: fx.GraphModule, exc: BaseException) -> str:
+    """The node of `stage` whose line of generated code raised `exc`; '(call)' if it failed entering it.
+
+    torch.fx generates one `name = ...` statement per node, so the innermost frame in the stage's
+    code names the node, without running the stage node by node in Python."""
+    code = stage.forward.__code__.co_filename
+    lines = [ln for frame, ln in traceback.walk_tb(exc.__traceback__) if frame.f_code.co_filename == code]
+    if not lines:
+        return "(call)"
+    statement = linecache.getline(code, lines[-1]).strip()
+    name = statement.split(" = ", 1)[0] if " = " in statement else ""
+    return name if name.isidentifier() else "(output)" if statement.startswith("return") else "(call)"
+
+
+@dataclass
+class RankProgram:
+    """The staged program as an attention rank runs it: which top-level calls are which stages."""
+
+    gm: fx.GraphModule
+    keys: dict[fx.Node, StageKey]  # every stage call -> its stage
+    experts: dict[fx.Node, int]  # routed-experts stage call -> layer
+    operands: dict[int, tuple[int, int, int]]  # layer -> positions of (hidden, ids, weights) in its call
+    shared: dict[int, fx.Node]  # layer -> shared-experts stage call
+    modules: dict[str, fx.GraphModule]  # stage name -> its module (looked up on first use)
 
     @classmethod
-    def of(cls, traced: Traced) -> GraphMap:
-        roles: dict[fx.Node, str] = {}
+    def of(cls, program: StagedProgram) -> RankProgram:
+        inputs = [str(n.target) for n in program.gm.graph.nodes if n.op == "placeholder"]
+        missing = [name for name in _INPUTS if name not in inputs]
+        unknown = [name for name in inputs if name not in _INPUTS]
+        if missing or unknown:
+            raise SpecError(f"the staged program takes inputs {inputs}; the runtime feeds exactly {list(_INPUTS)} "
+                            "(the 'kv-cache' pass makes the cache ones): keep that pass in the stage-split pipeline")
+        keys: dict[fx.Node, StageKey] = {}
         experts: dict[fx.Node, int] = {}
-        shared: dict[int, list[fx.Node]] = {}
-        positions = None
-        for node in traced.gm.graph.nodes:
-            role, layer = traced.roles.leaves.get(str(node.target), ("other", None)) if node.op == "call_module" \
-                else ("other", None)
-            roles[node] = role
-            if role == "routed_experts":
-                experts[node] = _expert_layer(node, layer)
-            elif role == "shared_experts":
-                shared.setdefault(_expert_layer(node, layer), []).append(node)
-            elif role == "attention" and positions is None:
-                positions = node.kwargs.get("position_ids")
-        if not isinstance(positions, fx.Node):
-            raise SpecError(f"{traced.source.name}: the traced attention takes no position_ids node; the runtime "
-                            "needs it to run a KV cache (an unsupported family)")
-        return cls(experts, shared, positions, roles)
-
-    def check_remote_shared(self, name: str) -> None:
-        """Remote shared experts need one shared module per layer, fed before and used after the experts node."""
-        order = {n: i for i, n in enumerate(next(iter(self.experts)).graph.nodes)}
-        for node, layer in self.experts.items():
-            nodes = self.shared.get(layer, [])
-            if not nodes:
+        operands: dict[int, tuple[int, int, int]] = {}
+        shared: dict[int, fx.Node] = {}
+        for node, key in stage_calls(program):
+            keys[node] = key
+            if key.layer is None:
                 continue
-            if len(nodes) != 1 or len(nodes[0].args) != 1 or not isinstance(nodes[0].args[0], fx.Node):
-                raise SpecError(f"{name}: layer {layer} has {len(nodes)} shared-expert modules with other inputs; "
-                                "the runtime computes them remotely only for one MLP: put them on the attention devices")
-            src = nodes[0].args[0]
-            if not order[src] < order[node] < order[nodes[0]]:
-                raise SpecError(f"{name}: layer {layer} runs its shared experts before the routed ones; put the "
+            if key.kind == "routed_experts":
+                experts[node] = key.layer
+                operands[key.layer] = routed_operands(program, key.name)
+            elif key.kind == "shared_experts":
+                shared[key.layer] = node
+        return cls(program.gm, keys, experts, operands, shared, {})
+
+    def module(self, name: str) -> fx.GraphModule:
+        if name not in self.modules:
+            stage = self.gm.get_submodule(name)
+            assert isinstance(stage, fx.GraphModule), f"stage {name}: the pass manager's staged lint checks this"
+            self.modules[name] = stage
+        return self.modules[name]
+
+    def check_remote_shared(self, program: StagedProgram, name: str) -> None:
+        """Remote shared experts: each layer's shared stage takes one input, ready before its routed stage."""
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        routed = {layer: node for node, layer in self.experts.items()}
+        for layer, call in self.shared.items():
+            stage = self.keys[call].name
+            if not single_input_stage(program, stage) or len(call.args) != 1 or not isinstance(call.args[0], fx.Node):
+                raise SpecError(f"{name}: stage {stage} takes several inputs or gives several outputs; the runtime "
+                                "sends one row per token to a shared-expert device: put the shared experts on the "
+                                "attention devices")
+            if layer not in routed or not order[call.args[0]] < order[routed[layer]] < order[call]:
+                raise SpecError(f"{name}: stage {stage} does not run beside layer {layer}'s routed experts; put the "
                                 "shared experts on the attention devices")
 
 
-def _expert_layer(node: fx.Node, layer: int | None) -> int:
-    if layer is None:  # internal: planner.frontend.roles files every expert module under its decoder layer
-        raise AssertionError(f"experts module {node.target} has no layer")
-    return layer
-
-
 def _shared_input(snode: fx.Node) -> fx.Node:
-    """The one node feeding a remote shared-experts module."""
-    src = snode.args[0]
-    if not isinstance(src, fx.Node):  # internal: GraphMap.check_remote_shared rejects this before any rank starts
-        raise AssertionError(f"shared experts {snode.name} take {src!r}, not a node")
+    """The one value a remote shared-experts stage takes."""
+    src = snode.args[0] if len(snode.args) == 1 else None
+    if not isinstance(src, fx.Node):  # internal: check_remote_shared rejects this before any rank starts
+        raise AssertionError(f"shared-experts stage {snode.target} takes {snode.args!r}, not one value")
     return src
 
 
-class StageInterpreter(fx.Interpreter):
+def check_remote_shared(program: StagedProgram, name: str) -> None:
+    """Before any process starts: the program's shared-experts stages can run on other devices."""
+    RankProgram.of(program).check_remote_shared(program, name)
+
+
+class RankInterpreter(fx.Interpreter):
     """One microbatch of one attention rank: `begin`, then `advance` / `resume` until logits come out."""
 
-    def __init__(self, traced: Traced, gmap: GraphMap, *, rank: int, kv: KVStore, remote_shared: bool,
-                 clock: dict[str, float]):
-        super().__init__(traced.gm, garbage_collect_values=True)
-        self.gmap, self.rank, self.kv, self.remote_shared, self.clock = gmap, rank, kv, remote_shared, clock
+    def __init__(self, program: RankProgram, *, rank: int, kv: KVCache, remote_shared: bool,
+                 clock: dict[str, float], stage_clock: dict[str, float] | None = None):
+        super().__init__(program.gm, garbage_collect_values=True)
+        self.program, self.rank, self.kv, self.remote_shared = program, rank, kv, remote_shared
+        self.clock = clock  # seconds per stage kind (the metrics table's columns)
+        self.stage_clock = stage_clock if stage_clock is not None else {}  # seconds per stage module
         self.stage = "setup"
-        self.past = 0
-        self._shared_out: dict[fx.Node, torch.Tensor] = {}
+        self.past = 0  # positions in the cache
+        self._inputs: dict[str, object] = {}
+        self._shared_out: dict[fx.Node, tuple[torch.Tensor]] = {}
         self._pending: fx.Node | None = None
 
     def begin(self, input_ids: torch.Tensor, stage: str) -> None:
         """Start a step on input_ids [b, S] that follow the `past` cached positions."""
         self.env = {}
-        self.args_iter = iter([input_ids])
+        self._inputs = {INPUT_IDS: input_ids, PAST_LEN: self.past, PAST_KEY_VALUES: self.kv}
         self._nodes = iter(self.graph.nodes)
         self._seq = input_ids.shape[1]
         self.stage = stage
 
     def advance(self) -> ExpertCall | torch.Tensor:
-        """Run nodes up to the next routed-experts node (its operands) or the output (the logits)."""
+        """Run the program up to the next routed-experts stage (its operands) or the output (the logits)."""
         for node in self._nodes:
-            layer = self.gmap.experts.get(node)
+            layer = self.program.experts.get(node)
             if layer is not None:
                 return self._pause(node, layer)
             self._store(node, self._run(node))
@@ -123,27 +167,30 @@ class StageInterpreter(fx.Interpreter):
 
     @property
     def paused_at(self) -> fx.Node:
-        """The routed-experts node the last `advance` stopped at."""
+        """The routed-experts stage call the last `advance` stopped at."""
         if self._pending is None:  # internal: the worker's loop is wrong
-            raise AssertionError("the interpreter is not paused at an experts node")
+            raise AssertionError("the interpreter is not paused at a routed-experts stage")
         return self._pending
 
     def resume(self, routed: torch.Tensor, shared: torch.Tensor | None) -> None:
-        """The experts node's value (and the remote shared experts' output) from the exchange."""
+        """The routed-experts stage's output (and the remote shared experts' one) from the exchange."""
         node, self._pending = self.paused_at, None
         if shared is not None:
-            (snode,) = self.gmap.shared[self.gmap.experts[node]]
-            self._shared_out[snode] = shared.view(self.env[_shared_input(snode)].shape)
-        self._store(node, routed)
+            snode = self.program.shared[self.program.experts[node]]
+            like = self.env[_shared_input(snode)]
+            self._shared_out[snode] = (shared.view(like.shape),)
+        self._store(node, (routed,))  # stages return tuples
 
     def _pause(self, node: fx.Node, layer: int) -> ExpertCall:
         self._pending = node
-        hidden, ids, weights = self.fetch_args_kwargs_from_env(node)[0]
+        args = self.fetch_args_kwargs_from_env(node)[0]
+        h, i, w = self.program.operands[layer]
         shared_in = None
-        if self.remote_shared and self.gmap.shared.get(layer):
-            src = _shared_input(self.gmap.shared[layer][0])
-            shared_in = self.env[src].reshape(-1, self.env[src].shape[-1])
-        return ExpertCall(layer, hidden, ids, weights, shared_in)
+        snode = self.program.shared.get(layer)
+        if self.remote_shared and snode is not None:
+            src = self.env[_shared_input(snode)]
+            shared_in = src.reshape(-1, src.shape[-1])
+        return ExpertCall(layer, args[h], args[i], args[w], shared_in)
 
     def _store(self, node: fx.Node, value: object) -> None:
         self.env[node] = value
@@ -151,37 +198,22 @@ class StageInterpreter(fx.Interpreter):
             self.env.pop(dead, None)
 
     def _run(self, node: fx.Node) -> object:
-        role = self.gmap.roles[node]
+        if node.op == "placeholder":
+            return self._inputs[str(node.target)]  # RankProgram.of checked the names
+        if node.op != "call_module":
+            return self.run_node(node)  # the getitems that unpack stage outputs, and the output
+        if node in self._shared_out:
+            return self._shared_out.pop(node)
+        key = self.program.keys[node]
+        stage = self.program.module(key.name)
+        args = self.fetch_args_kwargs_from_env(node)[0]
         t0 = time.perf_counter()
         try:
-            if node is self.gmap.positions:
-                dev = self.kv_device()
-                value = torch.arange(self.past, self.past + self._seq, device=dev)[None, :]
-            elif node in self._shared_out:
-                value = self._shared_out.pop(node)
-            else:
-                value = self.run_node(node)
-        except StageError:
-            raise
+            value = call_stage(stage, *args)
         except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
-            raise StageError(self.rank, self.stage, node.name, f"{type(exc).__name__}: {exc}") from exc
-        self.clock[role] = self.clock.get(role, 0.0) + time.perf_counter() - t0
+            raise StageError(self.rank, self.stage, f"{failing_node(stage, exc)} in {key.name}",
+                             f"{type(exc).__name__}: {exc}") from exc
+        dt = time.perf_counter() - t0
+        self.clock[key.kind] = self.clock.get(key.kind, 0.0) + dt
+        self.stage_clock[key.name] = self.stage_clock.get(key.name, 0.0) + dt
         return value
-
-    def kv_device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    def call_function(self, target, args, kwargs):
-        if target is podplan_causal_mask:
-            like, positions, window = args[:3]
-            return podplan_causal_mask(like, positions, int(window or 0), self.past)
-        return super().call_function(target, args, kwargs)
-
-    def call_module(self, target, args, kwargs):
-        if self.gmap.roles.get(self._current) == "attention":
-            kwargs = dict(kwargs, past_key_values=self.kv, use_cache=True)
-        return super().call_module(target, args, kwargs)
-
-    def run_node(self, n: fx.Node):
-        self._current = n
-        return super().run_node(n)

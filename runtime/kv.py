@@ -1,49 +1,33 @@
 """The KV cache of one microbatch, and its packing for the prefill -> decode hand-over.
 
-Attention modules of every transformers family call `past_key_values.update(k, v, layer_idx)`
-with tensors [batch, heads, seq, dim] (MLA caches its compressed latents the same way), so one
-small store serves all families; rows are sequences, dim -2 is the position.
+The cache is the staged program's own `past_key_values` input (`planner.frontend.stages.KVCache`,
+the class the passes use): attention stages of every transformers family call
+`past_key_values.update(k, v, layer_idx)` with tensors [batch, heads, seq, dim] (MLA caches its
+compressed latents the same way); rows are sequences, dim -2 is the position.
 """
 
 from __future__ import annotations
 
 import torch
 
+from planner.frontend.stages import KVCache, new_kv_cache
 
-class KVStore:
-    """Per-layer (keys, values) with the transformers Cache calls attention modules make."""
 
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+def kv_rows(cache: KVCache, idx: list[int]) -> list[torch.Tensor]:
+    """Keys and values of sequences `idx` (rows), layer by layer: [k0, v0, k1, v1, ...]."""
+    out = []
+    for layer in sorted(cache.layers):
+        k, v = cache.layers[layer]
+        out += [k[idx], v[idx]]
+    return out
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_: object, **__: object):
-        if layer_idx in self.layers:
-            k0, v0 = self.layers[layer_idx]
-            keys, values = torch.cat([k0, keys], dim=-2), torch.cat([v0, values], dim=-2)
-        self.layers[layer_idx] = (keys, values)
-        return keys, values
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        kv = self.layers.get(layer_idx)
-        return 0 if kv is None else kv[0].shape[-2]
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers.values())
-
-    def rows(self, idx: list[int]) -> list[torch.Tensor]:
-        """Keys and values of sequences `idx` (rows), layer by layer: [k0, v0, k1, v1, ...]."""
-        out = []
-        for layer in sorted(self.layers):
-            k, v = self.layers[layer]
-            out += [k[idx], v[idx]]
-        return out
-
-    @classmethod
-    def from_rows(cls, layers: list[int], tensors: list[torch.Tensor]) -> KVStore:
-        store = cls()
-        for i, layer in enumerate(layers):
-            store.layers[layer] = (tensors[2 * i], tensors[2 * i + 1])
-        return store
+def kv_from_rows(layers: list[int], tensors: list[torch.Tensor]) -> KVCache:
+    """A cache holding `layers` from [k0, v0, k1, v1, ...] (what `kv_rows` and `unpack` give)."""
+    cache = new_kv_cache()
+    for i, layer in enumerate(layers):
+        cache.layers[layer] = (tensors[2 * i], tensors[2 * i + 1])
+    return cache
 
 
 def pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,9 +78,10 @@ def model_facts(spec: RunSpec) -> ModelFacts:
     facts = ModelFacts(traced.source.name, sorted(traced.roles.experts), traced.roles.num_experts, cfg.vocab_size,
                        int(getattr(cfg, "max_position_embeddings", 1 << 30)), shared)
     if shared and any(_has_remote_shared(inst) for inst in spec.instances):
-        from runtime.interpreter import GraphMap
+        from planner.frontend.stages import staged_program
+        from runtime.interpreter import check_remote_shared
 
-        GraphMap.of(traced).check_remote_shared(facts.name)
+        check_remote_shared(staged_program(traced), facts.name)
     return facts
 
 

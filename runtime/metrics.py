@@ -1,5 +1,9 @@
 """Run metrics: tokens/s, time per stage, bytes sent per rank, beside the plan's predictions.
 
+Workers time every stage module they run (attention ranks the program's stages, expert ranks their
+routed- and shared-experts shards): the table sums them by stage kind, the JSON document also
+lists them by stage module ('layer3_attention').
+
 Measured times are wall-clock on this host (CPU processes for local:N), so they are comparable to
 the plan's only in shape (which stage dominates, how bytes scale), not in absolute value.
 """
@@ -9,7 +13,8 @@ from __future__ import annotations
 from runtime.reference import Check
 from runtime.spec import RunSpec
 
-# Stage columns of the per-rank table: (clock keys summed, column title)
+# Stage columns of the per-rank table: (clock keys summed, column title); keys are stage kinds,
+# the exchange's steps, the KV hand-over and sampling
 STAGES = (
     (("attention",), "attention"),
     (("moe_gate",), "gate"),
@@ -19,7 +24,7 @@ STAGES = (
     (("dispatch",), "dispatch"),
     (("combine",), "combine"),
     (("kv_transfer",), "kv"),
-    (("embed", "norm", "lm_head", "sample", "other"), "other"),
+    (("embed", "head", "sample"), "other"),
 )
 
 
@@ -64,7 +69,8 @@ def _rank_row(m: dict) -> dict:
     stages = {title: round(sum(clock.get(k, 0.0) for k in keys) * 1e3, 3) for keys, title in STAGES}
     return {"rank": m["rank"], "instance": m["instance"], "role": m["role"], "params": m.get("params", 0),
             "tokens": m["tokens"], "expert_rows": m["expert_rows"], "bytes_sent": m["bytes_sent"],
-            "setup_s": round(m.get("setup_s", 0.0), 3), "stage_ms": stages}
+            "setup_s": round(m.get("setup_s", 0.0), 3), "stage_ms": stages,
+            "stage_module_ms": {name: round(s * 1e3, 3) for name, s in m.get("stage_clock", {}).items()}}
 
 
 def comparison_rows(doc: dict) -> list[tuple[str, str, str]]:

@@ -1,25 +1,28 @@
-"""Build what one rank runs: the traced model for attention ranks, sliced expert slots, shared experts.
+"""Build what one rank runs: stage modules of the model's staged program, sharded to the rank's part.
 
 Weights are the monolithic model's: transformers builds the whole model with the seed (or a
-safetensors checkpoint fills it), then the rank keeps only what it owns. Expert slots are slices
-of the layer's 3-D expert tensors (transformers 5 stores E experts as one module).
+safetensors checkpoint fills it), the model loader (`planner.frontend.stages.load_program`) cuts it
+into the stage-split pipeline's staged program, and the rank keeps only the stages it runs:
+an attention rank keeps the program with its routed-experts stages (and remote shared-experts
+stages) stubbed out; an expert rank keeps each layer's routed-experts stage sharded to the experts
+of its slots; a shared-expert rank keeps the shared-experts stages it serves.
 """
 
 from __future__ import annotations
 
-import copy
+import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
-from planner.frontend.trace import CausalLMRoot, Traced, build_model, trace_model
-from planner.frontend.roles import ModuleRoles, recognise
+from planner.frontend.stages import KVCache, StagedProgram, expert_shard, load_program, routed_operands, stage_calls
+from planner.frontend.trace import build_model
 from planner.frontend.zoo import ModelSource, load_source
 from runtime.errors import SpecError
-from runtime.interpreter import GraphMap, StageInterpreter
-from runtime.kv import KVStore
+from runtime.interpreter import RankInterpreter, RankProgram, call_stage
 from runtime.spec import InstanceSpec, RunSpec
 
 if TYPE_CHECKING:  # transformers is imported lazily, by build_model; types only here
@@ -27,8 +30,38 @@ if TYPE_CHECKING:  # transformers is imported lazily, by build_model; types only
 
 
 @dataclass
+class ExpertStage:
+    """A routed-experts stage module sharded to one rank's slots; called on the rows sent to them."""
+
+    name: str
+    module: fx.GraphModule
+    operands: tuple[int, int, int]  # positions of (hidden, ids, weights) among the stage's inputs
+    logical: torch.Tensor  # [S] the global expert id of each local slot, on the rank's device
+
+    def __call__(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Expert outputs [R, H] of rows [R, H] sent to local slots [R], unweighted (the sender weights)."""
+        args: list[torch.Tensor] = [rows, rows, rows]
+        h, i, w = self.operands
+        args[h] = rows
+        args[i] = self.logical[slots][:, None]
+        args[w] = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+        return call_stage(self.module, *args)[0]
+
+
+@dataclass
+class SharedStage:
+    """A shared-experts stage module a rank computes for other ranks' tokens: rows [R, H] -> [R, H]."""
+
+    name: str
+    module: fx.GraphModule
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return call_stage(self.module, rows)[0]
+
+
+@dataclass
 class RankParts:
-    """The modules of one rank, by role."""
+    """The stage modules of one rank, by role."""
 
     source: ModelSource
     hidden: int
@@ -37,24 +70,29 @@ class RankParts:
     num_experts: int
     moe_layers: list[int]
     dtype: torch.dtype
-    traced: Traced | None = None  # attention ranks
-    gmap: GraphMap | None = None
-    experts: dict[int, nn.Module] = field(default_factory=dict)  # layer -> this rank's slots
-    shared: dict[int, nn.Module] = field(default_factory=dict)  # layer -> shared experts it serves
+    program: RankProgram | None = None  # attention ranks: the staged program, less the stages run elsewhere
+    experts: dict[int, ExpertStage] = field(default_factory=dict)  # layer -> this rank's shard
+    shared: dict[int, SharedStage] = field(default_factory=dict)  # layer -> shared experts it serves
     params: int = 0  # parameters this rank holds
 
-    def interpreter(self, *, rank: int, kv: KVStore, remote_shared: bool, clock: dict[str, float]) -> StageInterpreter:
-        """A fresh interpreter of this attention rank's graph (one per microbatch)."""
-        if self.traced is None or self.gmap is None:  # internal: only attention ranks run the graph
-            raise AssertionError(f"rank {rank} has no traced model: build_parts traces it for attention ranks only")
-        return StageInterpreter(self.traced, self.gmap, rank=rank, kv=kv, remote_shared=remote_shared, clock=clock)
+    def interpreter(self, *, rank: int, kv: KVCache, remote_shared: bool, clock: dict[str, float],
+                    stage_clock: dict[str, float] | None = None) -> RankInterpreter:
+        """A fresh interpreter of this attention rank's program (one per microbatch)."""
+        if self.program is None:  # internal: only attention ranks run the program
+            raise AssertionError(f"rank {rank} has no staged program: build_parts keeps it for attention ranks only")
+        return RankInterpreter(self.program, rank=rank, kv=kv, remote_shared=remote_shared, clock=clock,
+                               stage_clock=stage_clock)
 
 
-class _RemoteExperts(nn.Module):
-    """Stands in for the expert container on attention ranks: the interpreter never calls it."""
+class RemoteStage(nn.Module):
+    """Stands in for a stage another rank runs: the interpreter never calls it."""
 
-    def forward(self, *args, **kwargs):  # pragma: no cover - the interpreter pauses before this node
-        raise RuntimeError("routed experts are remote on this rank; the interpreter must pause at this node")
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - the interpreter pauses before this stage
+        raise RuntimeError(f"stage {self.name} runs on other ranks; the interpreter must not call it here")
 
 
 def load_weights(model: nn.Module, path: str, name: str) -> None:
@@ -106,74 +144,62 @@ def build_full(spec: RunSpec, device: torch.device | str = "cpu") -> tuple[Model
     return src, model
 
 
-def slice_experts(container: nn.Module, logical: list[int]) -> nn.Module:
-    """The container restricted to experts `logical` (local expert i = logical[i]; repeats allowed)."""
-    num = getattr(container, "num_experts", None)
-    whole = logical == list(range(num or 0))  # the rank hosts every expert in order: share, don't copy
-    idx = torch.tensor(logical, dtype=torch.int64)
-    new = copy.copy(container)
-    new._parameters, new._buffers, new._modules = {}, {}, dict(container._modules)
-    for name, p in container.named_parameters(recurse=False):
-        data = p.detach() if whole else p.detach()[idx.to(p.device)].clone()
-        new._parameters[name] = nn.Parameter(data, requires_grad=False)
-    for name, b in container.named_buffers(recurse=False):
-        new._buffers[name] = b[idx.to(b.device)].clone() if b.ndim and b.shape[0] == num and not whole else b
-    # setattr: nn.Module types unknown attributes as Tensor | Module; num_experts is the plain int forward reads
-    setattr(new, "num_experts", len(logical))
-    return new
-
-
-def _release(container: nn.Module) -> None:
-    """Drop a container's full expert tensors once sliced (keeps peak memory at one model + one layer)."""
-    for name, _ in list(container.named_parameters(recurse=False)):
-        setattr(container, name, None)
-
-
 def remote_shared(inst: InstanceSpec, rank: int) -> bool:
     """True when this attention rank sends its tokens' shared-expert work to other ranks."""
     return bool(inst.shared_ranks) and rank not in inst.shared_ranks
 
 
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: torch.device) -> RankParts:
-    """Everything `rank` runs in `inst` (None: an idle rank, which builds nothing)."""
+    """Everything `rank` runs in `inst` (None: an idle rank, which keeps nothing)."""
     src, model = build_full(spec, device)
     cfg = model.config
-    root = CausalLMRoot(model)
-    attention = inst is not None and rank in inst.attention_ranks
-    traced = trace_model(model, src) if attention else None
-    roles: ModuleRoles = traced.roles if traced else recognise(root)
-    moe_layers = sorted(roles.experts)
-    parts = RankParts(src, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, roles.num_experts, moe_layers,
-                      next(model.parameters()).dtype)
-    if inst is None:
-        return parts
-    slots = inst.slots_of(rank)
-    for lp in inst.layers:
-        container = root.get_submodule(roles.experts[lp.layer])
-        if isinstance(container, nn.ModuleList):
-            raise SpecError(f"{src.name}: layer {lp.layer} keeps experts as a list of modules; the runtime slices "
-                            "transformers 5's 3-D expert tensors")
-        if len(slots):
-            parts.experts[lp.layer] = slice_experts(container, [lp.phy2log[s] for s in slots])
-        _release(container)
-        if rank in inst.shared_ranks:
-            shared = [root.get_submodule(p) for p, (role, layer) in roles.leaves.items()
-                      if role == "shared_experts" and layer == lp.layer]
-            if len(shared) == 1:
-                parts.shared[lp.layer] = shared[0]
-    if traced is not None:  # an attention rank
-        # the rank keeps its own modules only: routed (and remote shared) experts become stubs
-        gm = traced.gm
-        stubs = list(roles.experts.values())
-        if remote_shared(inst, rank):
-            stubs += [p for p, (role, _) in roles.leaves.items() if role == "shared_experts"]
-        for path in stubs:
-            parent, _, child = path.rpartition(".")
-            setattr(gm.get_submodule(parent), child, _RemoteExperts())
-        parts.traced = Traced(gm=gm, roles=roles, source=src, model=gm)
-        parts.gmap = GraphMap.of(parts.traced)
-        parts.params = sum(p.numel() for p in gm.parameters())
-    parts.params += sum(p.numel() for m in parts.experts.values() for p in m.parameters())
-    if not attention:
-        parts.params += sum(p.numel() for m in parts.shared.values() for p in m.parameters())
+    dtype = next(model.parameters()).dtype
+    program = load_program(model, src)
+    del model  # the stage modules hold the weights from here on
+    calls = [key for _, key in stage_calls(program)]
+    routed = {key.layer: key.name for key in calls if key.kind == "routed_experts"}
+    shared = {key.layer: key.name for key in calls if key.kind == "shared_experts"}
+    num_experts = max((layout.num_experts for layout in program.experts.values()), default=0)
+    parts = RankParts(src, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, num_experts,
+                      sorted(k for k in routed if k is not None), dtype)
+    if inst is not None:
+        _keep(parts, program, inst, rank, routed, shared, device)
+    del program
+    gc.collect()  # stage graphs are reference cycles: free what the rank dropped now, not at some later GC
     return parts
+
+
+def _keep(parts: RankParts, program: StagedProgram, inst: InstanceSpec, rank: int, routed: dict, shared: dict,
+          device: torch.device) -> None:
+    """Fill `parts` with what `rank` runs; stub out the rest of the program."""
+    slots = inst.slots_of(rank)
+    attention = rank in inst.attention_ranks
+    for lp in inst.layers:
+        name = routed.get(lp.layer)
+        if name is None:
+            raise SpecError(f"{parts.source.name}: the staged program has no routed-experts stage for layer "
+                            f"{lp.layer}, which the spec places experts for")
+        if len(slots):
+            logical = [lp.phy2log[s] for s in slots]
+            module = expert_shard(program, name, logical, release=True)
+            parts.experts[lp.layer] = ExpertStage(name, module, routed_operands(program, name),
+                                                  torch.tensor(logical, dtype=torch.int64, device=device))
+        if rank in inst.shared_ranks and lp.layer in shared:
+            stage = program.gm.get_submodule(shared[lp.layer])
+            assert isinstance(stage, fx.GraphModule), f"stage {shared[lp.layer]}: the staged lint checks this"
+            parts.shared[lp.layer] = SharedStage(shared[lp.layer], stage)
+    if attention:
+        parts.program = RankProgram.of(program)  # reads the routed stages' operands: before the stubs
+        stubs = list(routed.values())
+        if remote_shared(inst, rank):
+            stubs += list(shared.values())
+        for name in stubs:
+            program.gm.add_module(name, RemoteStage(name))
+        parts.params = _params(program.gm)
+    parts.params += sum(_params(e.module) for e in parts.experts.values())
+    if not attention:
+        parts.params += sum(_params(s.module) for s in parts.shared.values())

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runtime.errors import StageError
+from planner.frontend.stages import new_kv_cache
+from runtime.errors import SpecError, StageError
 from runtime.exchange import Exchange
-from runtime.interpreter import ExpertCall, StageInterpreter
-from runtime.kv import KVStore, pack, payload_numel, unpack
+from runtime.interpreter import ExpertCall, RankInterpreter
+from runtime.kv import kv_from_rows, kv_rows, pack, payload_numel, unpack
 from runtime.parts import RankParts, build_parts, remote_shared
 from runtime.routing import token_keys
 from runtime.schedule import WORLD, Op, programs
@@ -40,7 +41,8 @@ COLLECTIVE_TIMEOUT_S = 120
 
 @dataclass
 class MicroBatch:
-    """A slice of an attention rank's sequences with its own interpreter (which holds its KV cache).
+    """A slice of an attention rank's sequences with its own interpreter of the staged program (which
+    holds its KV cache).
 
     A rank's microbatches are a list with one entry per microbatch index of its instance, None where
     the rank sends no rows (an expert-only rank, or fewer sequences than microbatches): every member
@@ -48,7 +50,7 @@ class MicroBatch:
     """
 
     seqs: list[int]
-    interp: StageInterpreter
+    interp: RankInterpreter
     next_input: torch.Tensor  # [b, S] token ids of the next step
 
 
@@ -61,8 +63,8 @@ class RankWorker:
         self.stage, self.node = "setup", "build"
         self.in_comm = False
         self.metrics: dict = {"rank": rank, "instance": self.inst.name if self.inst else None,
-                              "role": self._role(), "clock": {}, "bytes_sent": 0, "expert_rows": 0,
-                              "tokens": 0, "steps": {}}
+                              "role": self._role(), "clock": {}, "stage_clock": {}, "bytes_sent": 0,
+                              "expert_rows": 0, "tokens": 0, "steps": {}}
         # seq -> step -> (token, last-position logits [V] when the spec keeps them)
         self.results: dict[int, dict[int, tuple[int, torch.Tensor | None]]] = {}
         self.collected: list[dict[str, Any]] = []  # rank 0, after gather: every rank's payload, by rank
@@ -86,6 +88,9 @@ class RankWorker:
         if inst is not None:  # an idle rank builds nothing
             self.parts: RankParts = build_parts(self.spec, inst, self.rank, self.device)
             self.metrics["params"] = self.parts.params
+            if self.parts.moe_layers != self.moe_layers:
+                raise SpecError(f"the staged program routes experts at layers {self.parts.moe_layers}, the spec "
+                                f"places them at {self.moe_layers}")
         # every rank creates every group, in spec order (new_group is collective over the world)
         self.groups = {i.name: dist.new_group(list(i.ranks)) for i in self.spec.instances}
         if inst is not None:
@@ -95,6 +100,7 @@ class RankWorker:
                 dtype=p.dtype, device=self.device, experts=p.experts, shared=p.shared,
                 remote_shared=remote_shared(inst, self.rank), metrics=self.metrics)
             self.exchange.expect = lambda key: self.expect(key, group=inst.name)
+            self.exchange.where = lambda: self.stage
         self.metrics["setup_s"] = time.perf_counter() - t0
 
     def expect(self, key: str, kind: str = "coll", peer: int = -1, group: str = "") -> None:
@@ -140,9 +146,10 @@ class RankWorker:
             return [None] * len(chunks)
         prompts = prompts_of(self.spec, self.parts.vocab).to(self.device)
         shared = remote_shared(inst, self.rank)
-        return [MicroBatch(s, self.parts.interpreter(rank=self.rank, kv=KVStore(), remote_shared=shared,
-                                                     clock=self.metrics["clock"]), prompts[s]) if s else None
-                for s in chunks]
+        return [MicroBatch(s, self.parts.interpreter(rank=self.rank, kv=new_kv_cache(), remote_shared=shared,
+                                                     clock=self.metrics["clock"],
+                                                     stage_clock=self.metrics["stage_clock"]), prompts[s])
+                if s else None for s in chunks]
 
     def run_step(self, step: int, mbs: list[MicroBatch | None]) -> None:
         label = "prefill" if step == 0 else f"decode step {step}"
@@ -159,7 +166,7 @@ class RankWorker:
                 for i, (mb, route) in enumerate(zip(mbs, routes)):
                     outgoing = (self._advance(mb, layer), route) if mb is not None and route is not None else None
                     if li == 0 and self.fault and self.fault[0] == step:
-                        self._fire(self.fault[1], mb.interp.paused_at.name if mb is not None else "expert slots")
+                        self._fire(self.fault[1], str(mb.interp.paused_at.target) if mb is not None else "expert slots")
                     pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, outgoing))
                 combining = []
                 for i, p in enumerate(pending):
@@ -174,11 +181,11 @@ class RankWorker:
                     self._sample(step, mb)
 
     def _advance(self, mb: MicroBatch, layer: int) -> ExpertCall:
-        """Run mb up to the experts of `layer`: their operands."""
+        """Run mb up to the routed-experts stage of `layer`: its operands."""
         call = mb.interp.advance()
         if not isinstance(call, ExpertCall) or call.layer != layer:
             got = f"layer {call.layer}" if isinstance(call, ExpertCall) else "the output"
-            raise AssertionError(f"interpreter reached {got}, expected the experts of layer {layer}")
+            raise AssertionError(f"interpreter reached {got}, expected the routed experts of layer {layer}")
         return call
 
     def _sample(self, step: int, mb: MicroBatch) -> None:
@@ -225,12 +232,8 @@ class RankWorker:
         for src, dst, seqs in kv_routes(self.spec):
             if src != self.rank:
                 continue
-            layers = sorted(next(mb for mb in mbs if mb is not None).interp.kv.layers)
-            tensors = []
-            for layer in layers:
-                for j in (0, 1):
-                    tensors.append(torch.cat([where[s][0].interp.kv.layers[layer][j][where[s][1]:where[s][1] + 1]
-                                              for s in seqs]))
+            per_seq = [kv_rows(where[s][0].interp.kv, [where[s][1]]) for s in seqs]  # [k0, v0, k1, ...] each
+            tensors = [torch.cat([p[i] for p in per_seq]) for i in range(len(per_seq[0]))]
             tokens = torch.tensor([self.results[s][0][0] for s in seqs], dtype=torch.int64, device=self.device)
             header, payload = pack(tensors)
             self.expect("kv", "send", dst)
@@ -262,7 +265,7 @@ class RankWorker:
                 continue
             per_seq = [got[s][1] for s in mb.seqs]
             rows = [torch.cat([p[i] for p in per_seq]) for i in range(2 * len(layers))]
-            mb.interp.kv = KVStore.from_rows(layers, rows)
+            mb.interp.kv = kv_from_rows(layers, rows)
             mb.interp.past = self.spec.prompt_len
             mb.next_input = torch.tensor([[got[s][0]] for s in mb.seqs], dtype=torch.int64, device=self.device)
 
@@ -298,6 +301,20 @@ def _parse_fault(text: str | None, rank: int) -> tuple[int, str] | None:
         return None
     r, step, action = text.split(":")
     return (int(step), action) if int(r) == rank else None
+
+
+def _thread_lock_for_tqdm() -> None:
+    """torch.fx's Interpreter.run (the passes' shape propagation, while the worker loads its program)
+    opens a disabled tqdm bar, whose first use creates a multiprocessing lock; a worker leaves with
+    os._exit, so the launcher's resource tracker would report that semaphore as leaked. A worker is
+    one process: a thread lock serves."""
+    import threading
+
+    from torch.hub import tqdm
+
+    set_lock = getattr(tqdm, "set_lock", None)  # absent from torch's stand-in when tqdm is not installed
+    if set_lock is not None:
+        set_lock(threading.RLock())
 
 
 def _die_with_parent() -> None:
@@ -399,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = job.parent
     rank = int(os.environ["RANK"])
     _die_with_parent()
+    _thread_lock_for_tqdm()
     torch.set_num_threads(int(os.environ.get("PODPLAN_THREADS", "1")))
     worker = None
     try:

@@ -1,5 +1,10 @@
 """The staged program: compile a traced model through the stage-split pipeline, tabulate its stages,
 and run it stage by stage with the routed experts spread over any partition of expert ids.
+
+This is also the model loader's staged-program API for the runtime (`runtime/` reads only
+planner.ir and planner.frontend): `load_program` gives a worker the staged program of the model it
+built, and the helpers under "for the runtime" name a program's stage calls, the operands of a
+routed-experts stage and a rank's shard of it, and the KV cache the program's attention stages take.
 """
 
 from __future__ import annotations
@@ -10,15 +15,24 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
-from costmodels.errors import InputError
+from costmodels.errors import ConfigError, InputError
 from costmodels.model_shape import ModelShape
 from passes import get_pipeline, meta
 from passes.context import PassContext
-from passes.expert_decompose import shard_stage
+from passes.expert_decompose import ExpertShard, shard_stage
+from passes.graphs import PAST_KEY_VALUES, PAST_LEN, KVCache, new_kv_cache
 from passes.manager import PassManager, PassRecord
 from passes.microbatch import MicrobatchSchedule
-from planner.frontend.trace import Traced
+from planner.frontend.shape import shape_from_traced
+from planner.frontend.trace import Traced, trace_model
+from planner.frontend.zoo import ModelSource
+
+# Re-exported for the runtime: a stage's key ((decoder layer, kind); `name` is its submodule,
+# 'layer3_attention'), and what the kv-cache pass makes graph inputs: PAST_LEN (positions already
+# cached) and PAST_KEY_VALUES (a KVCache, which every attention stage appends its layer to).
+StageKey = meta.StageKey
 
 PIPELINE = "stage-split"
 # Cut kinds that are stage-to-stage traffic; context (recomputable), scalars, the cache and the
@@ -197,6 +211,89 @@ def run_staged(
     """Logits of the staged program; pass `cache` (e.g. passes.graphs.new_kv_cache()) to prefill/decode."""
     with torch.no_grad():
         return StageInterpreter(program, expert_groups).run(input_ids, past_len, cache)
+
+
+# --- for the runtime: load a program, find its stages, shard its experts ---------------------------
+
+# The signature a worker compiles at: its numbers (stage costs, phase shapes) are not used to run,
+# and the graph is shape-generic, so the smallest one keeps the passes' example runs cheap.
+_LOAD_BATCH, _LOAD_SEQ = 1, 2
+
+
+def staged_program(traced: Traced) -> StagedProgram:
+    """The registered stage-split pipeline on a traced model (any device), at a minimal signature."""
+    return compile_stages(traced, shape_from_traced(traced), _LOAD_BATCH, _LOAD_SEQ)
+
+
+def load_program(model: nn.Module, src: ModelSource) -> StagedProgram:
+    """The staged program of a built transformers model: its stage modules hold the model's own weights.
+
+    What a worker runs: every pass in the pipeline changes the run (a worker executes the stage
+    modules, never the traced graph they were cut from).
+    """
+    return staged_program(trace_model(model, src))
+
+
+def stage_calls(program: StagedProgram) -> list[tuple[fx.Node, meta.StageKey]]:
+    """(top-level call node, stage) for every stage call, in program order."""
+    return [(n, meta.stage_key_of(n)) for n in program.gm.graph.nodes if n.op == "call_module"]
+
+
+def stage_module(program: StagedProgram, name: str) -> fx.GraphModule:
+    stage = program.gm.get_submodule(name)
+    assert isinstance(stage, fx.GraphModule), f"stage {name}: the pass manager's staged lint checks this"
+    return stage
+
+
+def _io(stage: fx.GraphModule) -> tuple[list[fx.Node], list]:
+    placeholders = [n for n in stage.graph.nodes if n.op == "placeholder"]
+    outputs = stage.graph.output_node().args[0]
+    return placeholders, list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def routed_operands(program: StagedProgram, name: str) -> tuple[int, int, int]:
+    """Positions of (hidden rows [T, H], top-k ids [T, k], top-k weights [T, k]) among the inputs of
+    routed-experts stage `name`.
+
+    Expert parallelism sends rows and sums what comes back, so the stage must be its experts module
+    alone: three inputs straight into it, its output the stage's only one. ConfigError otherwise.
+    """
+    stage = stage_module(program, name)
+    placeholders, outputs = _io(stage)
+    experts = [n for n in stage.graph.nodes if n.op == "call_module" and meta.role_of(n) == "routed_experts"]
+    node = experts[0] if len(experts) == 1 else None
+    if (node is None or len(node.args) != 3 or node.kwargs or outputs != [node]
+            or any(a not in placeholders for a in node.args) or len(placeholders) != 3):
+        raise ConfigError(f"stage {name}: a routed-experts stage must be one experts module called on its three "
+                          "inputs (hidden, top-k ids, top-k weights) and nothing else; a pass changed it into "
+                          "one the expert exchange cannot split")
+    pos = [placeholders.index(a) for a in node.args]
+    return pos[0], pos[1], pos[2]
+
+
+def single_input_stage(program: StagedProgram, name: str) -> bool:
+    """True when stage `name` takes one input and returns one output (it can run on rows elsewhere)."""
+    placeholders, outputs = _io(stage_module(program, name))
+    return len(placeholders) == 1 and len(outputs) == 1
+
+
+def expert_shard(program: StagedProgram, name: str, hosted: Sequence[int], *, release: bool = False) -> fx.GraphModule:
+    """Routed-experts stage `name` holding only experts `hosted` (global ids; repeats count once).
+
+    Called as the stage is, on (hidden, ids, weights) with global ids. With `release` the layer's
+    full expert weights are freed at once (unless the shard hosts them all), so a rank peaks at one
+    model plus one layer's share; the program's own copy of the stage cannot run after that.
+    """
+    stage = stage_module(program, name)
+    shard = shard_stage(stage, hosted)
+    full = next(m for m in stage.modules() if isinstance(m, ExpertShard))
+    part = next(m for m in shard.modules() if isinstance(m, ExpertShard))
+    if release and part.experts is not full.experts:
+        # the shard keeps a reference to the unsliced module (to re-select); emptying it frees the
+        # weights whoever else holds it (the model, the traced graph, the program)
+        for pname, _ in list(full.experts.named_parameters(recurse=False)):
+            setattr(full.experts, pname, None)
+    return shard
 
 
 # --- the text table -----------------------------------------------------------------------------

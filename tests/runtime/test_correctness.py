@@ -95,8 +95,12 @@ def test_every_golden_local_plan_runs_and_matches():
         _assert_matches(spec_from_plan(load_plan(path), prompts=4, prompt_len=4, new_tokens=3))
 
 
-def test_a_sliding_window_family_from_a_config_path(tmp_path):
-    """Qwen2-MoE with layer 1 windowed to 3 keys (not bundled): the runtime masks each layer as its kind wants."""
+@pytest.mark.parametrize("shared", [[0, 1], [2, 3]], ids=["shared-on-attention", "shared-on-experts"])
+def test_a_sliding_window_family_from_a_config_path(tmp_path, shared):
+    """Qwen2-MoE with layer 1 windowed to 3 keys (not bundled): the runtime masks each layer as its kind wants.
+
+    Its shared expert is gated (two modules and a sigmoid), all in one shared-experts stage with one
+    input, so it also runs on other devices than the attention."""
     import json
 
     cfg = dict(model_type="qwen2_moe", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -106,10 +110,11 @@ def test_a_sliding_window_family_from_a_config_path(tmp_path):
                pad_token_id=0, bos_token_id=1, eos_token_id=2)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    # its shared expert is gated (two modules): it stays on the attention ranks
     inst = instance(str(path), "afd-0", ("prefill", "decode"), [0, 1], [2, 3], microbatches=2, slots_per_rank=5,
-                    shared=[0, 1])
-    _assert_matches(RunSpec(str(path), 4, (inst,), prompts=4, prompt_len=6, new_tokens=4, seed=1))
+                    shared=shared)
+    out = _assert_matches(RunSpec(str(path), 4, (inst,), prompts=4, prompt_len=6, new_tokens=4, seed=1))
+    # the ranks that ran the shared-experts stage module are the ones the spec names
+    assert {m["rank"] for m in out.metrics if "layer0_shared_experts" in m["stage_clock"]} == set(shared)
 
 
 def test_gpt_oss_with_expert_biases_and_sinks(tmp_path):

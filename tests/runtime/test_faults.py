@@ -35,7 +35,7 @@ def test_a_rank_that_raises_is_named_with_stage_and_node(monkeypatch):
     spec = disaggregated("tiny-qwen3-moe", 2, 2, **RUN)
     exc, elapsed = _fail(monkeypatch, spec, "1:2:raise")
     assert exc.rank == 1
-    assert str(exc) == ("rank 1, stage decode step 2 layer 0, while executing lm_model_layers_0_mlp_experts: "
+    assert str(exc) == ("rank 1, stage decode step 2 layer 0, while executing layer0_routed_experts: "
                         "RuntimeError: injected fault (PODPLAN_FAULT)")
     assert elapsed < 30
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from runtime.errors import SpecError
-from runtime.kv import KVStore, pack, payload_numel, unpack
+from planner.frontend.stages import new_kv_cache
+from runtime.kv import kv_from_rows, kv_rows, pack, payload_numel, unpack
 from runtime.routing import ReplicaTable, token_keys, uniform_of
 from runtime.schedule import Op, dry_run, programs
 from runtime.spec import (InstanceSpec, LayerSlots, RunSpec, equal_shares, kv_routes, make_instance,
@@ -69,16 +70,19 @@ def test_equal_shares():
 
 
 def test_kv_pack_round_trip_and_store_appends():
-    store = KVStore()
+    store = new_kv_cache()  # the staged program's cache: one class for the passes and the runtime
     k, v = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
     store.update(k, v, 0)
     k2, _ = store.update(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5), 0)
+    store.update(torch.randn(3, 1, 5, 2), torch.randn(3, 1, 5, 2), 1)
     assert k2.shape == (3, 2, 5, 5) and store.get_seq_length() == 5
-    tensors = store.rows([0, 2])
+    tensors = kv_rows(store, [0, 2])
     header, payload = pack(tensors)
     assert payload.numel() == payload_numel(header)
     back = unpack(header, payload)
     assert all(torch.equal(a, b) for a, b in zip(tensors, back))
+    again = kv_from_rows([0, 1], back)
+    assert torch.equal(again.layers[1][0], store.layers[1][0][[0, 2]]) and again.get_seq_length(1) == 5
 
 
 def test_programs_of_every_layout_pass_the_dry_run():
