@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from costmodels.errors import ConfigError, InputError
+from costmodels.errors import InputError
 from costmodels.model_shape import ModelShape
 from passes import get_pipeline, meta
 from passes.context import PassContext
@@ -25,6 +25,7 @@ from passes.expert_decompose import ExpertShard, shard_stage
 from passes.graphs import PAST_KEY_VALUES, PAST_LEN, KVCache, new_kv_cache
 from passes.manager import PassManager, PassRecord
 from passes.microbatch import MicrobatchSchedule
+from planner.frontend.errors import ConfigError
 from planner.frontend.shape import shape_from_traced
 from planner.frontend.trace import Traced, trace_model
 from planner.frontend.zoo import ModelSource
