@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from costmodels.errors import InputError
+from planner.ir.fileio import check_output_path
 
 
 def output_file(command: str, path: str, example: str) -> Path:
-    """The -o path of a command that writes one file; refused before any work if it is a folder."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"{command}: output {out} is a directory; pass a file path such as {out / example}")
-    return out
+    """The -o path of a command that writes one file, checked before any work (folder, parent, writable)."""
+    return check_output_path(path, flag="-o")
 
 
 def at_least(command: str, flag: str, value: int | None, low: int) -> None:

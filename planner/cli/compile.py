@@ -40,8 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.ir.fileio import check_output_path
     from planner.ir.plan import write_plan
 
+    check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
     workload = Workload(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
         prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept, decode_mode=args.decode_mode,

@@ -7,6 +7,7 @@ made. `Plan.to_json()` is canonical; `load_plan` validates and names the JSON pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +29,31 @@ SCHEMA_VERSION = 1
 FLOAT_DIGITS = 6
 # Tolerance on "the shares of one expert sum to 1" after rounding to FLOAT_DIGITS.
 SHARE_SUM_TOLERANCE = 1e-3
+
+# Weight precisions a plan may name (`podplan compile --quant`), in bytes per parameter.
+QUANT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0}
+# Facts of the bundled models (config digest, layers, experts, ...) a plan naming one must repeat;
+# data, since the IR may not import the frontend (regenerate: python -m planner.model_facts --write).
+BUNDLED_FACTS_FILE = Path(__file__).with_name("bundled_models.json")
+
+# Upper bounds on the sizes a plan may claim: far above any real deployment (the largest topology,
+# h100-cluster:1024, has 8192 devices), low enough that a crafted plan cannot make `show` loop over
+# 10^9 devices or the runtime allocate for 10^6 microbatches. (low, high); low None = no lower bound
+# here (the nodes' own checks say "must be > 0").
+MAX_DEVICES = 8192
+MAX_DIES = MAX_DEVICES * 16
+LIMITS: dict[str, dict[str, tuple[int | None, int | float]]] = {
+    "ModelInfo": {"num_layers": (None, 1024), "num_routed_experts": (None, 4096), "num_shared_experts": (None, 256),
+                  "top_k": (None, 4096), "hidden": (None, 1 << 20), "vocab": (None, 1 << 24)},
+    "TopologyInfo": {"num_devices": (None, MAX_DEVICES), "dies_per_device": (None, 16),
+                     "devices_per_server": (None, MAX_DEVICES), "servers_per_pod": (None, MAX_DEVICES),
+                     "pods": (None, MAX_DEVICES)},
+    "Workload": {"input_len": (None, 1 << 24), "output_len": (None, 1 << 24)},
+    "Instance": {"microbatches": (None, 64), "batch_per_device": (None, 1 << 20), "attention_dp": (None, MAX_DIES),
+                 "attention_tp": (None, MAX_DIES), "ep": (None, MAX_DIES), "dp_domains": (None, MAX_DIES)},
+    "ExpertPlacement": {"devices": (None, MAX_DEVICES), "slots_per_device": (None, 4096)},
+    "Provenance": {"seed": (0, 2**32 - 1)},  # numpy and the solvers take 32-bit seeds
+}
 
 PHASES = ("prefill", "decode")
 ROLES = ("attention", "experts", "both")
@@ -208,6 +234,7 @@ class _Node:
         try:
             for name, tp in _fields(type(self)).items():
                 object.__setattr__(self, name, _coerce(tp, getattr(self, name), "." + name))
+            _check_limits(self)  # before _check, whose loops and tables grow with these sizes
             self._check()
         except PlanValidationError as exc:
             raise PlanValidationError(exc.rel, exc.rule, type(self).__name__) from None
@@ -218,6 +245,16 @@ class _Node:
     def to_dict(self) -> dict:
         """Plain JSON-ready dict: every field, tuples as lists, keys in canonical (sorted) order."""
         return {name: _plain_out(getattr(self, name)) for name in sorted(_fields(type(self)))}
+
+
+def _check_limits(node: _Node) -> None:
+    """The node's sizes within LIMITS."""
+    for name, (low, high) in LIMITS.get(type(node).__name__, {}).items():
+        value = getattr(node, name)
+        if low is not None and value < low:
+            _fail(f".{name}", f"{value} must be >= {low}")
+        if value > high:
+            _fail(f".{name}", f"{value} exceeds the limit {high:g}; no deployment podplan plans is this large")
 
 
 def _plain_out(value: Any) -> Any:
@@ -924,6 +961,77 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# --- consistency with the world outside the file: bundled model facts, topology, known dtypes ----
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_facts() -> dict[str, dict]:
+    return json.loads(BUNDLED_FACTS_FILE.read_text())
+
+
+def check_consistency(plan: Plan) -> None:
+    """A plan must not contradict what its names mean: PlanValidationError naming the JSON path.
+
+    Each field is valid alone, but a plan can still lie: a bundled model with an expert removed (its
+    placement then covers every expert it claims, and an export loses one), a local:8 topology with
+    16 devices, an unknown precision. The loader runs this on every file it reads.
+    """
+    _check_quant(plan)
+    _check_topology_name(plan)
+    _check_bundled_model(plan)
+
+
+def _check_quant(plan: Plan) -> None:
+    quant = plan.workload.quant
+    if quant not in QUANT_BYTES:
+        _fail(".workload.quant", f"{_kind(quant)} is not one of {', '.join(QUANT_BYTES)}")
+
+
+def _check_topology_name(plan: Plan) -> None:
+    """The topology name resolves, and the plan's copy of its facts matches what it resolves to."""
+    from costmodels.errors import TopologyError
+    from costmodels.topology import get_topology
+
+    t = plan.topology
+    try:
+        topo = get_topology(t.name)
+    except TopologyError as exc:
+        _fail(".topology.name", str(exc).splitlines()[0])
+    if topo.name != t.name:
+        _fail(".topology.name", f"{_short(t.name)} is not written the way podplan writes it ({_short(topo.name)}); "
+                                f"{REGENERATE}")
+    want = {"kind": topo.kind, "params": dict(topo.params), "hardware": topo.hardware.name,
+            "num_devices": topo.num_devices, "dies_per_device": topo.dies_per_device,
+            "devices_per_server": topo.devices_per_server, "servers_per_pod": topo.servers_per_pod,
+            "pods": topo.pods, "memory_gb_per_device": _round(topo.hardware.chip_hbm_gb)}
+    for field, value in want.items():
+        got = getattr(t, field)
+        if got != value:
+            _fail(f".topology.{field}", f"{got!r}, but {t.name} has {value!r}; the plan contradicts its topology")
+
+
+def _check_bundled_model(plan: Plan) -> None:
+    """A plan naming a bundled model holds that model's digest and facts (user configs: see the runtime)."""
+    m = plan.model
+    facts = _bundled_facts().get(m.name)
+    if facts is None:
+        return
+    if m.config_sha256 != facts["config_sha256"]:
+        _fail(".model.config_sha256", f"not the digest of the bundled {m.name} config; a plan naming a bundled "
+                                      f"model is compiled from it: {REGENERATE}")
+    for field in ("attention", "num_layers", "moe_layers", "hidden", "vocab", "num_routed_experts",
+                  "num_shared_experts", "top_k", "params_total", "params_active"):
+        got, want = getattr(m, field), facts[field]
+        if field == "moe_layers":
+            got, want = _ranges(got), _ranges(want)
+        if got != want:
+            _fail(f".model.{field}", f"{got} but the bundled {m.name} has {want}; the plan contradicts its model")
+    want_bytes = max(1, round(facts["params_expert"] * QUANT_BYTES[plan.workload.quant]))
+    if m.expert_bytes != want_bytes:
+        _fail(".model.expert_bytes", f"{m.expert_bytes} but one {m.name} expert at {plan.workload.quant} is "
+                                     f"{want_bytes} bytes; the plan contradicts its model")
+
+
 def from_dict(obj: Any) -> Plan:
     """Validate a decoded JSON document into a Plan; errors name the JSON path ('plan.decode...')."""
     if not isinstance(obj, dict):
@@ -933,7 +1041,9 @@ def from_dict(obj: Any) -> Plan:
         _fail(".schema_version", f"missing: not a podplan plan (this podplan reads version {SCHEMA_VERSION})")
     version = _coerce(int, version, ".schema_version")
     _check_version(version)  # before any field, so a newer file says so rather than "unknown field"
-    return _build(Plan, obj, "")
+    plan = _build(Plan, obj, "")
+    check_consistency(plan)
+    return plan
 
 
 def from_json(text: str) -> Plan:
