@@ -7,11 +7,13 @@ A rank that raises or dies stops the whole run within seconds; no worker outlive
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -179,8 +181,27 @@ def launch(spec: RunSpec, *, timeout_s: float = 600.0, validated: bool = False) 
     """
     if not validated:
         validate(spec)
-    with tempfile.TemporaryDirectory(prefix="podplan-run-") as tmp:
+    with _terminate_as_exit(), tempfile.TemporaryDirectory(prefix="podplan-run-") as tmp:
         return _run(spec, Path(tmp), timeout_s)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM / SIGHUP unwind the launcher like Ctrl-C does: the ranks are killed and the temporary
+    run folder removed by the `finally` blocks, instead of the process vanishing and leaving both."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread; the caller owns signals there
+        return
+
+    def stop(signum: int, _frame) -> None:  # noqa: ANN001
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _context():

@@ -309,8 +309,8 @@ def _check(devices, slots, nodes, groups, algorithm, split, time_limit, seed, sl
         raise InputError(f"balance: {experts} experts do not split into {groups} groups; use a divisor")
     if not np.isfinite(time_limit) or time_limit < 0:
         raise InputError(f"balance: time limit must be >= 0 seconds (got {time_limit})")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"balance: seed must be an integer >= 0 (got {seed!r})")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"balance: seed must be an integer in 0..4294967295 (got {seed!r})")
     if not np.isfinite(slack) or slack < 0:
         raise InputError(f"balance: migration slack must be >= 0 (got {slack})")
 

@@ -7,6 +7,7 @@ import time
 
 from planner.compile import CompileOptions, compile_plan
 from planner.search import Workload
+from planner.cli.args import MAX_SEED, at_most, finite
 from planner.cli.console import stderr_console, stdout_console
 
 
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from planner.ir.plan import write_plan
 
     check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
+    at_most("compile", "--seed", args.seed, MAX_SEED)
+    for flag in ("tpot_ms", "ttft_ms", "prefix_hit", "mtp_accept", "time_limit"):
+        finite("compile", "--" + flag.replace("_", "-"), getattr(args, flag))
     workload = Workload(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
         prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept, decode_mode=args.decode_mode,
