@@ -558,7 +558,7 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase,
     elif plan.model.name in BUNDLED:
         source = plan.model.name
     else:
-        return phase, (f"{keep}: {plan.model.name} is not a bundled model; pass its config with --model-config PATH "
+        return phase, (f"{keep}: {plan.model.name[:80]!r} is not a bundled model; pass its config with --model-config PATH "
                        "to re-estimate")
     try:
         shape = shape_of(str(source))

@@ -24,7 +24,7 @@ def model_source(plan: Plan, model_config: str | None = None) -> ModelSource:
     name = plan.model.name
     if model_config is None:
         if name not in BUNDLED:
-            raise SpecError(f"plan.model.name: '{name}' is not a bundled model, and podplan does not open files a "
+            raise SpecError(f"plan.model.name: {name[:80]!r} is not a bundled model, and podplan does not open files a "
                             "plan names; pass its config with --model-config PATH (checked against the plan's "
                             "config_sha256)")
         src = load_source(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -391,8 +392,15 @@ def _run(jobs: list[_Job], workers: int | None) -> list[_Layer]:
     if workers <= 1 or len(jobs) <= 1:
         return [_solve_layer(job) for job in jobs]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_ignore_sigint) as pool:
         return list(pool.map(_solve_layer, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the parent stops the pool, and the
+    workers stay quiet instead of each printing a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _solve_layer(job: _Job) -> _Layer:

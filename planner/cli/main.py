@@ -45,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports every command: the slow part of start-up
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("podplan: interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.func(args) or 0)
     except PodplanError as exc:

@@ -254,7 +254,7 @@ def _check_limits(node: _Node) -> None:
         if low is not None and value < low:
             _fail(f".{name}", f"{value} must be >= {low}")
         if value > high:
-            _fail(f".{name}", f"{value} exceeds the limit {high:g}; no deployment podplan plans is this large")
+            _fail(f".{name}", f"{value if isinstance(value, int) else format(value, 'g')} must be <= {high}")
 
 
 def _plain_out(value: Any) -> Any:
@@ -995,8 +995,8 @@ def _check_topology_name(plan: Plan) -> None:
     t = plan.topology
     try:
         topo = get_topology(t.name)
-    except TopologyError as exc:
-        _fail(".topology.name", str(exc).splitlines()[0])
+    except TopologyError:  # its message quotes the name raw, and a crafted name holds newlines
+        _fail(".topology.name", f"{_short(t.name)} is not a topology podplan knows; {REGENERATE}")
     if topo.name != t.name:
         _fail(".topology.name", f"{_short(t.name)} is not written the way podplan writes it ({_short(topo.name)}); "
                                 f"{REGENERATE}")
