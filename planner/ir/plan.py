@@ -49,7 +49,9 @@ LIMITS: dict[str, dict[str, tuple[int | None, int | float]]] = {
                      "devices_per_server": (None, MAX_DEVICES), "servers_per_pod": (None, MAX_DEVICES),
                      "pods": (None, MAX_DEVICES)},
     "Workload": {"input_len": (None, 1 << 24), "output_len": (None, 1 << 24)},
-    "Instance": {"microbatches": (None, 64), "batch_per_device": (None, 1 << 20), "attention_dp": (None, MAX_DIES),
+    # microbatches: the cost model takes at most 16 (costmodels.serving); batch_per_device: a float, so a
+    # round bound (floats keep 6 significant digits)
+    "Instance": {"microbatches": (None, 16), "batch_per_device": (None, 1_000_000), "attention_dp": (None, MAX_DIES),
                  "attention_tp": (None, MAX_DIES), "ep": (None, MAX_DIES), "dp_domains": (None, MAX_DIES)},
     "ExpertPlacement": {"devices": (None, MAX_DEVICES), "slots_per_device": (None, 4096)},
     "Provenance": {"seed": (0, 2**32 - 1)},  # numpy and the solvers take 32-bit seeds

@@ -64,7 +64,7 @@ REFUSED: dict[str, tuple[Path, Callable[[dict], None], str]] = {
                         "plan.topology.num_devices: 1000000000 must be <= 8192"),
     "trillion-experts": (TINY, lambda d: d["model"].update(num_routed_experts=10**12),
                          "plan.model.num_routed_experts"),
-    "million-microbatches": (TINY, _decode_instance(microbatches=10**6), "microbatches: 1000000 must be <= 64"),
+    "million-microbatches": (TINY, _decode_instance(microbatches=10**6), "microbatches: 1000000 must be <= 16"),
     "batch-1e308": (TINY, _decode_instance(batch_per_device=1e308), "batch_per_device: 1e+308 must be <="),
     "huge-slots": (TINY, lambda d: d["decode"]["experts"][0].update(slots_per_device=10**9), "slots_per_device"),
     "seed-negative": (TINY, lambda d: d["provenance"].update(seed=-1), "plan.provenance.seed: -1 must be >= 0"),
@@ -84,6 +84,9 @@ LOADABLE: dict[str, tuple[Callable[[dict], None], str | None]] = {
                          "replans[0].seed"),
     "model-path-in-options": (lambda d: d["provenance"]["options"].update(model="/proc/self"), None),
     "model-name-is-a-path": (lambda d: d["model"].update(name="/etc/hostname"), None),
+    "largest-batch": (_decode_instance(batch_per_device=1e6), None),  # the bound itself stays usable
+    "most-microbatches": (_decode_instance(microbatches=16), None),
+    "longest-requests": (lambda d: d["workload"].update(input_len=1 << 24, output_len=1 << 24), None),
 }
 
 
