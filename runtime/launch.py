@@ -259,16 +259,44 @@ def _watch(procs: list, tmp: Path, timeout_s: float) -> None:
         if all(c == 0 for c in codes):
             return
         if any(c not in (None, 0) for c in codes):
+            stopped = _stopped(procs)  # peers of a stopped rank fail in their collectives: blame the stopped one
             end = time.monotonic() + GRACE_S
             while time.monotonic() < end and any(p.exitcode is None for p in procs):
                 time.sleep(0.05)
             _kill(procs)
+            if stopped:
+                raise _stopped_failure(stopped, "the others failed waiting for it")
             raise _culprit(procs, tmp)
         if time.monotonic() > deadline:
+            stopped = _stopped(procs)
             _kill(procs)
+            if stopped:
+                raise _stopped_failure(stopped, f"the run timed out after {timeout_s:g} s")
             raise RankFailure(None, f"run timed out after {timeout_s:g} s with every rank alive; rerun with fewer "
                                     "tokens or a larger --timeout")
         time.sleep(0.05)
+
+
+def _stopped(procs: list) -> list[int]:
+    """Ranks whose process is stopped (SIGSTOP, a debugger, job control): alive, but making no progress."""
+    out = []
+    for r, p in enumerate(procs):
+        if p.exitcode is not None or p.pid is None:
+            continue
+        try:
+            state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t"):
+            out.append(r)
+    return out
+
+
+def _stopped_failure(stopped: list[int], what: str) -> RankFailure:
+    r = stopped[0]
+    more = f" (and {len(stopped) - 1} more)" if len(stopped) > 1 else ""
+    return RankFailure(r, f"rank {r}{more} stopped making progress: its process was stopped (SIGSTOP or a "
+                          f"debugger); {what}")
 
 
 def _kill(procs: list) -> None:

@@ -74,3 +74,46 @@ def test_terminated_launcher_kills_its_ranks_and_removes_its_run_folder(sig, tmp
     while time.monotonic() < end and any(_alive(p) for p in children):
         time.sleep(0.1)
     assert not [p for p in children if _alive(p)], "a rank outlived its launcher"
+
+
+def _pid_with_open(path: Path) -> int | None:
+    """The process that has `path` open (a rank holds its rank<R>.log)."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd) == str(path):
+                    return int(fd_dir.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_at_the_timeout(tmp_path):
+    """A rank that stops (SIGSTOP) stalls its peers in their collectives: the launcher names it, not 'every
+    rank alive' and not a peer."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "planner", "run", str(TINY), "--prompts", "8", "--prompt-len", "8",
+         "--new-tokens", "48", "--no-check", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    victim = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and victim is None:
+            runs = list(tmp.glob("podplan-run-*"))
+            if runs and len(list(runs[0].glob("rank*.log"))) == 8:
+                victim = _pid_with_open(runs[0] / "rank3.log")
+            time.sleep(0.1)
+        assert victim is not None and proc.poll() is None, "the ranks never started"
+        os.kill(victim, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (proc.returncode, err)
+    last = err.strip().splitlines()[-1]
+    assert "rank 3 stopped making progress" in last and "timed out after" in last, err
+    assert not _alive(victim)
