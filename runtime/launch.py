@@ -15,6 +15,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -186,14 +187,14 @@ def launch(spec: RunSpec, *, timeout_s: float = 600.0, validated: bool = False) 
 
 
 @contextlib.contextmanager
-def _terminate_as_exit():
+def _terminate_as_exit() -> Iterator[None]:
     """SIGTERM / SIGHUP unwind the launcher like Ctrl-C does: the ranks are killed and the temporary
     run folder removed by the `finally` blocks, instead of the process vanishing and leaving both."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread; the caller owns signals there
         return
 
-    def stop(signum: int, _frame) -> None:  # noqa: ANN001
+    def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}

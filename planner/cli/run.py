@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from costmodels.errors import InputError
 from planner.cli.console import stderr_console, stdout_console
@@ -101,13 +102,13 @@ class _Overrun(BaseException):
 
 
 @contextlib.contextmanager
-def _deadline(seconds: float):
+def _deadline(seconds: float) -> Iterator[None]:
     """Raise an InputError if the block runs longer than `seconds` (SIGALRM; the CLI's main thread)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
 
-    def alarm(_signum: int, _frame) -> None:  # noqa: ANN001
+    def alarm(_signum: int, _frame: object) -> None:
         raise _Overrun()
 
     previous = signal.signal(signal.SIGALRM, alarm)
