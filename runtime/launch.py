@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -241,7 +242,8 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     try:
         for r in range(n):
             env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-            proc = ctx.Process(target=forked_main, args=(str(job), env, str(tmp / f"rank{r}.log")),
+            proc = ctx.Process(target=beating_main, args=(str(job), env, str(tmp / f"rank{r}.log"),
+                                                          str(tmp / f"rank{r}.beat")),
                                name=f"podplan-rank{r}", daemon=True)
             proc.start()
             procs.append(proc)
@@ -260,19 +262,23 @@ def _watch(procs: list, tmp: Path, timeout_s: float) -> None:
         if all(c == 0 for c in codes):
             return
         if any(c not in (None, 0) for c in codes):
-            stopped = _stopped(procs)  # peers of a stopped rank fail in their collectives: blame the stopped one
+            # peers of a stopped or stuck rank fail in their collectives: if no rank failed for its own
+            # reason, blame the one that stopped making progress (read before the rest are killed)
+            stopped, stuck = _stopped(procs), _stuck(procs, tmp)
             end = time.monotonic() + GRACE_S
             while time.monotonic() < end and any(p.exitcode is None for p in procs):
                 time.sleep(0.05)
             _kill(procs)
             if stopped:
                 raise _stopped_failure(stopped, "the others failed waiting for it")
-            raise _culprit(procs, tmp)
+            raise _culprit(procs, tmp, stuck)
         if time.monotonic() > deadline:
-            stopped = _stopped(procs)
+            stopped, stuck = _stopped(procs), _stuck(procs, tmp)
             _kill(procs)
             if stopped:
                 raise _stopped_failure(stopped, f"the run timed out after {timeout_s:g} s")
+            if stuck:
+                raise _stuck_failure(stuck, f"the run timed out after {timeout_s:g} s")
             raise RankFailure(None, f"run timed out after {timeout_s:g} s with every rank alive; rerun with fewer "
                                     "tokens or a larger --timeout")
         time.sleep(0.05)
@@ -309,7 +315,78 @@ def _kill(procs: list) -> None:
         p.join()
 
 
-def _culprit(procs: list, tmp: Path) -> RankFailure:
+# --- heartbeats: each rank says where its main thread is and since when -----------------------------
+
+# A rank whose main thread sits at one place outside communication this long has stopped making progress.
+STALL_S = 5.0
+BEAT_S = 0.5
+
+
+def beating_main(job: str, env: dict[str, str], log_path: str, beat_path: str) -> None:
+    """A worker (`forked_main`) with a heartbeat thread: the launcher learns which rank is stuck."""
+    main_ident = threading.main_thread().ident
+    threading.Thread(target=_beat, args=(Path(beat_path), main_ident), name="podplan-heartbeat",
+                     daemon=True).start()
+    forked_main(job, env, log_path)
+
+
+def _beat(path: Path, main_ident: int | None) -> None:
+    """Every BEAT_S: the main thread's place (innermost runtime frame), whether it waits on peers
+    (inside torch.distributed or runtime.exchange) and since when it has been there. A rank hung
+    outside communication keeps one place while its peers wait for it."""
+    last, since = None, time.time()
+    tmp = path.with_suffix(".tmp")
+    while True:
+        frame = sys._current_frames().get(main_ident) if main_ident is not None else None
+        stack = []
+        while frame is not None:
+            stack.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+            frame = frame.f_back
+        now = time.time()
+        place = tuple(stack[:4])
+        if place != last:
+            last, since = place, now
+        waiting = any("torch/distributed" in f or f.endswith("runtime/exchange.py") for f, _, _ in stack)
+        ours = next(((f, n, c) for f, n, c in stack if "/runtime/" in f), stack[0] if stack else ("?", 0, "?"))
+        where = f"{Path(ours[0]).name}:{ours[1]} in {ours[2]}"
+        try:
+            tmp.write_text(json.dumps({"time": now, "since": since, "waiting": waiting, "where": where}))
+            os.replace(tmp, path)
+        except OSError:
+            return  # the run folder is gone: the launcher has finished
+        time.sleep(BEAT_S)
+
+
+def _stuck(procs: list, tmp: Path) -> list[tuple[int, str, float]]:
+    """(rank, where, seconds) of live ranks stalled outside communication, when some peer waits on them."""
+    now = time.time()
+    stalled, waiting = [], 0
+    for r, p in enumerate(procs):
+        if p.exitcode is not None:
+            continue
+        try:
+            beat = json.loads((tmp / f"rank{r}.beat").read_text())
+            fresh = now - float(beat["time"]) < STALL_S
+            stalled_for = now - float(beat["since"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not fresh:  # the heartbeat itself stopped: the process holds the GIL or is frozen
+            stalled.append((r, "no heartbeat", now - float(beat["time"])))
+        elif beat["waiting"]:
+            waiting += 1
+        elif stalled_for >= STALL_S:
+            stalled.append((r, str(beat["where"]), stalled_for))
+    return stalled if waiting else []
+
+
+def _stuck_failure(stuck: list[tuple[int, str, float]], what: str) -> RankFailure:
+    r, where, seconds = stuck[0]
+    more = f" (and {len(stuck) - 1} more)" if len(stuck) > 1 else ""
+    return RankFailure(r, f"rank {r}{more} stopped making progress ({where}, for {seconds:.0f} s) while its peers "
+                          f"wait for it; {what}")
+
+
+def _culprit(procs: list, tmp: Path, stuck: list[tuple[int, str, float]] | None = None) -> RankFailure:
     """The rank that failed first for its own reason; peers that only lost their connection come last."""
     # (time of the report, rank, message): the earliest report of a group names the culprit
     own: list[tuple[float, int, str]] = []
@@ -326,6 +403,8 @@ def _culprit(procs: list, tmp: Path) -> RankFailure:
             died.append((0.0, r, f"rank {r} died: killed by signal {signal.Signals(-p.exitcode).name}"))
         elif p.exitcode:
             died.append((0.0, r, f"rank {r} exited with code {p.exitcode}: {_last_line(tmp / f'rank{r}.log')}"))
+    if stuck and not own and not died:  # only lost connections reported: the stuck rank caused them
+        return _stuck_failure(stuck, "the others failed waiting for it")
     for group in (own, died, secondary):
         if group:
             _, rank, message = min(group)

@@ -117,3 +117,20 @@ def test_a_stopped_rank_is_named_at_the_timeout(tmp_path):
     last = err.strip().splitlines()[-1]
     assert "rank 3 stopped making progress" in last and "timed out after" in last, err
     assert not _alive(victim)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_named_by_its_heartbeat(monkeypatch):
+    """A rank hung outside communication (the `hang` fault: a long sleep) keeps its place while its peers
+    wait in their collectives: the timeout names it and where it is, not 'every rank alive'."""
+    from runtime.errors import RankFailure
+    from runtime.launch import launch
+    from runtime.worker import FAULT_ENV
+    from tests.runtime.conftest import colocated, worker_pids
+
+    monkeypatch.setenv(FAULT_ENV, "1:1:hang")
+    with pytest.raises(RankFailure, match=r"rank 1 stopped making progress \(worker\.py:\d+ in _fire, for \d+ s\)"
+                       ) as info:
+        launch(colocated("tiny-qwen3-moe", 2, prompts=2, prompt_len=4, new_tokens=3), timeout_s=30)
+    assert info.value.rank == 1 and "timed out after 30 s" in str(info.value)
+    assert worker_pids() == []
