@@ -233,9 +233,9 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "PODPLAN_CLIENT_STORE": "1",
             "WORLD_SIZE": str(n), "PODPLAN_LAUNCHER_PID": str(os.getpid()),
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread per rank: ranks share the cores
-    fault = os.environ.get(FAULT_ENV)
-    if fault:
-        base[FAULT_ENV] = fault
+    # always set: the forkserver keeps the environment it started with, and a fault left in it from an
+    # earlier launch would otherwise fire in every later run of this process
+    base[FAULT_ENV] = os.environ.get(FAULT_ENV, "")
     ctx = _context()
     t0 = time.perf_counter()
     procs: list = []
