@@ -159,6 +159,17 @@ def test_loadable_hostile_plan_is_harmless(case, capsys, tmp_path):
     assert {p.name for p in out.iterdir()} == wrote  # the outputs asked for, and only by commands that succeeded
 
 
+def test_every_limit_names_a_plan_field():
+    import dataclasses
+
+    from planner.ir import plan as plan_mod
+
+    for cls_name, limits in plan_mod.LIMITS.items():
+        cls = getattr(plan_mod, cls_name)
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(limits) <= names, f"LIMITS[{cls_name!r}] names fields {sorted(set(limits) - names)} it lacks"
+
+
 def test_bundled_facts_file_is_up_to_date():
     from planner.golden import facts_text
 
