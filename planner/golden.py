@@ -8,6 +8,7 @@ shows up in review as a diff (`podplan diff plans/X.json NEW.json`).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from planner.compile import CompileOptions, compile_plan
 from planner.ir.plan import Workload, write_plan
 from planner.search import Pins
+from planner.ir.fileio import write_atomic
+from planner.ir.plan import BUNDLED_FACTS_FILE
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
 
@@ -48,12 +51,50 @@ GOLDEN = (
 )
 
 
+def bundled_facts() -> dict[str, dict]:
+    """Bundled name -> the ModelInfo fields any plan of it must hold (expert_bytes via params_expert).
+
+    The IR may not import the frontend (tests/test_layering.py), so the plan loader reads these as
+    data from planner/ir/bundled_models.json, which `--write` regenerates with the golden plans.
+    """
+    from planner.frontend.shape import shape_of
+    from planner.frontend.zoo import bundled_names, load_source
+
+    out: dict[str, dict] = {}
+    for name in bundled_names():
+        shape = shape_of(name)
+        out[name] = {
+            "config_sha256": load_source(name).digest(), "attention": shape.attention,
+            "num_layers": shape.num_layers, "moe_layers": list(shape.moe_layers), "hidden": shape.hidden,
+            "vocab": shape.vocab, "num_routed_experts": shape.num_routed_experts,
+            "num_shared_experts": shape.num_shared_experts, "top_k": shape.top_k,
+            "params_total": shape.params_total, "params_active": shape.params_active,
+            "params_expert": shape.params_expert,
+        }
+    return out
+
+
+def facts_text() -> str:
+    """One model a line, keys sorted: a changed config shows up as a one-line diff."""
+    facts = bundled_facts()
+    lines = [f" {json.dumps(name)}: {json.dumps(facts[name], sort_keys=True)}" for name in sorted(facts)]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m planner.golden", description=__doc__)
     parser.add_argument("--write", action="store_true", help="regenerate plans/ (default: check only)")
     parser.add_argument("names", nargs="*", help="golden files to handle (default: all)")
     args = parser.parse_args(argv)
     stale = 0
+    if not args.names:  # the bundled models' facts the plan loader checks (planner/ir/bundled_models.json)
+        if args.write:
+            write_atomic(BUNDLED_FACTS_FILE, facts_text())
+            print(f"wrote {BUNDLED_FACTS_FILE}")
+        else:
+            same = BUNDLED_FACTS_FILE.read_text() == facts_text()
+            stale += not same
+            print(f"{'ok   ' if same else 'STALE'} {BUNDLED_FACTS_FILE}")
     for g in GOLDEN:
         if args.names and g.file not in args.names:
             continue

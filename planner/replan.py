@@ -17,7 +17,7 @@ from costmodels.errors import InfeasibleError, InputError
 from planner.ir import plan as ir
 from planner.balance.balancer import balance
 from planner.balance.migrate import migrate, moved_slots
-from planner.balance.loads import read_loads
+from planner.balance.loads import is_generator, read_loads
 
 if TYPE_CHECKING:
     from costmodels.model_shape import ModelShape
@@ -100,15 +100,28 @@ def plan_loads(plan: ir.Plan, spec: str | None, seed: int | None = None) -> np.n
         return read_loads(spec, layers=layers, experts=experts, seed=plan.provenance.seed if seed is None else seed)
     # the latest loads a replan applied (with its seed), else the compile's
     compiled, seed = plan.provenance.options.get("loads"), plan.provenance.seed
-    for record in plan.provenance.options.get("replans", ()):
+    replans = plan.provenance.options.get("replans", ())
+    for i, record in enumerate(replans if isinstance(replans, (list, tuple)) else ()):
         if isinstance(record, dict) and isinstance(record.get("loads"), str):
-            compiled, seed = record["loads"], int(record.get("seed", seed))
+            compiled, seed = record["loads"], _recorded_seed(record.get("seed", seed), i)
     if not isinstance(compiled, str):
         raise InputError("replan: the plan does not record the expert loads it was compiled with; pass --loads FILE")
+    if not is_generator(compiled):
+        # A plan names its loads; it does not choose files for podplan to open (plans are shared).
+        raise InputError(f"replan: the plan was made with loads from a file ({compiled[:80]!r}); podplan does not "
+                         "open files a plan names: pass it yourself with --loads FILE")
     try:
         return read_loads(compiled, layers=layers, experts=experts, seed=seed)
     except InputError as exc:
         raise InputError(f"replan: cannot re-read the plan's loads ({exc}); pass --loads FILE") from None
+
+
+def _recorded_seed(value: object, i: int) -> int:
+    """The seed a replan record holds, as the generators take it: an integer in 0..2**32-1."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise InputError(f"replan: plan.provenance.options.replans[{i}].seed: {value!r} is not a seed in "
+                         "0..4294967295; pass --loads to choose the loads yourself")
+    return value
 
 
 def replan(
@@ -123,12 +136,15 @@ def replan(
     workers: int | None = None,
     estimate: bool = True,
     loads_spec: str | None = None,
+    model_config: str | None = None,
 ) -> ReplanResult:
     """Re-solve the placements touched by `failed` devices (and all of `phases` when `loads` is new).
 
     loads: [MoE layers, experts] tokens per step; None re-reads the plan's own (failures only).
     phases: where new loads apply (default: every phase). slack: see DEFAULT_SLACK. loads_spec: the
-    file or generator `loads` came from, recorded so a later replan re-reads it.
+    file or generator `loads` came from, recorded so a later replan re-reads it (generators only).
+    model_config: the config file of a plan compiled from a user's config, to re-estimate predictions
+    (a plan's own paths are never opened).
     """
     if not math.isfinite(slack) or slack < 0:
         raise InputError(f"replan: migration slack must be >= 0 (got {slack})")
@@ -166,7 +182,7 @@ def replan(
         for name in sorted(new_phases):
             if new_phases[name] is plan.phases[name]:
                 continue
-            new_phases[name], note = _reestimate(plan, name, new_phases[name])
+            new_phases[name], note = _reestimate(plan, name, new_phases[name], model_config)
             if note:
                 notes.append(note)
     options = dict(plan.provenance.options)
@@ -343,15 +359,27 @@ def _round_shares(row: np.ndarray, shares: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in out)
 
 
-def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase) -> tuple[ir.Phase, str]:
+def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase,
+                model_config: str | None = None) -> tuple[ir.Phase, str]:
     """The phase with predictions and memory from the cost model (the slowest instance; throughput
     averaged over devices), or unchanged with a note when the model or deployment cannot be scored."""
     from planner.compile import memory_of, prediction_of  # the compile driver's own IR conversions
     from planner.frontend.shape import shape_of
+    from planner.frontend.zoo import BUNDLED, load_source
     from costmodels.topology import get_topology
 
-    source = plan.provenance.options.get("model", plan.model.name)
     keep = f"{name} predictions kept from the old plan"
+    # the model: a bundled name, or the config the user passed; never a path the plan recorded
+    if model_config is not None:
+        if load_source(model_config).digest() != plan.model.config_sha256:
+            raise InputError(f"replan: --model-config {model_config}: its digest is not the plan's "
+                             "model.config_sha256; pass the config the plan was compiled from")
+        source = model_config
+    elif plan.model.name in BUNDLED:
+        source = plan.model.name
+    else:
+        return phase, (f"{keep}: {plan.model.name[:80]!r} is not a bundled model; pass its config with --model-config PATH "
+                       "to re-estimate")
     try:
         shape = shape_of(str(source))
         topo = get_topology(plan.topology.name)

@@ -6,25 +6,54 @@ the prefill ranks to the decode ranks); a plan with one phase runs both phases o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from planner.ir.plan import Plan
-from planner.frontend.zoo import load_source
+from planner.frontend.zoo import BUNDLED, ModelSource, load_source
 from runtime.errors import SpecError
 from runtime.spec import InstanceSpec, LayerSlots, RunSpec, equal_shares
 
 
+def model_source(plan: Plan, model_config: str | None = None) -> ModelSource:
+    """The model a plan names: a bundled name, or the config the user passes, checked against the digest.
+
+    A plan names a model, it does not choose files to open: `plan.model.name` is never read as a
+    path (a plan from someone else could name any file), so a plan of a user's config needs
+    `--model-config PATH`, the path coming from the command line.
+    """
+    name = plan.model.name
+    if model_config is None:
+        if name not in BUNDLED:
+            raise SpecError(f"plan.model.name: {name[:80]!r} is not a bundled model, and podplan does not open files a "
+                            "plan names; pass its config with --model-config PATH (checked against the plan's "
+                            "config_sha256)")
+        src = load_source(name)
+        if src.digest() != plan.model.config_sha256:
+            raise SpecError(f"plan.model.config_sha256: the plan was compiled for another config of '{name}' "
+                            "than the one podplan loads now; recompile the plan")
+        return src
+    if model_config in BUNDLED:
+        raise SpecError(f"--model-config {model_config}: give the path of a config.json or a model folder; "
+                        "bundled models need no --model-config")
+    src = load_source(model_config)
+    if src.digest() != plan.model.config_sha256:
+        raise SpecError(f"--model-config {model_config}: its digest is not the plan's model.config_sha256; "
+                        "pass the config the plan was compiled from")
+    return src
+
+
 def spec_from_plan(plan: Plan, *, prompts: int = 8, prompt_len: int = 16, new_tokens: int = 8, seed: int = 0,
-                   weights: str | None = None, backend: str = "gloo") -> RunSpec:
-    """The runtime's spec for `plan`; SpecError (one line) when the plan cannot run on this host."""
+                   weights: str | None = None, backend: str = "gloo", model_config: str | None = None) -> RunSpec:
+    """The runtime's spec for `plan`; SpecError (one line) when the plan cannot run on this host.
+
+    model_config: the config file of a plan compiled from a user's config (see `model_source`)."""
     topo = plan.topology
     if topo.kind != "local":
         raise SpecError(f"plan.topology: '{topo.name}' cannot run on this host; podplan run executes plans compiled "
                         "for local:N (compile with --topology local:N)")
     if topo.dies_per_device != 1:
         raise SpecError(f"plan.topology.dies_per_device: {topo.dies_per_device}; a local process is one die")
-    src = load_source(plan.model.name)
-    if src.digest() != plan.model.config_sha256:
-        raise SpecError(f"plan.model.config_sha256: the plan was compiled for another config of '{plan.model.name}' "
-                        "than the one podplan loads now; recompile the plan")
+    src = model_source(plan, model_config)
     both = plan.prefill is not None and plan.decode is not None
     instances = []
     for phase, phase_plan in plan.phases.items():
@@ -42,7 +71,9 @@ def spec_from_plan(plan: Plan, *, prompts: int = 8, prompt_len: int = 16, new_to
                 slots_per_rank=placement.slots_per_device, layers=layers, microbatches=inst.microbatches,
                 shared_ranks=inst.shared_expert_devices,
             ))
-    return RunSpec(model=plan.model.name, world_size=topo.num_devices, instances=tuple(instances), prompts=prompts,
+    # what the workers load: the bundled name, or the user's file by absolute path (ranks may start elsewhere)
+    model = plan.model.name if model_config is None else str(Path(src.origin).resolve())
+    return RunSpec(model=model, world_size=topo.num_devices, instances=tuple(instances), prompts=prompts,
                    prompt_len=prompt_len, new_tokens=new_tokens, seed=seed, weights=weights, backend=backend,
                    predictions=predictions_of(plan))
 

@@ -7,12 +7,16 @@ A rank that raises or dies stops the whole run within seconds; no worker outlive
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -180,8 +184,27 @@ def launch(spec: RunSpec, *, timeout_s: float = 600.0, validated: bool = False) 
     """
     if not validated:
         validate(spec)
-    with tempfile.TemporaryDirectory(prefix="podplan-run-") as tmp:
+    with _terminate_as_exit(), tempfile.TemporaryDirectory(prefix="podplan-run-") as tmp:
         return _run(spec, Path(tmp), timeout_s)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM / SIGHUP unwind the launcher like Ctrl-C does: the ranks are killed and the temporary
+    run folder removed by the `finally` blocks, instead of the process vanishing and leaving both."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread; the caller owns signals there
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _context():
@@ -211,16 +234,17 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "PODPLAN_CLIENT_STORE": "1",
             "WORLD_SIZE": str(n), "PODPLAN_LAUNCHER_PID": str(os.getpid()),
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread per rank: ranks share the cores
-    fault = os.environ.get(FAULT_ENV)
-    if fault:
-        base[FAULT_ENV] = fault
+    # always set: the forkserver keeps the environment it started with, and a fault left in it from an
+    # earlier launch would otherwise fire in every later run of this process
+    base[FAULT_ENV] = os.environ.get(FAULT_ENV, "")
     ctx = _context()
     t0 = time.perf_counter()
     procs: list = []
     try:
         for r in range(n):
             env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-            proc = ctx.Process(target=forked_main, args=(str(job), env, str(tmp / f"rank{r}.log")),
+            proc = ctx.Process(target=beating_main, args=(str(job), env, str(tmp / f"rank{r}.log"),
+                                                          str(tmp / f"rank{r}.beat")),
                                name=f"podplan-rank{r}", daemon=True)
             proc.start()
             procs.append(proc)
@@ -239,16 +263,48 @@ def _watch(procs: list, tmp: Path, timeout_s: float) -> None:
         if all(c == 0 for c in codes):
             return
         if any(c not in (None, 0) for c in codes):
+            # peers of a stopped or stuck rank fail in their collectives: if no rank failed for its own
+            # reason, blame the one that stopped making progress (read before the rest are killed)
+            stopped, stuck = _stopped(procs), _stuck(procs, tmp)
             end = time.monotonic() + GRACE_S
             while time.monotonic() < end and any(p.exitcode is None for p in procs):
                 time.sleep(0.05)
             _kill(procs)
-            raise _culprit(procs, tmp)
+            if stopped:
+                raise _stopped_failure(stopped, "the others failed waiting for it")
+            raise _culprit(procs, tmp, stuck)
         if time.monotonic() > deadline:
+            stopped, stuck = _stopped(procs), _stuck(procs, tmp)
             _kill(procs)
+            if stopped:
+                raise _stopped_failure(stopped, f"the run timed out after {timeout_s:g} s")
+            if stuck:
+                raise _stuck_failure(stuck, f"the run timed out after {timeout_s:g} s")
             raise RankFailure(None, f"run timed out after {timeout_s:g} s with every rank alive; rerun with fewer "
                                     "tokens or a larger --timeout")
         time.sleep(0.05)
+
+
+def _stopped(procs: list) -> list[int]:
+    """Ranks whose process is stopped (SIGSTOP, a debugger, job control): alive, but making no progress."""
+    out = []
+    for r, p in enumerate(procs):
+        if p.exitcode is not None or p.pid is None:
+            continue
+        try:
+            state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t"):
+            out.append(r)
+    return out
+
+
+def _stopped_failure(stopped: list[int], what: str) -> RankFailure:
+    r = stopped[0]
+    more = f" (and {len(stopped) - 1} more)" if len(stopped) > 1 else ""
+    return RankFailure(r, f"rank {r}{more} stopped making progress: its process was stopped (SIGSTOP or a "
+                          f"debugger); {what}")
 
 
 def _kill(procs: list) -> None:
@@ -260,7 +316,78 @@ def _kill(procs: list) -> None:
         p.join()
 
 
-def _culprit(procs: list, tmp: Path) -> RankFailure:
+# --- heartbeats: each rank says where its main thread is and since when -----------------------------
+
+# A rank whose main thread sits at one place outside communication this long has stopped making progress.
+STALL_S = 5.0
+BEAT_S = 0.5
+
+
+def beating_main(job: str, env: dict[str, str], log_path: str, beat_path: str) -> None:
+    """A worker (`forked_main`) with a heartbeat thread: the launcher learns which rank is stuck."""
+    main_ident = threading.main_thread().ident
+    threading.Thread(target=_beat, args=(Path(beat_path), main_ident), name="podplan-heartbeat",
+                     daemon=True).start()
+    forked_main(job, env, log_path)
+
+
+def _beat(path: Path, main_ident: int | None) -> None:
+    """Every BEAT_S: the main thread's place (innermost runtime frame), whether it waits on peers
+    (inside torch.distributed or runtime.exchange) and since when it has been there. A rank hung
+    outside communication keeps one place while its peers wait for it."""
+    last, since = None, time.time()
+    tmp = path.with_suffix(".tmp")
+    while True:
+        frame = sys._current_frames().get(main_ident) if main_ident is not None else None
+        stack = []
+        while frame is not None:
+            stack.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+            frame = frame.f_back
+        now = time.time()
+        place = tuple(stack[:4])
+        if place != last:
+            last, since = place, now
+        waiting = any("torch/distributed" in f or f.endswith("runtime/exchange.py") for f, _, _ in stack)
+        ours = next(((f, n, c) for f, n, c in stack if "/runtime/" in f), stack[0] if stack else ("?", 0, "?"))
+        where = f"{Path(ours[0]).name}:{ours[1]} in {ours[2]}"
+        try:
+            tmp.write_text(json.dumps({"time": now, "since": since, "waiting": waiting, "where": where}))
+            os.replace(tmp, path)
+        except OSError:
+            return  # the run folder is gone: the launcher has finished
+        time.sleep(BEAT_S)
+
+
+def _stuck(procs: list, tmp: Path) -> list[tuple[int, str, float]]:
+    """(rank, where, seconds) of live ranks stalled outside communication, when some peer waits on them."""
+    now = time.time()
+    stalled, waiting = [], 0
+    for r, p in enumerate(procs):
+        if p.exitcode is not None:
+            continue
+        try:
+            beat = json.loads((tmp / f"rank{r}.beat").read_text())
+            fresh = now - float(beat["time"]) < STALL_S
+            stalled_for = now - float(beat["since"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not fresh:  # the heartbeat itself stopped: the process holds the GIL or is frozen
+            stalled.append((r, "no heartbeat", now - float(beat["time"])))
+        elif beat["waiting"]:
+            waiting += 1
+        elif stalled_for >= STALL_S:
+            stalled.append((r, str(beat["where"]), stalled_for))
+    return stalled if waiting else []
+
+
+def _stuck_failure(stuck: list[tuple[int, str, float]], what: str) -> RankFailure:
+    r, where, seconds = stuck[0]
+    more = f" (and {len(stuck) - 1} more)" if len(stuck) > 1 else ""
+    return RankFailure(r, f"rank {r}{more} stopped making progress ({where}, for {seconds:.0f} s) while its peers "
+                          f"wait for it; {what}")
+
+
+def _culprit(procs: list, tmp: Path, stuck: list[tuple[int, str, float]] | None = None) -> RankFailure:
     """The rank that failed first for its own reason; peers that only lost their connection come last."""
     # (time of the report, rank, message): the earliest report of a group names the culprit
     own: list[tuple[float, int, str]] = []
@@ -277,6 +404,8 @@ def _culprit(procs: list, tmp: Path) -> RankFailure:
             died.append((0.0, r, f"rank {r} died: killed by signal {signal.Signals(-p.exitcode).name}"))
         elif p.exitcode:
             died.append((0.0, r, f"rank {r} exited with code {p.exitcode}: {_last_line(tmp / f'rank{r}.log')}"))
+    if stuck and not own and not died:  # only lost connections reported: the stuck rank caused them
+        return _stuck_failure(stuck, "the others failed waiting for it")
     for group in (own, died, secondary):
         if group:
             _, rank, message = min(group)

@@ -52,7 +52,7 @@ def read_spec(job_dir: str | Path) -> RunSpec:
         raise SpecError(f"{job_dir} holds no {JOB}; write one with `podplan run PLAN.json --job-dir {job_dir}`")
     try:
         return RunSpec.from_json(job.read_text())
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SpecError(f"{job} is not a podplan job ({type(exc).__name__}: {exc}); write it again with "
                         "`podplan run PLAN.json --job-dir`") from None
 
@@ -63,15 +63,43 @@ def collect(job_dir: str | Path) -> RunOutcome:
     spec = read_spec(out)
     errors = []
     for path in sorted(out.glob("rank*.error.json")):
-        rec = json.loads(path.read_text())
-        errors.append((rec["secondary"], rec["time"], rec["rank"], rec["message"]))
+        errors.append(_error_record(path))
     if errors:
         _, _, rank, message = min(errors)  # a rank's own failure before peers that lost their connection
         raise RankFailure(rank, message)
     result = out / RESULT
     if not result.is_file():
         raise SpecError(f"{out} holds no {RESULT} yet; run `{command(spec, out / JOB)}` first")
-    data = torch.load(result, weights_only=True)  # tensors and plain metrics: no pickled code
-    metrics = data["metrics"]
-    wall = max(m.get("setup_s", 0.0) + m.get("run_s", 0.0) for m in metrics) if metrics else 0.0
-    return RunOutcome(data["tokens"], data["logits"], metrics, wall)
+    rerun = f"run `{command(spec, out / JOB)}` again"
+    try:
+        data = torch.load(result, weights_only=True)  # tensors and plain metrics: no pickled code
+    except Exception as exc:  # noqa: BLE001 - torch raises anything from a truncated or foreign file
+        raise SpecError(f"{result}: not a result podplan wrote ({_first_line(exc)}); {rerun}") from None
+    try:
+        metrics = list(data["metrics"])
+        wall = max(float(m.get("setup_s", 0.0)) + float(m.get("run_s", 0.0)) for m in metrics) if metrics else 0.0
+        tokens, logits = data["tokens"], data["logits"]
+        if not isinstance(tokens, torch.Tensor) or not isinstance(logits, torch.Tensor):
+            raise TypeError("tokens and logits must be tensors")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SpecError(f"{result}: not a result podplan wrote ({type(exc).__name__}: {_first_line(exc)}); "
+                        f"{rerun}") from None
+    return RunOutcome(tokens, logits, metrics, wall)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _error_record(path: Path) -> tuple[bool, float, int, str]:
+    """(secondary, time, rank, message) of a rank's error report; SpecError when it is not one."""
+    try:
+        rec = json.loads(path.read_text())
+        secondary, when, rank, message = rec["secondary"], float(rec["time"]), rec["rank"], rec["message"]
+        if not isinstance(secondary, bool) or not isinstance(rank, int) or not isinstance(message, str):
+            raise TypeError("secondary, rank and message must be a boolean, an integer and a string")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"{path}: not an error report a rank wrote ({type(exc).__name__}: {_first_line(exc)}); "
+                        "remove it or rerun the job") from None
+    return secondary, when, rank, message.strip().splitlines()[0] if message.strip() else "(no message)"

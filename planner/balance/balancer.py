@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -309,8 +310,8 @@ def _check(devices, slots, nodes, groups, algorithm, split, time_limit, seed, sl
         raise InputError(f"balance: {experts} experts do not split into {groups} groups; use a divisor")
     if not np.isfinite(time_limit) or time_limit < 0:
         raise InputError(f"balance: time limit must be >= 0 seconds (got {time_limit})")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"balance: seed must be an integer >= 0 (got {seed!r})")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"balance: seed must be an integer in 0..4294967295 (got {seed!r})")
     if not np.isfinite(slack) or slack < 0:
         raise InputError(f"balance: migration slack must be >= 0 (got {slack})")
 
@@ -391,8 +392,15 @@ def _run(jobs: list[_Job], workers: int | None) -> list[_Layer]:
     if workers <= 1 or len(jobs) <= 1:
         return [_solve_layer(job) for job in jobs]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_ignore_sigint) as pool:
         return list(pool.map(_solve_layer, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C reaches every process of the terminal's group: the parent stops the pool, and the
+    workers stay quiet instead of each printing a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _solve_layer(job: _Job) -> _Layer:

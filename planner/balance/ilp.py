@@ -127,7 +127,7 @@ def exact_equal(
         _add_hint(m, hint, load, y, p, ks)
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
-    solver.parameters.random_seed = seed
+    solver.parameters.random_seed = seed % 2**31  # CP-SAT takes an int32; seeds below 2**31 stay as they were
     solver.parameters.max_deterministic_time = max(time_limit, 0.01)
     status = solver.solve(m)
     bound = max((solver.best_objective_bound - slots / 2) / scale, 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,12 @@ def generate_loads(spec: str, layers: int, experts: int, seed: int = 0) -> np.nd
 
 def _number(spec: str, text: str, rule: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise InputError(f"loads {spec!r}: {rule}") from None
+    if not math.isfinite(value):  # float() takes 'inf' and 'nan'
+        raise InputError(f"loads {spec!r}: {rule}")
+    return value
 
 
 def read_loads(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from costmodels.errors import InputError
-from planner.cli.args import at_least, output_file
+from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
 from planner.balance.balancer import (
     ALGORITHMS,
     DEFAULT_MIGRATION_SLACK,
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     out = output_file("balance", args.output, "balance.json")
     for flag, value in (("--workers", args.workers), ("--layers", args.layers), ("--experts", args.experts)):
         at_least("balance", flag, value, 1)
+    at_least("balance", "--seed", args.seed, 0)
+    at_most("balance", "--seed", args.seed, MAX_SEED)
+    finite("balance", "--time-limit", args.time_limit)
+    finite("balance", "--migration-slack", args.migration_slack)
     loads = read_loads(args.loads, layers=args.layers, experts=args.experts, seed=args.seed)
     previous = _read_previous(args.previous) if args.previous else None
     result = balance(

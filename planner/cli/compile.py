@@ -9,7 +9,7 @@ from costmodels.serving import DECODE_MODES
 from costmodels.topology import topology_names
 from planner.compile import CompileOptions, compile_plan, workload_from_flags
 from planner.search import Pins
-from planner.cli.args import decode_mode
+from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
 from planner.cli.console import stderr_console, stdout_console
 
 
@@ -46,8 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.ir.fileio import check_output_path
     from planner.ir.plan import write_plan
 
+    check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
+    at_most("compile", "--seed", args.seed, MAX_SEED)
+    for flag in ("tpot_ms", "ttft_ms", "prefix_hit", "mtp_accept", "time_limit"):
+        finite("compile", "--" + flag.replace("_", "-"), getattr(args, flag))
     workload = workload_from_flags(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
         prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept,

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"regression rules, overriding the defaults ({DEFAULT_FAIL_ON.replace('%', '%%')}) metric by metric: "
                         "[prefill.|decode.]METRIC:LIMIT, e.g. 'throughput:-0.5%%,tpot:+2%%,moved-experts:100,"
                         "migration:10GB,balance:+5%%,memory:+10%%,ttft:off'; 'none' drops the defaults")
+    p.add_argument("--allow-incomparable", action="store_true",
+                   help="do not count expert placements that cannot be compared (another model's layers or "
+                        "expert count) as a regression")
     p.set_defaults(func=run)
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     rules = parse_fail_on(args.fail_on)  # a bad spec fails before any file is read
     old, new = load_plan(args.old), load_plan(args.new)
     diff = diff_plans(old, new)
-    violations = check(diff, rules)
+    violations = check(diff, rules, allow_incomparable=args.allow_incomparable)
     if args.json:
         doc = {"old": args.old, "new": args.new, "rules": [r.text for r in rules], "regressions": violations,
                "exit": 1 if violations else 0, **diff}

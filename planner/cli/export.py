@@ -27,8 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from planner.cli.console import stderr_console, stdout_console
     from planner.export import export_plan, write_export
+    from planner.ir.fileio import check_output_path
     from planner.ir.plan import load_plan
 
+    check_output_path(args.output, flag="-o", folder=True)  # DIR may be missing; its parent must exist
     plan = load_plan(args.plan)
     export = export_plan(plan, args.format, plan_file=args.plan)
     write_export(export, args.output)

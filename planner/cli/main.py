@@ -45,8 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports every command: the slow part of start-up
+        args = parser.parse_args(argv)
+    except Exception as exc:
+        if _interrupted(exc):
+            print("podplan: interrupted", file=sys.stderr)
+            return 130
+        raise
+    except KeyboardInterrupt:
+        print("podplan: interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.func(args) or 0)
     except PodplanError as exc:
@@ -57,6 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        if _interrupted(exc):
+            print(f"podplan {args.command}: interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True when Ctrl-C caused `exc`: a KeyboardInterrupt inside a native module's import surfaces as
+    ImportError("initialization failed") with the interrupt as its context."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ import argparse
 from pathlib import Path
 
 from costmodels.errors import InputError
-from planner.cli.args import at_least, output_file
+from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
 from planner.cli.console import stderr_console, stdout_console
 from planner.replan import DEFAULT_SLACK, ReplanResult
+
+# An hour per sub-problem: a recorded limit above this is not one a compile ran with.
+MAX_TIME_LIMIT_S = 3600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"accept a max load this fraction above the from-scratch solve to move fewer experts "
                         f"(default {DEFAULT_SLACK})")
     p.add_argument("--workers", type=int, metavar="W", help="processes solving layers (default: one per core)")
+    p.add_argument("--model-config", metavar="PATH",
+                   help="config.json of a plan compiled from your own config, to re-estimate its predictions "
+                        "(checked against the plan's digest; paths a plan records are never opened)")
     p.add_argument("-o", "--output", required=True, metavar="NEW.json", help="where to write the new plan")
     p.set_defaults(func=run)
 
@@ -48,23 +54,41 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("replan: nothing to do; give --failed-devices IDS and/or --loads NEW")
     at_least("replan", "--workers", args.workers, 1)
     at_least("replan", "--seed", args.seed, 0)
+    at_most("replan", "--seed", args.seed, MAX_SEED)
+    finite("replan", "--time-limit", args.time_limit)
+    finite("replan", "--migration-slack", args.migration_slack)
     plan = load_plan(args.plan)
+    if args.model_config is not None:
+        from planner.frontend.zoo import load_source
+
+        if load_source(args.model_config).digest() != plan.model.config_sha256:
+            raise InputError(f"replan: --model-config {args.model_config}: its digest is not the plan's "
+                             "model.config_sha256; pass the config the plan was compiled from")
     failed = parse_device_ids(args.failed_devices, plan.topology.num_devices, plan.topology.name) \
         if args.failed_devices else ()
     seed = plan.provenance.seed if args.seed is None else args.seed
     time_limit = args.time_limit
     if time_limit is None:
-        time_limit = float(plan.provenance.options.get("time_limit", 0.5))
+        time_limit = _recorded_time_limit(plan.provenance.options.get("time_limit", 0.5))
     loads = plan_loads(plan, args.loads, seed) if args.loads else None
     err = stderr_console()
     with err.status("re-planning"):
         result = replan(plan, failed=failed, loads=loads, phases=args.phase, time_limit=time_limit, seed=seed,
-                        slack=args.migration_slack, workers=args.workers, loads_spec=args.loads)
+                        slack=args.migration_slack, workers=args.workers, loads_spec=args.loads,
+                        model_config=args.model_config)
     write_plan(result.plan, out)
     for note in result.notes:
         err.print(f"podplan replan: note: {note}", soft_wrap=True, markup=False)
     _print(result, args.plan, out)
     return 0
+
+
+def _recorded_time_limit(value: object) -> float:
+    """The compile's --time-limit as the plan records it; a plan is data from someone else, so checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIME_LIMIT_S:
+        raise InputError(f"replan: plan.provenance.options.time_limit: {value!r} is not a time limit in "
+                         f"(0, {MAX_TIME_LIMIT_S:g}] seconds; pass --time-limit S")
+    return float(value)
 
 
 def _print(result: ReplanResult, old: str, out: Path) -> None:

@@ -7,12 +7,21 @@ With --job-dir the plan is only validated and written as a job for torchrun (one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 
 from costmodels.errors import InputError
 from planner.cli.console import stderr_console, stdout_console
+from planner.ir.fileio import check_output_path
 from planner.ir.plan import load_plan
+
+# A week: beyond this --timeout is a typo, and setitimer would overflow on absurd values.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the monolithic model")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--model-config", metavar="PATH",
+                   help="config.json (or its folder) of a plan compiled from your own config; checked against the "
+                        "plan's config digest (a plan's model name is never opened as a file)")
     p.add_argument("--job-dir", metavar="DIR", help="validate, write DIR/job.json and print the torchrun command "
                                                    "instead of starting processes here")
     p.set_defaults(func=run)
@@ -40,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from runtime.launch import launch, validate
     from runtime.torchrun import collect, command, is_job_dir, read_spec, write_job
 
-    if args.timeout <= 0:
-        raise InputError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise InputError(f"--timeout must be in (0, {MAX_TIMEOUT_S}] seconds, got {args.timeout:g}")
+    if args.job_dir:
+        check_output_path(args.job_dir, flag="--job-dir", folder=True)
     if is_job_dir(args.plan):
         if args.job_dir:
             raise InputError(f"{args.plan} is already a job directory; --job-dir takes a plan file")
@@ -52,26 +66,61 @@ def run(args: argparse.Namespace) -> int:
             print(f"podplan run: error: {exc}", file=sys.stderr)
             return 1
         return _report(args, spec, outcome)
-    plan = load_plan(args.plan)
-    spec = spec_from_plan(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                          seed=args.seed, weights=args.weights, backend=args.backend)
+    started = time.monotonic()
+    with _deadline(args.timeout):  # a crafted plan must not make the checks outlast --timeout
+        plan = load_plan(args.plan)
+        spec = spec_from_plan(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                              seed=args.seed, weights=args.weights, backend=args.backend,
+                              model_config=args.model_config)
+        # everything that can fail before a process starts: one line, exit 2; with --job-dir the ranks
+        # may run on other hosts: check the job, not this machine
+        validate(spec, on_this_host=not args.job_dir)
     err = stderr_console()
     if args.job_dir:
-        validate(spec, on_this_host=False)  # the ranks may run on other hosts: check the job, not this machine
         job = write_job(spec, args.job_dir)
         err.print(f"wrote {job} ({spec.world_size} ranks, {spec.backend})")
         print(command(spec, job))
         err.print(f"then: podplan run {args.job_dir}   (report and check; the job dir must be rank 0's)")
         return 0
-    validate(spec)  # everything that can fail before a process starts: one line, exit 2
     err.print(f"running {spec.model} on {spec.world_size} ranks ({spec.backend}): {spec.prompts} prompts, "
               f"{spec.new_tokens} new tokens")
+    left = args.timeout - (time.monotonic() - started)
     try:
-        outcome = launch(spec, timeout_s=args.timeout, validated=True)
+        outcome = launch(spec, timeout_s=max(left, 1.0), validated=True)
     except RankFailure as exc:
         print(f"podplan run: error: {exc}", file=sys.stderr)
         return 1
+    except SystemExit as exc:  # SIGTERM / SIGHUP: launch stopped the ranks and removed its run folder
+        print(f"podplan run: terminated (exit {exc.code}); ranks stopped", file=sys.stderr)
+        raise
     return _report(args, spec, outcome)
+
+
+class _Overrun(BaseException):
+    """Raised by the alarm when the pre-launch checks outlast --timeout (a BaseException: no `except
+    Exception` on the way may swallow it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise an InputError if the block runs longer than `seconds` (SIGALRM; the CLI's main thread)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def alarm(_signum: int, _frame: object) -> None:
+        raise _Overrun()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Overrun:
+        raise InputError(f"the checks before launch took longer than --timeout {seconds:g} s; the plan is too "
+                         "large to run here (or raise --timeout)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _report(args: argparse.Namespace, spec, outcome) -> int:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from costmodels.errors import InputError
 from planner.cli.console import stdout_console
-from planner.ir.fileio import write_atomic
+from planner.ir.fileio import check_output_path, write_atomic
 from planner.ir.plan import Plan, load_plan
 
 FORMATS = ("text", "json", "dot", "html")
@@ -41,26 +39,9 @@ def render(plan: Plan, fmt: str) -> str:
     return text_of(plan)
 
 
-def check_output(path: str) -> None:
-    """Refuse an output path that cannot be written, before any work."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"-o {path}: is a directory; give a file path")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"-o {path}: {parent} is not a directory; give a file path in an existing folder")
-
-
-def write_output(path: str, text: str) -> None:
-    try:
-        write_atomic(path, text)
-    except OSError as exc:
-        raise InputError(f"-o {path}: cannot write ({exc.strerror}); choose a writable path") from None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.output:
-        check_output(args.output)
+        check_output_path(args.output, flag="-o")
     plan = load_plan(args.plan)
     if args.format == "text" and not args.output:
         from planner.views.text import print_summary
@@ -69,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     text = render(plan, args.format)  # everything rendered before anything is written
     if args.output:
-        write_output(args.output, text)
+        write_atomic(args.output, text)
         print(f"wrote {args.output} ({args.format}, {len(text.encode())} bytes)", file=sys.stderr)
     else:
         sys.stdout.write(text)

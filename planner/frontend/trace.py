@@ -9,6 +9,7 @@ shows exactly the wiring between them: residual adds, the MoE block's gate -> ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from dataclasses import dataclass
@@ -112,7 +113,9 @@ def build_config(src: ModelSource):
     validate_config(src)
     from transformers import AutoConfig
 
-    cfg = language_config(src)
+    # a deep copy: transformers normalises nested values in place (rope_scaling gains rope_type), which
+    # would change src.digest(), the identity plans and the runtime compare
+    cfg = copy.deepcopy(language_config(src))
     model_type = cfg.pop("model_type")
     for key in ("architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(key, None)

@@ -318,11 +318,17 @@ def _metric(phase: dict, metric: str) -> tuple[float | None, str]:
     return float(ex["migration_bytes"]), human_bytes(ex["migration_bytes"])
 
 
-def check(diff: dict, rules: list[Rule]) -> list[dict]:
+# The pseudo-rule a phase whose expert placements cannot be compared breaks (see `check`).
+INCOMPARABLE_RULE = "comparable"
+
+
+def check(diff: dict, rules: list[Rule], *, allow_incomparable: bool = False) -> list[dict]:
     """The rules the diff breaks: [{'rule', 'phase', 'metric', 'message'}].
 
     A phase-scoped rule wins over the unscoped one; an unscoped count or size (moved-experts,
-    migration) limits the total over phases.
+    migration) limits the total over phases. Expert placements that cannot be compared (another
+    model's layers or expert count) are a regression unless `allow_incomparable`: otherwise a
+    changed model would pass every expert rule unchecked.
     """
     compared = {n: p for n, p in diff["phases"].items() if p["status"] == "compared"}
     scoped = {(r.metric, r.phase): r for r in rules}
@@ -330,6 +336,14 @@ def check(diff: dict, rules: list[Rule]) -> list[dict]:
 
     def broke(rule: Rule, phase: str | None, metric: str, message: str) -> None:
         out.append({"rule": rule.text, "phase": phase, "metric": metric, "message": message})
+
+    if not allow_incomparable:
+        for name, phase in compared.items():
+            ex = phase["experts"]
+            if not ex.get("comparable"):
+                out.append({"rule": INCOMPARABLE_RULE, "phase": name, "metric": "experts",
+                            "message": f"{name} experts: not comparable ({ex.get('reason', '')}); pass "
+                                       "--allow-incomparable if the model change is intended"})
 
     for metric, (direction, kind, what) in METRICS.items():
         total = scoped.get((metric, None))

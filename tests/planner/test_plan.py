@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from costmodels.errors import PodplanError
 from planner.ir.errors import PlanError
 from planner.ir import fileio
 from planner.ir import plan as plan_mod
@@ -243,7 +244,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, tiny, monkeypatch):
         raise OSError("simulated crash during rename")
 
     monkeypatch.setattr(fileio.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(PodplanError, match="cannot write .*simulated crash during rename"):
         write_plan(tiny, target)
     assert list(tmp_path.iterdir()) == []
 
