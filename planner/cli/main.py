@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from typing import NoReturn, Sequence
 
 from costmodels.errors import PodplanError
@@ -44,7 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Set by the SIGINT handler `main` installs: Ctrl-C inside an import (torch, transformers, ortools and
+# numpy load lazily, deep inside commands) can surface as another error (an ImportError, or an
+# AttributeError from a half-initialised numpy module), so the signal itself is what counts.
+_sigint_seen = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _main(argv)
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()  # imports every command: the slow part of start-up
         args = parser.parse_args(argv)
@@ -74,8 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _interrupted(exc: BaseException) -> bool:
-    """True when Ctrl-C caused `exc`: a KeyboardInterrupt inside a native module's import surfaces as
-    ImportError("initialization failed") with the interrupt as its context."""
+    """True when Ctrl-C caused `exc`: the handler saw the signal, or a KeyboardInterrupt is in its chain
+    (inside a native module's import it surfaces as ImportError("initialization failed"))."""
+    if _sigint_seen:
+        return True
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:

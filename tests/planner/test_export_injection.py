@@ -11,9 +11,11 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import re
 import shlex
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import jinja2
@@ -23,6 +25,7 @@ import yaml
 import planner.export as ex
 from planner.ir.errors import PlanError
 from planner.export.render import comment, environment
+from planner.ir import plan as ir
 from planner.ir.plan import from_json, load_plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 from tests.plan_factory import tiny_plan
@@ -178,12 +181,12 @@ def test_golden_and_bundled_names_load():
 
     for path in sorted((ROOT / "plans").glob("*.json")):
         load_plan(path)
-    base = json.loads(tiny_plan().to_json())
+    name_rule = typing.get_args(ir.Name)[1]  # what the loader checks model names against
     for name in BUNDLED:
-        base["model"]["name"] = name
-        from_json(json.dumps(base))
+        assert re.fullmatch(name_rule.regex, name) and len(name) <= name_rule.max_length, name
+    label_rule = typing.get_args(ir.Label)[1]
     for spec in DEVICES.values():
-        from_json(_doc_with(("topology", "hardware"), spec.name))
+        assert re.fullmatch(label_rule.regex, spec.name) and len(spec.name) <= label_rule.max_length, spec.name
 
 
 def test_trust_remote_code_only_where_the_engine_lacks_the_code():
