@@ -9,17 +9,22 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import random
 
 import pytest
 import torch
 
 from passes.graphs import new_kv_cache
+from planner.frontend import zoo
 from planner.frontend.errors import ConfigError
-from planner.frontend.program_io import program_document, program_from_json, read_program, write_program
+from planner.frontend.program_io import (program_document, program_from_json, program_to_json, read_program,
+                                         write_program)
 from planner.frontend.stages import run_staged, staged_program
 from planner.frontend.trace import build_model, trace_model
 from planner.frontend.zoo import load_source
 from tests.passes.conftest import TINY
+from tests.passes.test_numerics import _check_lossless, _random_partition
+from tests.planner.test_families import FAMILIES, small_config
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +65,23 @@ def test_the_shipped_program_computes_what_the_pipeline_made(name):
     # the stage modules hold the model's own weights (bound by path, not copied)
     stage = shipped.gm.get_submodule(next(iter(shipped.experts)))
     assert any(p is q for p in stage.parameters() for q in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_program_compiled_on_meta_is_lossless_on_real_weights(family):
+    """What the launcher ships (traced without weights) runs every unbundled family exactly."""
+    src = zoo.ModelSource(f"small-{family}", "test", small_config(family))
+    traced = trace_model(build_model(src, device="meta"), src)
+    doc = json.loads(json.dumps(program_to_json(staged_program(traced), traced.gm)))
+    model = build_model(src, device="cpu", seed=1)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # zero-initialised biases get values, so the split has to carry them right
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    program = program_from_json(doc, model, src)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    _check_lossless(model, program, ids, prompt=6, groups=_random_partition(8, 2, random.Random(family)))
 
 
 def test_the_document_is_deterministic_json(tmp_path):
