@@ -67,6 +67,8 @@ _MASKS = {podplan_causal_mask.__name__: podplan_causal_mask}
 _KV = {cached_positions.__name__: cached_positions}
 # torch functions that touch files or compile code are not tensor math
 _TORCH_DENY = frozenset({"load", "save", "from_file", "compile", "jit", "hub", "classes", "ops", "library"})
+# operator's higher-order functions would call whatever a getattr reached
+_OPERATOR_DENY = frozenset({"call", "attrgetter", "itemgetter", "methodcaller"})
 
 
 def _namespaces() -> dict[str, object]:
@@ -88,6 +90,8 @@ def _allowed(ns: str, name: str, fn: object) -> bool:
         # torch.functional (einsum, split, ...), which is all tensor math
         return name not in _TORCH_DENY and (type(fn).__name__ == "builtin_function_or_method"
                                              or getattr(fn, "__module__", "") == "torch.functional")
+    if ns == "operator":
+        return name not in _OPERATOR_DENY
     if ns == "math":
         return type(fn).__name__ == "builtin_function_or_method"
     return True

@@ -109,7 +109,8 @@ def _first(doc, op: str, stage: str | None = None) -> dict:
 
 
 @pytest.mark.parametrize("target", ["os:system", "builtins:eval", "builtins:exec", "torch:load", "torch:save",
-                                    "builtins:__import__", "subprocess:run", "torch:from_file", "operator"])
+                                    "builtins:__import__", "subprocess:run", "torch:from_file", "operator",
+                                    "operator:call", "operator:methodcaller", "torch:compile", "torch.hub:load"])
 def test_an_unknown_call_target_is_refused_naming_it(target):
     message = _hostile(lambda doc: _first(doc, "call_function").update(target=target))
     assert repr(target) in message and "allow-list" in message
