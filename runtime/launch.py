@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from planner.frontend.program_io import PROGRAM_FILE, program_document, write_program
 from runtime.errors import RankFailure, SpecError
 from runtime.parts import check_weights
 from runtime.schedule import dry_run, programs
@@ -226,6 +227,7 @@ _CTX = None
 def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     job = tmp / "job.json"
     job.write_text(spec.to_json())
+    write_program(program_document(spec.model), tmp / PROGRAM_FILE)  # compiled once, on meta: no rank traces
     n = spec.world_size
     # The launcher owns the rendezvous store: it binds a free port itself, so no other process can
     # take the port between choosing it and rank 0 binding it (the race of "find a free port").

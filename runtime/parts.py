@@ -1,8 +1,9 @@
 """Build what one rank runs: stage modules of the model's staged program, sharded to the rank's part.
 
 Weights are the monolithic model's: transformers builds the whole model with the seed (or a
-safetensors checkpoint fills it), the model loader (`planner.frontend.stages.load_program`) cuts it
-into the stage-split pipeline's staged program, and the rank keeps only the stages it runs:
+safetensors checkpoint fills it), and the staged program the launcher compiled once on the meta
+device (`program.json`, `planner.frontend.program_io`) is bound to that model: its stage modules hold
+the model's own weights and no worker traces anything. The rank keeps only the stages it runs:
 an attention rank keeps the program with its routed-experts stages (and remote shared-experts
 stages) stubbed out; an expert rank keeps each layer's routed-experts stage sharded to the experts
 of its slots; a shared-expert rank keeps the shared-experts stages it serves.
@@ -18,7 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from planner.frontend.stages import KVCache, StagedProgram, expert_shard, load_program, routed_operands, stage_calls
+from planner.frontend.program_io import program_from_json
+from planner.frontend.stages import KVCache, StagedProgram, expert_shard, routed_operands, stage_calls
 from planner.frontend.trace import build_model
 from planner.frontend.zoo import ModelSource, load_source
 from runtime.errors import SpecError
@@ -153,12 +155,16 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: torch.device) -> RankParts:
-    """Everything `rank` runs in `inst` (None: an idle rank, which keeps nothing)."""
+def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: torch.device,
+                program_doc: dict) -> RankParts:
+    """Everything `rank` runs in `inst` (None: an idle rank, which keeps nothing).
+
+    `program_doc` is the run's staged program (`planner.frontend.program_io.program_document`),
+    bound here to the rank's own model."""
     src, model = build_full(spec, device)
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    program = load_program(model, src)
+    program = program_from_json(program_doc, model, src)
     del model  # the stage modules hold the weights from here on
     calls = [key for _, key in stage_calls(program)]
     routed = {key.layer: key.name for key in calls if key.kind == "routed_experts"}

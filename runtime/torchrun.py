@@ -1,6 +1,7 @@
 """Hand a run to torchrun: write the job directory, read back what its ranks wrote.
 
-`podplan run PLAN --job-dir DIR` validates the plan and writes DIR/job.json; any launcher that sets
+`podplan run PLAN --job-dir DIR` validates the plan and writes DIR/job.json and DIR/program.json
+(the staged program, compiled once on the meta device); any launcher that sets
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (torchrun on one host or many, a Slurm script) then
 starts `python -m runtime.worker DIR/job.json` per rank. Rank 0 writes DIR/result.pt, a failing rank
 DIR/rank<R>.error.json; `podplan run DIR` turns either into the same report `podplan run PLAN` prints.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from planner.frontend.program_io import PROGRAM_FILE, program_document, write_program
 from runtime.errors import RankFailure, SpecError
 from runtime.launch import RunOutcome
 from runtime.spec import RunSpec
@@ -31,6 +33,7 @@ def write_job(spec: RunSpec, job_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / RESULT, *out.glob("rank*.error.json")]:
         stale.unlink(missing_ok=True)
+    write_program(program_document(spec.model), out / PROGRAM_FILE)  # the ranks bind it, never trace
     tmp = out / f".{JOB}.tmp"
     tmp.write_text(spec.to_json())
     os.replace(tmp, out / JOB)

@@ -1,6 +1,7 @@
 """One rank of a run: `python -m runtime.worker JOB.json` under the launcher or under torchrun.
 
-Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the environment, builds
+Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the environment and the
+staged program from program.json beside the job (compiled once by whoever wrote the job), builds
 the rank's modules, runs its instance's steps, and sends tokens, logits and metrics to rank 0,
 which writes result.pt beside the job file. A failure writes rank<R>.error.json and exits 1.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from planner.frontend.program_io import PROGRAM_FILE, read_program
 from planner.frontend.stages import new_kv_cache
 from runtime.errors import SpecError, StageError
 from runtime.exchange import Exchange
@@ -57,8 +59,9 @@ class MicroBatch:
 class RankWorker:
     """Runs one rank's part of the spec; every communication is checked against the dry-run program."""
 
-    def __init__(self, spec: RunSpec, rank: int, device: torch.device):
+    def __init__(self, spec: RunSpec, rank: int, device: torch.device, program_doc: dict):
         self.spec, self.rank, self.device = spec, rank, device
+        self.program_doc = program_doc  # the run's staged program (program.json), bound to the rank's model
         self.inst: InstanceSpec | None = next((i for i in spec.instances if rank in i.ranks), None)
         self.stage, self.node = "setup", "build"
         self.in_comm = False
@@ -86,7 +89,7 @@ class RankWorker:
         self.metrics["params"] = 0
         inst = self.inst
         if inst is not None:  # an idle rank builds nothing
-            self.parts: RankParts = build_parts(self.spec, inst, self.rank, self.device)
+            self.parts: RankParts = build_parts(self.spec, inst, self.rank, self.device, self.program_doc)
             self.metrics["params"] = self.parts.params
             if self.parts.moe_layers != self.moe_layers:
                 raise SpecError(f"the staged program routes experts at layers {self.parts.moe_layers}, the spec "
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         # NCCL: bind the group to this rank's GPU, rather than letting torch guess it from the rank
         dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size, timeout=timeout, store=store,
                                 device_id=device if device.type == "cuda" else None)
-        worker = RankWorker(spec, rank, device)
+        worker = RankWorker(spec, rank, device, read_program(out_dir / PROGRAM_FILE))
         worker.setup()
         worker.run()
         if rank == 0:

@@ -16,7 +16,7 @@ from planner.frontend.roles import ModuleRoles, recognise
 from planner.frontend.zoo import ModelSource, load_source
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedConfig
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 
 def _numel(mod: nn.Module) -> int:
@@ -33,7 +33,11 @@ def shape_from_traced(traced: Traced) -> ModelShape:
 def shape_of(model_name: str) -> ModelShape:
     """The ModelShape of a bundled name or config path, without tracing (meta build only)."""
     src = load_source(model_name)
-    model = build_model(src)
+    return shape_of_model(build_model(src), src)
+
+
+def shape_of_model(model: PreTrainedModel, src: ModelSource) -> ModelShape:
+    """The ModelShape of a built model (any device), without tracing."""
     root = CausalLMRoot(model)
     return _shape(root, recognise(root), model, model.config, src)
 

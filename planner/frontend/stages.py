@@ -2,9 +2,10 @@
 and run it stage by stage with the routed experts spread over any partition of expert ids.
 
 This is also the model loader's staged-program API for the runtime (`runtime/` reads only
-planner.ir and planner.frontend): `load_program` gives a worker the staged program of the model it
-built, and the helpers under "for the runtime" name a program's stage calls, the operands of a
-routed-experts stage and a rank's shard of it, and the KV cache the program's attention stages take.
+planner.ir and planner.frontend): `staged_program` compiles the program a run's workers execute
+(shipped to them as JSON by `planner.frontend.program_io`, never re-traced in a worker), and the
+helpers under "for the runtime" name a program's stage calls, the operands of a routed-experts
+stage and a rank's shard of it, and the KV cache the program's attention stages take.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from costmodels.errors import InputError
 from costmodels.model_shape import ModelShape
@@ -27,8 +27,7 @@ from passes.manager import PassManager, PassRecord
 from passes.microbatch import MicrobatchSchedule
 from planner.frontend.errors import ConfigError
 from planner.frontend.shape import shape_from_traced
-from planner.frontend.trace import Traced, trace_model
-from planner.frontend.zoo import ModelSource
+from planner.frontend.trace import Traced
 
 # Re-exported for the runtime: a stage's key ((decoder layer, kind); `name` is its submodule,
 # 'layer3_attention'), and what the kv-cache pass makes graph inputs: PAST_LEN (positions already
@@ -224,15 +223,6 @@ _LOAD_BATCH, _LOAD_SEQ = 1, 2
 def staged_program(traced: Traced) -> StagedProgram:
     """The registered stage-split pipeline on a traced model (any device), at a minimal signature."""
     return compile_stages(traced, shape_from_traced(traced), _LOAD_BATCH, _LOAD_SEQ)
-
-
-def load_program(model: nn.Module, src: ModelSource) -> StagedProgram:
-    """The staged program of a built transformers model: its stage modules hold the model's own weights.
-
-    What a worker runs: every pass in the pipeline changes the run (a worker executes the stage
-    modules, never the traced graph they were cut from).
-    """
-    return staged_program(trace_model(model, src))
 
 
 def stage_calls(program: StagedProgram) -> list[tuple[fx.Node, meta.StageKey]]:

@@ -6,6 +6,9 @@ import functools
 import os
 from pathlib import Path
 
+from passes import get_pipeline
+from planner.frontend.program_io import program_document
+from planner.frontend.stages import PIPELINE
 from runtime.launch import ModelFacts, model_facts
 from runtime.spec import InstanceSpec, RunSpec, make_instance
 
@@ -15,6 +18,16 @@ FAMILIES = ("tiny-qwen3-moe", "tiny-mixtral", "tiny-olmoe", "tiny-deepseek-v3")
 @functools.lru_cache(maxsize=None)
 def facts(model: str) -> ModelFacts:
     return model_facts(RunSpec(model, 1, ()))
+
+
+def program(model: str) -> dict:
+    """The staged program document the launcher ships to the workers (for the current pipeline)."""
+    return _program(model, get_pipeline(PIPELINE))
+
+
+@functools.lru_cache(maxsize=None)
+def _program(model: str, pipeline: tuple[str, ...]) -> dict:
+    return program_document(model)
 
 
 def instance(model: str, name: str, phases: tuple[str, ...], attention: list[int], experts: list[int],

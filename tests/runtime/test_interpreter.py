@@ -16,6 +16,8 @@ import torch.fx as fx
 from passes import PASSES, PIPELINES, PassInfo, meta
 from passes.expert_decompose import ExpertShard
 from passes.graphs import copy_module, stage_module
+from passes.manager import PassManager
+from planner.frontend import trace as trace_module
 from planner.frontend.stages import PIPELINE, new_kv_cache
 from runtime.errors import StageError
 from runtime.interpreter import ExpertCall, call_stage, failing_node
@@ -23,7 +25,7 @@ from runtime.parts import RankParts, RemoteStage, build_full, build_parts
 from runtime.reference import greedy
 from runtime.spec import prompts_of
 from runtime.worker import RankWorker
-from tests.runtime.conftest import FAMILIES, colocated, disaggregated
+from tests.runtime.conftest import FAMILIES, colocated, disaggregated, program
 
 
 def _local_experts(parts: RankParts, call: ExpertCall) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _generate(parts: RankParts, prompts: torch.Tensor, steps: int, microbatches:
 @pytest.mark.parametrize("model", FAMILIES)
 def test_stage_modules_match_transformers(model):
     spec = colocated(model, ranks=1, prompts=4, prompt_len=6, new_tokens=4, seed=1)
-    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"))
+    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"), program(spec.model))
     ref_tokens, ref_logits, _ = greedy(spec)
     for m in (1, 2):
         tokens, logits = _generate(parts, prompts_of(spec, parts.vocab), spec.new_tokens, m)
@@ -70,7 +72,7 @@ def test_stage_modules_match_transformers(model):
 
 def test_the_clock_is_kept_per_stage_module():
     spec = colocated("tiny-deepseek-v3", ranks=1, prompts=2, prompt_len=3, new_tokens=1)
-    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"))
+    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"), program(spec.model))
     clock: dict[str, float] = {}
     stages: dict[str, float] = {}
     interp = parts.interpreter(rank=0, kv=new_kv_cache(), remote_shared=False, clock=clock, stage_clock=stages)
@@ -87,8 +89,8 @@ def test_the_clock_is_kept_per_stage_module():
 def test_ranks_keep_only_the_stages_they_run():
     spec = disaggregated("tiny-deepseek-v3", attention=1, experts=2, slots_per_rank=5)
     inst = spec.instances[0]
-    attn = build_parts(spec, inst, 0, torch.device("cpu"))
-    expert = build_parts(spec, inst, 2, torch.device("cpu"))
+    attn = build_parts(spec, inst, 0, torch.device("cpu"), program(spec.model))
+    expert = build_parts(spec, inst, 2, torch.device("cpu"), program(spec.model))
     layer = attn.moe_layers[0]
     gm = attn.program.gm
     # the attention rank's program: every routed and (remote) shared stage is a stub, the rest are stage modules
@@ -113,13 +115,14 @@ def test_ranks_keep_only_the_stages_they_run():
         got = stage(row, torch.tensor([0]))
         want = model.model.layers[layer].mlp.experts(row, torch.tensor([[5]]), torch.ones(1, 1))
     assert torch.allclose(got, want, atol=1e-6)
-    idle = build_parts(colocated("tiny-deepseek-v3", ranks=1), None, 0, torch.device("cpu"))
+    idle = build_parts(colocated("tiny-deepseek-v3", ranks=1), None, 0, torch.device("cpu"),
+                       program("tiny-deepseek-v3"))
     assert idle.program is None and idle.experts == {} and idle.params == 0
 
 
 def test_a_failing_module_is_reported_with_rank_stage_and_node():
     spec = colocated("tiny-mixtral", ranks=1)
-    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"))
+    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"), program(spec.model))
     stage = parts.program.gm.get_submodule("layer1_attention")
     (node,) = [n for n in stage.graph.nodes if n.op == "call_module" and meta.role_of(n) == "attention"]
     stage.get_submodule(str(node.target)).forward = lambda *a, **k: (_ for _ in ()).throw(ValueError("boom\nsecond"))
@@ -174,7 +177,7 @@ def toy_pass(monkeypatch):
 
 def test_a_pass_added_to_the_pipeline_changes_what_a_rank_runs(toy_pass):
     spec = colocated("tiny-olmoe", ranks=1, prompts=3, prompt_len=4, new_tokens=1, seed=3)
-    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"))
+    parts = build_parts(spec, spec.instances[0], 0, torch.device("cpu"), program(spec.model))
     _, ref_logits, _ = greedy(spec)
     _, logits = _generate(parts, prompts_of(spec, parts.vocab), 1, 1)
     assert float((logits + ref_logits).abs().max()) <= 1e-5  # the head stage the pass rewrote ran
@@ -185,7 +188,7 @@ def test_a_worker_runs_the_program_the_pipeline_made(toy_pass, tmp_path):
     spec = colocated("tiny-deepseek-v3", ranks=1, prompts=2, prompt_len=3, new_tokens=2, seed=3)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        worker = RankWorker(spec, 0, torch.device("cpu"))
+        worker = RankWorker(spec, 0, torch.device("cpu"), program(spec.model))
         worker.setup()
         worker.run()
     finally:
@@ -196,3 +199,28 @@ def test_a_worker_runs_the_program_the_pipeline_made(toy_pass, tmp_path):
     # greedy on minus the logits picks the least likely token
     assert [worker.results[seq][0][0] for seq in range(spec.prompts)] == ref_logits[:, 0].argmin(-1).tolist()
     assert worker.metrics["stage_clock"].keys() >= {"head", "layer1_routed_experts", "layer1_attention"}
+
+
+def test_a_worker_binds_the_shipped_program_and_never_traces(monkeypatch, tmp_path):
+    """The worker gets program.json's document; tracing or running the pass pipeline in it fails the test."""
+    spec = colocated("tiny-qwen3-moe", ranks=1, prompts=2, prompt_len=3, new_tokens=2, seed=5)
+    doc = program(spec.model)  # what the launcher writes, compiled before the poison
+    ref_tokens, ref_logits, _ = greedy(spec)
+
+    def poisoned(*args, **kwargs):
+        raise AssertionError("a worker traced the model or re-ran the pass pipeline")
+
+    monkeypatch.setattr(fx.Tracer, "trace", poisoned)
+    monkeypatch.setattr(trace_module, "trace_model", poisoned)
+    monkeypatch.setattr(PassManager, "run", poisoned)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        worker = RankWorker(spec, 0, torch.device("cpu"), doc)
+        worker.setup()
+        worker.run()
+    finally:
+        dist.destroy_process_group()
+    tokens = [[worker.results[seq][step][0] for step in range(spec.new_tokens)] for seq in range(spec.prompts)]
+    assert tokens == ref_tokens.tolist()
+    first = torch.stack([worker.results[seq][0][1] for seq in range(spec.prompts)])
+    assert float((first - ref_logits[:, 0]).abs().max()) <= 1e-4
