@@ -7,6 +7,7 @@ stage returns a tuple). Stage submodules are named after their `StageKey` ('embe
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch.fx as fx
@@ -63,6 +64,42 @@ def _grouped_by_stage(gm: fx.GraphModule, num_layers: int) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+# split_module's tuple_return (torch >= 2.12) makes every stage return a tuple; older releases (the
+# CUDA images of GPU hosts may carry one) return a one-output stage's value bare: `_tuple_returns`
+# gives those stages the same form afterwards, so the staged program is the same on every torch.
+_HAS_TUPLE_RETURN = "tuple_return" in inspect.signature(split_module).parameters
+
+
+def _split_module(grouped: fx.GraphModule, stage_name) -> fx.GraphModule:
+    kwargs = dict(keep_original_order=True, keep_original_node_name=True)
+    if _HAS_TUPLE_RETURN:
+        kwargs["tuple_return"] = True
+    # torch's stub says the callback returns int, but split_module only formats the key into the
+    # partition name (f"submod_{key}"), which is how stages get their names. (It compares keys as
+    # ints only around autocast / set_grad_enabled regions, which traced inference graphs lack.)
+    staged = split_module(grouped, grouped, stage_name, **kwargs)  # type: ignore[arg-type]
+    if not _HAS_TUPLE_RETURN:
+        _tuple_returns(staged)
+    return staged
+
+
+def _tuple_returns(staged: fx.GraphModule) -> None:
+    """Make every stage return a tuple and read its one-output stages through getitem 0."""
+    for node in list(staged.graph.nodes):
+        if node.op != "call_module":
+            continue
+        stage = stage_module(staged, node)
+        out = stage.graph.output_node()
+        if isinstance(out.args[0], (tuple, list)):
+            continue
+        out.args = ((out.args[0],),)
+        stage.recompile()
+        with staged.graph.inserting_after(node):
+            first = staged.graph.call_function(operator.getitem, (node, 0))
+        node.replace_all_uses_with(first, delete_user_cb=lambda user: user is not first)
+    staged.recompile()
+
+
 def split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Cut the classified graph into stage submodules wired by a top-level graph."""
     grouped = _grouped_by_stage(gm, ctx.shape.num_layers)
@@ -71,13 +108,7 @@ def split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     def stage_name(node: fx.Node) -> str:
         return keys[node.name].name
 
-    staged = split_module(
-        # torch's stub says the callback returns int, but split_module only formats the key into the
-        # partition name (f"submod_{key}"), which is how stages get their names. (It compares keys as
-        # ints only around autocast / set_grad_enabled regions, which traced inference graphs lack.)
-        grouped, grouped, stage_name,  # type: ignore[arg-type]
-        keep_original_order=True, keep_original_node_name=True, tuple_return=True,
-    )
+    staged = _split_module(grouped, stage_name)
     by_name = {key.name: key for key in keys.values()}
     head = meta.StageKey(None, "head")
     for node in staged.graph.nodes:

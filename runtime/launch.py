@@ -248,7 +248,13 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
             proc = ctx.Process(target=beating_main, args=(str(job), env, str(tmp / f"rank{r}.log"),
                                                           str(tmp / f"rank{r}.beat")),
                                name=f"podplan-rank{r}", daemon=True)
-            proc.start()
+            try:
+                proc.start()
+            except OSError as exc:  # the forkserver's unix socket lives under TMPDIR (at most 107 bytes)
+                if "AF_UNIX path too long" not in str(exc):
+                    raise
+                raise SpecError(f"TMPDIR {tempfile.gettempdir()}: too long a path for the launcher's unix socket; "
+                                "set TMPDIR to a shorter folder (e.g. /tmp)") from None
             procs.append(proc)
         _watch(procs, tmp, timeout_s)
     finally:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +15,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "plans" / "tiny-deepseek-v3.local-8.json"
+
+
+@pytest.fixture
+def short_tmp():
+    """A TMPDIR short enough for the forkserver's unix socket (pytest's own tmp_path under xdist is not)."""
+    path = Path(tempfile.mkdtemp(prefix="pp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -43,9 +53,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_terminated_launcher_kills_its_ranks_and_removes_its_run_folder(sig, tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def test_terminated_launcher_kills_its_ranks_and_removes_its_run_folder(sig, short_tmp):
+    tmp = short_tmp
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp))
     proc = subprocess.Popen(
         [sys.executable, "-m", "planner", "run", str(TINY), "--prompts", "8", "--prompt-len", "8",
@@ -89,11 +98,10 @@ def _pid_with_open(path: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_stopped_rank_is_named_at_the_timeout(tmp_path):
+def test_a_stopped_rank_is_named_at_the_timeout(short_tmp):
     """A rank that stops (SIGSTOP) stalls its peers in their collectives: the launcher names it, not 'every
     rank alive' and not a peer."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = short_tmp
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp))
     proc = subprocess.Popen(
         [sys.executable, "-m", "planner", "run", str(TINY), "--prompts", "8", "--prompt-len", "8",
@@ -134,3 +142,14 @@ def test_a_hung_rank_is_named_by_its_heartbeat(monkeypatch):
         launch(colocated("tiny-qwen3-moe", 2, prompts=2, prompt_len=4, new_tokens=3), timeout_s=30)
     assert info.value.rank == 1 and "timed out after 30 s" in str(info.value)
     assert worker_pids() == []
+
+
+def test_a_temp_folder_too_long_for_the_socket_is_one_line(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(deep))
+    proc = subprocess.run([sys.executable, "-m", "planner", "run", str(TINY), "--new-tokens", "2"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("running ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "set TMPDIR to a shorter folder" in lines[0], proc.stderr
+    assert not [p for p in deep.iterdir() if p.name.startswith("podplan")]  # its run folder is gone (torch may leave its own caches)
