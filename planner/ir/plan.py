@@ -1244,6 +1244,12 @@ def _schema_of(tp: Any, defs: dict[str, dict]) -> dict:
         if name not in defs:
             defs[name] = {}  # reserve first: recursion
             props = {n: _schema_of(h, defs) for n, h in _fields(tp).items()}
+            for field_name, (low, high) in LIMITS.get(name, {}).items():  # the loader's size bounds, published
+                bound = props[field_name]
+                target = bound["anyOf"][0] if "anyOf" in bound else bound
+                target["maximum"] = high
+                if low is not None:
+                    target["minimum"] = low
             if tp is Plan:
                 props["schema_version"] = {"const": SCHEMA_VERSION}
             defs[name] = {

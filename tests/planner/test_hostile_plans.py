@@ -362,3 +362,14 @@ def test_ctrl_c_during_start_up_is_one_line(delay, tmp_path):
     assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) <= 1, err
     assert not out.exists()
+
+
+def test_the_shipped_schema_publishes_every_limit():
+    from planner.ir.plan import LIMITS, json_schema
+
+    defs = json_schema()["$defs"]
+    for cls, fields in LIMITS.items():
+        for name, (low, high) in fields.items():
+            prop = defs[cls]["properties"][name]
+            prop = prop["anyOf"][0] if "anyOf" in prop else prop
+            assert prop["maximum"] == high and prop.get("minimum") == low, (cls, name, prop)
