@@ -103,6 +103,9 @@ def render(doc: dict, console) -> None:
     for row in comparison_rows(doc):
         t.add_row(*row)
     console.print(t)
+    note = (doc.get("predictions") or {}).get("timing_note")
+    if note:
+        console.print(f"note: {note}")
     r = Table(title="per rank: time per stage (ms, summed over steps), bytes sent to other ranks")
     for col in ("rank", "instance", "role", "params"):
         r.add_column(col, justify="right" if col in ("rank", "params") else "left")

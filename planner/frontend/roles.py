@@ -185,7 +185,8 @@ def recognise(model: nn.Module) -> ModuleRoles:
             leaves[name] = ("other", None)
     if not moe_blocks:
         raise ConfigError(
-            f"{type(model).__name__}: dense model (no MoE block found in any layer); podplan plans "
+            # the class the user's config names, not the frontend's wrapper around it
+            f"{type(getattr(model, 'lm', model)).__name__}: dense model (no MoE block found in any layer); podplan plans "
             "Mixture-of-Experts models: give a MoE config"
         )
     return ModuleRoles(leaves, layers_path, len(layers), moe_blocks, experts, num_experts)

@@ -1174,13 +1174,24 @@ def from_json(text: str) -> Plan:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise PlanError(f"malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); {REGENERATE}") from None
+        raise PlanError(f"malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); {_fix_for(text)}") from None
     except (ValueError, RecursionError) as exc:
-        raise PlanError(f"malformed JSON ({exc or 'nested too deeply'}); {REGENERATE}") from None
+        raise PlanError(f"malformed JSON ({exc or 'nested too deeply'}); {_fix_for(text)}") from None
     try:
         return from_dict(obj)
     except PlanValidationError as exc:
         raise PlanError(f"plan{exc.rel}: {exc.rule}") from None
+
+
+_PLAN_KEYS = ("schema_version", "decode", "frontier", "prefill", "provenance", "phy2log")
+
+
+def _fix_for(text: str) -> str:
+    """The fix for unparseable text: a damaged plan is regenerated; anything else was never a plan."""
+    # keys are sorted, so a truncated plan may hold only its first sections ("decode", "frontier", ...)
+    if text.lstrip().startswith("{") and any(f'"{key}"' in text for key in _PLAN_KEYS):
+        return f"a damaged plan: {REGENERATE}"
+    return "not a podplan plan: give the path of a plan .json written by `podplan compile`"
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
@@ -1196,7 +1207,8 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     except OSError as exc:
         raise PlanError(f"{shown}: cannot read the plan ({exc.strerror}); check the file's permissions") from None
     except UnicodeDecodeError:
-        raise PlanError(f"{shown}: not UTF-8 text, so not a plan file; {REGENERATE}") from None
+        raise PlanError(f"{shown}: not UTF-8 text, so not a podplan plan; give the path of a plan .json written by "
+                        "`podplan compile`") from None
     try:
         return from_json(text)
     except PlanError as exc:

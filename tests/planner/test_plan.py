@@ -26,6 +26,7 @@ from planner.ir.plan import (
     load_plan,
     write_plan,
 )
+from tests.conftest import ROOT
 from tests.plan_factory import deepseek_v3_plan, synthetic_plan, tiny_plan
 
 
@@ -400,3 +401,14 @@ def test_ep_has_one_definition():
         for _, inst in plan.instances():
             assert inst.ep == expert_parallel_dies(inst.expert_devices, inst.shared_expert_devices,
                                                    plan.topology.dies_per_device)
+
+
+def test_unparseable_text_says_whether_it_was_a_plan(tmp_path):
+    never = tmp_path / "notes.txt"
+    never.write_text("hello")
+    with pytest.raises(PlanError, match="not a podplan plan: give the path of a plan .json written by"):
+        load_plan(never)
+    damaged = tmp_path / "cut.json"
+    damaged.write_text((ROOT / "plans" / "tiny-deepseek-v3.local-8.json").read_text()[:300])
+    with pytest.raises(PlanError, match="a damaged plan: regenerate it with `podplan compile`"):
+        load_plan(damaged)

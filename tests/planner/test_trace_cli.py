@@ -97,14 +97,16 @@ TINY = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 48, "nu
         (
             lambda p: _write(p, {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}),
-            ["dense model", "Mixture-of-Experts"],
+            ["LlamaForCausalLM: dense model", "Mixture-of-Experts"],
         ),
     ],
     ids=["unknown-name", "malformed", "unreadable", "missing-field", "topk>experts", "unsupported-arch",
          "negative", "not-object", "unknown-arch-class", "unbuildable", "dense"],
 )
 def test_bad_model_input_is_one_line_exit_2(tmp_path, make, fragments):
-    assert_one_line_error(run_cli("trace", make(tmp_path)), *fragments)
+    proc = run_cli("trace", make(tmp_path))
+    assert_one_line_error(proc, *fragments)
+    assert "CausalLMRoot" not in proc.stderr  # the frontend's wrapper is not the user's model
 
 
 def test_bad_flags_are_one_line_exit_2():
