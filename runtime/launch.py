@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from planner.frontend.program_io import PROGRAM_FILE, program_document, write_program
+from planner.frontend.program_io import PROGRAM_FILE, meta_program, meta_trace, program_document, write_program
 from runtime.errors import RankFailure, SpecError
 from runtime.parts import check_weights
 from runtime.schedule import dry_run, programs
@@ -75,18 +75,15 @@ def host_capacity() -> int:
 
 
 def model_facts(spec: RunSpec) -> ModelFacts:
-    from planner.frontend.trace import trace
-
-    traced = trace(spec.model, device="meta")
+    traced = meta_trace(spec.model)  # the same trace the program document is compiled from
     cfg = traced.config
     shared = any(role == "shared_experts" for role, _ in traced.roles.leaves.values())
     facts = ModelFacts(traced.source.name, sorted(traced.roles.experts), traced.roles.num_experts, cfg.vocab_size,
                        int(getattr(cfg, "max_position_embeddings", 1 << 30)), shared)
     if shared and any(_has_remote_shared(inst) for inst in spec.instances):
-        from planner.frontend.stages import staged_program
         from runtime.interpreter import check_remote_shared
 
-        check_remote_shared(staged_program(traced), facts.name)
+        check_remote_shared(meta_program(spec.model), facts.name)
     return facts
 
 

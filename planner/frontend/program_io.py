@@ -19,6 +19,8 @@ pipeline's own 'expert-decompose' transform, which also restores the program's e
 
 from __future__ import annotations
 
+import functools
+
 import json
 import keyword
 import math
@@ -33,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes import get_pipeline, meta
+from passes import get_pass, get_pipeline, meta
 from passes.context import PassContext
 from passes.expert_decompose import ExpertShard, expert_decompose
 from passes.kv_cache import cached_positions
@@ -41,7 +43,7 @@ from passes.manager import verify
 from planner.frontend.errors import ConfigError
 from planner.frontend.shape import shape_of_model
 from planner.frontend.stages import PIPELINE, StagedProgram, staged_program
-from planner.frontend.trace import CausalLMRoot, build_model, podplan_causal_mask, trace_model
+from planner.frontend.trace import CausalLMRoot, Traced, build_model, podplan_causal_mask, trace_model
 from planner.frontend.zoo import ModelSource, load_source
 
 if TYPE_CHECKING:  # transformers is imported lazily, by build_model; types only here
@@ -377,11 +379,29 @@ def program_from_json(doc: object, model: PreTrainedModel, src: ModelSource, *, 
     return StagedProgram(gm=gm, shape=ctx.shape, ctx=ctx)
 
 
+@functools.lru_cache(maxsize=4)
+def meta_trace(model_name: str) -> Traced:
+    """`model_name` built and traced on the meta device, once per process: the launcher's checks and
+    the program document both read it (passes never mutate the graph they are given)."""
+    src = load_source(model_name)
+    return trace_model(build_model(src, device="meta"), src)
+
+
+def meta_program(model_name: str) -> StagedProgram:
+    """The staged program of `meta_trace(model_name)`, compiled once per process and pipeline (a pass
+    registered or replaced later compiles anew)."""
+    pipeline = tuple((name, get_pass(name).run) for name in get_pipeline(PIPELINE))
+    return _meta_program(model_name, pipeline)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_program(model_name: str, pipeline: tuple) -> StagedProgram:
+    return staged_program(meta_trace(model_name))
+
+
 def program_document(model_name: str) -> dict:
     """Compile `model_name` on the meta device (no weights) and give its program document."""
-    src = load_source(model_name)
-    traced = trace_model(build_model(src, device="meta"), src)
-    return program_to_json(staged_program(traced), traced.gm)
+    return program_to_json(meta_program(model_name), meta_trace(model_name).gm)
 
 
 def write_program(doc: dict, path: str | Path) -> Path:
