@@ -27,18 +27,19 @@ def model_source(plan: Plan, model_config: str | None = None) -> ModelSource:
             raise SpecError(f"plan.model.name: {name[:80]!r} is not a bundled model, and podplan does not open files a "
                             "plan names; pass its config with --model-config PATH (checked against the plan's "
                             "config_sha256)")
-        src = load_source(name)
-        if src.digest() != plan.model.config_sha256:
-            raise SpecError(f"plan.model.config_sha256: the plan was compiled for another config of '{name}' "
-                            "than the one podplan loads now; recompile the plan")
-        return src
+        return _matching(load_source(name), plan, f"plan.model.config_sha256: the plan was compiled for another "
+                         f"config of '{name}' than the one podplan loads now; recompile the plan")
     if model_config in BUNDLED:
         raise SpecError(f"--model-config {model_config}: give the path of a config.json or a model folder; "
                         "bundled models need no --model-config")
-    src = load_source(model_config)
+    return _matching(load_source(model_config), plan, f"--model-config {model_config}: its digest is not the "
+                     "plan's model.config_sha256; pass the config the plan was compiled from")
+
+
+def _matching(src: ModelSource, plan: Plan, mismatch: str) -> ModelSource:
+    """`src` if it is the config the plan was compiled from (its digest), else SpecError(mismatch)."""
     if src.digest() != plan.model.config_sha256:
-        raise SpecError(f"--model-config {model_config}: its digest is not the plan's model.config_sha256; "
-                        "pass the config the plan was compiled from")
+        raise SpecError(mismatch)
     return src
 
 

@@ -7,8 +7,8 @@ import json
 
 from planner.frontend import zoo
 from planner.cli.console import stdout_console
-from planner.frontend.report import human_count, model_row
-from planner.frontend.shape import shape_of
+from planner.frontend.shape import model_row, shape_of
+from planner.views.common import human_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -10,11 +10,10 @@ import time
 
 from costmodels.errors import InputError
 from planner.cli.console import stdout_console
-from planner.frontend.report import human_count, model_row
-from planner.frontend.shape import shape_from_traced
+from planner.frontend.shape import model_row, shape_from_traced
 from planner.frontend.trace import trace
 from planner.compile import StageTable, stage_table
-from planner.views.common import LayerStages, layer_stages
+from planner.views.common import LayerStages, human_count, layer_stages
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -26,7 +26,7 @@ import keyword
 import math
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -254,23 +254,26 @@ def _graph(nodes: object, where: str, *, methods: frozenset[str]) -> fx.Graph:
     return graph
 
 
+def _named(root: nn.Module) -> Iterator[tuple[str, object]]:
+    """(qualified name, object) for every module, parameter and buffer under `root`, shared ones repeated."""
+    yield from root.named_modules(remove_duplicate=False)
+    yield from root.named_parameters(remove_duplicate=False)
+    yield from root.named_buffers(remove_duplicate=False)
+
+
 def _paths(root: nn.Module) -> dict[int, str]:
     """Object id -> qualified name of every module, parameter and buffer under `root` (first name wins)."""
     out: dict[int, str] = {}
-    for items in (root.named_modules(remove_duplicate=False), root.named_parameters(remove_duplicate=False),
-                  root.named_buffers(remove_duplicate=False)):
-        for name, obj in items:
-            out.setdefault(id(obj), name)
+    for name, obj in _named(root):
+        out.setdefault(id(obj), name)
     return out
 
 
 def _targets(root: nn.Module) -> dict[str, object]:
     """Qualified name -> module, parameter or buffer: the only things a stage may refer to."""
     out: dict[str, object] = {}
-    for items in (root.named_modules(remove_duplicate=False), root.named_parameters(remove_duplicate=False),
-                  root.named_buffers(remove_duplicate=False)):
-        for name, obj in items:
-            out.setdefault(name, obj)
+    for name, obj in _named(root):
+        out.setdefault(name, obj)
     return out
 
 

@@ -122,3 +122,19 @@ def _sliding(cfg: PreTrainedConfig, num_layers: int) -> tuple[int, int]:
     else:
         layers = num_layers if getattr(cfg, "use_sliding_window", True) is not False else 0
     return (window if layers else 0), layers
+
+
+def model_row(shape: ModelShape) -> dict:
+    """One model's headline numbers (what `podplan models` lists)."""
+    return {
+        "name": shape.name,
+        "params_total": shape.params_total,
+        "params_active": shape.params_active,
+        "num_layers": shape.num_layers,
+        "num_moe_layers": shape.num_moe_layers,
+        "num_routed_experts": shape.num_routed_experts,
+        "num_shared_experts": shape.num_shared_experts,
+        "top_k": shape.top_k,
+        "hidden": shape.hidden,
+        "attention": shape.attention,
+    }
