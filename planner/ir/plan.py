@@ -1123,12 +1123,10 @@ def _check_topology_name(plan: Plan) -> None:
     if topo.name != t.name:
         _fail(".topology.name", f"{_short(t.name)} is not written the way podplan writes it ({_short(topo.name)}); "
                                 f"{REGENERATE}")
-    want = {"kind": topo.kind, "params": dict(topo.params), "hardware": topo.hardware.name,
-            "num_devices": topo.num_devices, "dies_per_device": topo.dies_per_device,
-            "devices_per_server": topo.devices_per_server, "servers_per_pod": topo.servers_per_pod,
-            "pods": topo.pods, "memory_gb_per_device": _round(topo.hardware.chip_hbm_gb)}
-    for field, value in want.items():
-        got = getattr(t, field)
+    expected = TopologyInfo.from_topology(topo)  # what compile would have written for this name
+    for field in ("kind", "params", "hardware", "num_devices", "dies_per_device", "devices_per_server",
+                  "servers_per_pod", "pods", "memory_gb_per_device"):
+        got, value = getattr(t, field), getattr(expected, field)
         if got != value:
             _fail(f".topology.{field}", f"{got!r}, but {t.name} has {value!r}; the plan contradicts its topology")
 
