@@ -120,7 +120,7 @@ def _collapse(layers: list[dict]) -> list[dict]:
     return out
 
 
-# --- `--stages` / `--dump-after`: the stage-split pipeline (planner/stages.py) ------------------------
+# --- `--stages` / `--dump-after`: the stage-split pipeline (planner/frontend/stages.py) ---------------
 
 
 def _run_stages(args: argparse.Namespace) -> int:
