@@ -274,6 +274,22 @@ def _gpu_cluster(hw: DeviceSpec, prefix: str, nodes: int) -> Topology:
                     nx.freeze(g), scaleup_scope="server")
 
 
+def _gpu_host(hw: DeviceSpec, prefix: str, gpus: int) -> Topology:
+    """N GPUs of one host on NVLink/NVSwitch (no scale-out): what `podplan run` executes with NCCL."""
+    g = nx.Graph()
+    for i in range(gpus):
+        _add(g, _die_node(i), "nvswitch/0", hw.scaleup_gbps, NVLINK_HOP_US, "scale-up", "NVLink")
+    return Topology(f"{prefix}:{gpus}", prefix, {"gpus": gpus}, hw, gpus, 1, 1, nx.freeze(g), scaleup_scope="server")
+
+
+def _host(hw: DeviceSpec, prefix: str) -> Callable[[int], Topology]:
+    return lambda gpus: _gpu_host(hw, prefix, gpus)
+
+
+# the single-host GPU families: plans for them run on this host (`podplan run`, NCCL)
+HOST_GPU_KINDS = ("h100", "h200")
+
+
 def _local(procs: int) -> Topology:
     """N CPU processes on one host talking through shared memory (gloo)."""
     hw = CPU_PROCESS
@@ -321,6 +337,8 @@ FAMILIES: tuple[TopologyFamily, ...] = (
     TopologyFamily("h100-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H100 GPUs", _gpus(H100, "h100")),
     TopologyFamily("h800-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H800 GPUs", _gpus(H800, "h800")),
     TopologyFamily("h200-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H200 GPUs", _gpus(H200, "h200")),
+    TopologyFamily("h100", "N", "GPU", GPUS_PER_NODE, None, "N H100 GPUs of one host, on NVLink", _host(H100, "h100")),
+    TopologyFamily("h200", "N", "GPU", GPUS_PER_NODE, None, "N H200 GPUs of one host, on NVLink", _host(H200, "h200")),
     TopologyFamily("local", "N", "process", MAX_LOCAL, None, "N CPU processes on this host", _local),
 )
 _FAMILY = {f.kind: f for f in FAMILIES}

@@ -395,7 +395,7 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase,
                inst.batch_per_device, inst.microbatches, inst.dp_domains, inst.attention_tp, round(imbalance, 9))
         if key not in estimates:
             try:
-                estimates[key] = _estimate(plan, name, inst, shape, topo, imbalance)
+                estimates[key] = estimate_instance(plan, name, inst, shape, topo, imbalance)
             except InputError as exc:
                 return phase, f"{keep}: the cost model refuses the shrunk {inst.id} ({exc})"
         scored.append((inst, estimates[key]))
@@ -415,7 +415,7 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase,
     return replace(phase, predictions=pred, memory=memory), ""
 
 
-def _estimate(plan: ir.Plan, name: str, inst: ir.Instance, shape: ModelShape, topo: Topology,
+def estimate_instance(plan: ir.Plan, name: str, inst: ir.Instance, shape: ModelShape, topo: Topology,
               imbalance: float) -> Estimate:
     """The cost model's estimate of one instance, built the way `planner.search` builds candidates."""
     from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill

@@ -1,24 +1,28 @@
-"""Dispatch and combine: tokens to their expert slots and back, with all_to_all_single over an instance.
+"""Dispatch and combine through fixed-capacity buffers: tokens to their expert slots and back, with
+`all_to_all_single` over an instance, and no wait for the device anywhere.
 
 Every member of an instance's group runs the same three calls per (layer, microbatch), whatever its
-role: attention-only ranks send rows and host no slots, expert-only ranks send no rows and compute,
-colocated ranks do both. The wire format per layer and microbatch is
-  counts:   [G, S+1] int64 rows per (destination, local slot; column S = shared experts), equal splits;
-  dispatch: hidden rows sorted by (destination, slot), uneven splits from the counts;
-  combine:  the expert outputs, same rows, splits reversed.
-Rows leave unweighted and come back unweighted; the attention rank applies the routing weights and
-sums the top-k contributions exactly as transformers' batched_mm experts do. An expert rank runs
-its shard of the layer's routed-experts stage module on the rows it receives (`runtime.parts.ExpertStage`),
-a shared-expert rank the layer's shared-experts stage module (`runtime.parts.SharedStage`).
+role. Senders are the instance's attention ranks, destinations its expert ranks and the shared-expert
+ranks that serve other ranks' tokens. Each sender gives each destination a block of exactly C rows
+(the capacity), so every split size is known on the host before the step starts: no counts are
+exchanged, nothing is read back, and a whole decode step can be captured as a CUDA graph.
 
-On a GPU the host waits for the device once per (layer, microbatch): `all_to_all_single` needs the
-split sizes on the host, so the counts come back in one copy. Everything else (replica choice,
-sorting, counting, the received rows' slots) stays on the device, and the receiver finds its routed
-and shared rows as contiguous ranges from those counts, never with `nonzero`.
+A row carries the hidden vector and, in its last 4 bytes, the destination's local slot (S: the
+shared experts; -1: an empty row), so one all_to_all moves both. An expert rank runs its shard of the
+layer's routed-experts stage module on all its rows (empty and shared rows at weight 0) and, when it
+serves shared experts, the shared-experts stage module masked to the shared rows. Rows leave
+unweighted and come back unweighted; the sender applies the routing weights and sums the top-k
+contributions exactly as transformers' batched_mm experts do.
+
+Capacity: the worst case (every assignment of the largest microbatch to one destination) unless the
+run sets a capacity factor; then C = ceil(factor * assignments / destinations). Assignments beyond a
+block's capacity are not sent; they are counted on the device (`overflow`), and the worker fails
+the run after the step naming the layer, never using a result computed without them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from runtime.errors import StageError
-from runtime.interpreter import ExpertCall, failing_node
+from runtime.interpreter import ExpertCall, StageEvents, failing_node
 from runtime.parts import ExpertStage, SharedStage
 from runtime.routing import ReplicaTable, uniform_of
 from runtime.spec import InstanceSpec
@@ -50,14 +54,11 @@ class Pending:
     layer: int
     rows: int  # T: tokens the rank sent for this microbatch
     k: int
-    order: torch.Tensor | None  # [A] permutation: send position -> assignment index; None: sent no rows
-    weights: torch.Tensor | None  # [T, k]; None exactly when order is
-    in_split: list[int]  # rows sent to each group member
-    out_split: list[int]  # rows received from each group member
-    slot_of_row: torch.Tensor  # [R] local slot (S = shared) of every received row, on the device
-    recv_counts: list[list[int]]  # [G][S+1] rows received from each member per local slot (host)
-    recv: torch.Tensor
-    work: dist.Work  # the dispatch all_to_all
+    capacity: int  # C: rows per (sender, destination) block
+    where: torch.Tensor | None  # [A] row of each assignment in the send buffer (D*C: not sent); None: sent none
+    weights: torch.Tensor | None  # [T, k]; None exactly when where is
+    recv: torch.Tensor  # [senders*C, H + tag] rows received (empty unless this rank is a destination)
+    work: dist.Work | None  # the dispatch all_to_all (None: a one-member group, nothing in flight)
     has_shared: bool = False
 
 
@@ -66,8 +67,8 @@ class Combining:
     """One exchange whose expert outputs are on their way back (what `compute` started)."""
 
     pending: Pending
-    back: torch.Tensor  # [sum(in_split), H] the rows this rank sent, as the experts return them
-    work: dist.Work  # the combine all_to_all
+    back: torch.Tensor  # [D*C + 1, H] this rank's sent rows as the experts return them (+ a zero row)
+    work: dist.Work | None
 
 
 class Exchange:
@@ -75,7 +76,7 @@ class Exchange:
 
     def __init__(self, inst: InstanceSpec, rank: int, group, *, num_experts: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, experts: dict[int, ExpertStage], shared: dict[int, SharedStage],
-                 remote_shared: bool, metrics: dict):
+                 remote_shared: bool, metrics: dict, capacity_factor: float | None = None):
         self.inst, self.rank, self.group = inst, rank, group
         self.members = list(inst.ranks)
         self.me = self.members.index(rank)
@@ -83,134 +84,160 @@ class Exchange:
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.experts, self.shared = experts, shared
         self.remote_shared = remote_shared
+        self.capacity_factor = capacity_factor
         self.tables = {lp.layer: ReplicaTable(lp, num_experts).to(device) for lp in inst.layers}
-        self.expert_pos = torch.tensor([self.members.index(r) for r in inst.expert_ranks], dtype=torch.int64,
-                                       device=device)
+        # destinations in member order (all_to_all_single lays blocks out by group member): the expert
+        # ranks and the shared-expert ranks; block j of a send buffer goes to dests[j]
         shared_ranks = [r for r in inst.shared_ranks if r in self.members]
-        self.shared_pos = torch.tensor([self.members.index(r) for r in shared_ranks], dtype=torch.int64,
-                                       device=device)
-        self.slot_pattern = torch.arange(self.S + 1, device=device).repeat(len(self.members))  # [G*(S+1)]
+        self.dests = [m for m in self.members if m in inst.expert_ranks or m in shared_ranks]
+        self.senders = list(inst.attention_ranks)
+        self.expert_dest = torch.tensor([self.dests.index(r) for r in inst.expert_ranks], dtype=torch.int64,
+                                        device=device)
+        self.shared_dest = torch.tensor([self.dests.index(r) for r in shared_ranks], dtype=torch.int64, device=device)
+        self.any_remote_shared = any(r not in inst.shared_ranks for r in inst.attention_ranks) and bool(shared_ranks)
+        # extra columns whose last 4 bytes hold the int32 slot (rows stay a whole number of int32s)
+        size = torch.empty(0, dtype=dtype).element_size()
+        self.tag = next(t for t in range(1, 9) if t * size >= 4 and (hidden + t) * size % 4 == 0)
+        self.overflow = torch.zeros((), dtype=torch.int64, device=device)  # assignments beyond capacity
+        self.overflow_at: list[str] = []  # (host) where overflow was first seen, filled by check_overflow
         self.metrics = metrics
+        self.events: StageEvents | None = None  # set for a profiled step
         self.expect: Callable[[str], None] = lambda key: None  # the worker installs its program check here
         self.where: Callable[[], str] = lambda: "?"  # and the step it is in, for errors of the stages run here
 
-    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_split: list[int] | None, in_split: list[int] | None,
-             *, async_op: bool):
-        G = len(self.members)
+    # --- capacity ------------------------------------------------------------------------------
+
+    def capacity(self, tokens: int, k: int) -> int:
+        """Rows per (sender, destination) block for microbatches of at most `tokens` tokens."""
+        assignments = tokens * k + (tokens if self.any_remote_shared else 0)
+        if self.capacity_factor is None:
+            return max(assignments, 1)
+        return max(1, min(assignments, math.ceil(self.capacity_factor * assignments / max(len(self.dests), 1))))
+
+    def _splits(self, C: int) -> tuple[list[int], list[int]]:
+        """(rows this rank sends to each member, rows it receives from each member) in member order."""
+        sending = self.rank in self.senders
+        receiving = self.rank in self.dests
+        ins = [C if sending and m in self.dests else 0 for m in self.members]
+        outs = [C if receiving and m in self.senders else 0 for m in self.members]
+        return ins, outs
+
+    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_split: list[int], in_split: list[int]):
+        """all_to_all over the group (async); a one-member group copies nothing and returns None."""
         per_row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
-        if in_split is None:  # equal splits: one block of rows to every member
-            to_others = (G - 1) * (inp.shape[0] // G)
-        else:
-            to_others = sum(n for i, n in enumerate(in_split) if i != self.me)
-        self.metrics["bytes_sent"] += to_others * per_row
-        return dist.all_to_all_single(out, inp, out_split, in_split, group=self.group, async_op=async_op)
+        self.metrics["bytes_sent"] += sum(n for i, n in enumerate(in_split) if i != self.me) * per_row
+        if len(self.members) == 1:
+            return None
+        return dist.all_to_all_single(out, inp, out_split, in_split, group=self.group, async_op=True)
 
-    def dispatch(self, step: int, mb: int, layer: int, outgoing: tuple[ExpertCall, TokenRoute] | None) -> Pending:
-        """Route and send one microbatch's rows; returns the exchange.
-
-        `outgoing` is the experts node's operands and its tokens' route, or None: this rank sends nothing.
-        """
-        G, S, dev = len(self.members), self.S, self.device
-        t0 = time.perf_counter()
-        if outgoing is None:
-            key = torch.zeros(0, dtype=torch.int64, device=dev)
-            send = torch.zeros((0, self.hidden), dtype=self.dtype, device=dev)
-            T, k, order, weights, has_shared = 0, 0, None, None, False
-        else:
-            call, route = outgoing
-            T, k = call.ids.shape
-            phys = self.tables[layer].pick(call.ids, route.uniforms).reshape(-1)  # [T*k] physical slot
-            dest = self.expert_pos[phys // S]
-            slot = phys % S
-            src_rows = torch.arange(T, device=dev).repeat_interleave(k)
-            has_shared = call.shared_in is not None
-            if call.shared_in is not None:
-                # shared experts: one more row per token, to a shared rank picked by token
-                pick = route.keys % len(self.shared_pos)
-                dest = torch.cat([dest, self.shared_pos[pick]])
-                slot = torch.cat([slot, torch.full((T,), S, dtype=torch.int64, device=dev)])
-            key = dest * (S + 1) + slot
-            order = torch.sort(key, stable=True).indices
-            parts = [call.hidden.reshape(-1, self.hidden)[src_rows]]
-            if call.shared_in is not None:
-                parts.append(call.shared_in)
-            send = torch.cat(parts)[order].contiguous()
-            weights = call.weights
-        # scatter_add, not bincount: CUDA's bincount reads the maximum back to the host
-        counts = torch.zeros(G * (S + 1), dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
-        recv_counts = torch.empty_like(counts)
-        self.expect(f"step {step} layer {layer} mb {mb} counts")
-        self._a2a(recv_counts, counts, None, None, async_op=False)
-        both = torch.cat([counts, recv_counts]).view(2, G, S + 1).tolist()  # the one wait for the device
-        in_split = [sum(row) for row in both[0]]
-        out_split = [sum(row) for row in both[1]]
-        recv = torch.empty((sum(out_split), self.hidden), dtype=self.dtype, device=dev)
-        self.expect(f"step {step} layer {layer} mb {mb} dispatch")
-        work = self._a2a(recv, send, out_split, in_split, async_op=True)
-        slot_of_row = torch.repeat_interleave(self.slot_pattern, recv_counts, output_size=recv.shape[0])
-        self.metrics["clock"]["dispatch"] = self.metrics["clock"].get("dispatch", 0.0) + time.perf_counter() - t0
-        return Pending(layer, T, k, order, weights, in_split, out_split, slot_of_row, both[1], recv, work,
-                       has_shared=has_shared)
+    # --- the three calls -----------------------------------------------------------------------
 
     def route(self, keys: torch.Tensor) -> TokenRoute:
-        """The route of tokens with keys [T] (`runtime.routing.token_keys`), moved to the device once."""
+        """The route of tokens with keys [T] (`runtime.routing.token_keys`); keys may already be on the device."""
         keys_d = keys.to(self.device)
         return TokenRoute(keys_d, uniform_of(keys_d))
 
-    def _ranges(self, p: Pending) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """Row ranges of the received rows: routed ones and shared ones, per sending member.
+    def dispatch(self, step: int, mb: int, layer: int, outgoing: tuple[ExpertCall, TokenRoute] | None,
+                 tokens: int, k: int) -> Pending:
+        """Route and send one microbatch's rows into fixed blocks; returns the exchange.
 
-        Rows arrive grouped by sender, each group sorted by local slot, so a sender's routed rows come
-        first and its shared-expert rows (slot S) last."""
-        routed, shared, at = [], [], 0
-        for row in p.recv_counts:
-            n_routed = sum(row[:self.S])
-            routed.append((at, at + n_routed))
-            shared.append((at + n_routed, at + n_routed + row[self.S]))
-            at += n_routed + row[self.S]
-        return [r for r in routed if r[1] > r[0]], [r for r in shared if r[1] > r[0]]
+        `outgoing` is the experts node's operands and its tokens' route, or None: this rank sends
+        nothing. `tokens` is the instance's largest microbatch in this step (the same on every member)."""
+        D, dev, H = len(self.dests), self.device, self.hidden
+        t0 = time.perf_counter()
+        mark = self.events.mark() if self.events is not None else None
+        C = self.capacity(tokens, k)
+        in_split, out_split = self._splits(C)
+        send = torch.zeros((D * C + 1, H + self.tag), dtype=self.dtype, device=dev)  # + a row for the dropped
+        send_slot = send.view(torch.int32)[:, -1]
+        send_slot.fill_(-1)
+        where = weights = None
+        T, has_shared = 0, False
+        if outgoing is not None:
+            call, route = outgoing
+            T = call.ids.shape[0]
+            phys = self.tables[layer].pick(call.ids, route.uniforms).reshape(-1)  # [T*k] physical slot
+            dest = self.expert_dest[phys // self.S]
+            slot = phys % self.S
+            rows = call.hidden.reshape(-1, H).repeat_interleave(k, dim=0)
+            has_shared = call.shared_in is not None
+            if call.shared_in is not None:  # one more row per token, to a shared rank picked by token
+                dest = torch.cat([dest, self.shared_dest[route.keys % len(self.shared_dest)]])
+                slot = torch.cat([slot, torch.full((T,), self.S, dtype=torch.int64, device=dev)])
+                rows = torch.cat([rows, call.shared_in])
+            # position of each assignment within its destination's block, without a sort or a read-back
+            # (one_hot would check the ids' range on the host)
+            onehot = (dest[:, None] == torch.arange(D, device=dev)[None, :]).to(torch.int64)
+            pos = onehot.cumsum(0).gather(1, dest[:, None]).squeeze(1) - 1
+            fits = pos < C
+            self.overflow += (~fits).sum()
+            where = torch.where(fits, dest * C + pos, D * C)
+            send[where, :H] = rows.to(self.dtype)
+            send_slot[where] = slot.to(torch.int32)
+            send_slot[D * C] = -1
+            weights = call.weights
+        n_in = sum(out_split)
+        recv = torch.empty((n_in, H + self.tag), dtype=self.dtype, device=dev) if len(self.members) > 1 else None
+        self.expect(f"step {step} layer {layer} mb {mb} dispatch")
+        src = send[:D * C] if self.rank in self.senders else send[:0]
+        if recv is None:  # one member: its own blocks are what it receives
+            recv = src if self.rank in self.dests else src[:0]
+        work = self._a2a(recv, src, out_split, in_split)
+        if self.events is not None:
+            self.events.add("dispatch", f"layer{layer}_dispatch", mark)
+        self.metrics["clock"]["dispatch"] = self.metrics["clock"].get("dispatch", 0.0) + time.perf_counter() - t0
+        return Pending(layer, T, k, C, where, weights, recv, work, has_shared=has_shared)
 
     def compute(self, step: int, mb: int, p: Pending) -> Combining:
         """Wait for the rows, run the hosted slots (and shared experts) on them, send the results back."""
         clock = self.metrics["clock"]
         t0 = time.perf_counter()
-        p.work.wait()
+        if p.work is not None:
+            p.work.wait()
         t1 = time.perf_counter()
-        out = torch.empty_like(p.recv)
-        routed, shared = self._ranges(p)
-        n_routed = sum(b - a for a, b in routed)
-        if routed:
-            rows = torch.cat([p.recv[a:b] for a, b in routed])
-            slots = torch.cat([p.slot_of_row[a:b] for a, b in routed])
-            stage = self.experts[p.layer]
-            y = self._run(stage.name, stage.module, stage, rows, slots)
-            at = 0
-            for a, b in routed:
-                out[a:b] = y[at:at + b - a]
-                at += b - a
+        H = self.hidden
+        rows = p.recv[:, :H]
+        slot = p.recv.view(torch.int32)[:, -1].to(torch.int64)
+        out = torch.zeros((rows.shape[0], H), dtype=self.dtype, device=self.device)
+        stage = self.experts.get(p.layer)
+        mark = self.events.mark() if self.events is not None else None
+        if stage is not None and rows.shape[0]:
+            out = self._run(stage.name, stage.module, stage, rows, slot)
+            if self.events is not None:
+                self.events.add("routed_experts", stage.name, mark)
         t2 = time.perf_counter()
-        if shared:
-            sstage = self.shared[p.layer]
-            y = self._run(sstage.name, sstage.module, sstage, torch.cat([p.recv[a:b] for a, b in shared]))
-            at = 0
-            for a, b in shared:
-                out[a:b] = y[at:at + b - a]
-                at += b - a
+        sstage = self.shared.get(p.layer) if self.rank in self.dests else None
+        if sstage is not None and self.any_remote_shared and rows.shape[0]:
+            mark = self.events.mark() if self.events is not None else None
+            ys = self._run(sstage.name, sstage.module, sstage, rows.contiguous())
+            out = out + ys * (slot == self.S)[:, None].to(ys.dtype)
+            if self.events is not None:
+                self.events.add("shared_experts", sstage.name, mark)
         t3 = time.perf_counter()
-        back = torch.empty((sum(p.in_split), self.hidden), dtype=self.dtype, device=self.device)
+        C = p.capacity
+        in_split, out_split = self._splits(C)
+        D = len(self.dests)
+        back = torch.zeros((D * C + 1, H), dtype=self.dtype, device=self.device)  # last row: the dropped
         self.expect(f"step {step} layer {p.layer} mb {mb} combine")
-        work = self._a2a(back, out, p.in_split, p.out_split, async_op=True)
+        if len(self.members) == 1:
+            if self.rank in self.dests and self.rank in self.senders:
+                back[:D * C] = out
+            work = None
+        else:
+            src = out.to(self.dtype).contiguous()
+            dst = back[:D * C] if self.rank in self.senders else back[:0]
+            work = self._a2a(dst, src, in_split, out_split)
         t4 = time.perf_counter()
         clock["dispatch"] = clock.get("dispatch", 0.0) + t1 - t0
         clock["routed_experts"] = clock.get("routed_experts", 0.0) + t2 - t1
         clock["shared_experts"] = clock.get("shared_experts", 0.0) + t3 - t2
         per_stage = self.metrics["stage_clock"]
-        if routed:
+        if stage is not None:
             per_stage[stage.name] = per_stage.get(stage.name, 0.0) + t2 - t1
-        if shared:
+        if sstage is not None:
             per_stage[sstage.name] = per_stage.get(sstage.name, 0.0) + t3 - t2
         clock["combine"] = clock.get("combine", 0.0) + t4 - t3
-        self.metrics["expert_rows"] += n_routed
+        self.metrics["expert_rows"] += rows.shape[0]
         return Combining(p, back, work)
 
     def _run(self, name: str, module: fx.GraphModule, stage: Callable[..., torch.Tensor],
@@ -225,17 +252,19 @@ class Exchange:
     def finish(self, c: Combining) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Wait for the results; (routed output [T, H], shared output [T, H] or None) for the rows sent."""
         t0 = time.perf_counter()
-        c.work.wait()
+        if c.work is not None:
+            c.work.wait()
         clock = self.metrics["clock"]
         clock["combine"] = clock.get("combine", 0.0) + time.perf_counter() - t0
         p = c.pending
-        if p.order is None or p.weights is None:  # this rank sent no rows
+        if p.where is None or p.weights is None:  # this rank sent no rows
             return None
-        back = torch.empty_like(c.back)
-        back[p.order] = c.back
+        mark = self.events.mark() if self.events is not None else None
+        y = c.back[p.where]  # dropped assignments read the zero row (and the step fails on overflow)
         A = p.rows * p.k
-        y = back[:A].view(p.rows, p.k, self.hidden)
         # batched_mm's reduction: weight each top-k output, sum over k, cast to the hidden dtype
-        routed = (y * p.weights.reshape(p.rows, p.k, 1)).sum(dim=1).to(self.dtype)
-        shared = back[A:] if p.has_shared else None
+        routed = (y[:A].view(p.rows, p.k, self.hidden) * p.weights.reshape(p.rows, p.k, 1)).sum(dim=1).to(self.dtype)
+        shared = y[A:] if p.has_shared else None
+        if self.events is not None:
+            self.events.add("combine", f"layer{p.layer}_combine", mark)
         return routed, shared

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from costmodels.topology import HOST_GPU_KINDS
 from planner.ir.plan import Plan
 from planner.frontend.zoo import BUNDLED, ModelSource, load_source
 from runtime.errors import SpecError
@@ -43,15 +44,33 @@ def _matching(src: ModelSource, plan: Plan, mismatch: str) -> ModelSource:
     return src
 
 
+# topologies whose plans run on this host: CPU processes, or the GPUs of one host
+RUNNABLE_KINDS = ("local", *HOST_GPU_KINDS)
+
+
+def auto_backend(kind: str, ranks: int) -> str:
+    """nccl for a GPU-host plan, and for a local:N plan when this host has N CUDA GPUs; gloo otherwise."""
+    if kind in HOST_GPU_KINDS:
+        return "nccl"
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= ranks else "gloo"
+
+
 def spec_from_plan(plan: Plan, *, prompts: int = 8, prompt_len: int = 16, new_tokens: int = 8, seed: int = 0,
-                   weights: str | None = None, backend: str = "gloo", model_config: str | None = None) -> RunSpec:
+                   weights: str | None = None, backend: str = "auto", model_config: str | None = None,
+                   graphs: bool = True, capacity_factor: float | None = None) -> RunSpec:
     """The runtime's spec for `plan`; SpecError (one line) when the plan cannot run on this host.
 
-    model_config: the config file of a plan compiled from a user's config (see `model_source`)."""
+    backend "auto": see `auto_backend`. With nccl the run uses static buffers (and CUDA graphs for
+    decode) unless `graphs` is False. model_config: the config file of a plan compiled from a user's
+    config (see `model_source`)."""
     topo = plan.topology
-    if topo.kind != "local":
+    if topo.kind not in RUNNABLE_KINDS:
         raise SpecError(f"plan.topology: '{topo.name}' cannot run on this host; podplan run executes plans compiled "
-                        "for local:N (compile with --topology local:N)")
+                        "for local:N (CPU processes) or h100:N / h200:N (the GPUs of this host)")
+    if backend == "auto":
+        backend = auto_backend(topo.kind, topo.num_devices)
     if topo.dies_per_device != 1:
         raise SpecError(f"plan.topology.dies_per_device: {topo.dies_per_device}; a local process is one die")
     src = model_source(plan, model_config)
@@ -76,7 +95,8 @@ def spec_from_plan(plan: Plan, *, prompts: int = 8, prompt_len: int = 16, new_to
     model = plan.model.name if model_config is None else str(Path(src.origin).resolve())
     return RunSpec(model=model, world_size=topo.num_devices, instances=tuple(instances), prompts=prompts,
                    prompt_len=prompt_len, new_tokens=new_tokens, seed=seed, weights=weights, backend=backend,
-                   predictions=predictions_of(plan))
+                   predictions=predictions_of(plan), static=graphs and backend == "nccl",
+                   capacity_factor=capacity_factor)
 
 
 def predictions_of(plan: Plan) -> dict:

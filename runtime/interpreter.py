@@ -25,6 +25,7 @@ import torch.fx as fx
 from planner.frontend.stages import (PAST_KEY_VALUES, PAST_LEN, KVCache, StagedProgram, StageKey, routed_operands,
                                      single_input_stage, stage_calls)
 from runtime.errors import SpecError, StageError
+from runtime.kv import StaticKVCache
 
 INPUT_IDS = "input_ids"
 _INPUTS = (INPUT_IDS, PAST_LEN, PAST_KEY_VALUES)
@@ -39,6 +40,33 @@ class ExpertCall:
     ids: torch.Tensor
     weights: torch.Tensor
     shared_in: torch.Tensor | None  # [T, H] input of the shared-experts stage when it runs remotely
+
+
+class StageEvents:
+    """Time marks around stages of one profiled step: CUDA events on a GPU (read after the step), host
+    clocks on a CPU. spans: (stage kind, stage name, start, end)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.spans: list[tuple[str, str, object, object]] = []
+
+    def mark(self) -> object:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def add(self, kind: str, name: str, start: object) -> None:
+        self.spans.append((kind, name, start, self.mark()))
+
+    def ms_by_kind(self) -> dict[str, float]:
+        """Milliseconds per stage kind (call once the device is idle)."""
+        out: dict[str, float] = {}
+        for kind, _, a, b in self.spans:
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3  # type: ignore[attr-defined,operator]
+            out[kind] = out.get(kind, 0.0) + ms
+        return {k: round(v, 4) for k, v in sorted(out.items())}
 
 
 def call_stage(stage: fx.GraphModule, *args: object) -> tuple:
@@ -133,7 +161,7 @@ def check_remote_shared(program: StagedProgram, name: str) -> None:
 class RankInterpreter(fx.Interpreter):
     """One microbatch of one attention rank: `begin`, then `advance` / `resume` until logits come out."""
 
-    def __init__(self, program: RankProgram, *, rank: int, kv: KVCache, remote_shared: bool,
+    def __init__(self, program: RankProgram, *, rank: int, kv: KVCache | StaticKVCache, remote_shared: bool,
                  clock: dict[str, float], stage_clock: dict[str, float] | None = None):
         super().__init__(program.gm, garbage_collect_values=True)
         self.program, self.rank, self.kv, self.remote_shared = program, rank, kv, remote_shared
@@ -141,6 +169,8 @@ class RankInterpreter(fx.Interpreter):
         self.stage_clock = stage_clock if stage_clock is not None else {}  # seconds per stage module
         self.stage = "setup"
         self.past = 0  # positions in the cache
+        self.position: torch.Tensor | None = None  # static buffers: `past` as a device tensor (fed as past_len)
+        self.events: StageEvents | None = None  # set for a profiled step
         self._inputs: dict[str, object] = {}
         self._shared_out: dict[fx.Node, tuple[torch.Tensor]] = {}
         self._pending: fx.Node | None = None
@@ -148,7 +178,8 @@ class RankInterpreter(fx.Interpreter):
     def begin(self, input_ids: torch.Tensor, stage: str) -> None:
         """Start a step on input_ids [b, S] that follow the `past` cached positions."""
         self.env = {}
-        self._inputs = {INPUT_IDS: input_ids, PAST_LEN: self.past, PAST_KEY_VALUES: self.kv}
+        past = self.past if self.position is None else self.position
+        self._inputs = {INPUT_IDS: input_ids, PAST_LEN: past, PAST_KEY_VALUES: self.kv}
         self._nodes = iter(self.graph.nodes)
         self._seq = input_ids.shape[1]
         self.stage = stage
@@ -208,11 +239,14 @@ class RankInterpreter(fx.Interpreter):
         stage = self.program.module(key.name)
         args = self.fetch_args_kwargs_from_env(node)[0]
         t0 = time.perf_counter()
+        start = self.events.mark() if self.events is not None else None
         try:
             value = call_stage(stage, *args)
         except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
             raise StageError(self.rank, self.stage, f"{failing_node(stage, exc)} in {key.name}",
                              f"{type(exc).__name__}: {exc}") from exc
+        if self.events is not None:
+            self.events.add(key.kind, key.name, start)
         dt = time.perf_counter() - t0
         self.clock[key.kind] = self.clock.get(key.kind, 0.0) + dt
         self.stage_clock[key.name] = self.stage_clock.get(key.name, 0.0) + dt

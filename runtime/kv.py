@@ -62,3 +62,49 @@ def payload_numel(header: torch.Tensor) -> int:
             n *= d
         total += n
     return total
+
+
+class StaticKVCache:
+    """A preallocated cache: `capacity` positions per layer, written at device-side positions.
+
+    Same protocol as the staged program's cache (`update(key, value, layer_idx)`), but the buffers
+    never move: a step writes its S new keys at `position .. position + S - 1` (a 0-dim int64 tensor
+    the worker sets before the step) and attention reads all `capacity` positions under a mask that
+    hides the unwritten ones (`runtime.lower.static_causal_mask`). Nothing depends on a host-side
+    length, so a decode step can be captured once and replayed as a CUDA graph.
+    """
+
+    def __init__(self, capacity: int, position: torch.Tensor):
+        self.capacity = capacity
+        self.position = position
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0  # positions written (host), for the prefill -> decode hand-over
+
+    def _alloc(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.buffers:
+            k = key.new_zeros((*key.shape[:-2], self.capacity, key.shape[-1]))
+            v = value.new_zeros((*value.shape[:-2], self.capacity, value.shape[-1]))
+            self.buffers[layer] = (k, v)
+        return self.buffers[layer]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._alloc(layer_idx, key, value)
+        at = self.position + torch.arange(key.shape[-2], device=key.device)
+        k.index_copy_(-2, at, key.to(k.dtype))
+        v.index_copy_(-2, at, value.to(v.dtype))
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    @property
+    def layers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The written positions of every layer (what `kv_rows` hands over)."""
+        return {layer: (k[..., :self.length, :], v[..., :self.length, :]) for layer, (k, v) in self.buffers.items()}
+
+    def load(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Fill a layer's first positions from a handed-over cache ([B, heads, L, d] each)."""
+        k, v = self._alloc(layer, key, value)
+        k[..., :key.shape[-2], :] = key
+        v[..., :value.shape[-2], :] = value
+        self.length = key.shape[-2]

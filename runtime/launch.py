@@ -121,7 +121,10 @@ def _check_host(spec: RunSpec) -> None:
     n = spec.world_size
     if spec.backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < n):
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise SpecError(f"backend nccl needs {n} CUDA devices, this host has {have}; use --backend gloo")
+        raise SpecError(f"the run needs {n} CUDA GPUs (one per rank, NCCL), this host has {have}; run it on a host "
+                        f"with {n} GPUs, or compile for local:{n} to run on CPU processes")
+    if spec.backend == "nccl":
+        return  # ranks hold their weights on their GPUs; host memory per rank is not the limit
     cap = host_capacity()
     if not 1 <= n <= cap:
         raise SpecError(f"the plan needs {n} processes; this host runs at most {cap} (about {RANK_GIB} GiB of "

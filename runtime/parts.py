@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from planner.frontend.program_io import program_from_json
+from planner.frontend.shape import shape_of_model
 from planner.frontend.stages import KVCache, StagedProgram, expert_shard, routed_operands, stage_calls
 from planner.frontend.trace import build_model
 from planner.frontend.zoo import ModelSource, load_source
@@ -41,12 +42,16 @@ class ExpertStage:
     logical: torch.Tensor  # [S] the global expert id of each local slot, on the rank's device
 
     def __call__(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Expert outputs [R, H] of rows [R, H] sent to local slots [R], unweighted (the sender weights)."""
+        """Expert outputs [R, H] of rows [R, H] sent to local slots [R], unweighted (the sender weights).
+
+        A slot outside 0..S-1 (an empty row of a fixed-capacity block, or a row for the shared
+        experts) runs at weight 0 and gives a zero row: no row is picked out with a read-back."""
         args: list[torch.Tensor] = [rows, rows, rows]
         h, i, w = self.operands
+        S = self.logical.shape[0]
         args[h] = rows
-        args[i] = self.logical[slots][:, None]
-        args[w] = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+        args[i] = self.logical[slots.clamp(0, S - 1)][:, None]
+        args[w] = ((slots >= 0) & (slots < S)).to(rows.dtype)[:, None]
         return call_stage(self.module, *args)[0]
 
 
@@ -72,6 +77,7 @@ class RankParts:
     num_experts: int
     moe_layers: list[int]
     dtype: torch.dtype
+    top_k: int  # routed experts per token: with the microbatch size it sets the exchange's capacity
     program: RankProgram | None = None  # attention ranks: the staged program, less the stages run elsewhere
     experts: dict[int, ExpertStage] = field(default_factory=dict)  # layer -> this rank's shard
     shared: dict[int, SharedStage] = field(default_factory=dict)  # layer -> shared experts it serves
@@ -165,13 +171,14 @@ def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: tor
     cfg = model.config
     dtype = next(model.parameters()).dtype
     program = program_from_json(program_doc, model, src)
+    top_k = shape_of_model(model, src).top_k
     del model  # the stage modules hold the weights from here on
     calls = [key for _, key in stage_calls(program)]
     routed = {key.layer: key.name for key in calls if key.kind == "routed_experts"}
     shared = {key.layer: key.name for key in calls if key.kind == "shared_experts"}
     num_experts = max((layout.num_experts for layout in program.experts.values()), default=0)
     parts = RankParts(src, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, num_experts,
-                      sorted(k for k in routed if k is not None), dtype)
+                      sorted(k for k in routed if k is not None), dtype, top_k)
     if inst is not None:
         _keep(parts, program, inst, rank, routed, shared, device)
     del program

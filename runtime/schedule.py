@@ -48,7 +48,6 @@ def programs(spec: RunSpec, moe_layers: list[int]) -> dict[int, list[Op]]:
             for step in steps_of(spec, inst):
                 for layer in moe_layers:
                     for mb in range(inst.microbatches):
-                        prog.append(layer_ops(inst.name, step, layer, mb, "counts"))
                         prog.append(layer_ops(inst.name, step, layer, mb, "dispatch"))
                     for mb in range(inst.microbatches):
                         prog.append(layer_ops(inst.name, step, layer, mb, "combine"))

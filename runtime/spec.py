@@ -68,6 +68,11 @@ class RunSpec:
     weights: str | None = None  # safetensors checkpoint; None = seeded random weights
     backend: str = "gloo"
     keep_logits: bool = True  # send every step's logits to rank 0 (False: tokens only, for big vocabularies)
+    # static buffers: a preallocated KV cache, positions and sampled tokens on the device, no read-back
+    # inside a step; on a GPU, decode steps then replay as one CUDA graph (the NCCL path turns this on)
+    static: bool = False
+    # fixed-capacity dispatch blocks: None = the worst case (never overflows); else factor x the mean
+    capacity_factor: float | None = None
     predictions: dict = field(default_factory=dict)  # the plan's numbers, shown beside the measured ones
 
     def to_json(self) -> str:

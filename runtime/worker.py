@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,11 @@ from planner.frontend.program_io import PROGRAM_FILE, read_program
 from planner.frontend.stages import new_kv_cache
 from runtime.errors import SpecError, StageError
 from runtime.exchange import Exchange
-from runtime.interpreter import ExpertCall, RankInterpreter
-from runtime.kv import kv_from_rows, kv_rows, pack, payload_numel, unpack
+from runtime.interpreter import ExpertCall, RankInterpreter, StageEvents
+from runtime.kv import StaticKVCache, kv_from_rows, kv_rows, pack, payload_numel, unpack
+from runtime.lower import lower_masks
 from runtime.parts import RankParts, build_parts, remote_shared
-from runtime.routing import token_keys
+from runtime.routing import POS_STRIDE, token_keys
 from runtime.schedule import WORLD, Op, programs
 from runtime.spec import (InstanceSpec, RunSpec, kv_routes, microbatches_of, prompts_of, sequences_of,
                           steps_of)
@@ -54,6 +55,11 @@ class MicroBatch:
     seqs: list[int]
     interp: RankInterpreter
     next_input: torch.Tensor  # [b, S] token ids of the next step
+    # static buffers (spec.static): prompt ids [b], tokens [b, steps] and last-position logits per step
+    seq_ids: torch.Tensor | None = None
+    history: torch.Tensor | None = None
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    last: torch.Tensor | None = None  # [b, V] float logits of the last step (a graph's output buffer)
 
 
 class RankWorker:
@@ -72,6 +78,14 @@ class RankWorker:
         self.results: dict[int, dict[int, tuple[int, torch.Tensor | None]]] = {}
         self.collected: list[dict[str, Any]] = []  # rank 0, after gather: every rank's payload, by rank
         self.fault = _parse_fault(os.environ.get(FAULT_ENV), rank)
+        self.capacity = spec.prompt_len + spec.new_tokens  # positions of a static KV cache
+        # CUDA graphs: decode steps from GRAPH_FROM on replay one captured step (steps 1.. run eagerly
+        # first: kernels pick their algorithms and the allocator settles; step PROFILE_STEP is timed per stage)
+        self.graphs = spec.static and device.type == "cuda" and self.fault is None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_ops = 0  # communication operations one captured step issues
+        self.graph_bytes = 0  # bytes one captured step sends to other ranks
+        self.timer = _Timer(device)
 
     def _role(self) -> str:
         if self.inst is None:
@@ -94,6 +108,8 @@ class RankWorker:
             if self.parts.moe_layers != self.moe_layers:
                 raise SpecError(f"the staged program routes experts at layers {self.parts.moe_layers}, the spec "
                                 f"places them at {self.moe_layers}")
+            if self.spec.static and self.parts.program is not None:
+                lower_masks(self.parts.program.gm, self.capacity)
         # every rank creates every group, in spec order (new_group is collective over the world)
         self.groups = {i.name: dist.new_group(list(i.ranks)) for i in self.spec.instances}
         if inst is not None:
@@ -101,7 +117,8 @@ class RankWorker:
             self.exchange = Exchange(
                 inst, self.rank, self.groups[inst.name], num_experts=p.num_experts, hidden=p.hidden,
                 dtype=p.dtype, device=self.device, experts=p.experts, shared=p.shared,
-                remote_shared=remote_shared(inst, self.rank), metrics=self.metrics)
+                remote_shared=remote_shared(inst, self.rank), metrics=self.metrics,
+                capacity_factor=self.spec.capacity_factor)
             self.exchange.expect = lambda key: self.expect(key, group=inst.name)
             self.exchange.where = lambda: self.stage
         self.metrics["setup_s"] = time.perf_counter() - t0
@@ -132,11 +149,30 @@ class RankWorker:
         mbs = self._microbatches(inst, attention)
         if inst.phases == ("decode",) and attention:
             self.receive_kv(mbs)
+        self.rows = {phase: _max_rows(self.spec, inst, phase) for phase in ("prefill", "decode")}
         for step in steps_of(self.spec, inst):
-            t0 = time.perf_counter()
-            self.run_step(step, mbs)
             name = "prefill" if step == 0 else "decode"
-            self.metrics["steps"][name] = self.metrics["steps"].get(name, 0.0) + time.perf_counter() - t0
+            if self.spec.static:
+                for mb in mbs:
+                    if mb is not None:
+                        mb.interp.position.fill_(mb.interp.past)  # outside any graph: a replay reads it
+            graphed = self.graphs and step >= GRAPH_FROM
+            self.timer.start(name, graphed)
+            if graphed:
+                self._graph_step(step, mbs)
+            else:
+                self._profiled(step, mbs) if self.spec.static and step == PROFILE_STEP else self.run_step(step, mbs)
+            self.timer.stop()
+            if self.spec.static:
+                self._record(step, mbs)
+        self.timer.finish(self.metrics)
+        if self.spec.static:
+            self._collect(mbs)
+        overflow = int(self.exchange.overflow)
+        if overflow:
+            raise StageError(self.rank, "exchange", "dispatch", f"{overflow} (token, expert) assignments did not fit "
+                             "the fixed-capacity dispatch blocks; raise --capacity-factor (or leave it unset: the "
+                             "worst case, which never overflows)")
         if inst.phases == ("prefill",) and attention:
             self.send_kv(mbs)
 
@@ -149,17 +185,29 @@ class RankWorker:
             return [None] * len(chunks)
         prompts = prompts_of(self.spec, self.parts.vocab).to(self.device)
         shared = remote_shared(inst, self.rank)
-        return [MicroBatch(s, self.parts.interpreter(rank=self.rank, kv=new_kv_cache(), remote_shared=shared,
-                                                     clock=self.metrics["clock"],
-                                                     stage_clock=self.metrics["stage_clock"]), prompts[s])
-                if s else None for s in chunks]
+        out: list[MicroBatch | None] = []
+        for s in chunks:
+            if not s:
+                out.append(None)
+                continue
+            position = torch.zeros((), dtype=torch.int64, device=self.device)
+            kv = StaticKVCache(self.capacity, position) if self.spec.static else new_kv_cache()
+            interp = self.parts.interpreter(rank=self.rank, kv=kv, remote_shared=shared, clock=self.metrics["clock"],
+                                            stage_clock=self.metrics["stage_clock"])
+            mb = MicroBatch(s, interp, prompts[s])
+            if self.spec.static:
+                interp.position = position
+                mb.seq_ids = torch.tensor(s, dtype=torch.int64, device=self.device)
+                mb.history = torch.full((len(s), self.spec.new_tokens), -1, dtype=torch.int64, device=self.device)
+            out.append(mb)
+        return out
 
     def run_step(self, step: int, mbs: list[MicroBatch | None]) -> None:
         label = "prefill" if step == 0 else f"decode step {step}"
         with torch.no_grad():
             # the step's tokens sit at positions past .. past + S - 1: one route per microbatch and step
-            routes = [self.exchange.route(token_keys(mb.seqs, mb.interp.past, mb.next_input.shape[1]))
-                      if mb is not None else None for mb in mbs]
+            routes = [self.exchange.route(self._keys(mb)) if mb is not None else None for mb in mbs]
+            rows = self.rows["prefill" if step == 0 else "decode"] * (self.spec.prompt_len if step == 0 else 1)
             for mb in mbs:
                 if mb is not None:
                     mb.interp.begin(mb.next_input, label)
@@ -170,7 +218,8 @@ class RankWorker:
                     outgoing = (self._advance(mb, layer), route) if mb is not None and route is not None else None
                     if li == 0 and self.fault and self.fault[0] == step:
                         self._fire(self.fault[1], str(mb.interp.paused_at.target) if mb is not None else "expert slots")
-                    pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, outgoing))
+                    pending.append(self._comm("dispatch", self.exchange.dispatch, step, i, layer, outgoing, rows,
+                                              self.parts.top_k))
                 combining = []
                 for i, p in enumerate(pending):
                     combining.append(self._comm("experts", self.exchange.compute, step, i, p))
@@ -182,6 +231,88 @@ class RankWorker:
             for mb in mbs:
                 if mb is not None:
                     self._sample(step, mb)
+
+    def _keys(self, mb: MicroBatch) -> torch.Tensor:
+        """The step's token keys (`runtime.routing.token_keys`); from the device position with static buffers."""
+        S = mb.next_input.shape[1]
+        if mb.interp.position is None:
+            return token_keys(mb.seqs, mb.interp.past, S)
+        pos = mb.interp.position + torch.arange(S, device=self.device)
+        return (mb.seq_ids[:, None] * POS_STRIDE + pos[None, :]).reshape(-1)
+
+    # --- static buffers and CUDA graphs ---------------------------------------------------------
+
+    def _graph_step(self, step: int, mbs: list[MicroBatch | None]) -> None:
+        """Capture the decode step once (the first time here), then replay it for every later step."""
+        if self.graph is None:
+            pasts = [mb.interp.past if mb is not None else 0 for mb in mbs]
+            tokens, sent, pc = self.metrics["tokens"], self.metrics["bytes_sent"], self.pc
+            clocks = {k: dict(self.metrics[k]) for k in ("clock", "stage_clock")}
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(graph):
+                self.run_step(step, mbs)
+            # capturing ran no kernel: undo the host-side effects, the replays redo them
+            for mb, past in zip(mbs, pasts):
+                if mb is not None:
+                    mb.interp.past = past
+            self.graph_ops, self.graph_bytes = self.pc - pc, self.metrics["bytes_sent"] - sent
+            self.metrics["tokens"], self.metrics["bytes_sent"], self.pc = tokens, sent, pc
+            for k, v in clocks.items():
+                self.metrics[k] = v
+            self.graph = graph
+        self._replayed_ops(step)
+        self.graph.replay()
+        for mb in mbs:
+            if mb is not None:
+                mb.interp.past += mb.next_input.shape[1]
+                self.metrics["tokens"] += len(mb.seqs)
+        self.metrics["bytes_sent"] += self.graph_bytes
+
+    def _replayed_ops(self, step: int) -> None:
+        """A replay issues the captured step's operations: check them against the dry-run program."""
+        for _ in range(self.graph_ops):
+            want = self.program[self.pc] if self.pc < len(self.program) else None
+            if want is None or not want.key.startswith(f"step {step} "):
+                raise AssertionError(f"rank {self.rank} replays step {step} but its dry-run program says {want}")
+            self.pc += 1
+
+    def _profiled(self, step: int, mbs: list[MicroBatch | None]) -> None:
+        """An eager decode step with CUDA events around every stage (per-stage times beside the plan's)."""
+        events = StageEvents(self.device.type == "cuda")
+        for mb in mbs:
+            if mb is not None:
+                mb.interp.events = events
+        if self.inst is not None:
+            self.exchange.events = events
+        self.run_step(step, mbs)
+        for mb in mbs:
+            if mb is not None:
+                mb.interp.events = None
+        self.exchange.events = None
+        self.metrics["profile_events"] = events  # resolved to ms once the device is idle (_Timer.finish)
+
+    def _record(self, step: int, mbs: list[MicroBatch | None]) -> None:
+        """Keep the step's tokens (and logits) on the device; read back once, after the last step."""
+        for mb in mbs:
+            if mb is None or mb.history is None:
+                continue
+            mb.history[:, step] = mb.next_input[:, 0]
+            if self.spec.keep_logits and mb.last is not None:
+                mb.logits[step] = mb.last.clone()
+
+    def _collect(self, mbs: list[MicroBatch | None]) -> None:
+        for mb in mbs:
+            if mb is None or mb.history is None:
+                continue
+            hist = mb.history.cpu()
+            logits = {step: t.cpu() for step, t in mb.logits.items()}
+            for row, seq in enumerate(mb.seqs):
+                for step in range(hist.shape[1]):
+                    tok = int(hist[row, step])
+                    if tok >= 0:
+                        rows = logits.get(step)
+                        self.results.setdefault(seq, {})[step] = (tok, rows[row].clone() if rows is not None else None)
 
     def _advance(self, mb: MicroBatch, layer: int) -> ExpertCall:
         """Run mb up to the routed-experts stage of `layer`: its operands."""
@@ -198,6 +329,14 @@ class RankWorker:
             raise AssertionError(f"interpreter reached the experts of layer {logits.layer}, expected the output")
         last = logits[:, -1, :].float()
         tokens = last.argmax(dim=-1)
+        if mb.history is not None:  # static buffers: no read-back; next_input is the graph's token buffer
+            if mb.next_input.shape[1] == 1:
+                mb.next_input.copy_(tokens[:, None])
+            else:
+                mb.next_input = tokens[:, None].clone()
+            mb.last = last
+            self.metrics["tokens"] += len(mb.seqs)
+            return
         ids = tokens.tolist()
         rows = last.cpu() if self.spec.keep_logits else None
         for row, seq in enumerate(mb.seqs):
@@ -268,7 +407,13 @@ class RankWorker:
                 continue
             per_seq = [got[s][1] for s in mb.seqs]
             rows = [torch.cat([p[i] for p in per_seq]) for i in range(2 * len(layers))]
-            mb.interp.kv = kv_from_rows(layers, rows)
+            if self.spec.static:
+                kv = mb.interp.kv
+                assert isinstance(kv, StaticKVCache)
+                for i, layer in enumerate(layers):
+                    kv.load(layer, rows[2 * i], rows[2 * i + 1])
+            else:
+                mb.interp.kv = kv_from_rows(layers, rows)
             mb.interp.past = self.spec.prompt_len
             mb.next_input = torch.tensor([[got[s][0]] for s in mb.seqs], dtype=torch.int64, device=self.device)
 
@@ -282,6 +427,58 @@ class RankWorker:
         self._comm("gather results", dist.gather_object, payload, out, 0)
         if out is not None:  # rank 0
             self.collected = out
+
+
+GRAPH_FROM = 3  # first decode step replayed from a CUDA graph
+PROFILE_STEP = 2  # the eager decode step timed per stage with CUDA events
+
+
+def _max_rows(spec: RunSpec, inst: InstanceSpec, phase: str) -> int:
+    """The instance's largest microbatch (sequences) in `phase`: the same number on every member."""
+    seqs = sequences_of(spec, phase) if phase in inst.phases else {}
+    sizes = [len(mb) for r in inst.attention_ranks for mb in microbatches_of(seqs.get(r, []), inst.microbatches)]
+    return max(sizes + [1])
+
+
+class _Timer:
+    """Step times per phase: host clocks on a CPU; CUDA events on a GPU, read once when the run ends."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, bool, object, object]] = []
+        self._open: tuple[str, bool, object] | None = None
+
+    def _mark(self) -> object:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self, phase: str, graphed: bool) -> None:
+        self._open = (phase, graphed, self._mark())
+
+    def stop(self) -> None:
+        assert self._open is not None
+        phase, graphed, t0 = self._open
+        self.spans.append((phase, graphed, t0, self._mark()))
+        self._open = None
+
+    def finish(self, metrics: dict) -> None:
+        """Fill metrics["steps"] (seconds per phase), ["graph_steps"] and the profiled stage times."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        graph = [0, 0.0]
+        for phase, graphed, a, b in self.spans:
+            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a  # type: ignore[attr-defined]
+            metrics["steps"][phase] = metrics["steps"].get(phase, 0.0) + dt
+            if graphed:
+                graph[0] += 1
+                graph[1] += dt
+        metrics["graph_steps"] = {"count": graph[0], "seconds": graph[1]}
+        events = metrics.pop("profile_events", None)
+        if events is not None:
+            metrics["profiled_step_ms"] = events.ms_by_kind()
 
 
 def _send_all(tensors: list[torch.Tensor], dst: int) -> None:

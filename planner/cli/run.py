@@ -1,4 +1,5 @@
-"""`podplan run PLAN.json`: execute a local:N plan on N processes and check it against the model.
+"""`podplan run PLAN.json`: execute a local:N (CPU) or h100:N/h200:N (this host's GPUs) plan and check it
+against the model.
 
 With --job-dir the plan is only validated and written as a job for torchrun (one host or many);
 `podplan run DIR` then reports and checks what that run wrote.
@@ -27,11 +28,17 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a local:N plan on N processes (torch.distributed) and check it against the model")
-    p.add_argument("plan", help="a plan written by `podplan compile` for --topology local:N, or a --job-dir "
+    p = sub.add_parser("run", help="run a local:N (CPU) or h200:N/h100:N (GPU) plan here and check it against the model")
+    p.add_argument("plan", help="a plan written by `podplan compile` for --topology local:N or h200:N/h100:N, or a --job-dir "
                                 "that torchrun has run (report and check its result)")
-    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
-                   help="gloo (CPU processes, default) or nccl (one GPU per rank)")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="auto (default: nccl for an h100:N/h200:N plan, or when this host has a CUDA GPU per rank; "
+                        "gloo otherwise), gloo (CPU processes) or nccl (one GPU per rank)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="nccl: run every step eagerly (no static buffers, no CUDA graphs), for debugging")
+    p.add_argument("--capacity-factor", type=float, metavar="F",
+                   help="dispatch blocks hold F x the mean rows per expert device (default: the worst case, "
+                        "which never overflows); an overflow fails the run and names the layer")
     p.add_argument("--prompts", type=int, default=8, help="prompts generated in parallel (default 8)")
     p.add_argument("--prompt-len", type=int, default=16, help="tokens per prompt (seeded random ids; default 16)")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated greedily per prompt (default 8)")
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from runtime.launch import launch, validate
     from runtime.torchrun import collect, command, is_job_dir, read_spec, write_job
 
+    if args.capacity_factor is not None and not 0 < args.capacity_factor <= 1e6:
+        raise InputError(f"--capacity-factor must be > 0, got {args.capacity_factor:g}")
     if not 0 < args.timeout <= MAX_TIMEOUT_S:
         raise InputError(f"--timeout must be in (0, {MAX_TIMEOUT_S}] seconds, got {args.timeout:g}")
     if args.job_dir:
@@ -73,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
         plan = load_plan(args.plan)
         spec = spec_from_plan(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                               seed=args.seed, weights=args.weights, backend=args.backend,
-                              model_config=args.model_config)
+                              model_config=args.model_config, graphs=not args.no_graphs,
+                              capacity_factor=args.capacity_factor)
         if device_named(plan.topology.hardware).nominal:
             spec = dataclasses.replace(spec, predictions=_without_timings(spec.predictions, plan.topology.hardware))
+        else:
+            spec = dataclasses.replace(spec, predictions=_for_this_run(plan, args))
         # everything that can fail before a process starts: one line, exit 2; with --job-dir the ranks
         # may run on other hosts: check the job, not this machine
         validate(spec, on_this_host=not args.job_dir)
@@ -125,6 +137,14 @@ def _deadline(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _for_this_run(plan, args: argparse.Namespace) -> dict:
+    """The cost model's numbers for the run's workload (not the plan's design batch), so they compare."""
+    from planner.run_predictions import run_predictions
+
+    return run_predictions(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                           model=args.model_config)
 
 
 def _without_timings(predictions: dict, hardware: str) -> dict:

@@ -1,5 +1,5 @@
-"""The NCCL path: a tiny model on one GPU, and with attention and experts on different GPUs (each skips
-without the GPUs it needs)."""
+"""The NCCL path: a tiny model on one GPU (eager, and with static buffers and CUDA graphs), and with
+attention and experts on different GPUs (each test skips without the GPUs it needs)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from runtime.launch import launch
+from runtime.metrics import summarise
 from runtime.reference import check
 from tests.runtime.conftest import colocated, disaggregated
 
@@ -16,9 +17,10 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_nccl_disaggregated_matches_the_reference():
+@pytest.mark.parametrize("static", [False, True])
+def test_nccl_disaggregated_matches_the_reference(static):
     spec = dataclasses.replace(disaggregated("tiny-qwen3-moe", 1, 1, microbatches=2, prompts=4, prompt_len=5,
-                                             new_tokens=3), backend="nccl")
+                                             new_tokens=6), backend="nccl", static=static)
     out = launch(spec, timeout_s=300)
     result = check(spec, out.tokens, out.logits)  # the reference runs on GPU 0: seeded weights are drawn there
     assert result.tokens_match and result.max_abs_diff <= 1e-3, result
@@ -30,5 +32,19 @@ def test_nccl_on_one_gpu_matches_the_reference_built_on_the_gpu():
     spec = dataclasses.replace(colocated("tiny-deepseek-v3", 1, microbatches=2, prompts=4, prompt_len=5,
                                          new_tokens=3), backend="nccl")
     out = launch(spec, timeout_s=300)
+    result = check(spec, out.tokens, out.logits)
+    assert result.tokens_match and result.max_abs_diff <= 1e-4, result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["tiny-deepseek-v3", "tiny-qwen3-moe", "tiny-mixtral"])
+def test_cuda_graph_decode_matches_the_reference(model):
+    """Static buffers: decode steps from the third on replay one captured CUDA graph, and still match."""
+    spec = dataclasses.replace(colocated(model, 1, microbatches=2, prompts=4, prompt_len=5, new_tokens=8),
+                               backend="nccl", static=True)
+    out = launch(spec, timeout_s=300)
+    doc = summarise(spec, out.metrics, out.wall_s, None)
+    assert out.metrics[0]["graph_steps"]["count"] == 8 - 3  # steps 3..7 replayed
+    assert doc["measured"]["stage_ms"].get("attention", 0) > 0  # the profiled eager step, per stage
     result = check(spec, out.tokens, out.logits)
     assert result.tokens_match and result.max_abs_diff <= 1e-4, result

@@ -87,7 +87,7 @@ def test_bad_specs_fail_before_any_process_starts(plan_file, tmp_path):
                                                                      model="tiny-deepseek-v3")),
     }
     if not __import__("torch").cuda.is_available():
-        cases["backend nccl needs 8 CUDA devices"] = lambda: validate(spec_from_plan(plan, backend="nccl"))
+        cases["the run needs 8 CUDA GPUs"] = lambda: validate(spec_from_plan(plan, backend="nccl"))
     for fragment, make in cases.items():
         with pytest.raises(Exception) as info:
             make()
