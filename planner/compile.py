@@ -16,7 +16,8 @@ from costmodels.errors import InputError
 from costmodels.hardware import dtype_bytes
 from costmodels.memory import expert_layout
 from costmodels.model_shape import ModelShape
-from costmodels.serving import DECODE_MODES, DecodeDeployment, Deployment
+from costmodels.aggregated import AggregatedDeployment
+from costmodels.serving import DECODE_MODES, DecodeDeployment, PrefillDeployment
 from costmodels.topology import Topology, get_topology
 from planner import __version__
 from planner.ir import plan as ir
@@ -24,7 +25,7 @@ from planner.balance.balancer import BalanceResult, balance
 from planner.frontend.trace import Traced, trace
 from planner.balance.loads import read_loads
 from planner.placement import InstanceRequest, InstanceSlot, place
-from planner.search import Candidate, Pins, SearchResult, rescore, search
+from planner.search import SEARCH_MODES, AnyDeployment, Candidate, Pins, SearchResult, config_line, rescore, search
 from planner.frontend.shape import shape_from_traced
 from planner.frontend.stages import TRAFFIC_KINDS, StagedProgram, compile_stages, stage_rows
 
@@ -48,6 +49,8 @@ class CompileOptions:
     time_limit: float = 0.5  # balancer seconds per sub-problem (deterministic CP-SAT time)
     seed: int = 0
     split: str = "equal"
+    mode: str = "auto"  # agg | disagg | auto (compare both)
+    devices: int | None = None  # plan on the first N devices of the topology (None: all)
 
     def to_dict(self) -> dict:
         """Flat, sorted, keyed by flag (--tpot-ms -> tpot_ms): what the plan's provenance records."""
@@ -79,7 +82,7 @@ class _PhasePlan:
     """Working state of one phase between search and IR."""
 
     name: str
-    cand: Candidate[Deployment]
+    cand: Candidate[AnyDeployment]
     count: int
     mode: ir.Mode
     attention: int  # devices per instance running attention
@@ -97,6 +100,10 @@ def _validate(opts: CompileOptions) -> None:
         raise InputError(f"--time-limit {opts.time_limit}: must be > 0 seconds")
     if opts.seed < 0:
         raise InputError(f"--seed {opts.seed}: must be >= 0")
+    if opts.mode not in SEARCH_MODES:
+        raise InputError(f"--mode {opts.mode}: use one of {', '.join(SEARCH_MODES)}")
+    if opts.devices is not None and opts.devices <= 0:
+        raise InputError(f"--devices {opts.devices}: must be > 0")
     for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices"):
         value = getattr(pins, flag)
         if value is not None and value <= 0:
@@ -114,7 +121,9 @@ def _layout(shape: ModelShape, topo: Topology, expert_devices: int) -> tuple[int
 
     Starts from the published layout (costmodels.memory.expert_layout) and rounds it to whole
     devices: EP > E gives one slot per die and dedicated shared-expert dies; EP <= E gives
-    ceil(E / EP) (+1 redundant) slots per die with the shared expert replicated.
+    ceil(E / EP) (+1 redundant) slots per die with the shared expert replicated. A device never holds
+    more slots than the model has experts (two replicas of one expert on one device serve nothing:
+    the balancer refuses it), so a one-device instance of a 128-expert model gets 128 slots, not 130.
     """
     d = topo.dies_per_device
     E = shape.num_routed_experts
@@ -126,13 +135,14 @@ def _layout(shape: ModelShape, topo: Topology, expert_devices: int) -> tuple[int
     else:
         shared = 0
         routed = expert_devices
-        slots = math.ceil((E + lay.redundant) / routed)
+        slots = min(E, math.ceil((E + lay.redundant) / routed))
     if routed * slots < E:
         raise InputError(f"{shape.name}: {routed} expert devices x {slots} slots cannot hold {E} experts")
     return routed, shared, slots, routed * slots - E
 
 
-def _phase_plan(name: str, cand: Candidate[Deployment], count: int, shape: ModelShape, topo: Topology) -> _PhasePlan:
+def _phase_plan(name: str, cand: Candidate[AnyDeployment], count: int, shape: ModelShape,
+                topo: Topology) -> _PhasePlan:
     dep = cand.deployment
     if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
         routed, shared, slots, red = _layout(shape, topo, dep.moe_devices)
@@ -193,26 +203,16 @@ def _instances(pp: _PhasePlan, topo: Topology, shape_has_shared: bool) -> tuple[
             attention_dp=attn_dies // tp, attention_tp=tp,
             ep=ir.expert_parallel_dies(slot.expert_devices, slot.shared_expert_devices, d),
             microbatches=dep.microbatches,
-            batch_per_device=dep.batch_per_device if isinstance(dep, DecodeDeployment) else dep.tokens_per_device,
+            batch_per_device=dep.tokens_per_device if isinstance(dep, PrefillDeployment) else dep.batch_per_device,
             dp_domains=getattr(dep, "dp_domains", 1) if pp.mode == "disaggregated" else 1,
         ))
     return tuple(out)
 
 
-def _config_line(c: Candidate[Deployment]) -> str:
-    s = c.summary()
-    if s["phase"] == "prefill":
-        return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
-    if s["mode"] == "disaggregated":
-        return (f"disaggregated {s['attention_devices']}A+{s['moe_devices']}F, {s['dp_domains']} domains, "
-                f"batch {s['batch_per_device']:g}, mb {s['microbatches']}")
-    return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
-
-
 def _solver_runs(sr: SearchResult, phases: list[_PhasePlan], balances: dict[str, BalanceResult],
                  moe_layers: tuple[int, ...]) -> tuple[ir.SolverRun, ...]:
     """The search, then per phase the balancer's worst layer (largest gap to its bound)."""
-    runs = [ir.SolverRun(name="search", solver="enumerate", status="EXHAUSTIVE",
+    runs = [ir.SolverRun(name=f"search ({sr.mode})", solver="enumerate", status="EXHAUSTIVE",
                          objective=round(sr.requests_per_s, 6))]
     for pp in phases:
         res = balances[pp.name]
@@ -234,22 +234,35 @@ def _status_summary(statuses: tuple[str, ...]) -> str:
     return ",".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
-def _frontier(sr: SearchResult, final: dict[str, Candidate[Deployment]]) -> tuple[ir.FrontierPoint, ...]:
-    """The decode Pareto frontier the search kept, plus the chosen point of each phase.
+def _frontier(sr: SearchResult, final: dict[str, Candidate[AnyDeployment]]) -> tuple[ir.FrontierPoint, ...]:
+    """The Pareto frontier the search kept (decode or aggregated, plus the best prefill of each size),
+    the other mode's best (so a plan shows both modes side by side), and the chosen point of each phase.
 
     The chosen decode point need not lie on the per-device frontier: the split between phases
-    maximises requests/s of the whole topology, which can prefer a smaller instance.
+    maximises requests/s of the whole slice, which can prefer a smaller instance.
     """
-    chosen = sr.decode.deployment
-    points = [
-        ir.FrontierPoint(phase="decode", throughput_per_device=c.tput, config=_config_line(c),
-                         tpot_ms=c.estimate.tpot_ms, chosen=False)
-        for c in sr.frontier if c.deployment != chosen
-    ]
+    chosen = {c.deployment for c in final.values()}
+    seen: set = set()
+    points = []
+
+    def add(c: Candidate[AnyDeployment], is_chosen: bool) -> None:
+        if c.deployment in seen:
+            return
+        seen.add(c.deployment)
+        points.append(ir.FrontierPoint(phase="prefill" if c.phase == "prefill" else "decode",
+                                       throughput_per_device=c.tput, config=config_line(c),
+                                       tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms, chosen=is_chosen))
+
+    for other in sr.modes[1:]:
+        for c in (other.prefill, other.decode):
+            if c is not None and c.deployment not in chosen:
+                add(c, False)
+    for c in sr.frontier:
+        if c.deployment not in chosen and c.deployment not in {sr.decode.deployment, getattr(sr.prefill, "deployment", None)}:
+            add(c, False)
     for name in ("prefill", "decode"):
-        c = final[name]
-        points.append(ir.FrontierPoint(phase=name, throughput_per_device=c.tput, config=_config_line(c),
-                                       tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms, chosen=True))
+        if name in final:
+            add(final[name], True)
     return tuple(points)
 
 
@@ -321,6 +334,12 @@ def plan_stages(program: StagedProgram) -> tuple[ir.Stage, ...]:
 def compile_plan(model: str, topology: str, opts: CompileOptions,
                  progress: Callable[[str], None] | None = None) -> ir.Plan:
     """Run the whole pipeline and return the plan (nothing is written)."""
+    return compile_report(model, topology, opts, progress)[0]
+
+
+def compile_report(model: str, topology: str, opts: CompileOptions,
+                   progress: Callable[[str], None] | None = None) -> tuple[ir.Plan, SearchResult]:
+    """The plan and the search behind it (both modes' best, why the winner won, idle devices)."""
     say = progress or (lambda _msg: None)
     _validate(opts)
     topo = get_topology(topology)
@@ -338,11 +357,14 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
 
     say(f"searching deployments on {topo.name}")
     wl = opts.workload
-    sr = search(shape, topo, wl, opts.pins)
-    phases = [_phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo),
-              _phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
+    sr = search(shape, topo, wl, opts.pins, mode=opts.mode, devices=opts.devices)
+    # an aggregated plan has one phase, "decode", whose instances also run prefill (chunked into the
+    # decode steps): the runtime and the exporters run a one-phase plan's instances for both phases
+    phases = [_phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
+    if sr.prefill is not None:
+        phases.insert(0, _phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo))
 
-    slots = place(topo, [r for pp in phases for r in _requests(pp)])
+    slots = place(topo, [r for pp in phases for r in _requests(pp)], devices=opts.devices)
     balances: dict[str, BalanceResult] = {}  # by phase name
     for pp in phases:
         pp.slots_of = [s for s in slots if s.id.startswith(pp.name + "-")]
@@ -364,7 +386,7 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
             predictions=prediction_of(est), memory=memory_of(est, pp.mode, dies),
         )
     frontier = _frontier(sr, {pp.name: pp.cand for pp in phases})
-    return ir.Plan(
+    plan = ir.Plan(
         model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
         topology=ir.TopologyInfo.from_topology(topo),
         workload=wl,
@@ -373,5 +395,6 @@ def compile_plan(model: str, topology: str, opts: CompileOptions,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
                                  solvers=_solver_runs(sr, phases, balances, shape.moe_layers),
                                  passes=table.passes),
-        prefill=phase_ir["prefill"], decode=phase_ir["decode"], frontier=frontier,
+        prefill=phase_ir.get("prefill"), decode=phase_ir["decode"], frontier=frontier,
     )
+    return plan, sr

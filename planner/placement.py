@@ -53,15 +53,18 @@ class InstanceRequest:
         return self.attention + self.experts + self.shared
 
 
-def _ranges_per_pod(topo: Topology) -> list[list[int]]:
+def _ranges_per_pod(topo: Topology, devices: int | None = None) -> list[list[int]]:
+    """Device ids per pod, only the first `devices` of the topology (None: all)."""
+    n = topo.num_devices if devices is None else min(devices, topo.num_devices)
     per_pod = topo.num_devices // max(1, topo.pods)
-    return [list(range(p * per_pod, (p + 1) * per_pod)) for p in range(topo.pods)]
+    return [list(range(p * per_pod, min(n, (p + 1) * per_pod))) for p in range(topo.pods) if p * per_pod < n]
 
 
-def place(topo: Topology, requests: list[InstanceRequest]) -> list[InstanceSlot]:
-    """Assign device ids: largest instance first, server-aligned, never across a pod boundary."""
+def place(topo: Topology, requests: list[InstanceRequest], devices: int | None = None) -> list[InstanceSlot]:
+    """Assign device ids among the first `devices` devices (None: all): largest instance first,
+    server-aligned, never across a pod boundary."""
     per_server = topo.devices_per_server
-    free = _ranges_per_pod(topo)  # free device ids per pod, ascending
+    free = _ranges_per_pod(topo, devices)  # free device ids per pod, ascending
     order = sorted(range(len(requests)), key=lambda i: (-requests[i].size, i))
     slots: dict[int, InstanceSlot] = {}
     for i in order:

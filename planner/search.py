@@ -1,27 +1,37 @@
-"""Deployment search: enumerate prefill and decode configurations, score them with the serving
-model, keep the feasible ones under the SLOs, and split the topology's devices between phases.
+"""Deployment search: enumerate serving configurations, score them with the cost model, keep the
+feasible ones under the SLOs, and lay instances out on the devices the plan may use.
 
-Step 1: decode candidates (colocated EP over the instance's dies, and disaggregated MoE-attention
-        with A:F ratio and DP domains) x batch per device x microbatches.
-Step 2: prefill candidates: instance size x tokens per device x microbatches.
-Step 3: drop memory-infeasible candidates and those over the TPOT / TTFT targets; keep the Pareto
-        frontier (throughput per device vs TPOT) of decode.
-Step 4: for the best decode candidate of each instance shape and the best prefill candidate,
-        choose instance counts so that prefill and decode serve the same request rate
-        (prompt tokens vs output tokens of the workload) with the most requests/s on the topology.
+Two ways to serve, compared by the objective (requests/s on the slice, i.e. output tokens/s per
+device of the slice, under the TPOT / TTFT targets):
+
+disagg: prefill and decode on separate instances (the KV cache moves between them).
+  Step 1: decode candidates (colocated EP over the instance's dies, and disaggregated MoE-attention
+          with A:F ratio and DP domains) x batch per device x microbatches.
+  Step 2: prefill candidates: instance size x tokens per device x microbatches.
+  Step 3: drop memory-infeasible candidates and those over the TPOT / TTFT targets.
+  Step 4: for the best candidate of each decode shape and of each prefill size, choose instance
+          counts that pack into the pods (an instance never spans pods) and serve the same request
+          rate (prompt tokens vs output tokens of the workload) with the most requests/s.
+agg: prefill and decode on the same colocated instances, chunked prefill mixed into each decode
+  step (costmodels.aggregated); instance size x batch x microbatches, as many instances as pack.
+
+Instance sizes are whole servers (or 1, 2, 4 devices below one server) and at most one pod: on
+CloudMatrix384 a pod is the UB domain (an all-to-all across pods would run over RDMA, ~8x slower);
+on GPU clusters the whole cluster is one pod and the cost model prices the InfiniBand crossing.
 """
 
 from __future__ import annotations
 
 import json
-
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, Union
 
+from costmodels.aggregated import AggregatedDeployment, estimate_aggregated
 from costmodels.errors import InfeasibleError, InputError
+from costmodels.hardware import dtype_bytes
 from costmodels.model_shape import ModelShape
-from costmodels.serving import DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
+from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import Topology
 from planner.ir.plan import Workload
 
@@ -29,6 +39,13 @@ BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 PREFILL_TOKENS = (2048, 4096, 8192, 16384, 32768)
 MICROBATCHES = (1, 2)
 DP_DOMAINS = (1, 2, 3)
+MODES = ("agg", "disagg")  # `--mode auto` compares both
+SEARCH_MODES = ("auto", *MODES)
+# Instance counts tried around the balance point of prefill and decode (the packing into pods makes
+# the optimum a little ragged; further out the slower phase only idles more).
+SPLIT_WINDOW = 48
+
+AnyDeployment = Union[DecodeDeployment, PrefillDeployment, AggregatedDeployment]
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,7 @@ class Pins:
     """
 
     decode_mode: str | None = None  # one of costmodels.serving.DECODE_MODES
-    decode_devices: int | None = None  # colocated decode instance size
+    decode_devices: int | None = None  # colocated decode (or aggregated) instance size
     attention_devices: int | None = None  # disaggregated decode: devices running attention
     moe_devices: int | None = None  # disaggregated decode: devices holding the experts
     prefill_devices: int | None = None
@@ -51,15 +68,26 @@ class Pins:
             return "disaggregated"
         return self.decode_mode
 
+    @property
+    def implies_disagg(self) -> str | None:
+        """The flag that only makes sense with separate prefill instances, or None."""
+        if self.prefill_devices:
+            return "--prefill-devices"
+        if self.attention_devices or self.moe_devices:
+            return "--attention-devices/--moe-devices"
+        if self.decode_mode == "disaggregated":
+            return "--decode-mode disaggregated"
+        return None
+
 
 # The deployment type of a candidate: Candidate[DecodeDeployment] for decode, [PrefillDeployment]
-# for prefill; covariant (candidates are frozen) so either is a Candidate[Deployment].
-D = TypeVar("D", bound=Deployment, covariant=True)
+# for prefill, [AggregatedDeployment] for both on one instance; covariant (candidates are frozen).
+D = TypeVar("D", bound=AnyDeployment, covariant=True)
 
 
 @dataclass(frozen=True)
 class Candidate(Generic[D]):
-    """One scored configuration of one phase."""
+    """One scored configuration of one phase ("aggregated": both phases on one instance)."""
 
     phase: str
     deployment: D
@@ -78,8 +106,12 @@ class Candidate(Generic[D]):
 
     def summary(self) -> dict:
         dep = self.deployment
-        d = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput}
-        if isinstance(dep, DecodeDeployment):
+        d: dict = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput}
+        if isinstance(dep, AggregatedDeployment):
+            d.update(mode="aggregated", batch_per_device=dep.batch_per_device, microbatches=dep.microbatches,
+                     chunk_tokens_per_device=dep.chunk_tokens_per_device, tpot_ms=self.estimate.tpot_ms,
+                     ttft_ms=self.estimate.ttft_ms)
+        elif isinstance(dep, DecodeDeployment):
             d.update(mode=dep.mode, batch_per_device=dep.batch_per_device, microbatches=dep.microbatches,
                      tpot_ms=self.estimate.tpot_ms)
             if dep.mode == "disaggregated":
@@ -91,24 +123,113 @@ class Candidate(Generic[D]):
         return d
 
 
+def config_line(c: Candidate[AnyDeployment]) -> str:
+    """One line naming a candidate's configuration (plan frontier points and the summary table)."""
+    s = c.summary()
+    if s["phase"] == "prefill":
+        return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
+    if s["mode"] == "aggregated":
+        return (f"aggregated {s['devices']} dev, batch {s['batch_per_device']:g}, "
+                f"chunk {s['chunk_tokens_per_device']:.0f} tok/dev, mb {s['microbatches']}")
+    if s["mode"] == "disaggregated":
+        return (f"disaggregated {s['attention_devices']}A+{s['moe_devices']}F, {s['dp_domains']} domains, "
+                f"batch {s['batch_per_device']:g}, mb {s['microbatches']}")
+    return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
+
+
+# --- the devices a plan may use ------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class SearchResult:
-    decode: Candidate[DecodeDeployment]
-    prefill: Candidate[PrefillDeployment]
-    decode_instances: int
-    prefill_instances: int
-    requests_per_s: float
-    frontier: tuple[Candidate[DecodeDeployment], ...]
-    evaluated: int
-    rejected: dict = field(default_factory=dict)
+class Slice:
+    """The devices the search may use: the first `devices` of the topology, as device counts per pod."""
+
+    topology: str
+    pods: tuple[int, ...]  # usable devices in each pod, in device-id order
+    per_server: int
+
+    @property
+    def devices(self) -> int:
+        return sum(self.pods)
+
+    @property
+    def largest_pod(self) -> int:
+        return max(self.pods)
+
+    def span(self, size: int) -> int:
+        """Devices an instance of `size` occupies: whole servers from one server up (placement aligns them)."""
+        return math.ceil(size / self.per_server) * self.per_server if size >= self.per_server else size
+
+    def fits(self, size: int) -> bool:
+        return self.span(size) <= self.largest_pod
 
 
-def _instance_sizes(topo: Topology, min_dies: int) -> list[int]:
-    """Device counts an instance may have: whole servers (and halves/quarters below one server)."""
+def topology_slice(topo: Topology, devices: int | None = None) -> Slice:
+    """The first `devices` devices of `topo` (None: all); a count over the topology's is an InputError."""
+    if devices is not None:
+        if devices <= 0:
+            raise InputError(f"--devices {devices}: must be > 0")
+        if devices > topo.num_devices:
+            raise InputError(f"--devices {devices}: {topo.name} has {topo.num_devices} devices; "
+                             f"use --devices {topo.num_devices} or fewer, or a larger topology")
+    n = topo.num_devices if devices is None else devices
+    per_pod = topo.num_devices // max(1, topo.pods)
+    pods = tuple(min(per_pod, n - p * per_pod) for p in range(math.ceil(n / per_pod)))
+    return Slice(topo.name, pods, topo.devices_per_server)
+
+
+def _pack(pods: tuple[int, ...], span: int, count: int) -> list[int] | None:
+    """Free devices per pod after first-fit of `count` instances of `span` devices, pod by pod (what
+    planner.placement does); None when they do not all fit."""
+    free = list(pods)
+    for p in range(len(free)):
+        k = min(count, free[p] // span)
+        free[p] -= k * span
+        count -= k
+    return free if count == 0 else None
+
+
+def _capacity(free: list[int], span: int) -> int:
+    return sum(f // span for f in free)
+
+
+def packed_count(sl: Slice, size: int) -> int:
+    """How many instances of `size` devices the slice holds (none spans a pod)."""
+    return _capacity(list(sl.pods), sl.span(size))
+
+
+def _fits_pair(sl: Slice, big: int, n_big: int, small: int, n_small: int) -> bool:
+    free = _pack(sl.pods, sl.span(big), n_big)
+    return free is not None and _capacity(free, sl.span(small)) >= n_small
+
+
+def max_second(sl: Slice, first: int, n_first: int, second: int) -> int:
+    """The most instances of `second` devices that fit beside `n_first` of `first` devices, packed
+    largest first as planner.placement packs them."""
+    if sl.span(first) >= sl.span(second):
+        free = _pack(sl.pods, sl.span(first), n_first)
+        return -1 if free is None else _capacity(free, sl.span(second))
+    lo, hi = 0, packed_count(sl, second)  # the second goes first: the largest count leaving room for n_first
+    if not _fits_pair(sl, second, 0, first, n_first):
+        return -1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits_pair(sl, second, mid, first, n_first):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# --- candidates ----------------------------------------------------------------------------------
+
+
+def _instance_sizes(topo: Topology, sl: Slice) -> list[int]:
+    """Device counts an instance may have: whole servers (and 1, 2, 4 below one server), within one pod."""
     per = topo.devices_per_server
-    sizes = {per * k for k in range(1, topo.num_devices // per + 1)}
-    sizes |= {d for d in (1, 2, 4) if d < per}
-    return sorted(s for s in sizes if s * topo.dies_per_device >= min_dies and s <= topo.num_devices)
+    sizes = {per * k for k in range(1, sl.largest_pod // per + 1)}
+    sizes |= {d for d in (1, 2, 4) if d < per and d <= sl.largest_pod}
+    return sorted(sizes)
 
 
 def _thin(sizes: list[int], keep: int = 16) -> list[int]:
@@ -119,67 +240,87 @@ def _thin(sizes: list[int], keep: int = 16) -> list[int]:
     return sorted(picked)
 
 
-def _score(shape: ModelShape, topo: Topology, dep: Deployment, tally: dict) -> Estimate | None:
+@dataclass
+class Tally:
+    """What the search rejected, and one example reason of each kind (the largest instance's)."""
+
+    invalid: int = 0
+    memory: int = 0
+    example_invalid: str = ""
+    example_memory: str = ""
+    example_memory_devices: int = 0
+
+    def as_dict(self) -> dict:
+        return {"invalid": self.invalid, "memory": self.memory}
+
+
+def _score(shape: ModelShape, topo: Topology, dep: AnyDeployment, devices: int, tally: Tally) -> Estimate | None:
     try:
-        est = estimate(shape, topo, dep)
+        est = estimate_aggregated(shape, topo, dep) if isinstance(dep, AggregatedDeployment) else \
+            estimate(shape, topo, dep)
     except InputError as exc:  # a configuration the model refuses (EP too small for E, ...)
-        tally["invalid"] = tally.get("invalid", 0) + 1
-        tally.setdefault("example_invalid", str(exc))
+        tally.invalid += 1
+        tally.example_invalid = tally.example_invalid or str(exc)
         return None
     if not est.feasible:
-        tally["memory"] = tally.get("memory", 0) + 1
-        tally.setdefault("example_memory", est.infeasible_reason)
+        tally.memory += 1
+        if devices > tally.example_memory_devices:  # the largest instance says most about what is missing
+            tally.example_memory, tally.example_memory_devices = est.infeasible_reason, devices
         return None
     return est
 
 
-def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins,
-                      tally: dict) -> list[Candidate[DecodeDeployment]]:
-    """Step 1 + 3 (decode): every feasible configuration within the TPOT target."""
+def _decode_common(wl: Workload) -> DecodeDeployment:
+    """What the workload fixes; each candidate replaces the instance shape, batch and microbatches."""
+    return DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant)
+
+
+def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
+                      sl: Slice | None = None) -> list[Candidate[DecodeDeployment]]:
+    """Step 1 + 3 (decode): every memory-feasible configuration."""
+    sl = sl or topology_slice(topo)
     E = shape.num_routed_experts
     out: list[Candidate[DecodeDeployment]] = []
-    # what the workload fixes; each candidate replaces the instance shape, batch and microbatches
-    common = DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant)
+    common = _decode_common(wl)
     mode = pins.effective_decode_mode
     colocated = [] if mode == "disaggregated" else (
-        [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, min_dies=1)))
+        [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl)))
     for devices in colocated:
         for mb in MICROBATCHES:
             for batch in BATCHES:
                 dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
-                est = _score(shape, topo, dep, tally)
+                est = _score(shape, topo, dep, devices, tally)
                 if est is not None:
                     out.append(Candidate("decode", dep, est))
     # disaggregated (AFD): MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
     per = topo.devices_per_server
-    moe_sizes = sorted({per * math.ceil(E / (topo.dies_per_device * per) * f) for f in (1.0, 1.125, 1.25)})
+    moe_sizes = sorted({per * math.ceil(E / (topo.dies_per_device * per) * f) for f in (1.0, 1.125, 1.25)}) if E else []
     if pins.moe_devices:
         moe_sizes = [pins.moe_devices]
-    attn_sizes = [pins.attention_devices] if pins.attention_devices else _thin(_instance_sizes(topo, 1), 8)
+    attn_sizes = [pins.attention_devices] if pins.attention_devices else _thin(_instance_sizes(topo, sl), 8)
     if mode == "colocated" or pins.decode_devices:
         moe_sizes = []
     for moe in moe_sizes:
-        if moe >= topo.num_devices:
-            continue
         for attn in attn_sizes:
-            if attn + moe > topo.num_devices:
+            if not sl.fits(attn + moe) or attn + moe >= sl.devices:
                 continue
             for domains in DP_DOMAINS:
                 for mb in MICROBATCHES:
                     for batch in BATCHES:
                         dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
                                       dp_domains=domains, batch_per_device=batch, microbatches=mb)
-                        est = _score(shape, topo, dep, tally)
+                        est = _score(shape, topo, dep, attn + moe, tally)
                         if est is not None:
                             out.append(Candidate("decode", dep, est))
     return out
 
 
-def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins,
-                       tally: dict) -> list[Candidate[PrefillDeployment]]:
-    """Step 2 + 3 (prefill): every feasible instance within the TTFT target."""
+def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
+                       sl: Slice | None = None) -> list[Candidate[PrefillDeployment]]:
+    """Step 2 + 3 (prefill): every memory-feasible instance."""
+    sl = sl or topology_slice(topo)
     out: list[Candidate[PrefillDeployment]] = []
-    sizes = [pins.prefill_devices] if pins.prefill_devices else _thin(_instance_sizes(topo, min_dies=1), 8)
+    sizes = [pins.prefill_devices] if pins.prefill_devices else _thin(_instance_sizes(topo, sl), 8)
     for devices in sizes:
         for tokens in PREFILL_TOKENS:
             if tokens < wl.input_len // max(1, topo.dies_per_device):
@@ -187,28 +328,47 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
             for mb in MICROBATCHES:
                 dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
                                         microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant)
-                est = _score(shape, topo, dep, tally)
+                est = _score(shape, topo, dep, devices, tally)
                 if est is not None:
                     out.append(Candidate("prefill", dep, est))
     return out
 
 
-def _tpot(c: Candidate[DecodeDeployment]) -> float:
+def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
+                          sl: Slice | None = None) -> list[Candidate[AggregatedDeployment]]:
+    """Colocated instances serving both phases, chunked prefill in every decode step."""
+    sl = sl or topology_slice(topo)
+    out: list[Candidate[AggregatedDeployment]] = []
+    common = _decode_common(wl)
+    sizes = [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl))
+    for devices in sizes:
+        for mb in MICROBATCHES:
+            for batch in BATCHES:
+                dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
+                dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
+                                           prefix_hit=wl.prefix_hit)
+                est = _score(shape, topo, dep, devices, tally)
+                if est is not None:
+                    out.append(Candidate("aggregated", dep, est))
+    return out
+
+
+def _tpot(c: Candidate[AnyDeployment]) -> float:
     tpot = c.estimate.tpot_ms
-    assert tpot is not None, "estimate_decode always sets tpot_ms"
+    assert tpot is not None, "decode and aggregated estimates always set tpot_ms"
     return tpot
 
 
-def _ttft(c: Candidate[PrefillDeployment]) -> float:
+def _ttft(c: Candidate[AnyDeployment]) -> float:
     ttft = c.estimate.ttft_ms
-    assert ttft is not None, "estimate_prefill always sets ttft_ms"
+    assert ttft is not None, "prefill and aggregated estimates always set ttft_ms"
     return ttft
 
 
-def pareto(cands: list[Candidate[DecodeDeployment]]) -> list[Candidate[DecodeDeployment]]:
-    """Decode candidates not dominated in (higher throughput per device, lower TPOT)."""
-    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput))
-    front: list[Candidate[DecodeDeployment]] = []
+def pareto(cands: list[Candidate[D]]) -> list[Candidate[D]]:
+    """Decode (or aggregated) candidates not dominated in (higher throughput per device, lower TPOT)."""
+    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput, _key(c)[2]))
+    front: list[Candidate[D]] = []
     best = -1.0
     for c in pts:
         if c.tput > best + 1e-9:
@@ -217,94 +377,343 @@ def pareto(cands: list[Candidate[DecodeDeployment]]) -> list[Candidate[DecodeDep
     return front
 
 
-def _key(c: Candidate[Deployment]) -> tuple[float, int, str]:
+def _key(c: Candidate[AnyDeployment]) -> tuple[float, int, str]:
     """Deterministic preference: throughput, then fewer devices, then a stable description (fields by
     name, so it does not depend on the order the dataclass declares them in)."""
     return (round(c.tput, 6), -c.instance_devices, json.dumps(asdict(c.deployment), sort_keys=True))
 
 
-def split_devices(topo: Topology, dec: Candidate[DecodeDeployment], pre: Candidate[PrefillDeployment],
+# --- choosing instance counts --------------------------------------------------------------------
+
+
+def split_devices(sl: Slice, dec: Candidate[DecodeDeployment], pre: Candidate[PrefillDeployment],
                   wl: Workload) -> tuple[int, int, float]:
-    """Step 4: instance counts (decode, prefill) maximising served requests/s on the topology."""
-    out_tokens = wl.output_len
-    in_tokens = wl.input_len
-    dec_rate = dec.tput * dec.instance_devices / out_tokens  # requests/s one decode instance finishes
-    pre_rate = pre.tput * pre.instance_devices / in_tokens  # requests/s one prefill instance admits
+    """Step 4: instance counts (decode, prefill) maximising served requests/s on the slice."""
+    dec_rate = dec.tput * dec.instance_devices / wl.output_len  # requests/s one decode instance finishes
+    pre_rate = pre.tput * pre.instance_devices / wl.input_len  # requests/s one prefill instance admits
+    a, b = dec.instance_devices, pre.instance_devices
+    cap = packed_count(sl, a)
+    # balance point: nd x dec_rate = np x pre_rate on all the devices
+    balance = sl.devices / (sl.span(a) + sl.span(b) * dec_rate / pre_rate)
+    lo, hi = max(1, int(balance) - SPLIT_WINDOW), min(cap, int(balance) + SPLIT_WINDOW)
     best = (0, 0, -1.0)
-    for nd in range(1, topo.num_devices // dec.instance_devices + 1):
-        left = topo.num_devices - nd * dec.instance_devices
-        np_ = left // pre.instance_devices
-        if np_ < 1:
-            break
-        # fewer prefill instances if they would idle: the rate is the slower phase's
-        need = math.ceil(nd * dec_rate / pre_rate - 1e-9)
-        np_ = max(1, min(np_, need))
+    for nd in range(lo, hi + 1):
+        np_max = max_second(sl, a, nd, b)
+        if np_max < 1:
+            continue
+        need = math.ceil(nd * dec_rate / pre_rate - 1e-9)  # fewer prefill instances if they would idle
+        np_ = max(1, min(np_max, need))
         rate = min(nd * dec_rate, np_ * pre_rate)
         if rate > best[2] + 1e-9:
             best = (nd, np_, rate)
     return best
 
 
-def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins()) -> SearchResult:
-    """Steps 1-4; raises InfeasibleError naming why nothing fits.
+# --- results -------------------------------------------------------------------------------------
 
-    Candidates are scored at perfect expert balance (imbalance 1.0): the balancer has not run yet;
-    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`).
-    """
-    tally: dict = {}
-    dec_all = decode_candidates(shape, topo, wl, pins, tally)
-    pre_all = prefill_candidates(shape, topo, wl, pins, tally)
-    evaluated = len(dec_all) + len(pre_all) + tally.get("invalid", 0) + tally.get("memory", 0)
-    if not dec_all or not pre_all:
-        phase = "decode" if not dec_all else "prefill"
-        why = tally.get("example_memory") or tally.get("example_invalid") or "no configuration"
-        raise InfeasibleError(
-            f"{shape.name} on {topo.name}: no memory-feasible {phase} configuration ({why}); "
-            "use a larger topology or a lower precision (--quant int8)"
-        )
+
+@dataclass(frozen=True)
+class ModeResult:
+    """The best plan of one serving mode, or why it has none."""
+
+    mode: str  # "agg" | "disagg"
+    requests_per_s: float = 0.0
+    devices_used: int = 0
+    decode: Candidate[DecodeDeployment] | Candidate[AggregatedDeployment] | None = None
+    prefill: Candidate[PrefillDeployment] | None = None
+    decode_instances: int = 0
+    prefill_instances: int = 0
+    frontier: tuple[Candidate[AnyDeployment], ...] = ()  # decode (or aggregated) Pareto frontier
+    prefill_frontier: tuple[Candidate[PrefillDeployment], ...] = ()  # the best prefill of each size
+    error: str = ""  # why this mode has no plan
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def output_tokens_per_s(self, wl: Workload) -> float:
+        return self.requests_per_s * wl.output_len
+
+    def summary(self, wl: Workload, slice_devices: int) -> dict:
+        """JSON-ready: what `compile --json` prints per mode."""
+        if not self.ok:
+            return {"mode": self.mode, "error": self.error}
+        assert self.decode is not None
+        d: dict = {
+            "mode": self.mode, "requests_per_s": round(self.requests_per_s, 4), "devices_used": self.devices_used,
+            "output_tokens_per_s_per_device": round(self.output_tokens_per_s(wl) / slice_devices, 4),
+            "tpot_ms": _round(self.decode.estimate.tpot_ms),
+            "ttft_ms": _round(self.prefill.estimate.ttft_ms if self.prefill else self.decode.estimate.ttft_ms),
+            "decode": dict(_rounded(self.decode.summary()), instances=self.decode_instances,
+                           config=config_line(self.decode)),
+        }
+        if self.prefill is not None:
+            d["prefill"] = dict(_rounded(self.prefill.summary()), instances=self.prefill_instances,
+                                config=config_line(self.prefill))
+        return d
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen mode's plan, the other mode's best (or why it has none), and the slice's use."""
+
+    mode: str  # the chosen mode: "agg" | "disagg"
+    decode: Candidate[DecodeDeployment] | Candidate[AggregatedDeployment]
+    prefill: Candidate[PrefillDeployment] | None  # None when aggregated
+    decode_instances: int
+    prefill_instances: int
+    requests_per_s: float
+    frontier: tuple[Candidate[AnyDeployment], ...]
+    evaluated: int
+    slice: Slice
+    modes: tuple[ModeResult, ...] = ()  # every mode searched, chosen first
+    why: str = ""  # why the chosen mode won
+    notes: tuple[str, ...] = ()  # idle devices and other things the user should know
+    rejected: dict = field(default_factory=dict)
+
+    @property
+    def devices_used(self) -> int:
+        used = self.decode_instances * self.slice.span(self.decode.instance_devices)
+        if self.prefill is not None:
+            used += self.prefill_instances * self.slice.span(self.prefill.instance_devices)
+        return used
+
+
+def _check_pins(topo: Topology, sl: Slice, pins: Pins, mode: str) -> None:
+    """Pins that cannot fit name the number that is wrong and the limit."""
+    where = f"{topo.name}" + (f" --devices {sl.devices}" if sl.devices < topo.num_devices else "")
+    for flag, value in (("--decode-devices", pins.decode_devices), ("--prefill-devices", pins.prefill_devices),
+                        ("--attention-devices", pins.attention_devices), ("--moe-devices", pins.moe_devices)):
+        if value is None:
+            continue
+        if value > sl.devices:
+            raise InputError(f"{flag} {value}: {where} has {sl.devices} devices; use {sl.devices} or fewer")
+        if value > sl.largest_pod:
+            raise InputError(f"{flag} {value}: an instance must fit in one pod of {where} ({sl.largest_pod} devices; "
+                             f"an all-to-all across pods runs over RDMA); use {sl.largest_pod} or fewer")
+        if not sl.fits(value):
+            raise InputError(f"{flag} {value}: an instance takes whole servers of {sl.per_server} devices, "
+                             f"{sl.span(value)} here, more than the {sl.largest_pod} of {where}; use a multiple of "
+                             f"{sl.per_server} up to {sl.largest_pod // sl.per_server * sl.per_server}")
+    if pins.attention_devices and pins.moe_devices:
+        total = pins.attention_devices + pins.moe_devices
+        if not sl.fits(total):
+            raise InputError(f"--attention-devices {pins.attention_devices} + --moe-devices {pins.moe_devices} = "
+                             f"{total}: a decode instance must fit in {sl.largest_pod} devices of {where}; "
+                             "lower one of them")
+    if mode == "agg" and pins.implies_disagg:
+        raise InputError(f"{pins.implies_disagg} describes disaggregated serving; drop it or use --mode disagg")
+    if mode != "agg":
+        dec = pins.decode_devices or ((pins.attention_devices or 0) + (pins.moe_devices or 0))
+        if dec and pins.prefill_devices and max_second(sl, dec, 1, pins.prefill_devices) < 1:
+            flag = "--decode-devices" if pins.decode_devices else "--attention-devices + --moe-devices"
+            raise InputError(f"{flag} {dec} + --prefill-devices {pins.prefill_devices}: {where} has {sl.devices} "
+                             f"devices{' in pods of ' + str(sl.largest_pod) if len(sl.pods) > 1 else ''}, not room "
+                             "for one instance of each; lower one, or use --mode agg")
+
+
+def _no_memory(shape: ModelShape, topo: Topology, wl: Workload, sl: Slice, phase: str, tally: Tally) -> str:
+    """Why no instance fits in memory, with the number that is short: the model's weights at the
+    workload's precision against the HBM of the largest instance the slice allows."""
+    why = tally.example_memory or tally.example_invalid or "no configuration"
+    at = f" at {tally.example_memory_devices} devices" if tally.example_memory else ""
+    weights_gb = shape.params_total * dtype_bytes(wl.quant) / 1e9
+    hbm = topo.hardware.chip_hbm_gb
+    need = math.ceil(weights_gb / hbm)
+    knob = ("a lower precision (--quant int8)" if wl.quant not in ("int8", "fp8") else "a larger topology")
+    if need > sl.largest_pod:  # the weights alone: the per-die detail would only repeat it
+        return (f"no memory-feasible {phase} configuration: its {wl.quant} weights alone need {weights_gb:,.0f} GB "
+                f"= {need} x {hbm:g} GB devices, and an instance may span {sl.largest_pod} "
+                f"({'one pod' if len(sl.pods) > 1 else 'the slice'}); use {knob}")
+    return f"no memory-feasible {phase} configuration{at} (the largest instance here): {why}"
+
+
+def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
+                   counter: list[int]) -> ModeResult:
+    dec_tally, pre_tally = Tally(), Tally()
+    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl)
+    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl)
+    counter[0] += len(dec_all) + len(pre_all) + sum(t.invalid + t.memory for t in (dec_tally, pre_tally))
+    if not dec_all:
+        return ModeResult("disagg", error=_no_memory(shape, topo, wl, sl, "decode", dec_tally))
+    if not pre_all:
+        return ModeResult("disagg", error=_no_memory(shape, topo, wl, sl, "prefill", pre_tally))
     dec_ok = [c for c in dec_all if wl.tpot_slo_ms is None or _tpot(c) <= wl.tpot_slo_ms]
     pre_ok = [c for c in pre_all if wl.ttft_slo_ms is None or _ttft(c) <= wl.ttft_slo_ms]
     if not dec_ok:
-        best_tpot = min(_tpot(c) for c in dec_all)
-        raise InfeasibleError(
-            f"{shape.name} on {topo.name}: no decode configuration meets --tpot-ms {wl.tpot_slo_ms:g} "
-            f"(best feasible TPOT {best_tpot:.1f} ms); relax --tpot-ms or raise --mtp-accept"
-        )
+        best_tpot = min(dec_all, key=lambda c: (_tpot(c), _key(c)))
+        return ModeResult("disagg", error=(
+            f"no decode configuration meets --tpot-ms {wl.tpot_slo_ms:g} (best reachable TPOT {_tpot(best_tpot):.1f} ms "
+            f"with {config_line(best_tpot)}); relax --tpot-ms to {math.ceil(_tpot(best_tpot))} or raise --mtp-accept"))
     if not pre_ok:
-        best_ttft = min(_ttft(c) for c in pre_all)
-        raise InfeasibleError(
-            f"{shape.name} on {topo.name}: no prefill configuration meets --ttft-ms {wl.ttft_slo_ms:g} "
-            f"(best feasible TTFT {best_ttft:.0f} ms); relax --ttft-ms or shorten --input-len"
-        )
-    pre = max(pre_ok, key=_key)
-    # the best decode configuration of each instance shape, then the split decides between them
+        best_ttft = min(pre_all, key=lambda c: (_ttft(c), _key(c)))
+        return ModeResult("disagg", error=(
+            f"no prefill configuration meets --ttft-ms {wl.ttft_slo_ms:g} (best reachable TTFT {_ttft(best_ttft):.0f} ms "
+            f"with {config_line(best_ttft)}); relax --ttft-ms to {math.ceil(_ttft(best_ttft))} or shorten --input-len"))
+    # the best configuration of each decode shape and each prefill size; the split decides between them
     by_shape: dict[tuple[str, int, int, int], Candidate[DecodeDeployment]] = {}
     for c in dec_ok:
         dep = c.deployment
         k = (dep.mode, c.instance_devices, dep.attention_devices, dep.moe_devices)
         if k not in by_shape or _key(c) > _key(by_shape[k]):
             by_shape[k] = c
-    best: tuple[tuple[float, float], Candidate[DecodeDeployment], int, int, float] | None = None
-    for c in sorted(by_shape.values(), key=_key, reverse=True):
-        nd, np_, rate = split_devices(topo, c, pre, wl)
-        if nd == 0:
-            continue
-        score = (round(rate, 6), round(c.tput, 6))
-        if best is None or score > best[0]:
-            best = (score, c, nd, np_, rate)
+    by_size: dict[int, Candidate[PrefillDeployment]] = {}
+    for p in pre_ok:
+        if p.instance_devices not in by_size or _key(p) > _key(by_size[p.instance_devices]):
+            by_size[p.instance_devices] = p
+    best: tuple[tuple[float, int, float, float], Candidate[DecodeDeployment], Candidate[PrefillDeployment],
+                int, int, float] | None = None
+    for pre in sorted(by_size.values(), key=_key, reverse=True):
+        for c in sorted(by_shape.values(), key=_key, reverse=True):
+            nd, np_, rate = split_devices(sl, c, pre, wl)
+            if nd == 0:
+                continue
+            used = nd * sl.span(c.instance_devices) + np_ * sl.span(pre.instance_devices)
+            score = (round(rate, 6), -used, round(c.tput, 6), round(pre.tput, 6))
+            if best is None or score > best[0]:
+                best = (score, c, pre, nd, np_, rate)
     if best is None:
-        raise InfeasibleError(
-            f"{shape.name} on {topo.name}: no decode instance leaves room for a prefill instance "
-            f"({topo.num_devices} devices); use a larger topology"
-        )
-    _, dec, nd, np_, rate = best
-    return SearchResult(decode=dec, prefill=pre, decode_instances=nd, prefill_instances=np_, requests_per_s=rate,
-                        frontier=tuple(pareto(dec_ok)), evaluated=evaluated,
-                        rejected={k: v for k, v in tally.items() if not k.startswith("example")})
+        smallest = min(by_shape.values(), key=lambda c: c.instance_devices)
+        smallest_pre = min(by_size.values(), key=lambda c: c.instance_devices)
+        return ModeResult("disagg", error=(
+            f"no decode instance leaves room for a prefill instance (smallest feasible: decode "
+            f"{smallest.instance_devices} + prefill {smallest_pre.instance_devices} devices, "
+            f"{sl.devices} available); use --mode agg or a larger topology"))
+    _, dec, pre, nd, np_, rate = best
+    used = nd * sl.span(dec.instance_devices) + np_ * sl.span(pre.instance_devices)
+    return ModeResult("disagg", rate, used, dec, pre, nd, np_, tuple(pareto(dec_ok)),
+                      tuple(sorted(by_size.values(), key=lambda c: c.instance_devices)))
+
+
+def _search_agg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
+                counter: list[int]) -> ModeResult:
+    tally = Tally()
+    if pins.effective_decode_mode == "disaggregated":
+        return ModeResult("agg", error="aggregated serving runs colocated instances (--decode-mode disaggregated)")
+    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl)
+    counter[0] += len(cands) + tally.invalid + tally.memory
+    if not cands:
+        return ModeResult("agg", error=_no_memory(shape, topo, wl, sl, "aggregated", tally))
+    ok = [c for c in cands if (wl.tpot_slo_ms is None or _tpot(c) <= wl.tpot_slo_ms)
+          and (wl.ttft_slo_ms is None or _ttft(c) <= wl.ttft_slo_ms)]
+    if not ok:
+        if wl.tpot_slo_ms is not None and all(_tpot(c) > wl.tpot_slo_ms for c in cands):
+            b = min(cands, key=lambda c: (_tpot(c), _key(c)))
+            return ModeResult("agg", error=(
+                f"no aggregated configuration meets --tpot-ms {wl.tpot_slo_ms:g} (best reachable TPOT "
+                f"{_tpot(b):.1f} ms with {config_line(b)}); relax --tpot-ms to {math.ceil(_tpot(b))} or use --mode disagg"))
+        within = [c for c in cands if wl.tpot_slo_ms is None or _tpot(c) <= wl.tpot_slo_ms]
+        b = min(within, key=lambda c: (_ttft(c), _key(c)))
+        return ModeResult("agg", error=(
+            f"no aggregated configuration meets --ttft-ms {wl.ttft_slo_ms:g} within the TPOT target (best reachable "
+            f"TTFT {_ttft(b):.0f} ms with {config_line(b)}); relax --ttft-ms to {math.ceil(_ttft(b))} or use --mode disagg"))
+    best: tuple[tuple[float, int, float], Candidate[AggregatedDeployment], int, float] | None = None
+    for c in ok:
+        n = packed_count(sl, c.instance_devices)
+        if n < 1:
+            continue
+        rate = n * c.tput * c.instance_devices / wl.output_len
+        score = (round(rate, 6), -n * sl.span(c.instance_devices), round(c.tput, 6))
+        if best is None or score > best[0] or (score == best[0] and _key(c) > _key(best[1])):
+            best = (score, c, n, rate)
+    assert best is not None, "every candidate size fits the slice (sizes come from it)"
+    _, c, n, rate = best
+    return ModeResult("agg", rate, n * sl.span(c.instance_devices), c, None, n, 0, tuple(pareto(ok)))
+
+
+def _why(win: ModeResult, other: ModeResult | None, wl: Workload) -> str:
+    if other is None:
+        return f"--mode {win.mode}: the only mode searched"
+    if not other.ok:
+        return f"{other.mode} has no plan under these targets and devices (see its row)"
+    gain = (win.requests_per_s / other.requests_per_s - 1.0) * 100 if other.requests_per_s > 0 else math.inf
+    if gain > 1e-6:
+        return (f"{win.mode} serves {win.requests_per_s:,.2f} req/s vs {other.mode} {other.requests_per_s:,.2f} "
+                f"(+{gain:.1f}%) under the same targets")
+    return (f"{win.mode} and {other.mode} tie at {win.requests_per_s:,.2f} req/s; {win.mode} uses "
+            f"{win.devices_used} devices vs {other.devices_used}")
+
+
+def _idle_notes(res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
+    """Why devices of the slice are left idle, in the user's terms."""
+    assert res.decode is not None
+    idle = sl.devices - res.devices_used
+    if idle <= 0:
+        return ()
+    if res.prefill is None:
+        return (f"{idle} idle: no instance of {res.decode.instance_devices} devices fits the remainder "
+                f"(instances stay within one pod and on whole servers)",)
+    spans = (sl.span(res.decode.instance_devices), sl.span(res.prefill.instance_devices))
+    free = _pack(sl.pods, max(spans), res.decode_instances if spans[0] >= spans[1] else res.prefill_instances)
+    assert free is not None
+    more_dec = max_second(sl, res.prefill.instance_devices, res.prefill_instances,
+                          res.decode.instance_devices) > res.decode_instances
+    more_pre = max_second(sl, res.decode.instance_devices, res.decode_instances,
+                          res.prefill.instance_devices) > res.prefill_instances
+    if not more_dec and not more_pre:
+        return (f"{idle} idle: no instance size chosen ({res.decode.instance_devices} decode, "
+                f"{res.prefill.instance_devices} prefill devices) fits the remainder",)
+    dec_rate = res.decode.tput * res.decode.instance_devices / wl.output_len
+    pre_rate = res.prefill.tput * res.prefill.instance_devices / wl.input_len
+    slower = "prefill" if res.prefill_instances * pre_rate < res.decode_instances * dec_rate else "decode"
+    return (f"{idle} idle: {'a further prefill' if more_pre else 'a further decode'} instance would only wait on "
+            f"{slower} (prefill {res.prefill_instances * pre_rate:,.2f} req/s vs decode "
+            f"{res.decode_instances * dec_rate:,.2f} req/s), and no instance of the other phase fits the remainder",)
+
+
+def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(), mode: str = "disagg",
+           devices: int | None = None) -> SearchResult:
+    """Search the modes `mode` names ("auto": both) on the first `devices` devices (None: all) and return
+    the best plan; raises InfeasibleError naming why nothing fits and the knob that would.
+
+    Candidates are scored at perfect expert balance (imbalance 1.0): the balancer has not run yet;
+    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`).
+    """
+    if mode not in SEARCH_MODES:
+        raise InputError(f"--mode {mode}: use one of {', '.join(SEARCH_MODES)}")
+    sl = topology_slice(topo, devices)
+    _check_pins(topo, sl, pins, mode)
+    if mode == "auto" and pins.implies_disagg:
+        mode = "disagg"  # a pin of a disaggregated shape: the other mode cannot honour it
+    counter = [0]
+    results = []
+    for m in (MODES if mode == "auto" else (mode,)):
+        results.append(_search_agg(shape, topo, wl, pins, sl, counter) if m == "agg"
+                       else _search_disagg(shape, topo, wl, pins, sl, counter))
+    ok = [r for r in results if r.ok]
+    if not ok:
+        memory = [r for r in results if r.error.startswith("no memory-feasible")]
+        if len(memory) == len(results):  # the same shortage in every mode: say it once
+            why = memory[-1].error
+        else:
+            why = "; ".join(f"{r.mode}: {r.error}" if len(results) > 1 else r.error for r in results)
+        raise InfeasibleError(f"{shape.name} on {topo.name}: {why}")
+    # the objective: requests/s on the slice; then fewer devices; then disagg (the engines' default at scale)
+    win = max(ok, key=lambda r: (round(r.requests_per_s, 6), -r.devices_used, r.mode == "disagg"))
+    others = [r for r in results if r is not win]
+    assert win.decode is not None
+    frontier = tuple(win.frontier) + tuple(win.prefill_frontier)
+    return SearchResult(
+        mode=win.mode, decode=win.decode, prefill=win.prefill, decode_instances=win.decode_instances,
+        prefill_instances=win.prefill_instances, requests_per_s=win.requests_per_s, frontier=frontier,
+        evaluated=counter[0], slice=sl, modes=(win, *others), why=_why(win, others[0] if others else None, wl),
+        notes=_idle_notes(win, sl, wl))
 
 
 def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float, redundant: int) -> Candidate[D]:
     """Re-estimate a chosen candidate with the plan's exact slot layout (`redundant` replicas) and the
     expert imbalance the balancer actually reached."""
-    dep = replace(c.deployment, imbalance=max(1.0, imbalance), redundant_experts=redundant)
-    return Candidate(c.phase, dep, estimate(shape, topo, dep))
+    dep = c.deployment
+    if isinstance(dep, AggregatedDeployment):
+        agg = dep.with_balance(max(1.0, imbalance), redundant)
+        return Candidate(c.phase, agg, estimate_aggregated(shape, topo, agg))  # type: ignore[arg-type]
+    new = replace(dep, imbalance=max(1.0, imbalance), redundant_experts=redundant)
+    return Candidate(c.phase, new, estimate(shape, topo, new))  # type: ignore[arg-type]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from costmodels.serving import DECODE_MODES
 from costmodels.topology import topology_names
-from planner.compile import CompileOptions, compile_plan, workload_from_flags
-from planner.search import Pins
+from planner.compile import CompileOptions, compile_report, workload_from_flags
+from planner.search import SEARCH_MODES, AnyDeployment, Candidate, Pins, SearchResult, config_line
 from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
 from planner.cli.console import stderr_console, stdout_console
 
@@ -34,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=d.time_limit,
                    help=f"balancer seconds per sub-problem (default {d.time_limit:g}; deterministic)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for generated loads and solvers (default 0)")
+    p.add_argument("--mode", choices=SEARCH_MODES, default=d.mode,
+                   help="agg: prefill and decode on the same instances (chunked prefill); disagg: separate "
+                        "prefill and decode instances; auto: the better of the two (default auto)")
+    p.add_argument("--devices", type=int, default=d.devices,
+                   help="plan on the first N devices of the topology (default: all)")
+    p.add_argument("--json", action="store_true",
+                   help="print the chosen plan's summary, both modes and the frontier as JSON (not text)")
     pins = p.add_argument_group("pins (restrict the search; default: search over them)")
     pins.add_argument("--decode-mode", type=decode_mode, choices=DECODE_MODES,
                       help="colocated EP or disaggregated MoE-attention")
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 attention_devices=args.attention_devices, moe_devices=args.moe_devices,
                 prefill_devices=args.prefill_devices)
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
-                          split=args.split)
+                          split=args.split, mode=args.mode, devices=args.devices)
     err = stderr_console()
     t0 = time.perf_counter()
     with err.status("compiling") as status:
@@ -70,18 +78,70 @@ def run(args: argparse.Namespace) -> int:
             if err.is_terminal:  # piped stderr stays clean: one line on error, nothing on success
                 err.log(msg)
 
-        plan = compile_plan(args.model, args.topology, opts, progress=progress)
+        plan, sr = compile_report(args.model, args.topology, opts, progress=progress)
     write_plan(plan, args.output)
     if err.is_terminal:
         err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
-    _summary(plan, args.output)
+    if args.json:
+        print(json.dumps(report(plan, sr, args.output), indent=1, sort_keys=True))
+    else:
+        _summary(plan, sr, args.output)
     return 0
 
 
-def _summary(plan, path: str) -> None:
+def _point(c: Candidate[AnyDeployment], chosen: bool) -> dict:
+    e = c.estimate
+    return {"phase": c.phase, "config": config_line(c), "devices": c.instance_devices,
+            "tokens_per_s_per_device": round(c.tput, 2), "tpot_ms": None if e.tpot_ms is None else round(e.tpot_ms, 3),
+            "ttft_ms": None if e.ttft_ms is None else round(e.ttft_ms, 1), "chosen": chosen}
+
+
+def frontier_rows(sr: SearchResult) -> list[dict]:
+    """The search's frontier (decode or aggregated, and the best prefill of each size), chosen ones marked."""
+    chosen = {sr.decode.deployment, getattr(sr.prefill, "deployment", None)}
+    rows = [_point(c, c.deployment in chosen) for c in sr.frontier]
+    for c in (sr.decode, sr.prefill):  # the chosen point need not be on the per-device frontier
+        if c is not None and c.deployment not in {f.deployment for f in sr.frontier}:
+            rows.append(_point(c, True))
+    return rows
+
+
+def report(plan, sr: SearchResult, path: str) -> dict:
+    """What `compile --json` prints: the chosen plan's summary, both modes' best, idle devices, the frontier."""
+    wl = plan.workload
+    phases = {}
+    for name, phase in plan.phases.items():
+        p = phase.predictions
+        inst = phase.instances[0]
+        phases[name] = {"instances": len(phase.instances), "devices_per_instance": len(inst.devices),
+                        "layout": inst.mode, "ep": inst.ep, "tokens_per_s_per_device": round(p.throughput_per_device, 2),
+                        "tpot_ms": None if p.tpot_ms is None else round(p.tpot_ms, 3),
+                        "ttft_ms": None if p.ttft_ms is None else round(p.ttft_ms, 1)}
+    return {
+        "model": plan.model.name, "topology": plan.topology.name, "plan": path,
+        "devices": {"topology": plan.topology.num_devices, "slice": sr.slice.devices, "used": sr.devices_used,
+                    "idle": sr.slice.devices - sr.devices_used},
+        "mode": sr.mode, "why": sr.why, "notes": list(sr.notes),
+        "requests_per_s": round(sr.requests_per_s, 4),
+        "output_tokens_per_s_per_device": round(sr.requests_per_s * wl.output_len / sr.slice.devices, 4),
+        "phases": phases,
+        "modes": [m.summary(wl, sr.slice.devices) for m in sr.modes],
+        "frontier": frontier_rows(sr),
+    }
+
+
+def _ms(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _summary(plan, sr: SearchResult, path: str) -> None:
+    from rich.table import Table
+
     out = stdout_console()
     m, t = plan.model, plan.topology
-    out.print(f"[bold]{m.name}[/bold] on [bold]{t.name}[/bold] ({t.num_devices} x {t.hardware}) -> {path}")
+    sliced = f", first {sr.slice.devices} devices" if sr.slice.devices < t.num_devices else ""
+    out.print(f"[bold]{m.name}[/bold] on [bold]{t.name}[/bold] ({t.num_devices} x {t.hardware}{sliced}) -> {path}")
+    both = " (prefill chunked into decode steps)" if plan.prefill is None else ""
     for name in ("prefill", "decode"):
         phase = getattr(plan, name)
         if phase is None:
@@ -89,10 +149,44 @@ def _summary(plan, path: str) -> None:
         inst = phase.instances[0]
         p = phase.predictions
         lat = f"TPOT {p.tpot_ms:.1f} ms" if name == "decode" else f"TTFT {p.ttft_ms:.0f} ms"
+        if name == "decode" and p.ttft_ms is not None:
+            lat += f", TTFT {p.ttft_ms:.0f} ms"
         bal = [lp.balance for lp in phase.experts[0].layers if lp.balance is not None]
         worst = f", expert balance max/mean {max(bal):.3f} (worst layer)" if bal else ""
+        label = "prefill+decode" if name == "decode" and plan.prefill is None else name
         out.print(
-            f"  {name}: {len(phase.instances)} x {inst.mode} instance of {len(inst.devices)} devices "
+            f"  {label}: {len(phase.instances)} x {inst.mode} instance of {len(inst.devices)} devices{both} "
             f"(EP{inst.ep}, {len(inst.attention_devices)} attention / {len(inst.expert_devices)} expert devices), "
             f"{p.throughput_per_device:,.0f} tokens/s per device, {lat}{worst}"
         )
+    out.print(f"  mode {sr.mode}: {sr.why}")
+    for note in sr.notes:
+        out.print(f"  {note}")
+    wl = plan.workload
+    modes = Table(title="best of each mode", title_justify="left", box=None, pad_edge=False)
+    for col in ("mode", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "configuration"):
+        modes.add_column(col, justify="left" if col in ("mode", "configuration") else "right")
+    for r in sr.modes:
+        if not r.ok:
+            modes.add_row(r.mode, "-", "-", "-", "-", "-", f"no plan: {r.error}")
+            continue
+        s = r.summary(wl, sr.slice.devices)
+        cfg = f"{r.decode_instances} x {s['decode']['config']}"
+        if r.prefill is not None:
+            cfg = f"{r.prefill_instances} x {s['prefill']['config']}; {cfg}"
+        modes.add_row(r.mode + (" (chosen)" if r is sr.modes[0] else ""), f"{r.requests_per_s:,.2f}",
+                      f"{s['output_tokens_per_s_per_device']:,.0f}", str(r.devices_used), _ms(s["tpot_ms"]),
+                      _ms(s["ttft_ms"], 0), cfg)
+    out.print(modes)
+    table = Table(title="frontier (top 5 per phase by tokens/s per device)", title_justify="left", box=None,
+                  pad_edge=False)
+    for col in ("phase", "configuration", "devices", "tok/s/dev", "TPOT ms", "TTFT ms", ""):
+        table.add_column(col, justify="left" if col in ("phase", "configuration", "") else "right")
+    rows = frontier_rows(sr)
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        ranked = sorted((r for r in rows if r["phase"] == phase), key=lambda r: -r["tokens_per_s_per_device"])
+        top = ranked[:5] + [r for r in ranked[5:] if r["chosen"]]
+        for r in top:
+            table.add_row(phase, r["config"], str(r["devices"]), f"{r['tokens_per_s_per_device']:,.0f}",
+                          _ms(r["tpot_ms"]), _ms(r["ttft_ms"], 0), "chosen" if r["chosen"] else "")
+    out.print(table)

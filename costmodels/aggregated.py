@@ -1,0 +1,119 @@
+"""Aggregated serving: prefill and decode on the same instances, chunked prefill mixed into decode steps.
+
+This is how SGLang and vLLM run a model when prefill and decode are not disaggregated: every
+engine step carries the decode batch (one token per running sequence, plus the MTP draft) and a
+chunk of prompt tokens of newly admitted requests. In steady state the chunk admits requests as
+fast as the decode batch finishes them, so the chunk size follows from the batch and the
+workload:
+
+    chunk tokens per device per step = batch_per_device x tokens per step x input_len / output_len
+
+The step time is built from serving.py's public estimates, not a second model of the hardware:
+
+    step = decode step(batch) + [prefill batch(chunk) - prefill batch(one token per die)]
+
+The bracket is the chunk's marginal cost: a prefill batch of one token per die pays the same
+fixed costs (weight reads, collective latency floors) the decode step already pays, so they are
+not counted twice. It is an approximation (the two halves of a mixed step do not overlap their
+compute and memory traffic here), documented in docs/costmodel.md's aggregated section.
+
+TTFT is the time to feed one prompt through the chunks at the steady-state rate (one prompt on
+one die's attention DP rank): ceil(prompt tokens / chunk tokens per die) steps. Queueing is not
+modelled, as for disaggregated prefill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from costmodels.errors import InputError
+from costmodels.model_shape import ModelShape
+from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate_decode, estimate_prefill
+from costmodels.topology import Topology
+
+
+@dataclass(frozen=True)
+class AggregatedDeployment:
+    """A colocated instance serving both phases: `decode` is its decode side (mode colocated);
+    `input_len`, `output_len` and `prefix_hit` fix the chunk of prompt tokens mixed into each step."""
+
+    decode: DecodeDeployment
+    input_len: int = 4096
+    output_len: int = 1024
+    prefix_hit: float = 0.0
+
+    # The fields the planner reads off any deployment (instance size, microbatches, head-TP, batch).
+    @property
+    def devices(self) -> int:
+        return self.decode.devices
+
+    @property
+    def microbatches(self) -> int:
+        return self.decode.microbatches
+
+    @property
+    def attn_tp(self) -> int:
+        return self.decode.attn_tp
+
+    @property
+    def batch_per_device(self) -> float:
+        return self.decode.batch_per_device
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Output tokens per sequence per step (1 + MTP acceptance)."""
+        return 1.0 + self.decode.mtp_accept
+
+    @property
+    def chunk_tokens_per_device(self) -> float:
+        """Prompt tokens per device per step that admit requests as fast as decode finishes them."""
+        return self.decode.batch_per_device * self.tokens_per_step * self.input_len / self.output_len
+
+    def with_balance(self, imbalance: float, redundant: int) -> AggregatedDeployment:
+        """The same deployment re-scored at the balancer's expert imbalance and exact slot layout."""
+        return replace(self, decode=replace(self.decode, imbalance=imbalance, redundant_experts=redundant))
+
+
+def _prefill(dep: AggregatedDeployment, tokens_per_device: float) -> PrefillDeployment:
+    d = dep.decode
+    return PrefillDeployment(devices=d.devices, ep=d.ep, quant=d.quant, kv_dtype=d.kv_dtype,
+                             microbatches=d.microbatches, imbalance=d.imbalance, attn_tp=d.attn_tp,
+                             redundant_experts=d.redundant_experts, tokens_per_device=int(math.ceil(tokens_per_device)),
+                             prompt_len=dep.input_len, prefix_hit=dep.prefix_hit)
+
+
+def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeployment) -> Estimate:
+    """Mixed-step time, TPOT, TTFT and output tokens/s per device of an aggregated instance."""
+    if dep.decode.mode != "colocated":
+        raise InputError(f"aggregated serving runs colocated instances, not {dep.decode.mode} ones; "
+                         "use --mode disagg for disaggregated MoE-attention decode")
+    if dep.input_len <= 0 or dep.output_len <= 0:
+        raise InputError(f"--input-len/--output-len must be > 0 (got {dep.input_len}, {dep.output_len})")
+    dec = estimate_decode(shape, topo, dep.decode)
+    dies = topo.dies_per_device
+    chunk = dep.chunk_tokens_per_device
+    full = estimate_prefill(shape, topo, _prefill(dep, chunk))
+    floor = estimate_prefill(shape, topo, _prefill(dep, dies))  # one prompt token per die: the fixed costs
+    chunk_ms = max(0.0, full.step_ms - floor.step_ms)
+    step_ms = dec.step_ms + chunk_ms
+    tpot_ms = step_ms / dep.tokens_per_step
+    computed_prompt = dep.input_len * (1.0 - dep.prefix_hit)
+    chunk_per_die = chunk * (1.0 - dep.prefix_hit) / dies
+    ttft_ms = math.ceil(computed_prompt / max(chunk_per_die, 1e-9) - 1e-9) * step_ms
+    breakdown = dict(dec.breakdown)
+    breakdown["prefill_chunk"] = chunk_ms
+    feasible = dec.feasible and full.feasible
+    reason = dec.infeasible_reason or full.infeasible_reason
+    memory = dict(dec.memory)
+    for role, use in full.memory.items():  # the chunk's working set beside the decode batch's
+        memory[role.replace("prefill die", "aggregated die (prefill chunk)")] = use
+    return Estimate(
+        phase="decode", mode="aggregated", step_ms=step_ms, tpot_ms=tpot_ms, ttft_ms=ttft_ms,
+        throughput_per_device=dep.batch_per_device * dep.tokens_per_step / step_ms * 1e3,
+        breakdown=breakdown,
+        memory_per_device_gb=max(dec.memory_per_device_gb, full.memory_per_device_gb),
+        memory=memory, feasible=feasible, infeasible_reason=reason if not feasible else "",
+        details={"decode": dec.details, "chunk_tokens_per_device": chunk, "chunk_ms": chunk_ms,
+                 "decode_step_ms": dec.step_ms, "prefill_steps_per_prompt": ttft_ms / step_ms if step_ms else 0.0},
+    )
