@@ -1,10 +1,12 @@
-"""Re-derive the cost model's two calibrated factors and print how they reproduce CMI's two points.
+"""Re-derive the cost model's three calibrated constants and print how they reproduce CMI's two points.
 
     .venv/bin/python bench/calibrate.py          # print the table, check calibration.json is current
     .venv/bin/python bench/calibrate.py --write  # rewrite costmodels/calibration.json
 
-Only the two CloudMatrix-Infer points are fitted (decode 1,943 tok/s/NPU at TPOT 49.4 ms,
-prefill 6,688 tok/s/NPU); a few GPU-cluster deployments are printed as an unfitted sanity check.
+Only the three CloudMatrix-Infer points are fitted (decode 1,943 tok/s/NPU at TPOT 49.4 ms,
+prefill 6,688 tok/s/NPU, 538 tok/s/NPU under a 15 ms TPOT) into launch_us_per_layer,
+token_us_per_layer and overlap_efficiency; a few GPU-cluster
+deployments are printed as an unfitted sanity check (bench/validate.py holds the published points).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import sys
 import time
 
 from costmodels.calibration import (
-    CALIBRATION_FILE, DECODE_TARGET_TPOT_MS, DECODE_TARGET_TPS_PER_NPU, PREFILL_TARGET_TPS_PER_NPU,
-    calibration_document, fit, load_calibration, reference_deployments,
+    CALIBRATION_FILE, DECODE_TARGET_TPOT_MS, DECODE_TARGET_TPS_PER_NPU, LATENCY_TARGET_TPOT_MS,
+    LATENCY_TARGET_TPS_PER_NPU, PREFILL_TARGET_TPS_PER_NPU, best_under_tpot, calibration_document, fit,
+    load_calibration, reference_deployments,
 )
 from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
 from costmodels.topology import get_topology
@@ -32,28 +35,33 @@ def main() -> int:
     shape = model_shape(MODEL)
     cal, report = fit(shape)
 
-    print(f"{'factor':<20}{'uncalibrated':>16}{'target':>12}{'fitted':>12}")
     d, p = report["decode"], report["prefill"]
-    print(f"{'decode_overhead':<20}{d['modelled_step_ms']:>13.2f} ms{d['target_step_ms']:>9.2f} ms"
-          f"{cal.decode_overhead:>12.4f}")
-    print(f"{'prefill_efficiency':<20}{p['modelled_step_ms']:>13.1f} ms{p['target_step_ms']:>9.1f} ms"
-          f"{cal.prefill_efficiency:>12.4f}")
+    print(f"{'constant':<22}{'fitted':>12}   uncalibrated step -> target step")
+    print(f"{'launch_us_per_layer':<22}{cal.launch_us_per_layer:>12.2f}   decode {d['uncalibrated_step_ms']:.2f} ms -> "
+          f"{d['target_step_ms']:.2f} ms")
+    print(f"{'token_us_per_layer':<22}{cal.token_us_per_layer:>12.4f}   prefill {p['uncalibrated_step_ms']:.1f} ms -> "
+          f"{p['target_step_ms']:.1f} ms")
+    lat = report["latency"]
+    print(f"{'overlap_efficiency':<22}{cal.overlap_efficiency:>12.4f}   15 ms point {lat['uncalibrated_tps_per_npu']:.0f} "
+          f"-> {lat['target_tps_per_npu']:.0f} tokens/s per NPU")
 
     decode, prefill, topo_name = reference_deployments()
     topo = get_topology(topo_name)
     est_d = estimate_decode(shape, topo, decode, calibration=cal)
     est_p = estimate_prefill(shape, topo, prefill, calibration=cal)
     print()
-    print(f"{'point':<34}{'target':>10}{'model':>10}{'error':>9}")
+    print(f"{'point':<40}{'target':>10}{'model':>10}{'error':>9}")
     rows = [
         ("decode tokens/s per NPU", DECODE_TARGET_TPS_PER_NPU, est_d.throughput_per_device),
         ("decode TPOT ms", DECODE_TARGET_TPOT_MS, est_d.tpot_ms),
         ("prefill tokens/s per NPU", PREFILL_TARGET_TPS_PER_NPU, est_p.throughput_per_device),
+        (f"decode tokens/s per NPU, TPOT <= {LATENCY_TARGET_TPOT_MS:g} ms", LATENCY_TARGET_TPS_PER_NPU,
+         best_under_tpot(shape, topo, decode, LATENCY_TARGET_TPOT_MS, cal)),
     ]
     for name, target, model in rows:
-        print(f"{name:<34}{target:>10.1f}{model:>10.1f}{(model - target) / target:>9.2%}")
+        print(f"{name:<40}{target:>10.1f}{model:>10.1f}{(model - target) / target:>9.2%}")
 
-    print("\nunfitted sanity checks (same factors):")
+    print("\nunfitted sanity checks (same constants):")
     print(f"{'deployment':<64}{'tok/s/dev':>10}{'TPOT/TTFT ms':>14}{'feasible':>9}")
     checks = [
         ("h800-cluster:40 decode EP320 batch 96 fp8 MTP 0.8 2 mb", "h800-cluster:40",

@@ -1,19 +1,26 @@
 """Communication cost: MoE dispatch/combine, AFD attention<->expert transfers, TP collectives, KV transfer.
 
-Every transfer is priced as a software floor plus bytes over an effective bandwidth. The
-effective bandwidths are derived from the published operator measurements below (so the
-model reproduces them exactly at the measured point); the slowest rank sets the time.
+Every transfer is priced as a latency term plus a bandwidth term. Latency = the software floor of
+one collective (XCCL, XDS §3.1) + the hop latencies of the farthest path inside the group (the
+topology's per-hop figures). Bandwidth = bytes of the slowest rank over an effective bandwidth
+derived from the published operator measurements below (each measured time minus its latency
+term), so the model reproduces every measured point exactly. `*_parts` functions return the two
+terms; the `*_us` functions their sum.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from costmodels import profiles
 from costmodels.errors import InputError, TopologyError
 from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800, DeviceSpec, dtype_bytes
-from costmodels.topology import Topology
+from costmodels.topology import (
+    GPUS_PER_NODE as GPUS_PER_HGX_NODE, IB_HOP_US, NVLINK_HOP_US, UB_DIE_HOP_US, UB_PLANE_HOP_US, Topology,
+)
 
 # --- measured operators (CMI Table 6, DeepEP README, XDS §3.1/§3.3) --------------------------------
 
@@ -93,27 +100,39 @@ def _interp_bw(points: tuple[tuple[int, float], ...], ep: int) -> float:
     raise AssertionError("unreachable: points are sorted")
 
 
-def _gbps(nbytes: float, us: float) -> float:
-    """Bandwidth that moves `nbytes` in `us` once the floor is paid."""
-    return nbytes / ((us - FLOOR_US) * 1e-6) / 1e9
+def _gbps(nbytes: float, us: float, path_us: float = 0.0) -> float:
+    """Bandwidth that moves `nbytes` in `us` once the floor and the path's hop latency are paid."""
+    return nbytes / ((us - FLOOR_US - path_us) * 1e-6) / 1e9
+
+
+# Hop latency of the farthest path in each measured layout (costmodels/topology.py hop figures):
+# UB inside one server die -> L1 -> die; across servers die -> L1 -> L2 -> L1 -> die (CMI §3 [S]: < 1 us
+# extra across nodes); H800 inside one node GPU -> NVSwitch -> GPU; across nodes GPU -> IB -> GPU.
+UB_SERVER_PATH_US = 2 * UB_DIE_HOP_US
+UB_POD_PATH_US = 2 * UB_DIE_HOP_US + 2 * UB_PLANE_HOP_US
+NV_NODE_PATH_US = 2 * NVLINK_HOP_US
+IB_PATH_US = 2 * IB_HOP_US
 
 
 def _derive(rows: tuple[tuple[int, float, float], ...], fabric: str, source: str, measured_on: DeviceSpec,
-            spans_scaleout: bool) -> A2AProfile:
+            spans_scaleout: bool, path_us: Callable[[int], float]) -> A2AProfile:
     return A2AProfile(
         fabric=fabric,
-        dispatch=tuple((ep, _gbps(_MEASURED_DISPATCH_BYTES, d)) for ep, d, _ in rows),
-        combine=tuple((ep, _gbps(_MEASURED_COMBINE_BYTES, c)) for ep, _, c in rows),
+        dispatch=tuple((ep, _gbps(_MEASURED_DISPATCH_BYTES, d, path_us(ep))) for ep, d, _ in rows),
+        combine=tuple((ep, _gbps(_MEASURED_COMBINE_BYTES, c, path_us(ep))) for ep, _, c in rows),
         source=source, measured_on=measured_on, server_ep=rows[0][0], spans_scaleout=spans_scaleout,
     )
 
 
 # CMI's EP8..EP256 all stay inside one SuperPod's UB plane.
+# CMI's EP8 is 4 NPUs of one server (16 dies each); EP256 spans 8 servers.
 ASCEND_UB_PROFILE = _derive(ASCEND_A2A_US, "UB", "CMI Table 6 [S] with XDS §3.1 floor", ASCEND_910C,
-                            spans_scaleout=False)
+                            spans_scaleout=False,
+                            path_us=lambda ep: UB_SERVER_PATH_US if ep <= 16 else UB_POD_PATH_US)
 # H100/H200 clusters reuse H800's: beyond one node the same 400 Gb/s NIC per GPU bounds EP > 8.
 NVIDIA_IB_PROFILE = _derive(DEEPEP_H800_A2A_US, "NVLink+InfiniBand", "DeepEP README (H800) [P] with XDS §3.1 floor",
-                            H800, spans_scaleout=True)
+                            H800, spans_scaleout=True,
+                            path_us=lambda ep: NV_NODE_PATH_US if ep <= 8 else IB_PATH_US)
 # Nominal for local CPU processes: gloo over shared memory (never calibrated).
 LOCAL_PROFILE = A2AProfile("shm", ((1, 5.0),), ((1, 5.0),), "nominal", CPU_PROCESS, server_ep=1,
                            spans_scaleout=False)
@@ -149,9 +168,49 @@ def _check(**values: float) -> None:
             raise InputError(f"communication cost: {name} must be a finite number >= 0, got {v}")
 
 
-def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_token: float,
-                  bytes_per_dest: float, ep: int, imbalance: float = 1.0) -> float:
-    """One MoE dispatch or combine (op) across `ep` ranks (dies), slowest rank, in microseconds.
+def path_latency_us(topo: Topology, group_dies: int) -> float:
+    """Hop latency of the farthest path inside a contiguous group of `group_dies` dies (topology figures)."""
+    if group_dies <= 1:
+        return 0.0
+    per_server = topo.devices_per_server * topo.dies_per_device
+    if group_dies <= topo.dies_per_device:
+        cls = "device"
+    elif group_dies <= per_server:
+        cls = "server"
+    elif group_dies <= per_server * topo.servers_per_pod:
+        cls = "pod"
+    else:
+        cls = "cluster"
+    order = ("device", "server", "pod", "cluster")
+    for c in order[order.index(cls):] + order[:order.index(cls)][::-1]:  # the class, else the nearest farther/closer
+        if c in topo.paths:
+            return topo.paths[c].latency_us
+    return 0.0
+
+
+def _a2a_bandwidth(topo: Topology, op: str, ep: int) -> float:
+    """Effective all-to-all GB/s per rank for `ep` ranks on this topology's hardware.
+
+    The measured profile, scaled to this device by the link that bounds it: the scale-out NIC for
+    the NVIDIA profile (DeepEP's low-latency kernels run over RDMA: A100's 200 Gb/s HDR halves it);
+    inside an NVLink domain larger than one 8-GPU node (GB200 NVL72) the NVLink itself at the
+    efficiency the measured one-node combine reached (`collective_efficiency`).
+    """
+    profile = profile_for(topo)
+    hw = topo.hardware
+    bw = profile.bandwidth(op, ep)
+    if profile.spans_scaleout and not topo.scaleup_spans_pod:
+        domain = topo.scaleup_devices * topo.dies_per_device
+        if domain > GPUS_PER_HGX_NODE and ep <= domain:
+            return hw.scaleup_gbps * collective_efficiency(profile)
+        if hw.scaleout_gbps > 0 and profile.measured_on.scaleout_gbps > 0:
+            bw *= hw.scaleout_gbps / profile.measured_on.scaleout_gbps
+    return bw
+
+
+def all_to_all_parts(topo: Topology, op: str, tokens_per_rank: float, dests_per_token: float,
+                     bytes_per_dest: float, ep: int, imbalance: float = 1.0) -> tuple[float, float]:
+    """(latency, transfer) in us of one MoE dispatch or combine (op) across `ep` ranks (dies), slowest rank.
 
     tokens_per_rank: tokens each rank routes (per microbatch); dests_per_token: top-k (+1 for a
     shared expert on its own dies); imbalance: max/mean received load, >= 1, multiplies the bytes.
@@ -164,16 +223,36 @@ def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_tok
     if imbalance < 1.0:
         raise InputError(f"communication cost: imbalance is max/mean load and must be >= 1, got {imbalance}")
     if ep <= 1 or tokens_per_rank == 0:
-        return 0.0
+        return 0.0, 0.0
     nbytes = tokens_per_rank * dests_per_token * bytes_per_dest * imbalance
     profile = profile_for(topo)
-    transfer = nbytes / (profile.bandwidth(op, ep) * 1e3)  # GB/s -> bytes/us
+    transfer = nbytes / (_a2a_bandwidth(topo, op, ep) * 1e3)  # GB/s -> bytes/us
     off = topo.offisland_fraction(ep)
     if off > 0 and not profile.spans_scaleout and topo.hardware.scaleout_gbps > 0:
         # measured inside one scale-up island (K CloudMatrix SuperPods): the share bound for
         # other islands crosses the scale-out link (RDMA, 25 GB/s per die)
         transfer = max(transfer, off * nbytes / (topo.hardware.scaleout_gbps * 1e3))
-    return FLOOR_US + transfer
+    return FLOOR_US + path_latency_us(topo, ep), transfer
+
+
+def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_token: float,
+                  bytes_per_dest: float, ep: int, imbalance: float = 1.0) -> float:
+    """One MoE dispatch or combine in us: latency + transfer of `all_to_all_parts`."""
+    return sum(all_to_all_parts(topo, op, tokens_per_rank, dests_per_token, bytes_per_dest, ep, imbalance))
+
+
+def dispatch_parts(topo: Topology, tokens_per_rank: float, hidden: int, act_dtype: str, dests_per_token: float,
+                   ep: int, imbalance: float = 1.0) -> tuple[float, float]:
+    """(latency, transfer) of a MoE dispatch."""
+    return all_to_all_parts(topo, "dispatch", tokens_per_rank, dests_per_token,
+                            dispatch_dest_bytes(hidden, act_dtype), ep, imbalance)
+
+
+def combine_parts(topo: Topology, tokens_per_rank: float, hidden: int, dests_per_token: float, ep: int,
+                  imbalance: float = 1.0) -> tuple[float, float]:
+    """(latency, transfer) of a MoE combine (BF16 expert outputs)."""
+    return all_to_all_parts(topo, "combine", tokens_per_rank, dests_per_token, combine_dest_bytes(hidden), ep,
+                            imbalance)
 
 
 def dispatch_us(topo: Topology, tokens_per_rank: float, hidden: int, act_dtype: str, dests_per_token: float,
@@ -195,28 +274,39 @@ def combine_us(topo: Topology, tokens_per_rank: float, hidden: int, dests_per_to
 def _afd_bw(one_way_us: float, bytes_per_dest: float) -> float:
     """GB/s of the XDS §3.3 measurement, priced on its bottleneck side (the MoE die receiving)."""
     recv_tokens = XDS_AFD_ATTN_DIES * XDS_AFD_BATCH * XDS_AFD_DESTS / XDS_AFD_MOE_DIES
-    return _gbps(recv_tokens * bytes_per_dest, one_way_us)
+    return _gbps(recv_tokens * bytes_per_dest, one_way_us, UB_POD_PATH_US)  # attention and MoE dies: other servers
 
 
 AFD_A2E_GBPS = _afd_bw(XDS_AFD_A2E_US, dispatch_dest_bytes(MEASURED_HIDDEN, "int8"))  # [D] XDS §3.3
 AFD_E2A_GBPS = _afd_bw(XDS_AFD_E2A_US, combine_dest_bytes(MEASURED_HIDDEN))  # [D] XDS §3.3
 
 
-def disaggregated_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
-                    recv_tokens_per_moe_die: float, bytes_per_dest: float, imbalance: float = 1.0) -> float:
-    """One-way attention->expert ('a2e') or expert->attention ('e2a') transfer for one layer, in us.
+def disaggregated_transfer_parts(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
+                                 recv_tokens_per_moe_die: float, bytes_per_dest: float,
+                                 imbalance: float = 1.0) -> tuple[float, float]:
+    """(latency, transfer) in us of one-way attention->expert ('a2e') or expert->attention ('e2a') traffic
+    for one layer.
 
     Both sides are priced; the slower (usually the MoE die receiving from many attention dies)
     sets the time. Token counts are token-expert pairs (a token sent to k experts counts k times).
+    The latency is the floor plus the farthest path of the topology (attention and MoE dies sit in
+    different servers).
     """
     _check(sent=sent_tokens_per_attn_die, recv=recv_tokens_per_moe_die, bytes_per_dest=bytes_per_dest)
     if direction not in ("a2e", "e2a"):
         raise InputError(f"communication cost: AFD direction must be a2e or e2a, got {direction!r}")
     if sent_tokens_per_attn_die == 0 and recv_tokens_per_moe_die == 0:
-        return 0.0
+        return 0.0, 0.0
     bw = (AFD_A2E_GBPS if direction == "a2e" else AFD_E2A_GBPS) * _disaggregated_fabric_scale(topo)
     nbytes = max(sent_tokens_per_attn_die, recv_tokens_per_moe_die * imbalance) * bytes_per_dest
-    return FLOOR_US + nbytes / (bw * 1e3)
+    return FLOOR_US + path_latency_us(topo, topo.num_dies), nbytes / (bw * 1e3)
+
+
+def disaggregated_transfer_us(topo: Topology, direction: str, sent_tokens_per_attn_die: float,
+                              recv_tokens_per_moe_die: float, bytes_per_dest: float, imbalance: float = 1.0) -> float:
+    """One-way AFD transfer in us: latency + transfer of `disaggregated_transfer_parts`."""
+    return sum(disaggregated_transfer_parts(topo, direction, sent_tokens_per_attn_die, recv_tokens_per_moe_die,
+                                            bytes_per_dest, imbalance))
 
 
 def _disaggregated_fabric_scale(topo: Topology) -> float:
@@ -232,12 +322,18 @@ def _disaggregated_fabric_scale(topo: Topology) -> float:
 # --- tensor-parallel collectives and KV transfer --------------------------------------------------
 
 
-def all_reduce_us(topo: Topology, nbytes: float, group_dies: int) -> float:
-    """Ring all-reduce of `nbytes` per rank over `group_dies` contiguous dies."""
+def all_reduce_parts(topo: Topology, nbytes: float, group_dies: int) -> tuple[float, float]:
+    """(latency, transfer) in us of a ring all-reduce of `nbytes` per rank over `group_dies` contiguous dies."""
     _check(nbytes=nbytes)
     if group_dies <= 1 or nbytes == 0:
-        return 0.0
-    return FLOOR_US + 2.0 * (group_dies - 1) / group_dies * nbytes / (_group_bw(topo, group_dies) * 1e3)
+        return 0.0, 0.0
+    return (FLOOR_US + path_latency_us(topo, group_dies),
+            2.0 * (group_dies - 1) / group_dies * nbytes / (_group_bw(topo, group_dies) * 1e3))
+
+
+def all_reduce_us(topo: Topology, nbytes: float, group_dies: int) -> float:
+    """Ring all-reduce of `nbytes` per rank over `group_dies` contiguous dies."""
+    return sum(all_reduce_parts(topo, nbytes, group_dies))
 
 
 def all_gather_us(topo: Topology, nbytes_total: float, group_dies: int) -> float:
@@ -245,14 +341,25 @@ def all_gather_us(topo: Topology, nbytes_total: float, group_dies: int) -> float
     _check(nbytes=nbytes_total)
     if group_dies <= 1 or nbytes_total == 0:
         return 0.0
-    return FLOOR_US + (group_dies - 1) / group_dies * nbytes_total / (_group_bw(topo, group_dies) * 1e3)
+    return FLOOR_US + path_latency_us(topo, group_dies) + (group_dies - 1) / group_dies * nbytes_total / (
+        _group_bw(topo, group_dies) * 1e3)
 
 
 def _group_bw(topo: Topology, group_dies: int) -> float:
     """Per-die GB/s inside a contiguous group: scale-up link unless it spills off the island."""
     hw = topo.hardware
-    link = hw.scaleup_gbps if topo.offisland_fraction(group_dies) == 0 or not hw.scaleout_gbps else hw.scaleout_gbps
+    inside = topo.offisland_fraction(group_dies) == 0 or not hw.scaleout_gbps
+    if inside:
+        measured = _measured_allreduce_gbps(hw)
+        if measured > 0:  # the device's profile measured NCCL all-reduce bus bandwidth on its NVLink
+            return measured
+    link = hw.scaleup_gbps if inside else hw.scaleout_gbps
     return link * collective_efficiency(profile_for(topo))
+
+
+def _measured_allreduce_gbps(hw: DeviceSpec) -> float:
+    prof = profiles.profile_for(hw)
+    return prof.allreduce_busbw_gbps if prof is not None else 0.0
 
 
 def kv_transfer_us(topo: Topology, nbytes_per_die: float) -> float:

@@ -1,19 +1,27 @@
-"""Compute cost: a roofline per stage with efficiency factors per op class, and numeric precisions.
+"""Compute cost: a roofline per op with named efficiencies, tile padding, and numeric precisions.
 
-time = max(FLOPs / (peak(dtype) x compute efficiency), bytes / (HBM bandwidth x memory
-efficiency)), per die. FLOP counts come from `costmodels.opcount`.
+time = max(padded FLOPs / (peak(dtype) x compute efficiency), bytes / (HBM bandwidth x memory
+efficiency)), per die. FLOP counts come from `costmodels.opcount`. A GEMM pads its token rows to
+the device's smallest tensor-core/cube tile (`DeviceSpec.gemm_tile_m`): a grouped expert GEMM pads
+every expert's rows, so its efficiency rises with tokens per expert. The efficiencies come from a
+measured hardware profile (costmodels/profiles.py) when one exists for the device, else from the
+published kernel measurements below; `efficiencies(hw).source` says which.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
-from costmodels import opcount
+from costmodels import opcount, profiles
 from costmodels.errors import InputError
-from costmodels.hardware import DeviceSpec, dtype_bytes
+from costmodels.hardware import FP4_FORMATS, DeviceSpec, dtype_bytes
 from costmodels.model_shape import ModelShape
 
-# Achieved fraction of peak FLOPs per op class (CMI Tables 8-10).
+# Achieved fraction of peak FLOPs per op class when no profile exists (CMI Tables 8-10: the only
+# published kernel efficiencies in the references; they are Ascend 910C figures and stand in for
+# every device until it has a measured profile).
 DENSE_GEMM_EFF = 0.80  # CMI Table 10 [S]: INT8 GEMM 77-83% of peak, midpoint
 EXPERT_GEMM_EFF = 0.77  # CMI Table 10 [S], low end: grouped expert GEMMs run smaller tiles
 ATTN_COMPUTE_EFF = 0.654  # CMI Table 8 [S]: MLA compute-bound, 65.4% of peak
@@ -22,30 +30,84 @@ ATTN_COMPUTE_EFF = 0.654  # CMI Table 8 [S]: MLA compute-bound, 65.4% of peak
 ATTN_MEMORY_EFF = 0.841
 GEMM_MEMORY_EFF = 0.841
 
-OP_CLASSES = {
-    "dense_gemm": (DENSE_GEMM_EFF, GEMM_MEMORY_EFF),
-    "expert_gemm": (EXPERT_GEMM_EFF, GEMM_MEMORY_EFF),
-    "attention": (ATTN_COMPUTE_EFF, ATTN_MEMORY_EFF),
-}
-
-QUANTS = ("bf16", "fp8", "int8")
+QUANTS = ("bf16", "fp8", "int8", "mxfp4", "nvfp4")
 KV_DTYPES = ("bf16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
-class Precision:
-    """Formats of one deployment: GEMM weights and activations, the KV cache, the attention core."""
+class Efficiencies:
+    """Achieved fractions of one device's peaks, and where they come from."""
 
-    quant: str  # bf16 | fp8 | int8 (weights and activations of every linear layer: W8A8 for fp8/int8)
+    dense_gemm: float
+    expert_gemm: float
+    attention_compute: float
+    attention_memory: float
+    gemm_memory: float
+    source: str
+
+    def of(self, op_class: str) -> tuple[float, float]:
+        """(compute, memory) efficiency of an op class: dense_gemm, expert_gemm or attention."""
+        if op_class == "dense_gemm":
+            return self.dense_gemm, self.gemm_memory
+        if op_class == "expert_gemm":
+            return self.expert_gemm, self.gemm_memory
+        if op_class == "attention":
+            return self.attention_compute, self.attention_memory
+        raise KeyError(op_class)
+
+
+PUBLISHED = Efficiencies(DENSE_GEMM_EFF, EXPERT_GEMM_EFF, ATTN_COMPUTE_EFF, ATTN_MEMORY_EFF, GEMM_MEMORY_EFF,
+                         source="published kernel efficiencies (CMI Tables 8-10) on spec-sheet peaks")
+OP_CLASSES = {name: PUBLISHED.of(name) for name in ("dense_gemm", "expert_gemm", "attention")}
+
+
+@functools.lru_cache(maxsize=32)
+def efficiencies(hw: DeviceSpec) -> Efficiencies:
+    """The device's efficiencies: from its measured (or derived) profile where it measured them."""
+    prof = profiles.profile_for(hw)
+    if prof is None:
+        return PUBLISHED
+    hbm = min(1.0, prof.hbm_tbps / hw.hbm_tbps) if prof.hbm_tbps > 0 else GEMM_MEMORY_EFF
+    dense = prof.gemm_efficiency("bf16", hw.bf16_tflops) or DENSE_GEMM_EFF
+    grouped = prof.grouped_efficiency(4096, hw.bf16_tflops) or EXPERT_GEMM_EFF  # the large-group asymptote
+    attn_mem = min(1.0, prof.mla_decode_kv_tbps / hw.hbm_tbps) if prof.mla_decode_kv_tbps > 0 else ATTN_MEMORY_EFF
+    return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Formats of one deployment: GEMM weights and activations, the KV cache, the attention core.
+
+    quant bf16 | fp8 | int8: every linear layer's weights and activations (W8A8 for fp8/int8).
+    quant mxfp4 | nvfp4: expert weights in FP4 (as gpt-oss ships MXFP4), everything else BF16; the
+    expert GEMMs run on FP4 tensor cores where the device has them (`fp4_compute`), else
+    weight-only (dequantised to BF16 in the kernel).
+    """
+
+    quant: str
     kv: str  # KV-cache format
     attention: str = "bf16"  # the attention core (scores, softmax, PV) stays BF16 (CMI: MLA kernels in BF16)
+    fp4_compute: bool = False
 
     @property
     def weight_bytes(self) -> float:
+        """Bytes per parameter of the non-expert linear layers."""
+        return 2.0 if self.quant in FP4_FORMATS else dtype_bytes(self.quant)
+
+    @property
+    def expert_weight_bytes(self) -> float:
         return dtype_bytes(self.quant)
 
     @property
     def act_dtype(self) -> str:
+        """Format of the non-expert GEMMs and of the dispatched activations."""
+        return "bf16" if self.quant in FP4_FORMATS else self.quant
+
+    @property
+    def expert_dtype(self) -> str:
+        """Format the expert GEMMs compute in."""
+        if self.quant in FP4_FORMATS:
+            return "fp4" if self.fp4_compute else "bf16"
         return self.quant
 
     @property
@@ -53,26 +115,61 @@ class Precision:
         return dtype_bytes(self.kv)
 
 
-def precision(quant: str, kv: str | None, hw: DeviceSpec) -> Precision:
-    """Validated precision for `hw`; kv defaults to BF16. FP8 on Ascend is an error (XDS §4.7)."""
+def precision(quant: str | None, kv: str | None, hw: DeviceSpec) -> Precision:
+    """Validated precision for `hw`; quant None = the device's default (INT8 on Ascend, FP8 on Hopper and
+    Blackwell, BF16 on A100), kv defaults to BF16. A format the device cannot run is an InputError."""
+    quant = quant or hw.default_quant
     if quant not in QUANTS:
         raise InputError(f"--quant {quant}: unknown format; use one of {', '.join(QUANTS)}")
     kv = kv or "bf16"
     if kv not in KV_DTYPES:
         raise InputError(f"--kv-dtype {kv}: unknown format; use one of {', '.join(KV_DTYPES)}")
     for flag, fmt in (("--quant", quant), ("--kv-dtype", kv)):
-        if not hw.supports(fmt):
-            alt = ", ".join(d for d in QUANTS if hw.supports(d))
-            raise InputError(f"{flag} {fmt}: {hw.name} has no {fmt.upper()} support (XDS §4.7 for Ascend); use {alt}")
-    return Precision(quant=quant, kv=kv)
+        if not hw.supports_weights(fmt):
+            alt = ", ".join(d for d in QUANTS if hw.supports_weights(d))
+            why = " (XDS §4.7 for Ascend)" if hw.is_npu else ""
+            raise InputError(f"{flag} {fmt}: {hw.name} has no {fmt.upper()} support{why}; use {alt}")
+    return Precision(quant=quant, kv=kv, fp4_compute=quant in FP4_FORMATS and hw.fp4_tflops > 0)
+
+
+def padded_rows(tokens: float, tile: int) -> float:
+    """Rows a GEMM of `tokens` rows computes once padded to whole tiles of `tile` rows (tokens > 0)."""
+    if tokens <= 0:
+        return 0.0
+    if tile <= 1:
+        return tokens
+    return math.ceil(tokens / tile - 1e-9) * tile
 
 
 def roofline_us(hw: DeviceSpec, op_class: str, flops: float, nbytes: float, dtype: str) -> float:
     """Time of one op on one die (us): the slower of its compute and its memory traffic."""
-    eff_c, eff_m = OP_CLASSES[op_class]
+    eff_c, eff_m = efficiencies(hw).of(op_class)
     compute = flops / (hw.peak_tflops(dtype) * 1e6 * eff_c)  # TFLOPS -> FLOP/us
     memory = nbytes / (hw.hbm_tbps * 1e6 * eff_m)  # TB/s -> bytes/us
     return max(compute, memory)
+
+
+def gemm_us(hw: DeviceSpec, op_class: str, *, tokens: float, params: float, weight_bytes: float, dtype: str,
+            groups: float = 1.0, extra_bytes: float = 0.0) -> float:
+    """`groups` GEMMs (experts) of `tokens` rows each against `params` weights each, rows padded to the tile.
+
+    FLOPs = 2 x params x padded rows x groups; bytes = every group's weights once + `extra_bytes`.
+    """
+    if tokens <= 0 or groups <= 0:
+        return 0.0
+    rows = padded_rows(tokens, hw.gemm_tile_m)
+    flops = opcount.matrix_params_flops(1) * params * rows * groups
+    return roofline_us(hw, op_class, flops, groups * params * weight_bytes + extra_bytes, dtype)
+
+
+def grouped_gemm_efficiency(hw: DeviceSpec, prec: Precision, tokens_per_expert: float, params: int) -> float:
+    """Useful FLOPs / (peak x time) of a grouped expert GEMM at `tokens_per_expert` (for reports and tests):
+    low when weight reads dominate (few tokens) and from tile padding, rising towards the compute efficiency."""
+    if tokens_per_expert <= 0:
+        return 0.0
+    t = gemm_us(hw, "expert_gemm", tokens=tokens_per_expert, params=params, weight_bytes=prec.expert_weight_bytes,
+                dtype=prec.expert_dtype)
+    return 2.0 * params * tokens_per_expert / (t * hw.peak_tflops(prec.expert_dtype) * 1e6)
 
 
 # --- stages (per die, one microbatch, one layer) ---------------------------------------------------
@@ -88,9 +185,9 @@ def attention_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, seqs: fl
     FLOPs per die, 1/tp of the projection weights, and `kv_replicas(shape, tp)` times the cache.
     """
     tokens = seqs * q_per_seq
-    proj_flops = opcount.matrix_params_flops(shape.params_attention) * tokens
-    proj_bytes = shape.params_attention * prec.weight_bytes / tp + 2 * tokens * shape.hidden * dtype_bytes("bf16")
-    proj = roofline_us(hw, "dense_gemm", proj_flops, proj_bytes, prec.act_dtype)
+    proj = gemm_us(hw, "dense_gemm", tokens=tokens * tp, params=shape.params_attention / tp,
+                   weight_bytes=prec.weight_bytes, dtype=prec.act_dtype,
+                   extra_bytes=2 * tokens * shape.hidden * dtype_bytes("bf16"))
     kv_len = shape.attended_kv(kv_len)  # sliding-window layers read at most their window
     if phase == "decode" and shape.attention == "mla":
         core_flops = opcount.mla_absorbed_core_flops(shape, kv_len) * tokens
@@ -115,9 +212,8 @@ def gate_us(shape: ModelShape, hw: DeviceSpec, tokens: float) -> float:
     """Router logits for `tokens` tokens (BF16, weights read once)."""
     if shape.num_routed_experts == 0:
         return 0.0
-    flops = opcount.gate_flops(shape) * tokens
-    nbytes = (shape.num_routed_experts * shape.hidden + tokens * shape.hidden) * dtype_bytes("bf16")
-    return roofline_us(hw, "dense_gemm", flops, nbytes, "bf16")
+    return gemm_us(hw, "dense_gemm", tokens=tokens, params=opcount.gate_flops(shape) / 2, weight_bytes=2.0,
+                   dtype="bf16", extra_bytes=tokens * shape.hidden * dtype_bytes("bf16"))
 
 
 def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: float, slots: float,
@@ -128,24 +224,56 @@ def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: flo
     """
     if pairs <= 0 or slots <= 0:
         return 0.0
-    flops = opcount.matrix_params_flops(params_per_expert) * pairs
-    nbytes = slots * params_per_expert * prec.weight_bytes + 2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype)
-    return roofline_us(hw, op_class, flops, nbytes, prec.act_dtype)
+    if op_class == "dense_gemm":  # the shared expert: the linear layers' format
+        wb, dtype = prec.weight_bytes, prec.act_dtype
+    else:
+        wb, dtype = prec.expert_weight_bytes, prec.expert_dtype
+    return gemm_us(hw, op_class, tokens=pairs / slots, params=params_per_expert, weight_bytes=wb, dtype=dtype,
+                   groups=slots, extra_bytes=2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype))
 
 
 def dense_ffn_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float, tp: int = 1) -> float:
     """One dense FFN layer for a die's share of `tokens` tokens: with TP, tp x tokens on 1/tp of the weights."""
     if shape.params_dense_ffn == 0 or tokens <= 0:
         return 0.0
-    flops = opcount.dense_ffn_flops(shape) * tokens
-    nbytes = shape.params_dense_ffn * prec.weight_bytes / tp + 2 * tokens * shape.hidden * dtype_bytes("bf16")
-    return roofline_us(hw, "dense_gemm", flops, nbytes, prec.act_dtype)
+    return gemm_us(hw, "dense_gemm", tokens=tokens * tp, params=shape.params_dense_ffn / tp,
+                   weight_bytes=prec.weight_bytes, dtype=prec.act_dtype,
+                   extra_bytes=2 * tokens * shape.hidden * dtype_bytes("bf16"))
 
 
 def lm_head_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float) -> float:
     """Logits for `tokens` positions (the head's weights are read once)."""
     if tokens <= 0:
         return 0.0
-    flops = opcount.lm_head_flops(shape) * tokens
-    nbytes = shape.params_head * prec.weight_bytes + tokens * shape.vocab * dtype_bytes("fp32")
-    return roofline_us(hw, "dense_gemm", flops, nbytes, prec.act_dtype)
+    return gemm_us(hw, "dense_gemm", tokens=tokens, params=opcount.lm_head_flops(shape) / 2,
+                   weight_bytes=prec.weight_bytes, dtype=prec.act_dtype,
+                   extra_bytes=tokens * shape.vocab * dtype_bytes("fp32"))
+
+
+# Elementwise passes per token per layer that no GEMM or attention kernel fuses, each a read and a
+# write (or two reads and a write) of a hidden-sized BF16 activation: counted from the DeepSeek-V3
+# layer (DSV3 §2: pre-attention and pre-FFN RMSNorm, two residual adds) plus the activation
+# quantisation that W8A8 GEMMs need at their three inputs (QKV-down, output projection, experts).
+NORM_PASSES = 2  # read + write
+RESIDUAL_PASSES = 2  # two reads + write
+QUANT_PASSES = 3  # read BF16 + write 1 byte
+
+
+def vector_ops_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float, pairs: float = 0.0,
+                  shared_tokens: float = 0.0, dense_ffn: bool = False) -> float:
+    """Memory-bound elementwise work of one layer for `tokens` tokens and `pairs` routed token-expert pairs:
+    norms, residual adds, activation quantisation, SwiGLU (reads gate and up, writes the product) and the
+    combine's weighted sum of top-k expert outputs. Priced at the device's achieved HBM bandwidth."""
+    if tokens <= 0 and pairs <= 0:
+        return 0.0
+    h = shape.hidden * 2.0  # one BF16 hidden vector
+    per_token = h * (2 * NORM_PASSES + 3 * RESIDUAL_PASSES)
+    if prec.act_dtype in ("int8", "fp8"):
+        per_token += QUANT_PASSES * (h + shape.hidden * 1.0)
+    nbytes = tokens * per_token
+    if dense_ffn:  # a dense FFN layer: its SwiGLU
+        nbytes += tokens * 3 * shape.dense_intermediate * 2.0
+    else:  # a MoE layer: SwiGLU of each routed pair and of the shared expert, then the weighted combine
+        nbytes += pairs * 3 * shape.moe_intermediate * 2.0 + tokens * (shape.top_k + 1) * h
+        nbytes += shared_tokens * 3 * shape.shared_intermediate * 2.0
+    return nbytes / (hw.hbm_tbps * 1e6 * efficiencies(hw).gemm_memory)

@@ -127,16 +127,20 @@ def replicated_weight_bytes(shape: ModelShape, weight_bytes: float, *, tp: int =
 
 
 def expert_weight_bytes(shape: ModelShape, layout: ExpertLayout, weight_bytes: float, *, shared_die: bool,
-                        extra_layers: int = 0) -> float:
-    """Expert weights on one die: its routed slots (or the shared expert), plus a replicated shared expert."""
+                        extra_layers: int = 0, shared_weight_bytes: float | None = None) -> float:
+    """Expert weights on one die: its routed slots (or the shared expert), plus a replicated shared expert.
+
+    `weight_bytes` prices routed experts; `shared_weight_bytes` (default the same) the shared expert,
+    which FP4 checkpoints keep in BF16 like the other non-routed layers.
+    """
     layers = shape.num_moe_layers + extra_layers
+    shared_b = weight_bytes if shared_weight_bytes is None else shared_weight_bytes
     if shared_die:
-        params = shape.params_shared
-    else:
-        params = layout.max_slots_per_routed_die * shape.params_expert
-        if layout.shared_replicated:
-            params += shape.params_shared
-    return params * layers * weight_bytes
+        return shape.params_shared * layers * shared_b
+    nbytes = layout.max_slots_per_routed_die * shape.params_expert * weight_bytes
+    if layout.shared_replicated:
+        nbytes += shape.params_shared * shared_b
+    return nbytes * layers
 
 
 def kv_bytes(shape: ModelShape, tokens: float, kv_bytes_per_value: float, *, extra_layers: int = 0,

@@ -1,8 +1,17 @@
-"""Phase-level serving model: step time per stage, TPOT, TTFT and throughput per device.
+"""Phase-level serving model: step time per named physical term, TPOT, TTFT and throughput per device.
 
 Three deployments: colocated decode (CloudMatrix-Infer: EP over every die, attention DP per
 die), disaggregated MoE-attention decode (xDeepServe AFD) and prefill instances. Everything
 is per die and per step, plain arithmetic on precomputed topology figures (~tens of us).
+
+Every term of a breakdown is physical and named (docs/costmodel.md lists them with their
+sources): compute stages are rooflines with tile padding and measured/published efficiencies
+(costmodels/compute.py); communication is a latency term (software floor + hops, summed into
+`comm_latency`) and a bandwidth term per collective (costmodels/comm.py); `launch_overhead` is
+the per-layer kernel-launch and framework time; `overlap` is the (negative) time microbatching
+hides, at the overlap efficiency CMI measured; `pipeline_wait` (AFD) is the round minus one
+microbatch's path. The two per-layer constants (launch overhead, overlap efficiency) are the
+calibrated ones (costmodels/calibration.py).
 """
 
 from __future__ import annotations
@@ -11,17 +20,20 @@ import math
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from costmodels import comm, compute, memory, opcount
+from costmodels import comm, compute, memory, opcount, profiles
 from costmodels.calibration import Calibration, load_calibration
 from costmodels.errors import InputError
+from costmodels.hardware import ASCEND_910C
 from costmodels.model_shape import ModelShape
 from costmodels.topology import Topology
 
 # How a decode instance lays out attention and experts (the plan's Instance.mode uses the same names).
 DECODE_MODES = ("colocated", "disaggregated")
-STAGES = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
-DECODE_FIX = "lower --batch-per-device or --kv-len, quantise (--quant int8/fp8, --kv-dtype), or use a larger --ep"
-PREFILL_FIX = "lower --tokens-per-device, quantise (--quant int8/fp8), or spread experts over a larger --ep"
+STAGES = ("attention", "tp_allreduce", "gate", "dispatch", "experts", "combine", "shared_experts", "dense_ffn",
+          "lm_head", "vector_ops", "token_overhead", "comm_latency", "launch_overhead", "overlap")
+DECODE_FIX = ("lower --batch-per-device or --kv-len, quantise (--quant int8/fp8/mxfp4, --kv-dtype), "
+              "or use a larger --ep")
+PREFILL_FIX = "lower --tokens-per-device, quantise (--quant int8/fp8/mxfp4), or spread experts over a larger --ep"
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class _Deployment:
 
     devices: int = 0
     ep: int = 0
-    quant: str = "bf16"
+    quant: str | None = None  # None: the hardware's default (DeviceSpec.default_quant)
     kv_dtype: str | None = None
     microbatches: int = 1
     imbalance: float = 1.0
@@ -160,13 +172,15 @@ def _check_common(imbalance: float, microbatches: int) -> None:
 
 @dataclass(frozen=True)
 class _MoE:
-    """One MoE layer for one microbatch, per die (us)."""
+    """One MoE layer for one microbatch, per die (us): the transfers' latency and bandwidth terms apart."""
 
-    dispatch: float
+    dispatch: float  # bandwidth term
     experts: float  # routed-expert dies
     shared: float  # extra critical-path time of the shared expert
-    combine: float
+    combine: float  # bandwidth term
+    latency: float  # dispatch + combine latency terms (floor + hops)
     routed_pairs: float
+    tokens_per_expert: float
 
     @property
     def compute(self) -> float:
@@ -174,19 +188,22 @@ class _MoE:
 
     @property
     def comm(self) -> float:
-        return self.dispatch + self.combine
+        return self.dispatch + self.combine + self.latency
+
+
+_NO_MOE = _MoE(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, layout: memory.ExpertLayout,
                    tokens: float, imbalance: float) -> _MoE:
     """EP over `layout.ep` dies, each routing `tokens` tokens (its attention share) per microbatch."""
     if shape.num_routed_experts == 0:
-        return _MoE(0.0, 0.0, 0.0, 0.0, 0.0)
+        return _NO_MOE
     hw = topo.hardware
     group_tokens = tokens * layout.ep
     pairs = group_tokens * shape.top_k / layout.routed_dies * imbalance
-    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=layout.max_slots_per_routed_die,
-                                params_per_expert=shape.params_expert)
+    slots = layout.max_slots_per_routed_die
+    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert)
     shared = 0.0
     if layout.shared_dies > 0:  # dedicated dies run it in parallel: only the excess is on the path
         shared = max(0.0, compute.experts_us(shape, hw, prec, pairs=group_tokens / layout.shared_dies, slots=1,
@@ -195,26 +212,41 @@ def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, l
         shared = compute.experts_us(shape, hw, prec, pairs=tokens, slots=1, params_per_expert=shape.params_shared,
                                     op_class="dense_gemm")
     dests = memory.dests_per_token(shape, layout)
-    return _MoE(
-        dispatch=comm.dispatch_us(topo, tokens, shape.hidden, prec.act_dtype, dests, layout.ep, imbalance),
-        experts=routed,
-        shared=shared,
-        combine=comm.combine_us(topo, tokens, shape.hidden, dests, layout.ep, imbalance),
-        routed_pairs=pairs,
-    )
+    d_lat, d_bw = comm.dispatch_parts(topo, tokens, shape.hidden, prec.act_dtype, dests, layout.ep, imbalance)
+    c_lat, c_bw = comm.combine_parts(topo, tokens, shape.hidden, dests, layout.ep, imbalance)
+    return _MoE(dispatch=d_bw, experts=routed, shared=shared, combine=c_bw, latency=d_lat + c_lat,
+                routed_pairs=pairs, tokens_per_expert=pairs / slots if slots else 0.0)
 
 
-def _overlapped(compute_us: float, comm_us: float, m: int) -> float:
+def _overlapped(compute_us: float, comm_us: float, m: int, eff: float) -> float:
     """A layer of m microbatches alternating compute and communication (totals over the m).
 
-    Each resource needs its total; one microbatch's chain needs (compute + comm) / m; with
-    m = 1 nothing overlaps.
+    Perfect overlap reaches max(compute, comm, (compute + comm) / m); `eff` (0..1, calibrated on
+    CMI's measured microbatching gains) is the share of that ideal saving realised. m = 1: none.
     """
-    return max(compute_us, comm_us, (compute_us + comm_us) / m) if m > 1 else compute_us + comm_us
+    serial = compute_us + comm_us
+    if m <= 1:
+        return serial
+    ideal = max(compute_us, comm_us, serial / m)
+    return serial - eff * (serial - ideal)
 
 
 def _finish(breakdown: dict[str, float]) -> dict[str, float]:
     return {k: v / 1e3 for k, v in breakdown.items()}  # us -> ms
+
+
+def _token_us(cal: Calibration, hw, tokens: float) -> float:
+    """Per-token framework work of one layer (routing top-k and sort, dispatch packing, RoPE, KV-cache
+    writes and block tables, sampling): the calibrated per-token time of an Ascend 910C die, scaled to
+    `hw` by HBM bandwidth (the work is memory-bound elementwise code)."""
+    return cal.token_us_per_layer * tokens * ASCEND_910C.hbm_tbps / hw.hbm_tbps
+
+
+def _sources(topo: Topology, cal: Calibration) -> dict:
+    """Where the estimate's numbers come from: the device's profile or spec sheet, and the calibration."""
+    return {"hardware_source": profiles.source_of(topo.hardware),
+            "efficiencies": compute.efficiencies(topo.hardware).source,
+            "calibration": cal.to_dict()}
 
 
 def estimate(shape: ModelShape, topo: Topology, dep: Deployment, calibration: Calibration | None = None) -> Estimate:
@@ -263,34 +295,49 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
     # Step 1: one microbatch through one layer of each kind, per die (us).
     att = compute.attention_us(shape, hw, prec, seqs=seqs_mb, q_per_seq=q, kv_len=dep.kv_len, phase="decode",
                                tp=tp, kv_replicas=compute.kv_replicas(shape, tp))
-    tp_comm = comm.all_reduce_us(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    tp_lat, tp_bw = comm.all_reduce_parts(topo, tp * tok_mb * shape.hidden * 2.0, tp)
     gate = compute.gate_us(shape, hw, tok_mb)
     moe = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance)
     ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp)
     # the head runs on every position of the step, and once more per draft for the MTP module
     head = m * compute.lm_head_us(shape, hw, prec, tokens=tok_mb) + drafts * compute.lm_head_us(
         shape, hw, prec, tokens=seqs)
+    launch = cal.launch_us_per_layer  # per layer per microbatch: kernel launches and framework
+    vec_moe = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb, pairs=moe.routed_pairs,
+                                    shared_tokens=tok_mb if layout.shared_replicated else 0.0)
+    vec_dense = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb, dense_ffn=True)
+    tok_cost = _token_us(cal, hw, tok_mb)
 
     # Step 2: layers; the MTP module counts as one more MoE layer per draft token (DSV3 §2.2).
     n_moe = shape.num_moe_layers + (drafts if shape.num_moe_layers else 0)
     n_dense = shape.num_dense_layers + (drafts if not shape.num_moe_layers else 0)
-    moe_layer = _overlapped(m * (att + gate + moe.compute), m * (tp_comm + moe.comm), m)
-    dense_layer = _overlapped(m * (att + ffn), m * 2 * tp_comm, m)
+    tp_comm = tp_lat + tp_bw
+    moe_compute = m * (att + gate + moe.compute + vec_moe + tok_cost + launch)
+    moe_comm = m * (tp_comm + moe.comm)
+    dense_compute, dense_comm = m * (att + ffn + vec_dense + tok_cost + launch), m * 2 * tp_comm
+    moe_layer = _overlapped(moe_compute, moe_comm, m, cal.overlap_efficiency)
+    dense_layer = _overlapped(dense_compute, dense_comm, m, cal.overlap_efficiency)
     t_iter = n_moe * moe_layer + n_dense * dense_layer + head
 
-    # Step 3: the breakdown (sequential stage sums, minus what overlap hides) and the calibration.
+    # Step 3: the breakdown: every term's sequential sum, minus what microbatch overlap hides.
+    layers_mb = (n_moe + n_dense) * m
     stages = {
-        "attention": (n_moe * m + n_dense * m) * att + (n_moe * m + 2 * n_dense * m) * tp_comm,
+        "attention": layers_mb * att,
+        "tp_allreduce": (n_moe + 2 * n_dense) * m * tp_bw,
         "gate": n_moe * m * gate,
         "dispatch": n_moe * m * moe.dispatch,
         "experts": n_moe * m * moe.experts,
         "combine": n_moe * m * moe.combine,
         "shared_experts": n_moe * m * moe.shared,
-        "other": n_dense * m * ffn + head,
+        "dense_ffn": n_dense * m * ffn,
+        "lm_head": head,
+        "vector_ops": n_moe * m * vec_moe + n_dense * m * vec_dense,
+        "token_overhead": layers_mb * tok_cost,
+        "comm_latency": n_moe * m * moe.latency + (n_moe + 2 * n_dense) * m * tp_lat,
+        "launch_overhead": layers_mb * launch,
     }
     stages["overlap"] = t_iter - sum(stages.values())
-    stages["scheduling"] = (cal.decode_overhead - 1.0) * t_iter
-    step_us = cal.decode_overhead * t_iter
+    step_us = t_iter
     tpot_ms = step_us / 1e3 / (1.0 + dep.mtp_accept)
 
     # Step 4: memory of the two kinds of die (routed slots, shared expert).
@@ -309,10 +356,12 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
             "microbatches": m, "tokens_per_step": 1.0 + dep.mtp_accept, "sequences_per_die": seqs,
             "routed_slots_per_die": layout.slots_per_routed_die, "shared_expert_dies": layout.shared_dies,
             "redundant_experts": layout.redundant, "quant": prec.quant, "kv_dtype": prec.kv,
-            "calibration": {"decode_overhead": cal.decode_overhead},
-            "per_layer_us": {"attention": att, "gate": gate, "dispatch": moe.dispatch, "experts": moe.experts,
-                             "combine": moe.combine, "shared_experts": moe.shared, "dense_ffn": ffn,
-                             "moe_layer": moe_layer, "dense_layer": dense_layer},
+            "tokens_per_expert": moe.tokens_per_expert,
+            **_sources(topo, cal),
+            "per_layer_us": {"attention": att, "tp_allreduce": tp_comm, "gate": gate, "dispatch": moe.dispatch,
+                             "experts": moe.experts, "combine": moe.combine, "shared_experts": moe.shared,
+                             "comm_latency": moe.latency, "dense_ffn": ffn, "vector_ops": vec_moe,
+                             "launch_overhead": launch, "moe_layer": moe_layer, "dense_layer": dense_layer},
         },
     )
 
@@ -327,14 +376,15 @@ def _colocated_memory(shape: ModelShape, hw, prec: compute.Precision, layout: me
     kinds = [("routed experts", False)] + ([("shared expert", True)] if layout.shared_dies else [])
     return [
         memory.use(f"{role} ({name})", hw, kv=kv, workspace=work,
-                   weights=common + memory.expert_weight_bytes(shape, layout, prec.weight_bytes, shared_die=shared,
-                                                               extra_layers=extra))
+                   weights=common + memory.expert_weight_bytes(shape, layout, prec.expert_weight_bytes,
+                                                               shared_die=shared, extra_layers=extra,
+                                                               shared_weight_bytes=prec.weight_bytes))
         for name, shared in kinds
     ]
 
 
 def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, prec: compute.Precision,
-                cal: Calibration) -> Estimate:
+                          cal: Calibration) -> Estimate:
     hw = topo.hardware
     if shape.num_routed_experts == 0:
         raise InputError(f"--mode disaggregated: {shape.name} has no MoE layers to disaggregate; use --mode colocated")
@@ -361,15 +411,17 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
     seqs = dep.batch_per_device / hw.dies
     seqs_mb, tok_mb = seqs / m, seqs * q / m
     domain_tokens = a_dies / d * tok_mb  # tokens one domain sends per microbatch
+    launch = cal.launch_us_per_layer
 
     # Step 1: one microbatch of one domain through one MoE layer (us).
     att = compute.attention_us(shape, hw, prec, seqs=seqs_mb, q_per_seq=q, kv_len=dep.kv_len, phase="decode",
                                tp=tp, kv_replicas=compute.kv_replicas(shape, tp))
-    tp_comm = comm.all_reduce_us(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    tp_lat, tp_bw = comm.all_reduce_parts(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    tp_comm = tp_lat + tp_bw
     gate = compute.gate_us(shape, hw, tok_mb)
     pairs = domain_tokens * shape.top_k / layout.routed_dies * dep.imbalance
-    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=layout.max_slots_per_routed_die,
-                                params_per_expert=shape.params_expert)
+    slots = layout.max_slots_per_routed_die
+    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert)
     if layout.shared_dies:
         shared_die = compute.experts_us(shape, hw, prec, pairs=domain_tokens / layout.shared_dies, slots=1,
                                         params_per_expert=shape.params_shared, op_class="dense_gemm")
@@ -380,12 +432,16 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
             if layout.has_shared else 0.0
     dests = shape.top_k + (1 if layout.has_shared else 0)
     recv = domain_tokens * dests / f_dies
-    a2e = comm.disaggregated_transfer_us(topo, "a2e", tok_mb * dests, recv,
-                                         comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype), dep.imbalance)
-    e2a = comm.disaggregated_transfer_us(topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden),
-                                         dep.imbalance)
-    t_a = att + gate + tp_comm
-    t_e = routed + shared
+    a2e_lat, a2e_bw = comm.disaggregated_transfer_parts(
+        topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype), dep.imbalance)
+    e2a_lat, e2a_bw = comm.disaggregated_transfer_parts(
+        topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden), dep.imbalance)
+    a2e, e2a = a2e_lat + a2e_bw, e2a_lat + e2a_bw
+    vec_a = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb)  # norms, residuals, quantisation, combine sum
+    vec_e = compute.vector_ops_us(shape, hw, prec, tokens=0.0, pairs=pairs)  # SwiGLU on the MoE die
+    tok_cost = _token_us(cal, hw, tok_mb)
+    t_a = att + gate + tp_comm + vec_a + tok_cost + launch
+    t_e = routed + shared + vec_e
     chain = t_a + a2e + t_e + e2a
 
     # Step 2: the round per layer (MegaScale-Infer arXiv 2504.02263 / Step-3 arXiv 2507.19427): the
@@ -396,22 +452,28 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
         shape, hw, prec, tokens=seqs)
     n_moe = shape.num_moe_layers + drafts
     n_dense = shape.num_dense_layers
-    dense_layer = m * (att + ffn + 2 * tp_comm)
+    vec_dense = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb, dense_ffn=True)
+    dense_layer = m * (att + ffn + 2 * tp_comm + vec_dense + tok_cost + launch)
     t_iter = n_moe * t_round + n_dense * dense_layer + head
 
     # Step 3: breakdown along one microbatch's path; pipeline_wait is the round minus that path.
     stages = {
-        "attention": n_moe * (att + tp_comm) + n_dense * m * (att + 2 * tp_comm),
+        "attention": n_moe * att + n_dense * m * att,
+        "tp_allreduce": n_moe * tp_bw + n_dense * m * 2 * tp_bw,
         "gate": n_moe * gate,
-        "dispatch": n_moe * a2e,
+        "dispatch": n_moe * a2e_bw,
         "experts": n_moe * routed,
-        "combine": n_moe * e2a,
+        "combine": n_moe * e2a_bw,
         "shared_experts": n_moe * shared,
-        "other": n_dense * m * ffn + head,
+        "dense_ffn": n_dense * m * ffn,
+        "lm_head": head,
+        "vector_ops": n_moe * (vec_a + vec_e) + n_dense * m * vec_dense,
+        "token_overhead": n_moe * tok_cost + n_dense * m * tok_cost,
+        "comm_latency": n_moe * (a2e_lat + e2a_lat + tp_lat) + n_dense * m * 2 * tp_lat,
+        "launch_overhead": n_moe * launch + n_dense * m * launch,
         "pipeline_wait": n_moe * (t_round - chain),
-        "scheduling": (cal.decode_overhead - 1.0) * t_iter,
     }
-    step_us = cal.decode_overhead * t_iter
+    step_us = t_iter
     tpot_ms = step_us / 1e3 / (1.0 + dep.mtp_accept)
     sequences = dep.attention_devices * dep.batch_per_device
     total_devices = dep.attention_devices + dep.moe_devices
@@ -425,8 +487,8 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
         workspace=memory.workspace_bytes(shape, seqs * q, 0.0, seqs * q))
     moe_uses = [
         memory.use(f"decode MoE die ({name})", hw,
-                   weights=memory.expert_weight_bytes(shape, layout, prec.weight_bytes, shared_die=is_shared,
-                                                      extra_layers=drafts),
+                   weights=memory.expert_weight_bytes(shape, layout, prec.expert_weight_bytes, shared_die=is_shared,
+                                                      extra_layers=drafts, shared_weight_bytes=prec.weight_bytes),
                    kv=0.0, workspace=memory.workspace_bytes(shape, recv, pairs, 0.0))
         for name, is_shared in [("routed experts", False)] + ([("shared expert", True)] if layout.shared_dies else [])
     ]
@@ -445,9 +507,10 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
             "microbatches": m, "tokens_per_step": 1.0 + dep.mtp_accept, "sequences_per_attention_die": seqs,
             "routed_slots_per_die": layout.slots_per_routed_die, "shared_expert_dies": layout.shared_dies,
             "redundant_experts": layout.redundant, "quant": prec.quant, "kv_dtype": prec.kv,
-            "calibration": {"decode_overhead": cal.decode_overhead},
+            "tokens_per_expert": pairs / slots if slots else 0.0,
+            **_sources(topo, cal),
             "per_layer_us": {"attention": t_a, "a2e": a2e, "experts": t_e, "e2a": e2a, "round": t_round,
-                             "dense_layer": dense_layer},
+                             "dense_layer": dense_layer, "launch_overhead": launch},
         },
     )
 
@@ -480,41 +543,51 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     prompts = tokens / dep.prompt_len
     tok_mb = computed / m
     mean_kv = opcount.causal_mean_kv(round(dep.prompt_len * (1.0 - hit)), past=round(dep.prompt_len * hit))
+    launch = cal.launch_us_per_layer
 
-    # Step 1: one microbatch through one layer, per die (us). Compute stages are divided by the
-    # calibrated prefill efficiency (achieved / roofline); communication keeps its measured cost.
-    eff = cal.prefill_efficiency
+    # Step 1: one microbatch through one layer, per die (us).
     att = compute.attention_us(shape, hw, prec, seqs=tok_mb, q_per_seq=1.0, kv_len=mean_kv, phase="prefill",
-                               tp=tp, kv_replicas=compute.kv_replicas(shape, tp)) / eff
-    tp_comm = comm.all_reduce_us(topo, tp * tok_mb * shape.hidden * 2.0, tp)
-    gate = compute.gate_us(shape, hw, tok_mb) / eff
-    raw = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance)
-    moe = _MoE(raw.dispatch, raw.experts / eff, raw.shared / eff, raw.combine, raw.routed_pairs)
-    ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp) / eff
-    head = compute.lm_head_us(shape, hw, prec, tokens=prompts) / eff  # only each prompt's last position
+                               tp=tp, kv_replicas=compute.kv_replicas(shape, tp))
+    tp_lat, tp_bw = comm.all_reduce_parts(topo, tp * tok_mb * shape.hidden * 2.0, tp)
+    tp_comm = tp_lat + tp_bw
+    gate = compute.gate_us(shape, hw, tok_mb)
+    moe = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance)
+    ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp)
+    head = compute.lm_head_us(shape, hw, prec, tokens=prompts)  # only each prompt's last position
+    vec_moe = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb, pairs=moe.routed_pairs,
+                                    shared_tokens=tok_mb if layout.shared_replicated else 0.0)
+    vec_dense = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb, dense_ffn=True)
+    tok_cost = _token_us(cal, hw, tok_mb)
 
     # Step 2: layers with microbatch overlap, as in decode.
     n_moe, n_dense = shape.num_moe_layers, shape.num_dense_layers
-    moe_layer = _overlapped(m * (att + gate + moe.compute), m * (tp_comm + moe.comm), m)
-    dense_layer = _overlapped(m * (att + ffn), m * 2 * tp_comm, m)
+    moe_layer = _overlapped(m * (att + gate + moe.compute + vec_moe + tok_cost + launch), m * (tp_comm + moe.comm),
+                            m, cal.overlap_efficiency)
+    dense_layer = _overlapped(m * (att + ffn + vec_dense + tok_cost + launch), m * 2 * tp_comm, m,
+                              cal.overlap_efficiency)
     step_us = n_moe * moe_layer + n_dense * dense_layer + head
     kv_per_die = memory.kv_bytes(shape, tokens * compute.kv_replicas(shape, tp) / tp, prec.kv_bytes,
                                  seq_len=dep.prompt_len)
     kv_xfer = comm.kv_transfer_us(topo, kv_per_die)
 
-    # Step 3: breakdown summing to TTFT (the batch, then its KV over RDMA to a decode instance);
-    # a prefill batch has no per-step scheduling term: its calibration sits in the compute stages.
+    # Step 3: breakdown summing to TTFT (the batch, then its KV over RDMA to a decode instance).
+    layers_mb = (n_moe + n_dense) * m
     stages = {
-        "attention": (n_moe + n_dense) * m * att + (n_moe + 2 * n_dense) * m * tp_comm,
+        "attention": layers_mb * att,
+        "tp_allreduce": (n_moe + 2 * n_dense) * m * tp_bw,
         "gate": n_moe * m * gate,
         "dispatch": n_moe * m * moe.dispatch,
         "experts": n_moe * m * moe.experts,
         "combine": n_moe * m * moe.combine,
         "shared_experts": n_moe * m * moe.shared,
-        "other": n_dense * m * ffn + head,
+        "dense_ffn": n_dense * m * ffn,
+        "lm_head": head,
+        "vector_ops": n_moe * m * vec_moe + n_dense * m * vec_dense,
+        "token_overhead": layers_mb * tok_cost,
+        "comm_latency": n_moe * m * moe.latency + (n_moe + 2 * n_dense) * m * tp_lat,
+        "launch_overhead": layers_mb * launch,
     }
     stages["overlap"] = step_us - sum(stages.values())
-    stages["scheduling"] = 0.0
     stages["kv_transfer"] = kv_xfer
 
     # Step 4: memory.
@@ -533,10 +606,11 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
             "prompt_tokens_per_die": tokens, "computed_tokens_per_die": computed, "prompts_per_die": prompts,
             "prefix_hit": hit, "routed_slots_per_die": layout.slots_per_routed_die,
             "shared_expert_dies": layout.shared_dies, "redundant_experts": layout.redundant,
-            "quant": prec.quant, "kv_dtype": prec.kv,
-            "calibration": {"prefill_efficiency": cal.prefill_efficiency},
-            "per_layer_us": {"attention": att, "gate": gate, "dispatch": moe.dispatch, "experts": moe.experts,
-                             "combine": moe.combine, "shared_experts": moe.shared, "dense_ffn": ffn,
+            "quant": prec.quant, "kv_dtype": prec.kv, "tokens_per_expert": moe.tokens_per_expert,
+            **_sources(topo, cal),
+            "per_layer_us": {"attention": att, "tp_allreduce": tp_comm, "gate": gate, "dispatch": moe.dispatch,
+                             "experts": moe.experts, "combine": moe.combine, "shared_experts": moe.shared,
+                             "comm_latency": moe.latency, "dense_ffn": ffn, "launch_overhead": launch,
                              "moe_layer": moe_layer, "dense_layer": dense_layer, "kv_transfer": kv_xfer},
         },
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from costmodels.errors import TopologyError
-from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H100, H200, H800, DeviceSpec
+from costmodels.hardware import A100, ASCEND_910C, B200, CPU_PROCESS, GB200, H100, H200, H800, DeviceSpec
 
 # Hop latencies (us). The papers give end-to-end software floors (XCCL < 20 us, XDS §3.1), which
 # comm.py uses; the per-hop figures below only order paths and are assumptions, except where noted.
@@ -34,6 +34,8 @@ NVLINK_HOP_US = 0.5  # assumed: GPU <-> NVSwitch
 IB_HOP_US = 1.5  # assumed: HCA + leaf switch
 SHM_HOP_US = 5.0  # nominal: gloo shared-memory copy
 GPUS_PER_NODE = 8  # DGX/HGX datasheets: 8-GPU nodes
+NVL72_GPUS = 72  # NVIDIA GB200 NVL72 datasheet: 72 Blackwell GPUs in one NVLink domain per rack
+MAX_RACKS = 64
 
 MAX_PODS = 16
 MAX_NODES = 1024
@@ -261,16 +263,19 @@ def _cloudmatrix(pods: int) -> Topology:
                     nx.freeze(g), scaleup_scope="pod")
 
 
-def _gpu_cluster(hw: DeviceSpec, prefix: str, nodes: int) -> Topology:
-    """N nodes of 8 GPUs: NVSwitch inside a node, one non-blocking InfiniBand fabric between nodes."""
+def _gpu_cluster(hw: DeviceSpec, prefix: str, nodes: int, gpus_per_node: int = GPUS_PER_NODE,
+                 kind: str | None = None, param: str = "nodes") -> Topology:
+    """N nodes of `gpus_per_node` GPUs: NVSwitch inside a node (one NVLink domain), one non-blocking
+    InfiniBand fabric between nodes. GB200 NVL72 is a "node" of 72 GPUs: its rack is one NVLink domain."""
     g = nx.Graph()
     for n in range(nodes):
         nvs = f"nvswitch/{n}"
-        for i in range(GPUS_PER_NODE):
-            die = _die_node(n * GPUS_PER_NODE + i)
+        for i in range(gpus_per_node):
+            die = _die_node(n * gpus_per_node + i)
             _add(g, die, nvs, hw.scaleup_gbps, NVLINK_HOP_US, "scale-up", "NVLink")
             _add(g, die, "ib", hw.scaleout_gbps, IB_HOP_US, "scale-out", "InfiniBand")
-    return Topology(f"{prefix}-cluster:{nodes}", f"{prefix}-cluster", {"nodes": nodes}, hw, GPUS_PER_NODE, nodes, 1,
+    kind = kind or f"{prefix}-cluster"
+    return Topology(f"{kind}:{nodes}", kind, {param: nodes}, hw, gpus_per_node, nodes, 1,
                     nx.freeze(g), scaleup_scope="server")
 
 
@@ -332,6 +337,10 @@ def _gpus(hw: DeviceSpec, prefix: str) -> Callable[[int], Topology]:
     return lambda nodes: _gpu_cluster(hw, prefix, nodes)
 
 
+def _nvl72(racks: int) -> Topology:
+    return _gpu_cluster(GB200, "gb200", racks, NVL72_GPUS, kind="gb200-nvl72", param="racks")
+
+
 FAMILIES: tuple[TopologyFamily, ...] = (
     TopologyFamily("cloudmatrix384", "K", "pod", MAX_PODS, 1, "K SuperPods joined by RDMA", _cloudmatrix),
     TopologyFamily("h100-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H100 GPUs", _gpus(H100, "h100")),
@@ -339,6 +348,10 @@ FAMILIES: tuple[TopologyFamily, ...] = (
     TopologyFamily("h200-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H200 GPUs", _gpus(H200, "h200")),
     TopologyFamily("h100", "N", "GPU", GPUS_PER_NODE, None, "N H100 GPUs of one host, on NVLink", _host(H100, "h100")),
     TopologyFamily("h200", "N", "GPU", GPUS_PER_NODE, None, "N H200 GPUs of one host, on NVLink", _host(H200, "h200")),
+    TopologyFamily("a100-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 A100 GPUs", _gpus(A100, "a100")),
+    TopologyFamily("b200-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 B200 GPUs", _gpus(B200, "b200")),
+    TopologyFamily("gb200-nvl72", "N", "rack", MAX_RACKS, None, "N GB200 NVL72 racks of 72 GPUs, one NVLink "
+                   "domain each", _nvl72),
     TopologyFamily("local", "N", "process", MAX_LOCAL, None, "N CPU processes on this host", _local),
 )
 _FAMILY = {f.kind: f for f in FAMILIES}

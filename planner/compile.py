@@ -343,11 +343,12 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
     say = progress or (lambda _msg: None)
     _validate(opts)
     topo = get_topology(topology)
-    if not topo.hardware.supports(opts.workload.quant):
-        raise InputError(
-            f"--quant {opts.workload.quant}: {topo.hardware.name} ({topo.name}) does not support it; "
-            "use bf16 or int8" + ("" if topo.hardware.supports("fp8") else " (no FP8 on this hardware)")
-        )
+    if not topo.hardware.supports_weights(opts.workload.quant):
+        from costmodels.compute import QUANTS
+
+        ok = ", ".join(q for q in QUANTS if topo.hardware.supports_weights(q))
+        raise InputError(f"--quant {opts.workload.quant}: {topo.hardware.name} ({topo.name}) does not support it; "
+                         f"use one of {ok}")
     say(f"tracing {model}")
     traced = trace(model)
     shape = shape_from_traced(traced)

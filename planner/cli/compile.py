@@ -6,8 +6,9 @@ import argparse
 import json
 import time
 
+from costmodels.compute import QUANTS
 from costmodels.serving import DECODE_MODES
-from costmodels.topology import topology_names
+from costmodels.topology import get_topology, topology_names
 from planner.compile import CompileOptions, compile_report, workload_from_flags
 from planner.search import SEARCH_MODES, AnyDeployment, Candidate, Pins, SearchResult, config_line
 from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
@@ -26,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=w.input_len, help=f"prompt tokens (default {w.input_len})")
     p.add_argument("--output-len", type=int, default=w.output_len, help=f"output tokens (default {w.output_len})")
     p.add_argument("--prefix-hit", type=float, default=w.prefix_hit, help="prefix-cache hit rate 0..1 (default 0)")
-    p.add_argument("--quant", choices=("bf16", "fp8", "int8"), default=w.quant, help=f"weights (default {w.quant})")
+    p.add_argument("--quant", choices=QUANTS, default=None,
+                   help="weights; mxfp4/nvfp4: FP4 expert weights (default: the hardware's, INT8 on Ascend, FP8 on "
+                        "Hopper and Blackwell, BF16 on A100, as `podplan estimate`)")
     p.add_argument("--mtp-accept", type=float, default=w.mtp_accept, help="MTP draft acceptance 0..1 (default 0: off)")
     p.add_argument("--loads", default=d.loads,
                    help="expert loads: uniform | zipf:S | hot:K (seeded) or a .npy/.csv/.json/.pt file [MoE layers x experts]")
@@ -53,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def default_quant(topology: str) -> str:
+    """The precision `podplan estimate` also defaults to on this topology's hardware."""
+    return get_topology(topology).hardware.default_quant
+
+
 def run(args: argparse.Namespace) -> int:
     from planner.ir.fileio import check_output_path
     from planner.ir.plan import write_plan
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         finite("compile", "--" + flag.replace("_", "-"), getattr(args, flag))
     workload = workload_from_flags(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
-        prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept,
+        prefix_hit=args.prefix_hit, quant=args.quant or default_quant(args.topology), mtp_accept=args.mtp_accept,
     )
     pins = Pins(decode_mode=args.decode_mode, decode_devices=args.decode_devices,
                 attention_devices=args.attention_devices, moe_devices=args.moe_devices,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from costmodels.compute import QUANTS
 from costmodels.errors import InputError
 from costmodels.serving import DECODE_MODES, DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import get_topology, topology_names
@@ -18,7 +19,7 @@ DEFAULTS = {
     "prompt_len": 4096,
     "tokens_per_device": 16384,  # CMI prefill (Table 2)
     "mtp_accept": 0.0,  # MTP off
-    "quant": "bf16",
+    "quant": None,  # the hardware's default: INT8 on Ascend, FP8 on Hopper/Blackwell, BF16 on A100 (as compile)
     "kv_dtype": "bf16",
     "microbatches": 1,
     "imbalance": 1.0,  # perfect expert balance
@@ -54,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-hit", type=float, help="prefill: share of each prompt already cached (default 0)")
     p.add_argument("--mtp-accept", type=float, help="decode: MTP draft acceptance a; tokens per step = 1 + a "
                                                     "(default 0: MTP off)")
-    p.add_argument("--quant", choices=("bf16", "fp8", "int8"), help="weights and activations (default bf16)")
+    p.add_argument("--quant", choices=QUANTS,
+                   help="weights and activations; mxfp4/nvfp4: FP4 expert weights (default: the hardware's, INT8 on "
+                        "Ascend, FP8 on Hopper and Blackwell, BF16 on A100)")
     p.add_argument("--kv-dtype", choices=("bf16", "fp8", "int8"), help="KV cache format (default bf16)")
     p.add_argument("--microbatches", type=int, help="microbatches overlapping compute and communication (default 1)")
     p.add_argument("--imbalance", type=float, help="expert load max/mean across devices, >= 1 (default 1.0)")
@@ -165,14 +168,13 @@ def _print(doc: dict, est: Estimate, model: str, topo) -> None:
         table.add_row(stage, f"{ms:,.2f}", f"{ms / total:6.1%}")
     table.add_row("[bold]total[/bold]", f"[bold]{total:,.2f}[/bold]", "")
     console.print(table)
-    notes = ["overlap < 0: time hidden by microbatch overlap"]
+    notes = ["overlap < 0: time hidden by microbatch overlap",
+             "comm_latency: software floor + hops of every collective",
+             "launch_overhead and token_overhead: calibrated per-layer framework time (costmodels/calibration.json)"]
     if "pipeline_wait" in est.breakdown:
         notes.append("pipeline_wait: a microbatch waiting for the busier side of the disaggregated pipeline")
-    if est.phase == "decode":
-        notes.append("scheduling: the calibrated per-step overhead")
-    else:
-        notes.append("compute stages include the calibrated prefill efficiency")
-    console.print("; ".join(notes) + " (costmodels/calibration.json)")
+    console.print("; ".join(notes))
+    console.print(f"hardware figures: {d['hardware_source']}")
     if topo.hardware.nominal:
         console.print(f"note: {topo.name} uses nominal {topo.hardware.name} numbers; its predictions are not meaningful")
     if not est.feasible:

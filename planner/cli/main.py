@@ -24,6 +24,7 @@ COMMANDS = (
     "run",
     "replan",
     "export",
+    "profile",
 )
 
 

@@ -45,7 +45,7 @@ def test_experts_weight_bound_then_compute_bound(dsv3):
     one = compute.experts_us(dsv3, ASCEND_910C, INT8, pairs=1, slots=1, params_per_expert=dsv3.params_expert)
     assert one == pytest.approx((44040192 + 2 * 7168) / 1.3456e6)  # one expert's INT8 weights
     big = compute.experts_us(dsv3, ASCEND_910C, INT8, pairs=1000, slots=1, params_per_expert=dsv3.params_expert)
-    assert big == pytest.approx(2 * 44040192 * 1000 / (752e6 * 0.77))
+    assert big == pytest.approx(2 * 44040192 * 1008 / (752e6 * 0.77))  # 1,000 rows padded to 63 cube tiles of 16
     assert compute.experts_us(dsv3, ASCEND_910C, INT8, pairs=0, slots=1, params_per_expert=1) == 0.0
 
 
@@ -75,3 +75,63 @@ def test_sliding_window_layers_read_at_most_their_window(gqa):
     assert memory.kv_bytes(half, tokens, 2.0, seq_len=16384) == pytest.approx(
         memory.kv_bytes(gqa, tokens, 2.0) * (16384 + 128) / (2 * 16384))
     assert memory.kv_bytes(gqa, tokens, 2.0, seq_len=16384) == memory.kv_bytes(gqa, tokens, 2.0)
+
+
+def test_grouped_gemm_efficiency_rises_with_tokens_per_expert(dsv3):
+    from costmodels.hardware import H200
+
+    fp8 = compute.precision("fp8", None, H200)
+    effs = [compute.grouped_gemm_efficiency(H200, fp8, t, dsv3.params_expert) for t in (1, 8, 64, 256, 1024, 4096)]
+    assert effs == sorted(effs) and effs[0] < 0.01 < effs[-1]
+    assert effs[-1] == pytest.approx(compute.EXPERT_GEMM_EFF, rel=0.02)  # saturates at the compute efficiency
+    # tile padding: 650 tokens per expert compute 704 rows on Hopper (wgmma M = 64), 640 exactly 640
+    params = 4096 * 4096  # small enough that 640 tokens are compute-bound
+    at640, at650 = (compute.grouped_gemm_efficiency(H200, fp8, t, params) for t in (640, 650))
+    assert at650 < at640
+
+
+def test_small_batch_decode_is_latency_bound(dsv3):
+    """One sequence per die: the step is weight reads, collective latency and per-layer overhead, not FLOPs."""
+    from costmodels.calibration import reference_deployments
+    from costmodels.serving import estimate_decode
+    from costmodels.topology import get_topology
+    import dataclasses
+
+    decode, _, topo = reference_deployments()
+    small = estimate_decode(dsv3, get_topology(topo), dataclasses.replace(decode, batch_per_device=2, microbatches=1))
+    b = small.breakdown
+    fixed = b["comm_latency"] + b["launch_overhead"]
+    assert fixed > b["dispatch"] + b["combine"]  # latency terms beat the bandwidth terms
+    assert fixed > 0.2 * small.step_ms
+    big = estimate_decode(dsv3, get_topology(topo), dataclasses.replace(decode, batch_per_device=96, microbatches=1))
+    # 48x the sequences cost far less than 48x the time: the small batch is latency-bound
+    assert big.step_ms < 5 * small.step_ms
+
+
+def test_fp4_weights_follow_the_hardware(dsv3):
+    from costmodels.errors import InputError
+    from costmodels.hardware import B200, H200
+
+    hopper = compute.precision("mxfp4", None, H200)
+    assert not hopper.fp4_compute and hopper.expert_dtype == "bf16"  # weight-only on Hopper
+    assert hopper.expert_weight_bytes == pytest.approx(4.25 / 8) and hopper.weight_bytes == 2.0
+    blackwell = compute.precision("nvfp4", None, B200)
+    assert blackwell.fp4_compute and blackwell.expert_dtype == "fp4"
+    with pytest.raises(InputError, match="nvfp4"):
+        compute.precision("nvfp4", None, H200)
+    with pytest.raises(InputError, match="MXFP4"):
+        compute.precision("mxfp4", None, ASCEND_910C)
+    # FP4 expert weights: fewer bytes to stream at small batch, so never slower than FP8 on the same device
+    fp8 = compute.precision("fp8", None, B200)
+    for pairs in (1, 64, 4096):
+        assert compute.experts_us(dsv3, B200, blackwell, pairs=pairs, slots=8, params_per_expert=dsv3.params_expert) \
+            <= compute.experts_us(dsv3, B200, fp8, pairs=pairs, slots=8, params_per_expert=dsv3.params_expert)
+
+
+def test_default_precision_per_hardware():
+    from costmodels.hardware import A100, B200, H100
+
+    assert compute.precision(None, None, ASCEND_910C).quant == "int8"
+    assert compute.precision(None, None, H100).quant == "fp8"
+    assert compute.precision(None, None, B200).quant == "fp8"
+    assert compute.precision(None, None, A100).quant == "bf16"

@@ -58,3 +58,22 @@ def test_platform_is_not_part_of_the_spec_sheet_digest():
     # must not change it
     assert "platform" not in ASCEND_910C.to_dict() and "nominal" not in ASCEND_910C.to_dict()
     assert ASCEND_910C.to_dict()["scaleup_fabric"] == "UB"
+
+
+def test_new_hardware_spec_sheets():
+    from costmodels.hardware import A100, B200, DEVICES, GB200
+
+    assert A100.fp8_tflops == 0 and A100.bf16_tflops == 312.0 and A100.default_quant == "bf16"
+    assert B200.fp4_tflops == 2 * B200.fp8_tflops == 4 * B200.bf16_tflops
+    assert GB200.hbm_tbps == B200.hbm_tbps == 8.0 and GB200.scaleup_gbps == 900.0
+    assert {"a100", "b200", "gb200"} <= set(DEVICES)
+    assert "fp4_tflops" in B200.to_dict() and "fp4_tflops" not in A100.to_dict()  # old digests keep
+
+
+def test_gb200_nvl72_is_one_nvlink_domain_per_rack():
+    from costmodels.topology import get_topology
+
+    t = get_topology("gb200-nvl72:2")
+    assert t.num_devices == 144 and t.scaleup_devices == 72
+    assert t.pair_class(0, 71) == "server" and t.pair_class(0, 72) == "pod"
+    assert t.bandwidth(0, 71) == 900.0 and t.bandwidth(0, 72) == 50.0

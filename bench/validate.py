@@ -1,0 +1,198 @@
+"""Validation table: the cost model's predictions beside published serving points, with the error of each.
+
+    .venv/bin/python bench/validate.py          # print the table, the median and worst held-out error
+    .venv/bin/python bench/validate.py --json   # the same as JSON
+
+Every published number comes from /work/shared/reference/ or a source it cites (CMI = arXiv
+2506.12708, Step-3 = arXiv 2507.19427); nothing is tuned here. At most three points are
+calibration (`calibration=True`: what costmodels/calibration.py fits on); all others are held out.
+Points given as "throughput at a TPOT SLO" are predicted the same way: the largest batch per
+device whose predicted TPOT meets the SLO, and its throughput (costmodels.calibration.best_under_tpot).
+
+What is missing (say so rather than invent): the references hold only these end-to-end points:
+CMI's three points (all three are the calibration), CMI's microbatching ablation (decode at three
+batch sizes, prefill as a range), and Step-3's DeepSeek-V3-on-Hopper figure. That is 8 points on 2 hardware types (Ascend 910C, Hopper) and 1
+model architecture (DeepSeek-V3/R1); the issue asks for >= 12 on >= 3 and >= 3. More published
+points need adding to the reference file first (docs/costmodel.md lists candidates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from costmodels.calibration import best_under_tpot
+from costmodels.model_shape import ModelShape
+from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
+from costmodels.topology import get_topology
+
+MAX_CALIBRATION = 3
+
+
+@dataclass(frozen=True)
+class Point:
+    """One published serving point and how to predict it."""
+
+    name: str
+    model: str  # bundled zoo name whose architecture the served model shares
+    served: str  # the model the source served
+    hardware: str
+    topology: str
+    devices: int
+    parallelism: str
+    phase: str  # decode | prefill (PD-disaggregated: the phase's own instance)
+    batch: str  # batch or concurrency per device, as published or derived
+    input_len: int
+    output_len: int | None
+    precision: str
+    metric: str  # what `published` measures
+    published: float
+    latency: str  # the published latency figure or SLO
+    source: str
+    calibration: bool
+    predict: Callable[[ModelShape], float]
+
+
+def _decode(topo: str, **kw) -> Callable[[ModelShape], float]:
+    def run(shape: ModelShape) -> float:
+        return estimate_decode(shape, get_topology(topo), DecodeDeployment(**kw)).throughput_per_device
+    return run
+
+
+def _prefill(topo: str, **kw) -> Callable[[ModelShape], float]:
+    def run(shape: ModelShape) -> float:
+        return estimate_prefill(shape, get_topology(topo), PrefillDeployment(**kw)).throughput_per_device
+    return run
+
+
+def _under_tpot(topo: str, slo_ms: float, **kw) -> Callable[[ModelShape], float]:
+    return lambda shape: best_under_tpot(shape, get_topology(topo), DecodeDeployment(**kw), slo_ms)
+
+
+def _best_of(*predictors: Callable[[ModelShape], float]) -> Callable[[ModelShape], float]:
+    """The best prediction over layouts the source does not pin down (what an engine tuner would pick)."""
+    return lambda shape: max(p(shape) for p in predictors)
+
+
+def _prefill_mb_gain(topo: str, **kw) -> Callable[[ModelShape], float]:
+    def run(shape: ModelShape) -> float:
+        t = get_topology(topo)
+        two = estimate_prefill(shape, t, PrefillDeployment(microbatches=2, **kw)).throughput_per_device
+        one = estimate_prefill(shape, t, PrefillDeployment(microbatches=1, **kw)).throughput_per_device
+        return two / one
+    return run
+
+
+def _mb_gain(topo: str, **kw) -> Callable[[ModelShape], float]:
+    """Throughput with 2 microbatches / with 1, the rest of the deployment fixed."""
+    def run(shape: ModelShape) -> float:
+        t = get_topology(topo)
+        two = estimate_decode(shape, t, DecodeDeployment(microbatches=2, **kw)).throughput_per_device
+        one = estimate_decode(shape, t, DecodeDeployment(microbatches=1, **kw)).throughput_per_device
+        return two / one
+    return run
+
+
+# CMI §3 deployment (reference cloudmatrix384.md §3): decode 160 NPUs, EP320, attention DP320,
+# MTP 1 draft at ~70%, KV 4,096; INT8.
+_CMI_DECODE = dict(devices=160, ep=320, kv_len=4096, mtp_accept=0.7, quant="int8")
+
+POINTS: tuple[Point, ...] = (
+    Point("cmi-decode-50ms", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
+          "EP320, attention DP320 (TP1 per die), MTP 1 @ 70%, 2 microbatches", "decode", "96 per NPU", 4096, None,
+          "INT8 W8A8, BF16 KV", "tokens/s per NPU", 1943.0, "TPOT 49.4 ms",
+          "CMI abstract + Table 3 (reference §4)", True,
+          _decode("cloudmatrix384", batch_per_device=96, microbatches=2, **_CMI_DECODE)),
+    Point("cmi-prefill", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
+          "EP32, 2 microbatches, perfect expert balance", "prefill", "16,384 tokens per NPU", 4096, None,
+          "INT8 W8A8", "prompt tokens/s per NPU", 6688.0, "-", "CMI abstract + Table 2 (reference §4)", True,
+          _prefill("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384, quant="int8",
+                   microbatches=2)),
+    Point("cmi-decode-15ms", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
+          "as cmi-decode-50ms (deployment of §3 assumed); batch solved for the SLO", "decode",
+          "~8 per NPU [D: 538 x 0.015]", 4096, None, "INT8 W8A8, BF16 KV", "tokens/s per NPU", 538.0,
+          "TPOT <= 15 ms", "CMI abstract", True, _under_tpot("cloudmatrix384", 15.0, **_CMI_DECODE)),
+    Point("cmi-mb-gain-b64", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
+          "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "64 per NPU", 4096, None, "INT8 W8A8",
+          "throughput ratio 2 mb / 1 mb", 1.058, "-", "CMI §3 microbatching ablation [S] (reference §3)", False,
+          _mb_gain("cloudmatrix384", batch_per_device=64, **_CMI_DECODE)),
+    Point("cmi-mb-gain-b96", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
+          "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "96 per NPU", 4096, None, "INT8 W8A8",
+          "throughput ratio 2 mb / 1 mb", 1.094, "-", "CMI §3 microbatching ablation [S] (reference §3)", False,
+          _mb_gain("cloudmatrix384", batch_per_device=96, **_CMI_DECODE)),
+    Point("cmi-mb-gain-b128", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
+          "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "128 per NPU", 4096, None, "INT8 W8A8",
+          "throughput ratio 2 mb / 1 mb", 1.069, "-", "CMI §3 microbatching ablation [S] (reference §3)", False,
+          _mb_gain("cloudmatrix384", batch_per_device=128, **_CMI_DECODE)),
+    Point("cmi-prefill-mb-gain", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
+          "as cmi-prefill, 2 vs 1 microbatches", "prefill", "16,384 tokens per NPU", 4096, None, "INT8 W8A8",
+          "throughput ratio 2 mb / 1 mb", 1.27, "-",
+          "CMI §3 microbatching ablation [S] (reference §3): +23 to +31%; 1.27 is the midpoint [D]", False,
+          _prefill_mb_gain("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384,
+                           quant="int8")),
+    Point("step3-dsv3-hopper", "deepseek-v3", "DeepSeek-V3", "H800 SXM (Hopper)", "h800-cluster:40", 320,
+          "not in the abstract: EP320 over 320 GPUs (DSV3 §3.4 decode unit), attention DP or TP4 (DSV3 §3.4), "
+          "whichever predicts more; no MTP; batch solved for the SLO",
+          "decode", "~116 per GPU [D: 2,324 x 0.05]", 4096, None, "FP8", "tokens/s per GPU", 2324.0,
+          "TPOT <= 50 ms", "Step-3 (arXiv 2507.19427) abstract", False,
+          _best_of(_under_tpot("h800-cluster:40", 50.0, devices=320, ep=320, attn_tp=4, kv_len=4096, quant="fp8"),
+                   _under_tpot("h800-cluster:40", 50.0, devices=320, ep=320, attn_tp=1, kv_len=4096, quant="fp8"))),
+)
+
+
+def rows(points: tuple[Point, ...] = POINTS) -> list[dict]:
+    """Predicted, published and relative error of every point."""
+    from planner.frontend.trace import model_shape
+
+    shapes: dict[str, ModelShape] = {}
+    out = []
+    for p in points:
+        shape = shapes.setdefault(p.model, model_shape(p.model))
+        pred = p.predict(shape)
+        row = {k: v for k, v in dataclasses.asdict(p).items() if k != "predict"}
+        row.update(predicted=pred, error=(pred - p.published) / p.published)
+        out.append(row)
+    return out
+
+
+def summary(table: list[dict]) -> dict:
+    """Median and worst |error| over the held-out points, and the counts."""
+    held = [abs(r["error"]) for r in table if not r["calibration"]]
+    return {
+        "points": len(table), "calibration": sum(r["calibration"] for r in table), "held_out": len(held),
+        "hardware": sorted({r["hardware"] for r in table}), "models": sorted({r["served"] for r in table}),
+        "median_abs_error": statistics.median(held) if held else None, "worst_abs_error": max(held, default=None),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    table = rows()
+    s = summary(table)
+    if args.json:
+        print(json.dumps({"rows": table, "summary": s}, indent=2, sort_keys=True))
+        return 0
+    print(f"{'point':<20}{'hardware':<20}{'metric':<30}{'published':>10}{'predicted':>11}{'error':>9}  use")
+    for r in table:
+        print(f"{r['name']:<20}{r['hardware']:<20}{r['metric']:<30}{r['published']:>10.3f}{r['predicted']:>11.3f}"
+              f"{r['error']:>+9.1%}  {'calibration' if r['calibration'] else 'held out'}")
+    print(f"\n{s['points']} points ({s['calibration']} calibration, {s['held_out']} held out) on "
+          f"{len(s['hardware'])} hardware types, {len(s['models'])} models")
+    if s["median_abs_error"] is not None:
+        print(f"held out: median |error| {s['median_abs_error']:.1%}, worst {s['worst_abs_error']:.1%} "
+              f"(target: median <= 10%, none > 25%)")
+    for r in table:
+        print(f"  {r['name']}: {r['served']}, {r['devices']} x {r['hardware']}, {r['parallelism']}; {r['phase']}, "
+              f"batch {r['batch']}, in {r['input_len']}, {r['precision']}, {r['latency']}; source: {r['source']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

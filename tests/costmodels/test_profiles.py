@@ -1,0 +1,84 @@
+"""Hardware profiles: a measured file is read and used, H100/H800 are derived from H200 by spec ratios,
+and without a file the cost model says it used spec-sheet values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from costmodels import compute, profiles
+from costmodels.errors import InputError
+from costmodels.hardware import H100, H200, H800
+
+
+def _doc(hbm_tbps: float = 4.4) -> dict:
+    return {
+        "format": "podplan-hardware-profile", "version": 1, "date": "2026-12-02T15:00:00Z", "quick": True,
+        "device": {"name": "NVIDIA H200", "count": 8, "driver": "570", "torch": "2.13.0"},
+        "measurements": {
+            "launch": {"us": 5.0}, "hbm": {"bytes": 1 << 30, "us": 1.0, "tbps": hbm_tbps},
+            "gemm": [{"dtype": "bf16", "m": 4096, "n": 4096, "k": 7168, "us": 1.0, "tflops": 700.0},
+                     {"dtype": "fp8", "m": 1, "n": 4096, "k": 7168, "error": "RuntimeError: too small"}],
+            "grouped_gemm": [{"tokens_per_group": t, "n": 4096, "k": 7168, "groups": 32, "impl": "torch._grouped_mm",
+                              "us": 1.0, "tflops": f} for t, f in ((1, 5.0), (64, 250.0), (1024, 650.0))],
+            "attention": [{"kind": "mla_decode", "kv_tbps": 3.9, "us": 1.0}],
+            "collectives": {"world": 8, "all_reduce": [{"bytes": 1 << 28, "us": 1.0, "busbw_gbps": 360.0}]},
+        },
+    }
+
+
+def test_read_derive_and_interpolate(tmp_path):
+    path = tmp_path / "h200.json"
+    path.write_text(json.dumps(_doc()))
+    p = profiles.read_profile(path)
+    assert not p.derived and p.hbm_tbps == 4.4 and p.launch_us == 5.0 and p.allreduce_busbw_gbps == 360.0
+    assert p.gemm_efficiency("bf16", 989.0) == pytest.approx(700 / 989)
+    assert p.gemm_efficiency("fp8", 1979.0) is None  # the failed row is not a measurement
+    assert p.grouped_efficiency(8, 989.0) == pytest.approx((5 + (250 - 5) * 0.5) / 989)  # log2 halfway 1..64
+    h100 = profiles.derive(p, H200, "h100", H100)
+    assert h100.derived and "derived from h200" in h100.source
+    assert h100.hbm_tbps == pytest.approx(4.4 * 3.35 / 4.8)
+    assert h100.gemm_efficiency("bf16", 989.0) == pytest.approx(700 / 989)  # same tensor cores
+    h800 = profiles.derive(p, H200, "h800", H800)
+    assert h800.allreduce_busbw_gbps == pytest.approx(360.0 * 200 / 450)
+
+
+def test_bundled_folder_is_used_and_falls_back(tmp_path, monkeypatch):
+    (tmp_path / "h200.json").write_text(json.dumps(_doc()))
+    assert profiles.profile_for(H100, tmp_path).derived
+    assert profiles.profile_for(H200, tmp_path).source.startswith("measured")
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert profiles.profile_for(H200, empty) is None
+    monkeypatch.setattr(profiles, "PROFILE_DIR", empty)
+    profiles._load.cache_clear()
+    compute.efficiencies.cache_clear()
+    try:
+        assert profiles.source_of(H200).startswith("spec sheet")
+        assert compute.efficiencies(H200) is compute.PUBLISHED
+        monkeypatch.setattr(profiles, "PROFILE_DIR", tmp_path)
+        profiles._load.cache_clear()
+        compute.efficiencies.cache_clear()
+        eff = compute.efficiencies(H200)
+        assert eff.gemm_memory == pytest.approx(4.4 / 4.8) and eff.dense_gemm == pytest.approx(700 / 989)
+        assert eff.source.startswith("measured")
+    finally:
+        profiles._load.cache_clear()
+        compute.efficiencies.cache_clear()
+
+
+def test_estimate_says_which_source_it_used(dsv3):
+    from costmodels.serving import DecodeDeployment, estimate_decode
+    from costmodels.topology import get_topology
+
+    est = estimate_decode(dsv3, get_topology("h200-cluster:2"), DecodeDeployment(batch_per_device=32))
+    assert est.details["hardware_source"] == profiles.source_of(H200)
+    assert est.details["quant"] == "fp8"  # Hopper's default
+
+
+def test_bad_profile_is_one_line_error(tmp_path):
+    bad = tmp_path / "h200.json"
+    bad.write_text(json.dumps({**_doc(), "version": 99}))
+    with pytest.raises(InputError, match="podplan profile"):
+        profiles.read_profile(bad)
