@@ -33,7 +33,11 @@ def run_predictions(plan: ir.Plan, *, prompts: int, prompt_len: int, new_tokens:
     out: dict = {"model": plan.model.name, "topology": plan.topology.name, "quant": RUN_QUANT,
                  "workload": {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens},
                  "basis": "the plan's deployment at this run's batch, lengths and bf16 weights"}
-    for name, phase in plan.phases.items():
+    # an aggregated plan (one phase set serving both) processes the prompts on its decode instances
+    serving = {"prefill": plan.prefill or plan.decode, "decode": plan.decode or plan.prefill}
+    for name, phase in serving.items():
+        if phase is None:
+            continue
         insts = phase.instances
         attention_ranks = sum(len(i.attention_devices) for i in insts)
         per_rank = math.ceil(prompts / max(attention_ranks, 1))  # the busiest rank sets the step time

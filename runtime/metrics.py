@@ -88,7 +88,7 @@ def _rank_row(m: dict) -> dict:
 # stage kinds the runtime times -> the cost model's breakdown terms they correspond to
 STAGE_TERMS = {"attention": "attention", "moe_gate": "gate", "routed_experts": "experts",
                "shared_experts": "shared_experts", "dispatch": "dispatch", "combine": "combine",
-               "dense_ffn": "dense_ffn", "embed": "other", "head": "other"}
+               "dense_ffn": "dense_ffn", "embed": "embed", "head": "lm_head"}
 
 
 def _fmt(x, unit: str = "") -> str:
