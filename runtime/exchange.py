@@ -14,6 +14,9 @@ serves shared experts, the shared-experts stage module masked to the shared rows
 unweighted and come back unweighted; the sender applies the routing weights and sums the top-k
 contributions exactly as transformers' batched_mm experts do.
 
+A one-member instance (one GPU holding every expert) has nothing to move: its routed-experts stage
+runs on the tokens directly, as the monolithic model's would.
+
 Capacity: the worst case (every assignment of the largest microbatch to one destination) unless the
 run sets a capacity factor; then C = ceil(factor * assignments / destinations). Assignments beyond a
 block's capacity are not sent; they are counted on the device (`overflow`), and the worker fails
@@ -60,6 +63,7 @@ class Pending:
     recv: torch.Tensor  # [senders*C, H + tag] rows received (empty unless this rank is a destination)
     work: dist.Work | None  # the dispatch all_to_all (None: a one-member group, nothing in flight)
     has_shared: bool = False
+    direct: torch.Tensor | None = None  # one-member group: the routed output [T, H], computed in place
 
 
 @dataclass
@@ -146,6 +150,8 @@ class Exchange:
         D, dev, H = len(self.dests), self.device, self.hidden
         t0 = time.perf_counter()
         mark = self.events.mark() if self.events is not None else None
+        if len(self.members) == 1 and outgoing is not None and outgoing[0].shared_in is None:
+            return self._local(step, mb, layer, outgoing[0], t0)
         C = self.capacity(tokens, k)
         in_split, out_split = self._splits(C)
         send = torch.zeros((D * C + 1, H + self.tag), dtype=self.dtype, device=dev)  # + a row for the dropped
@@ -159,7 +165,8 @@ class Exchange:
             phys = self.tables[layer].pick(call.ids, route.uniforms).reshape(-1)  # [T*k] physical slot
             dest = self.expert_dest[phys // self.S]
             slot = phys % self.S
-            rows = call.hidden.reshape(-1, H).repeat_interleave(k, dim=0)
+            # each token's row once per top-k choice (repeat_interleave with an int copies its count to the device)
+            rows = call.hidden.reshape(-1, H)[:, None, :].expand(-1, k, -1).reshape(-1, H)
             has_shared = call.shared_in is not None
             if call.shared_in is not None:  # one more row per token, to a shared rank picked by token
                 dest = torch.cat([dest, self.shared_dest[route.keys % len(self.shared_dest)]])
@@ -173,8 +180,7 @@ class Exchange:
             self.overflow += (~fits).sum()
             where = torch.where(fits, dest * C + pos, D * C)
             send[where, :H] = rows.to(self.dtype)
-            send_slot[where] = slot.to(torch.int32)
-            send_slot[D * C] = -1
+            send_slot[where] = slot.to(torch.int32)  # the dropped land in row D*C, which is never sent
             weights = call.weights
         n_in = sum(out_split)
         recv = torch.empty((n_in, H + self.tag), dtype=self.dtype, device=dev) if len(self.members) > 1 else None
@@ -188,8 +194,29 @@ class Exchange:
         self.metrics["clock"]["dispatch"] = self.metrics["clock"].get("dispatch", 0.0) + time.perf_counter() - t0
         return Pending(layer, T, k, C, where, weights, recv, work, has_shared=has_shared)
 
+    def _local(self, step: int, mb: int, layer: int, call: ExpertCall, t0: float) -> Pending:
+        """A one-member instance hosts every expert: no blocks, no replica choice (all replicas are here);
+        its routed-experts stage runs on the tokens as the program would call it."""
+        self.expect(f"step {step} layer {layer} mb {mb} dispatch")
+        stage = self.experts[layer]
+        mark = self.events.mark() if self.events is not None else None
+        try:
+            out = stage.weighted(call.hidden.reshape(-1, self.hidden), call.ids, call.weights).to(self.dtype)
+        except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
+            raise StageError(self.rank, self.where(), f"{failing_node(stage.module, exc)} in {stage.name}",
+                             f"{type(exc).__name__}: {exc}") from exc
+        if self.events is not None:
+            self.events.add("routed_experts", stage.name, mark)
+        clock = self.metrics["clock"]
+        clock["routed_experts"] = clock.get("routed_experts", 0.0) + time.perf_counter() - t0
+        T, k = call.ids.shape
+        return Pending(layer, T, k, 0, None, None, call.hidden[:0], None, direct=out)
+
     def compute(self, step: int, mb: int, p: Pending) -> Combining:
         """Wait for the rows, run the hosted slots (and shared experts) on them, send the results back."""
+        if p.direct is not None:
+            self.expect(f"step {step} layer {p.layer} mb {mb} combine")
+            return Combining(p, p.direct, None)
         clock = self.metrics["clock"]
         t0 = time.perf_counter()
         if p.work is not None:
@@ -257,6 +284,8 @@ class Exchange:
         clock = self.metrics["clock"]
         clock["combine"] = clock.get("combine", 0.0) + time.perf_counter() - t0
         p = c.pending
+        if p.direct is not None:
+            return p.direct, None
         if p.where is None or p.weights is None:  # this rank sent no rows
             return None
         mark = self.events.mark() if self.events is not None else None

@@ -55,6 +55,15 @@ class ExpertStage:
         return call_stage(self.module, *args)[0]
 
 
+    def weighted(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The stage as the program calls it: tokens [T, H] with their top-k ids and weights -> the weighted
+        sum [T, H] (a rank that hosts every expert runs its tokens this way, with no dispatch)."""
+        args: list[torch.Tensor] = [hidden, hidden, hidden]
+        h, i, w = self.operands
+        args[h], args[i], args[w] = hidden, ids, weights
+        return call_stage(self.module, *args)[0]
+
+
 @dataclass
 class SharedStage:
     """A shared-experts stage module a rank computes for other ranks' tokens: rows [R, H] -> [R, H]."""
