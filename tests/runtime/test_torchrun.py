@@ -103,7 +103,7 @@ def test_a_gpu_job_is_written_on_a_host_without_gpus(plan_file, tmp_path):
     import torch
 
     if torch.cuda.device_count() < 4:
-        assert_one_line_error(run_cli("run", str(plan_file), "--backend", "nccl"), "needs 8 CUDA GPUs")
+        assert_one_line_error(run_cli("run", str(plan_file), "--backend", "nccl"), "needs 4 CUDA GPUs")
 
 
 def test_the_reference_of_a_gpu_run_is_built_where_its_weights_were_drawn(tmp_path):
