@@ -109,3 +109,59 @@ def test_missing_plan_file_is_one_line(tmp_path):
     proc = run_cli("run", str(tmp_path / "nope.json"))
     assert_one_line_error(proc, "no such plan file")
     assert not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def gpu_host_plan(tmp_path_factory):
+    """A plan compiled for one H200 of this host (an aggregated instance: prefill and decode on it)."""
+    path = tmp_path_factory.mktemp("h200") / "tiny.h200-1.json"
+    proc = run_cli("compile", "tiny-qwen3-moe", "--topology", "h200:1", "--quant", "bf16", "-o", str(path))
+    assert proc.returncode == 0, proc.stderr
+    return path
+
+
+def test_a_gpu_host_plan_runs_on_nccl_or_is_refused_in_one_line(gpu_host_plan, tmp_path):
+    import torch
+
+    plan = load_plan(gpu_host_plan)
+    spec = spec_from_plan(plan)
+    assert spec.backend == "nccl" and spec.static  # chosen by the topology, static buffers for CUDA graphs
+    assert spec_from_plan(plan, graphs=False).static is False
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_cli("run", str(gpu_host_plan)), "needs 1 CUDA GPUs", "compile for local:1")
+        return
+    proc = run_cli("run", str(gpu_host_plan), "--prompts", "4", "--prompt-len", "6", "--new-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["check"]["ok"] and doc["measured"]["tpot_basis"].endswith("CUDA-graph replays")
+    assert doc["predictions"]["decode"]["tpot_ms"] > 0 and doc["measured"]["stage_ms"]["attention"] > 0
+
+
+def test_predictions_are_for_the_run_not_the_plans_design_batch(gpu_host_plan):
+    from planner.run_predictions import run_predictions
+
+    plan = load_plan(gpu_host_plan)
+    small = run_predictions(plan, prompts=2, prompt_len=16, new_tokens=4)
+    big = run_predictions(plan, prompts=64, prompt_len=16, new_tokens=4)
+    assert small["decode"]["batch_per_device"] == 2 and big["decode"]["batch_per_device"] == 64
+    assert small["decode"]["tpot_ms"] < big["decode"]["tpot_ms"]  # more sequences per step take longer
+    assert small["prefill"]["ttft_ms"] < big["prefill"]["ttft_ms"]
+    assert small["quant"] == "bf16"  # the runtime's seeded weights, whatever the plan was compiled for
+
+
+def test_the_measured_table_puts_errors_beside_predictions():
+    doc = {"model": "m", "world_size": 1, "backend": "nccl", "prompts": 4, "prompt_len": 8, "new_tokens": 4,
+           "measured": {"tokens_per_s": 10.0, "tokens_per_s_per_device": 10.0, "prefill_ms": 12.0, "tpot_ms": 5.0,
+                        "decode_tokens_per_s": 800.0, "bytes_per_token": 0.0, "tpot_basis": "2 CUDA-graph replays",
+                        "stage_ms": {"attention": 1.5, "routed_experts": 3.0, "head": 0.2}},
+           "predictions": {"decode": {"tpot_ms": 4.0, "throughput_per_device": 1000.0,
+                                      "breakdown": {"attention": 1.0, "experts": 3.0, "lm_head": 0.0}},
+                           "prefill": {"ttft_ms": 10.0}}, "ranks": []}
+    from runtime.metrics import comparison_rows, stage_rows
+
+    rows = {r[0]: r for r in comparison_rows(doc)}
+    assert rows["TPOT / decode step (ms)"][3] == "+25%" and rows["TTFT / prefill step (ms)"][3] == "+20%"
+    assert rows["decode tokens/s per device"][3] == "-20%"
+    stages = {r[0]: r for r in stage_rows(doc)}
+    assert stages["attention"][3] == "+50%" and stages["experts"][3] == "+0%"
+    assert stages["lm_head"][1] == "0.2" and stages["lm_head"][3] == "-"  # predicted 0: no error to show
