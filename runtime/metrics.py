@@ -72,6 +72,7 @@ def summarise(spec: RunSpec, metrics: list[dict], wall_s: float, check: Check | 
     }
     if check is not None:
         out["check"] = {"ok": check.ok, "tokens_match": check.tokens_match, "mismatches": check.mismatches,
+                        "near_ties": check.near_ties,
                         "max_abs_diff": check.max_abs_diff, "tolerance": check.tolerance}
     return out
 
@@ -172,7 +173,9 @@ def render(doc: dict, console) -> None:
         return
     verdict = "OK" if check["ok"] else "FAILED"
     tokens = "identical" if check["tokens_match"] else f"differ at {check['mismatches']} (prompt, step) pairs"
-    console.print(f"check against the monolithic transformers model: {verdict}: tokens {tokens}, "
+    if check.get("near_ties"):
+        tokens += f" ({check['near_ties']} bf16 near-ties within the tolerance)"
+    console.print(f"check against the monolithic transformers model (fed the run's tokens): {verdict}: tokens {tokens}, "
                   f"max |logit diff| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
     if doc["backend"] == "gloo":
         console.print("note: times are this host's processes, so only their shape compares with the plan's; bytes "

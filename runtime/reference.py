@@ -18,7 +18,8 @@ class Check:
     tokens_match: bool
     max_abs_diff: float
     tolerance: float
-    mismatches: int  # (prompt, step) pairs whose token differs
+    mismatches: int  # (prompt, step) pairs whose token differs from the reference's beyond a near-tie
+    near_ties: int = 0  # pairs whose token differs, but by less than the tolerance in the reference's logits
 
     @property
     def ok(self) -> bool:
@@ -40,8 +41,11 @@ def reference_device(spec: RunSpec) -> str:
     return "cuda:0"
 
 
-def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Tokens [N, T], last-position logits [N, T, V] (fp32) and the weights' dtype, from the monolithic model."""
+def greedy(spec: RunSpec, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Tokens [N, T], last-position logits [N, T, V] (fp32) and the weights' dtype, from the monolithic model.
+
+    forced [N, T]: feed these tokens instead of the reference's own picks (teacher forcing), so every
+    step's logits are compared at the run's prefix even after a bf16 near-tie sent the two apart."""
     from transformers import DynamicCache
 
     device = reference_device(spec)
@@ -57,7 +61,7 @@ def greedy(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
             nxt = last.argmax(dim=-1)
             tokens.append(nxt)
             logits.append(last)
-            ids = nxt[:, None]
+            ids = (nxt if forced is None else forced[:, step].to(device))[:, None]
     return torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu(), dtype
 
 
@@ -67,13 +71,19 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
 
 def check(spec: RunSpec, tokens: torch.Tensor, logits: torch.Tensor) -> Check:
-    """Run the reference and compare: same tokens, logits within the dtype's tolerance."""
-    ref_tokens, ref_logits, dtype = greedy(spec)
+    """Run the reference on the run's tokens (teacher forcing) and compare: every token the reference's
+    pick or within the tolerance of it (a near-tie), logits within the dtype's tolerance."""
+    forced = tokens if bool((tokens >= 0).all()) else None
+    ref_tokens, ref_logits, dtype = greedy(spec, forced)
     return compare(tokens, logits, ref_tokens, ref_logits, tolerance_for(dtype))
 
 
 def compare(tokens: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, ref_logits: torch.Tensor,
             tolerance: float) -> Check:
-    mismatches = int((tokens != ref_tokens).sum())
+    differ = tokens != ref_tokens
+    # a near-tie: the run's token scores within the tolerance of the reference's best at that step
+    picked = ref_logits.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
+    tie = differ & (tokens >= 0) & (picked >= ref_logits.max(-1).values - tolerance)
+    mismatches = int((differ & ~tie).sum())
     diff = float((logits - ref_logits).abs().max()) if logits is not None else float("inf")
-    return Check(mismatches == 0, diff, tolerance, mismatches)
+    return Check(mismatches == 0, diff, tolerance, mismatches, int(tie.sum()))
