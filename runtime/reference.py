@@ -65,9 +65,10 @@ def greedy(spec: RunSpec, forced: torch.Tensor | None = None) -> tuple[torch.Ten
     return torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu(), dtype
 
 
-def tolerance_for(dtype: torch.dtype) -> float:
-    """1e-4 in fp32; half precision rounds each op to ~3 significant digits."""
-    return 1e-4 if dtype == torch.float32 else 5e-2
+def tolerance_for(dtype: torch.dtype, scale: float = 0.0) -> float:
+    """1e-4 in fp32. Half precision rounds each op to ~3 significant digits and the error grows with
+    depth and with the logits' size: 5e-2, or 2% of the largest reference logit when that is more."""
+    return 1e-4 if dtype == torch.float32 else max(5e-2, 0.02 * scale)
 
 
 def check(spec: RunSpec, tokens: torch.Tensor, logits: torch.Tensor) -> Check:
@@ -75,7 +76,7 @@ def check(spec: RunSpec, tokens: torch.Tensor, logits: torch.Tensor) -> Check:
     pick or within the tolerance of it (a near-tie), logits within the dtype's tolerance."""
     forced = tokens if bool((tokens >= 0).all()) else None
     ref_tokens, ref_logits, dtype = greedy(spec, forced)
-    return compare(tokens, logits, ref_tokens, ref_logits, tolerance_for(dtype))
+    return compare(tokens, logits, ref_tokens, ref_logits, tolerance_for(dtype, float(ref_logits.abs().max())))
 
 
 def compare(tokens: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, ref_logits: torch.Tensor,
