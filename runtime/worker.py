@@ -252,16 +252,24 @@ class RankWorker:
             clocks = {k: dict(self.metrics[k]) for k in ("clock", "stage_clock")}
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.device)
-            with torch.cuda.graph(graph):
-                self.run_step(step, mbs)
+            try:
+                self._capture(graph, step, mbs, StageEvents(True, in_graph=True))
+            except RuntimeError:  # a torch without timed event nodes in graphs: capture without stage events
+                graph = torch.cuda.CUDAGraph()
+                self.pc, self.metrics["tokens"], self.metrics["bytes_sent"] = pc, tokens, sent
+                for mb, past in zip(mbs, pasts):
+                    if mb is not None:
+                        mb.interp.past = past
+                self._capture(graph, step, mbs, None)
             # capturing ran no kernel: undo the host-side effects, the replays redo them
             for mb, past in zip(mbs, pasts):
                 if mb is not None:
                     mb.interp.past = past
             self.graph_ops, self.graph_bytes = self.pc - pc, self.metrics["bytes_sent"] - sent
             self.metrics["tokens"], self.metrics["bytes_sent"], self.pc = tokens, sent, pc
-            for k, v in clocks.items():
-                self.metrics[k] = v
+            for k, v in clocks.items():  # in place: the interpreters hold these dicts
+                self.metrics[k].clear()
+                self.metrics[k].update(v)
             self.graph = graph
         self._replayed_ops(step)
         self.graph.replay()
@@ -288,9 +296,30 @@ class RankWorker:
             if mb is not None and ids is not None:
                 mb.next_input, mb.interp.past, mb.last = ids, 0, None
         self.metrics.update(saved)
-        self.metrics.update(clocks)
+        for k, v in clocks.items():  # in place: the interpreters hold these dicts
+            self.metrics[k].clear()
+            self.metrics[k].update(v)
         self.exchange.overflow.zero_()
         torch.cuda.synchronize(self.device)
+
+    def _capture(self, graph: torch.cuda.CUDAGraph, step: int, mbs: list[MicroBatch | None],
+                 events: StageEvents | None) -> None:
+        """Capture one decode step; with `events`, timed event nodes around every stage (read after a replay)."""
+        self._stage_events(mbs, events)
+        try:
+            with torch.cuda.graph(graph):
+                self.run_step(step, mbs)
+        finally:
+            self._stage_events(mbs, None)
+        if events is not None:
+            self.metrics["graph_events"] = events
+
+    def _stage_events(self, mbs: list[MicroBatch | None], events: StageEvents | None) -> None:
+        for mb in mbs:
+            if mb is not None:
+                mb.interp.events = events
+        if self.inst is not None:
+            self.exchange.events = events
 
     def _replayed_ops(self, step: int) -> None:
         """A replay issues the captured step's operations: check them against the dry-run program."""
@@ -303,16 +332,11 @@ class RankWorker:
     def _profiled(self, step: int, mbs: list[MicroBatch | None]) -> None:
         """An eager decode step with CUDA events around every stage (per-stage times beside the plan's)."""
         events = StageEvents(self.device.type == "cuda")
-        for mb in mbs:
-            if mb is not None:
-                mb.interp.events = events
-        if self.inst is not None:
-            self.exchange.events = events
-        self.run_step(step, mbs)
-        for mb in mbs:
-            if mb is not None:
-                mb.interp.events = None
-        self.exchange.events = None
+        self._stage_events(mbs, events)
+        try:
+            self.run_step(step, mbs)
+        finally:
+            self._stage_events(mbs, None)
         self.metrics["profile_events"] = events  # resolved to ms once the device is idle (_Timer.finish)
 
     def _record(self, step: int, mbs: list[MicroBatch | None]) -> None:
@@ -502,6 +526,12 @@ class _Timer:
         events = metrics.pop("profile_events", None)
         if events is not None:
             metrics["profiled_step_ms"] = events.ms_by_kind()
+        in_graph = metrics.pop("graph_events", None)
+        if in_graph is not None:  # the last replay's stage times, from the graph's own event nodes
+            try:
+                metrics["graph_stage_ms"] = in_graph.ms_by_kind()
+            except RuntimeError:
+                pass
 
 
 def _send_all(tensors: list[torch.Tensor], dst: int) -> None:
