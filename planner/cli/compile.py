@@ -7,15 +7,13 @@ import time
 
 from costmodels.serving import DECODE_MODES
 from costmodels.topology import topology_names
-from planner.compile import CompileOptions, compile_plan, workload_from_flags
-from planner.search import Pins
+from planner.cli import defaults
 from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
 from planner.cli.console import stderr_console, stdout_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = CompileOptions()
-    w = d.workload
+    w = defaults.COMPILE_WORKLOAD  # planner.compile's, without importing torch for --help
     p = sub.add_parser("compile", help="compile a model into a deployment plan for a topology")
     p.add_argument("model", help="bundled name, config.json, or a directory holding one")
     p.add_argument("--topology", required=True, help=topology_names())
@@ -27,13 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-hit", type=float, default=w.prefix_hit, help="prefix-cache hit rate 0..1 (default 0)")
     p.add_argument("--quant", choices=("bf16", "fp8", "int8"), default=w.quant, help=f"weights (default {w.quant})")
     p.add_argument("--mtp-accept", type=float, default=w.mtp_accept, help="MTP draft acceptance 0..1 (default 0: off)")
-    p.add_argument("--loads", default=d.loads,
+    p.add_argument("--loads", default=defaults.COMPILE_LOADS,
                    help="expert loads: uniform | zipf:S | hot:K (seeded) or a .npy/.csv/.json/.pt file [MoE layers x experts]")
-    p.add_argument("--split", choices=("equal", "weighted"), default=d.split,
+    p.add_argument("--split", choices=("equal", "weighted"), default=defaults.COMPILE_SPLIT,
                    help="replica token split the runtime will use (default equal: what SGLang/vLLM do)")
-    p.add_argument("--time-limit", type=float, default=d.time_limit,
-                   help=f"balancer seconds per sub-problem (default {d.time_limit:g}; deterministic)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for generated loads and solvers (default 0)")
+    p.add_argument("--time-limit", type=float, default=defaults.COMPILE_TIME_LIMIT,
+                   help=f"balancer seconds per sub-problem (default {defaults.COMPILE_TIME_LIMIT:g}; deterministic)")
+    p.add_argument("--seed", type=int, default=defaults.COMPILE_SEED, help="seed for generated loads and solvers (default 0)")
     pins = p.add_argument_group("pins (restrict the search; default: search over them)")
     pins.add_argument("--decode-mode", type=decode_mode, choices=DECODE_MODES,
                       help="colocated EP or disaggregated MoE-attention")
@@ -46,8 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.compile import CompileOptions, compile_plan, workload_from_flags
     from planner.ir.fileio import check_output_path
     from planner.ir.plan import write_plan
+    from planner.search import Pins
 
     check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
     at_most("compile", "--seed", args.seed, MAX_SEED)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from costmodels.errors import InputError
 from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
 from planner.cli.console import stderr_console, stdout_console
-from planner.replan import DEFAULT_SLACK, ReplanResult
+from planner.cli.defaults import REPLAN_SLACK as DEFAULT_SLACK
+
+if TYPE_CHECKING:
+    from planner.replan import ReplanResult
 
 # An hour per sub-problem: a recorded limit above this is not one a compile ran with.
 MAX_TIME_LIMIT_S = 3600.0

@@ -8,12 +8,14 @@ import json
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 from costmodels.errors import InputError
 from planner.cli.console import stdout_console
-from planner.frontend.shape import model_row, shape_from_traced
-from planner.frontend.trace import trace
-from planner.compile import StageTable, stage_table
 from planner.views.common import LayerStages, human_count, layer_stages
+
+if TYPE_CHECKING:
+    from planner.compile import StageTable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_trace_document(model: str, batch: int, seq: int) -> tuple[dict, StageTable]:
     """Trace + the stage-split pipeline; the JSON document (one row per decoder layer) and the stage table."""
+    from planner.compile import stage_table  # torch and transformers: only when tracing
+    from planner.frontend.shape import model_row, shape_from_traced
+    from planner.frontend.trace import trace
+
     traced = trace(model)
     shape = shape_from_traced(traced)
     table = stage_table(traced, shape, batch, seq)
@@ -125,7 +131,9 @@ def _collapse(layers: list[dict]) -> list[dict]:
 
 def _run_stages(args: argparse.Namespace) -> int:
     from passes import get_pass
+    from planner.frontend.shape import shape_from_traced
     from planner.frontend.stages import compile_stages, stage_document
+    from planner.frontend.trace import trace
 
     if args.dump_after:
         get_pass(args.dump_after)  # unknown names fail before the (slow) trace
