@@ -78,7 +78,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _summary(plan, path: str) -> None:
+    """A few short lines (each well under 100 columns, so a terminal never breaks one mid-phrase)."""
+    from planner.views.text import step_notes
+
     out = stdout_console()
     m, t = plan.model, plan.topology
     out.print(f"[bold]{m.name}[/bold] on [bold]{t.name}[/bold] ({t.num_devices} x {t.hardware}) -> {path}")
@@ -88,11 +95,15 @@ def _summary(plan, path: str) -> None:
             continue
         inst = phase.instances[0]
         p = phase.predictions
+        n = len(phase.instances)
+        shape = (f"{_plural(len(inst.attention_devices), 'attention device')} + "
+                 f"{_plural(len(inst.expert_devices), 'expert device')}" if inst.mode == "disaggregated"
+                 else f"EP{inst.ep}")
+        out.print(f"  {name}: {_plural(n, inst.mode + ' instance')} x {_plural(len(inst.devices), 'device')} ({shape})",
+                  soft_wrap=True)
         lat = f"TPOT {p.tpot_ms:.1f} ms" if name == "decode" else f"TTFT {p.ttft_ms:.0f} ms"
         bal = [lp.balance for lp in phase.experts[0].layers if lp.balance is not None]
-        worst = f", expert balance max/mean {max(bal):.3f} (worst layer)" if bal else ""
-        out.print(
-            f"  {name}: {len(phase.instances)} x {inst.mode} instance of {len(inst.devices)} devices "
-            f"(EP{inst.ep}, {len(inst.attention_devices)} attention / {len(inst.expert_devices)} expert devices), "
-            f"{p.throughput_per_device:,.0f} tokens/s per device, {lat}{worst}"
-        )
+        worst = f"; expert load max/mean {max(bal):.3f} on the worst layer" if bal else ""
+        out.print(f"    {lat}, {p.throughput_per_device:,.0f} tokens/s per device{worst}", soft_wrap=True)
+    for note in step_notes(plan):
+        out.print(f"  {note}", soft_wrap=True, markup=False)
