@@ -198,3 +198,24 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     path, _ = _version_1(tmp_path)
     assert_one_line_error(run_cli("show", path), "v1.json: plan.schema_version: 1 is older",
                           "recompile it with `podplan compile`")
+
+
+def test_text_words_what_it_counts(plans, capsys):
+    """Batches carry their unit per phase, devices in both phases are not shared-expert devices, solver
+    statuses read as words, and a chosen config does not repeat its phase."""
+    _, out, _ = _show(capsys, plans["dsv3"][1])
+    assert re.search(r"decode-0 .*│\s+\d[\d,.]* seq\s+│", out) and re.search(r"prefill-0 .*│\s+\d[\d,.]* tok\s+│", out)
+    assert "shared 0" not in out and "no device serves both phases" in out
+    assert "shared experts run on every prefill device and every decode device" in out
+    assert not re.search(r"[a-z]x\d", out.split("frontier:")[1].split("passes:")[0])  # no 'feasiblex58'
+    assert "prefill prefill" not in out and "decode decode" not in out
+    _, out, _ = _show(capsys, plans["shared"][1])
+    assert re.search(r"\(\d+ serve both phases\)", out)
+
+
+def test_text_explains_tpot_against_step_under_mtp(plans, capsys):
+    assert plans["dsv3"][0].workload.mtp_accept == 0.7
+    _, out, _ = _show(capsys, plans["dsv3"][1])
+    assert "decode: TPOT = step 83.98 ms / 1.7 tokens per step (MTP accept 0.7) = 49.4 ms" in out
+    _, out, _ = _show(capsys, plans["shared"][1])  # no MTP: step and TPOT agree, nothing to explain
+    assert "tokens per step" not in out
