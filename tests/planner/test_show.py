@@ -13,6 +13,9 @@ from planner.ir.plan import SCHEMA_VERSION, Plan, from_json, write_plan
 from tests.plan_factory import deepseek_v3_plan, tiny_plan
 from tests.conftest import assert_one_line_error, run_cli
 
+# A compiled plan (not a synthetic one): real loads, a negative overlap, a frontier the split chose from.
+GOLDEN = Path(__file__).resolve().parents[2] / "plans" / "deepseek-v3.cloudmatrix384.json"
+
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory) -> dict[str, tuple[Plan, str]]:
@@ -219,3 +222,60 @@ def test_text_explains_tpot_against_step_under_mtp(plans, capsys):
     assert "decode: TPOT = step 83.98 ms / 1.7 tokens per step (MTP accept 0.7) = 49.4 ms" in out
     _, out, _ = _show(capsys, plans["shared"][1])  # no MTP: step and TPOT agree, nothing to explain
     assert "tokens per step" not in out
+
+
+def test_html_load_colours_span_the_plans_own_range(capsys):
+    """A balanced plan's loads (all within a few per mille of 1) still get distinct colours, and each device
+    says its number on hover."""
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    load_grid = out.split('id="grid-load"')[1].split("</svg>")[0]
+    cells = re.findall(r'data-load="([\d.]+)"[^>]*fill="(#[0-9a-f]{6})"[^>]*><title>load ([\d.]+)x mean', load_grid)
+    assert len(cells) == len(re.findall(r'data-load="\d', load_grid)) == 376  # every expert device: 200 + 176
+    loads = [float(v) for v, _, _ in cells]
+    lo, hi = min(loads), max(loads)
+    assert hi - lo < 0.05  # the regime where a fixed 0.5x-1.5x scale painted everything white
+    fill_of = {float(v): fill for v, fill, _ in cells}
+    assert fill_of[lo] != fill_of[hi]
+    assert len({fill for _, fill, _ in cells}) >= 4
+    assert all(abs(float(v) - float(shown)) < 6e-4 for v, _, shown in cells)
+
+
+def test_html_tells_instances_apart(capsys):
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    role_grid = out.split('id="grid-role"')[1].split("</svg>")[0]
+    fills: dict[str, set[str]] = {}
+    for inst, fill in re.findall(r'data-instance="([\w-]+)"[^>]*fill="(#[0-9a-f]{6})"', role_grid):
+        fills.setdefault(inst, set()).add(fill)
+    assert all(len(f) == 1 for f in fills.values())
+    for phase in ("prefill", "decode"):
+        ids = sorted((i for i in fills if i.startswith(phase)), key=lambda i: int(i.rsplit("-", 1)[1]))
+        assert len(ids) >= 2
+        assert all(fills[a] != fills[b] for a, b in zip(ids, ids[1:])), (phase, fills)  # neighbours differ
+    legend = out.split('id="role-legend"')[1].split("</div>")[0]
+    assert "decode-0" in legend and "prefill-1" in legend
+
+
+def test_html_overlap_bars_grow_away_from_their_labels(capsys):
+    from planner.ir.plan import load_plan
+
+    plan = load_plan(str(GOLDEN))
+    assert min(plan.prefill.predictions.breakdown.values()) < 0  # the prefill step hides time under overlap
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    for x, w in re.findall(r'class="bar[^"]*" data-stage="[^"]+" x="([\d.-]+)" y="[\d.]+" width="([\d.-]+)"', out):
+        assert float(x) >= 120.0 and float(w) >= 0.0
+    assert 'class="bar negative" data-stage="overlap"' in out and 'class="overlap"' in out
+    breakdown = out.split('id="breakdown"')[1].split("</section>")[0]
+    stacked = re.findall(r'<rect x="([\d.-]+)" y="8" width="([\d.-]+)"', breakdown)
+    assert stacked and all(float(x) >= 120.0 and float(w) >= 0.0 for x, w in stacked)
+
+
+def test_html_says_why_the_chosen_point_is_chosen_over_a_higher_neighbour(capsys):
+    from planner.ir.plan import load_plan
+
+    plan = load_plan(str(GOLDEN))
+    chosen = next(p for p in plan.frontier if p.phase == "decode" and p.chosen)
+    assert any(p.phase == "decode" and p.feasible and p.tpot_ms <= plan.workload.tpot_slo_ms
+               and p.throughput_per_device > chosen.throughput_per_device for p in plan.frontier)
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    why = re.findall(r'class="sub why-chosen"[^>]*>([^<]*)<', out)
+    assert len(why) == 1 and "requests/s" in why[0] and "re-scored" in why[0]
