@@ -279,3 +279,18 @@ def test_html_says_why_the_chosen_point_is_chosen_over_a_higher_neighbour(capsys
     _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
     why = re.findall(r'class="sub why-chosen"[^>]*>([^<]*)<', out)
     assert len(why) == 1 and "requests/s" in why[0] and "re-scored" in why[0]
+
+
+def test_dot_lists_instances_in_order_with_idle_devices_in_a_narrow_column(plans, capsys):
+    plan, path = plans["dsv3"]
+    _, out, _ = _show(capsys, path, "--format", "dot")
+    chain = re.findall(r"^  (\w+) -> (\w+) \[style=invis\];", out, re.MULTILINE)
+    column = [chain[0][0]] + [b for _, b in chain]
+    assert all(a == b0 for (_, a), (b0, _) in zip(chain, chain[1:]))  # one unbroken top-to-bottom chain
+    ids = [inst.id for _, inst in plan.instances()]
+    drawn = [re.match(r"i_(\w+?)_(both|attention|experts)$", n).group(1).replace("_", "-") for n in column[1:-1]]
+    assert column[0] == "head" and drawn == ids and column[-1] == "idle"
+    assert re.search(r'idle \[label="idle\\ndevices 256-383 \(128\)"', out)
+    # every label line stays short: the graph is one column that fits a page's width
+    labels = re.findall(r'label="([^"]*)"', out)
+    assert max(len(line) for text in labels for line in text.split("\\n")) <= 60
