@@ -21,10 +21,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     )
 
 
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines long steps print when it is not a terminal
+    (`HH:MM:SS podplan CMD: step`, planner/cli/progress.py), which may come before an error."""
+    from planner.cli.progress import LINE
+
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    kept = [line for line in lines if not LINE.match(line)]
+    # progress only ever precedes the error: whatever is not progress ends stderr
+    assert lines[len(lines) - len(kept):] == kept, stderr
+    return kept
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit 2, exactly one stderr line, no traceback, and the line names each fragment."""
+    """Exit 2, exactly one stderr line besides step progress, last, no traceback, naming each fragment."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for frag in fragments:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from costmodels.errors import InputError
 from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
 from planner.cli.console import stdout_console
+from planner.cli.progress import Progress
 from planner.cli.defaults import BALANCE_ALGORITHMS as ALGORITHMS
 from planner.cli.defaults import BALANCE_MIGRATION_SLACK as DEFAULT_MIGRATION_SLACK
 from planner.cli.defaults import BALANCE_SPLITS as SPLITS
@@ -73,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
     finite("balance", "--migration-slack", args.migration_slack)
     loads = read_loads(args.loads, layers=args.layers, experts=args.experts, seed=args.seed)
     previous = _read_previous(args.previous) if args.previous else None
-    result = balance(
-        loads, args.devices, args.slots_per_device, nodes=args.nodes, groups=args.groups,
-        algorithm=args.algorithm, split=args.split, previous=previous, migration_slack=args.migration_slack,
-        time_limit=args.time_limit, seed=args.seed, workers=args.workers,
-    )
+    with Progress("balance") as progress:
+        progress.step(f"balancing {loads.shape[0]} layers x {loads.shape[1]} experts over {args.devices} devices "
+                      f"x {args.slots_per_device} slots ({args.algorithm})")
+        result = balance(
+            loads, args.devices, args.slots_per_device, nodes=args.nodes, groups=args.groups,
+            algorithm=args.algorithm, split=args.split, previous=previous, migration_slack=args.migration_slack,
+            time_limit=args.time_limit, seed=args.seed, workers=args.workers,
+        )
     text = json.dumps(result.to_dict(timing=args.timing), sort_keys=True, separators=(",", ":")) + "\n"
     write_atomic(out, text)
     _print(result, out, args.per_layer)

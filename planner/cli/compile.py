@@ -10,6 +10,7 @@ from costmodels.topology import topology_names
 from planner.cli import defaults
 from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
 from planner.cli.console import stderr_console, stdout_console
+from planner.cli.progress import Progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,16 +63,11 @@ def run(args: argparse.Namespace) -> int:
                 prefill_devices=args.prefill_devices)
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
                           split=args.split)
-    err = stderr_console()
     t0 = time.perf_counter()
-    with err.status("compiling") as status:
-        def progress(msg: str) -> None:
-            status.update(msg)
-            if err.is_terminal:  # piped stderr stays clean: one line on error, nothing on success
-                err.log(msg)
-
-        plan = compile_plan(args.model, args.topology, opts, progress=progress)
-    write_plan(plan, args.output)
+    with Progress("compile") as progress:
+        plan = compile_plan(args.model, args.topology, opts, progress=progress.step)
+        write_plan(plan, args.output)
+    err = stderr_console()
     if err.is_terminal:
         err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
     _summary(plan, args.output)

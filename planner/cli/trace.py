@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from costmodels.errors import InputError
 from planner.cli.console import stdout_console
+from planner.cli.progress import Progress
 from planner.views.common import LayerStages, human_count, layer_stages
 
 if TYPE_CHECKING:
@@ -77,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stages or args.dump_after:
         return _run_stages(args)
     t0 = time.perf_counter()
-    doc, table = build_trace_document(args.model, args.batch, args.seq)
+    with Progress("trace") as progress:
+        progress.step(f"tracing {args.model} and running the stage-split pass pipeline")
+        doc, table = build_trace_document(args.model, args.batch, args.seq)
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -140,9 +143,12 @@ def _run_stages(args: argparse.Namespace) -> int:
         if args.json:
             raise InputError("--dump-after prints a graph, not JSON; drop --json (or use --stages --json alone)")
     t0 = time.perf_counter()
-    traced = trace(args.model)
-    shape = shape_from_traced(traced)
-    program = compile_stages(traced, shape, args.batch, args.seq, dump_after=args.dump_after, dump=print)
+    with Progress("trace") as progress:
+        progress.step(f"tracing {args.model}")
+        traced = trace(args.model)
+        shape = shape_from_traced(traced)
+        progress.step("running the stage-split pass pipeline")
+        program = compile_stages(traced, shape, args.batch, args.seq, dump_after=args.dump_after, dump=print)
     elapsed = time.perf_counter() - t0
     if not args.stages:
         return 0
