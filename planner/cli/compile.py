@@ -95,6 +95,9 @@ def _summary(plan, path: str) -> None:
         shape = (f"{_plural(len(inst.attention_devices), 'attention device')} + "
                  f"{_plural(len(inst.expert_devices), 'expert device')}" if inst.mode == "disaggregated"
                  else f"EP{inst.ep}")
+        shared = set(inst.shared_expert_devices)
+        if shared and shared != set(inst.expert_devices):  # the devices `podplan show` counts as well
+            shape += f"; shared experts on {_plural(len(shared), 'device')}"
         out.print(f"  {name}: {_plural(n, inst.mode + ' instance')} x {_plural(len(inst.devices), 'device')} ({shape})",
                   soft_wrap=True)
         lat = f"TPOT {p.tpot_ms:.1f} ms" if name == "decode" else f"TTFT {p.ttft_ms:.0f} ms"

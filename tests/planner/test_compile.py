@@ -58,6 +58,11 @@ def test_cloudmatrix_infer_layout_can_be_pinned(tmp_path):
     inst = plan.decode.instances[0]
     assert inst.ep == 320 and len(inst.devices) == 160
     assert len(inst.expert_devices) == 144 and len(inst.shared_expert_devices) == 16  # 288 + 32 dies (CMI)
+    # the summary and `podplan show` count the same shared-expert devices
+    assert "decode: 1 colocated instance x 160 devices (EP320; shared experts on 16 devices)" in proc.stdout
+    from planner.views.text import devices_line
+
+    assert "16 of 160 decode devices" in devices_line(plan) and "shared 0" not in devices_line(plan)
     assert plan.decode.experts[0].slots_per_device == 2
     assert all(len(i.devices) == 16 and i.ep == 32 for i in plan.prefill.instances)
 
