@@ -33,7 +33,7 @@ browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # What CI shows a reviewer: a semantic diff of a changed plan (here: the golden DeepSeek-V3 plan
 # re-planned after 8 decode devices fail), as the markdown table a CI comment would carry.

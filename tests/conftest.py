@@ -21,10 +21,39 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     )
 
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`podplan ARGS...` through main() in this process, as a CompletedProcess: the same exit code and
+    output a user sees, without a new interpreter importing torch again (seconds per call)."""
+    import contextlib
+    import io
+
+    from planner.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own exits
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["podplan", *args], code, out.getvalue(), err.getvalue())
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines long steps print when it is not a terminal
+    (`HH:MM:SS podplan CMD: step`, planner/cli/progress.py), which may come before an error."""
+    from planner.cli.progress import LINE
+
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    kept = [line for line in lines if not LINE.match(line)]
+    # progress only ever precedes the error: whatever is not progress ends stderr
+    assert lines[len(lines) - len(kept):] == kept, stderr
+    return kept
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit 2, exactly one stderr line, no traceback, and the line names each fragment."""
+    """Exit 2, exactly one stderr line besides step progress, last, no traceback, naming each fragment."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for frag in fragments:

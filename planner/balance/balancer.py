@@ -14,8 +14,9 @@ import os
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -385,16 +386,32 @@ class _Job:
     slack: float
 
 
+# Called with (layers solved, layers) as each layer of a balance() call is solved, when a caller set it
+# (the CLI's progress line with an ETA); a context variable so that compile and replan need not thread it.
+LAYER_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar("LAYER_PROGRESS", default=None)
+
+
 def _run(jobs: list[_Job], workers: int | None) -> list[_Layer]:
     """Solve layers, in worker processes when asked; results do not depend on `workers`."""
+    report = LAYER_PROGRESS.get()
     if workers is None:
         workers = min(os.cpu_count() or 1, len(jobs)) if len(jobs) >= 8 else 1
     if workers <= 1 or len(jobs) <= 1:
-        return [_solve_layer(job) for job in jobs]
+        out = []
+        for job in jobs:
+            out.append(_solve_layer(job))
+            if report is not None:
+                report(len(out), len(jobs))
+        return out
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
                              initializer=_ignore_sigint) as pool:
-        return list(pool.map(_solve_layer, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+        out = []
+        for layer in pool.map(_solve_layer, jobs, chunksize=max(1, len(jobs) // (4 * workers))):
+            out.append(layer)
+            if report is not None:
+                report(len(out), len(jobs))
+        return out
 
 
 def _ignore_sigint() -> None:

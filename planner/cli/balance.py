@@ -7,21 +7,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from costmodels.errors import InputError
 from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
-from planner.balance.balancer import (
-    ALGORITHMS,
-    DEFAULT_MIGRATION_SLACK,
-    DEFAULT_TIME_LIMIT,
-    SPLITS,
-    BalanceResult,
-    balance,
-)
 from planner.cli.console import stdout_console
+from planner.cli.progress import Progress
+from planner.cli.defaults import BALANCE_ALGORITHMS as ALGORITHMS
+from planner.cli.defaults import BALANCE_MIGRATION_SLACK as DEFAULT_MIGRATION_SLACK
+from planner.cli.defaults import BALANCE_SPLITS as SPLITS
+from planner.cli.defaults import BALANCE_TIME_LIMIT as DEFAULT_TIME_LIMIT
+from planner.cli.defaults import LOAD_GENERATORS as GENERATORS
 from planner.ir.fileio import write_atomic
-from planner.balance.loads import GENERATORS, read_loads
+
+if TYPE_CHECKING:
+    from planner.balance.balancer import BalanceResult
 
 # Above this many layers the table shows a summary instead of one row per layer.
 _TABLE_ROWS = 16
@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.balance.balancer import balance  # ortools and numpy: only when balancing
+    from planner.balance.loads import read_loads
+
     out = output_file("balance", args.output, "balance.json")
     for flag, value in (("--workers", args.workers), ("--layers", args.layers), ("--experts", args.experts)):
         at_least("balance", flag, value, 1)
@@ -71,11 +74,14 @@ def run(args: argparse.Namespace) -> int:
     finite("balance", "--migration-slack", args.migration_slack)
     loads = read_loads(args.loads, layers=args.layers, experts=args.experts, seed=args.seed)
     previous = _read_previous(args.previous) if args.previous else None
-    result = balance(
-        loads, args.devices, args.slots_per_device, nodes=args.nodes, groups=args.groups,
-        algorithm=args.algorithm, split=args.split, previous=previous, migration_slack=args.migration_slack,
-        time_limit=args.time_limit, seed=args.seed, workers=args.workers,
-    )
+    with Progress("balance") as progress:
+        progress.step(f"balancing {loads.shape[0]} layers x {loads.shape[1]} experts over {args.devices} devices "
+                      f"x {args.slots_per_device} slots ({args.algorithm})")
+        result = balance(
+            loads, args.devices, args.slots_per_device, nodes=args.nodes, groups=args.groups,
+            algorithm=args.algorithm, split=args.split, previous=previous, migration_slack=args.migration_slack,
+            time_limit=args.time_limit, seed=args.seed, workers=args.workers,
+        )
     text = json.dumps(result.to_dict(timing=args.timing), sort_keys=True, separators=(",", ":")) + "\n"
     write_atomic(out, text)
     _print(result, out, args.per_layer)
@@ -89,6 +95,8 @@ def _read_previous(path: str) -> Any:
         raise InputError(f"balance: previous layout {path}: no such file; pass an earlier OUT.json")
     try:
         if p.suffix.lower() == ".npy":
+            import numpy as np
+
             return np.load(p, allow_pickle=False)
         obj = json.loads(p.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -102,6 +110,7 @@ def _read_previous(path: str) -> Any:
 
 
 def _print(result: BalanceResult, out: Path, per_layer: bool) -> None:
+    import numpy as np
     from rich.table import Table
 
     totals = result.totals()

@@ -6,18 +6,22 @@ import argparse
 import json
 import time
 
+from typing import TYPE_CHECKING
+
 from costmodels.compute import QUANTS
 from costmodels.serving import DECODE_MODES
 from costmodels.topology import get_topology, topology_names
-from planner.compile import CompileOptions, compile_report, workload_from_flags
-from planner.search import SEARCH_MODES, AnyDeployment, Candidate, Pins, SearchResult, config_line
+from planner.cli import defaults
 from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
 from planner.cli.console import stderr_console, stdout_console
+from planner.cli.progress import Progress
+
+if TYPE_CHECKING:  # the search imports the solvers: only `run` loads it
+    from planner.search import AnyDeployment, Candidate, SearchResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = CompileOptions()
-    w = d.workload
+    w = defaults.COMPILE_WORKLOAD  # planner.compile's, without importing torch for --help
     p = sub.add_parser("compile", help="compile a model into a deployment plan for a topology")
     p.add_argument("model", help="bundled name, config.json, or a directory holding one")
     p.add_argument("--topology", required=True, help=topology_names())
@@ -31,17 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weights; mxfp4/nvfp4: FP4 expert weights (default: the hardware's, INT8 on Ascend, FP8 on "
                         "Hopper and Blackwell, BF16 on A100, as `podplan estimate`)")
     p.add_argument("--mtp-accept", type=float, default=w.mtp_accept, help="MTP draft acceptance 0..1 (default 0: off)")
-    p.add_argument("--loads", default=d.loads,
+    p.add_argument("--loads", default=defaults.COMPILE_LOADS,
                    help="expert loads: uniform | zipf:S | hot:K (seeded) or a .npy/.csv/.json/.pt file [MoE layers x experts]")
-    p.add_argument("--split", choices=("equal", "weighted"), default=d.split,
+    p.add_argument("--split", choices=("equal", "weighted"), default=defaults.COMPILE_SPLIT,
                    help="replica token split the runtime will use (default equal: what SGLang/vLLM do)")
-    p.add_argument("--time-limit", type=float, default=d.time_limit,
-                   help=f"balancer seconds per sub-problem (default {d.time_limit:g}; deterministic)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for generated loads and solvers (default 0)")
-    p.add_argument("--mode", choices=SEARCH_MODES, default=d.mode,
+    p.add_argument("--time-limit", type=float, default=defaults.COMPILE_TIME_LIMIT,
+                   help=f"balancer seconds per sub-problem (default {defaults.COMPILE_TIME_LIMIT:g}; deterministic)")
+    p.add_argument("--seed", type=int, default=defaults.COMPILE_SEED, help="seed for generated loads and solvers (default 0)")
+    p.add_argument("--mode", choices=defaults.COMPILE_MODES, default=defaults.COMPILE_MODE,
                    help="agg: prefill and decode on the same instances (chunked prefill); disagg: separate "
                         "prefill and decode instances; auto: the better of the two (default auto)")
-    p.add_argument("--devices", type=int, default=d.devices,
+    p.add_argument("--devices", type=int, default=None,
                    help="plan on the first N devices of the topology (default: all)")
     p.add_argument("--json", action="store_true",
                    help="print the chosen plan's summary, both modes and the frontier as JSON (not text)")
@@ -62,8 +66,10 @@ def default_quant(topology: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.compile import CompileOptions, compile_report, workload_from_flags
     from planner.ir.fileio import check_output_path
     from planner.ir.plan import write_plan
+    from planner.search import Pins
 
     check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
     at_most("compile", "--seed", args.seed, MAX_SEED)
@@ -78,16 +84,11 @@ def run(args: argparse.Namespace) -> int:
                 prefill_devices=args.prefill_devices)
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
                           split=args.split, mode=args.mode, devices=args.devices)
-    err = stderr_console()
     t0 = time.perf_counter()
-    with err.status("compiling") as status:
-        def progress(msg: str) -> None:
-            status.update(msg)
-            if err.is_terminal:  # piped stderr stays clean: one line on error, nothing on success
-                err.log(msg)
-
-        plan, sr = compile_report(args.model, args.topology, opts, progress=progress)
-    write_plan(plan, args.output)
+    with Progress("compile") as progress:
+        plan, sr = compile_report(args.model, args.topology, opts, progress=progress.step)
+        write_plan(plan, args.output)
+    err = stderr_console()
     if err.is_terminal:
         err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
     if args.json:
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _point(c: Candidate[AnyDeployment], chosen: bool) -> dict:
+    from planner.search import config_line
+
     e = c.estimate
     return {"phase": c.phase, "config": config_line(c), "devices": c.instance_devices,
             "tokens_per_s_per_device": round(c.tput, 2), "tpot_ms": None if e.tpot_ms is None else round(e.tpot_ms, 3),
@@ -142,8 +145,15 @@ def _ms(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _summary(plan, sr: SearchResult, path: str) -> None:
+    """Short lines (well under 100 columns, so a terminal never breaks one mid-phrase), then the tables."""
     from rich.table import Table
+
+    from planner.views.text import step_notes
 
     out = stdout_console()
     m, t = plan.model, plan.topology
@@ -156,17 +166,24 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
             continue
         inst = phase.instances[0]
         p = phase.predictions
+        n = len(phase.instances)
+        shape = (f"{_plural(len(inst.attention_devices), 'attention device')} + "
+                 f"{_plural(len(inst.expert_devices), 'expert device')}" if inst.mode == "disaggregated"
+                 else f"EP{inst.ep}")
+        shared = set(inst.shared_expert_devices)
+        if shared and shared != set(inst.expert_devices):  # the devices `podplan show` counts as well
+            shape += f"; shared experts on {_plural(len(shared), 'device')}"
+        label = "prefill+decode" if name == "decode" and plan.prefill is None else name
+        out.print(f"  {label}: {_plural(n, inst.mode + ' instance')} x {_plural(len(inst.devices), 'device')} "
+                  f"({shape}){both}", soft_wrap=True)
         lat = f"TPOT {p.tpot_ms:.1f} ms" if name == "decode" else f"TTFT {p.ttft_ms:.0f} ms"
         if name == "decode" and p.ttft_ms is not None:
             lat += f", TTFT {p.ttft_ms:.0f} ms"
         bal = [lp.balance for lp in phase.experts[0].layers if lp.balance is not None]
-        worst = f", expert balance max/mean {max(bal):.3f} (worst layer)" if bal else ""
-        label = "prefill+decode" if name == "decode" and plan.prefill is None else name
-        out.print(
-            f"  {label}: {len(phase.instances)} x {inst.mode} instance of {len(inst.devices)} devices{both} "
-            f"(EP{inst.ep}, {len(inst.attention_devices)} attention / {len(inst.expert_devices)} expert devices), "
-            f"{p.throughput_per_device:,.0f} tokens/s per device, {lat}{worst}"
-        )
+        worst = f"; expert load max/mean {max(bal):.3f} on the worst layer" if bal else ""
+        out.print(f"    {lat}, {p.throughput_per_device:,.0f} tokens/s per device{worst}", soft_wrap=True)
+    for note in step_notes(plan):
+        out.print(f"  {note}", soft_wrap=True, markup=False)
     out.print(f"  mode {sr.mode}: {sr.why}")
     for note in sr.notes:
         out.print(f"  {note}")

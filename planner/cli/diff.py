@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from costmodels.errors import InputError
 from planner.ir.plan import load_plan
 from planner.views.diff import (
     DEFAULT_FAIL_ON,
@@ -29,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[prefill.|decode.]METRIC:LIMIT, e.g. 'throughput:-0.5%%,tpot:+2%%,moved-experts:100,"
                         "migration:10GB,balance:+5%%,memory:+10%%,ttft:off'; 'none' drops the defaults")
     p.add_argument("--allow-incomparable", action="store_true",
-                   help="do not count expert placements that cannot be compared (another model's layers or "
-                        "expert count) as a regression")
+                   help="compare plans of another model or topology (predictions only: their device and expert ids "
+                        "do not correspond), and do not count expert placements that cannot be compared as a "
+                        "regression")
     p.set_defaults(func=run)
 
 
@@ -38,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     rules = parse_fail_on(args.fail_on)  # a bad spec fails before any file is read
     old, new = load_plan(args.old), load_plan(args.new)
     diff = diff_plans(old, new)
+    if diff["unlike"] and not args.allow_incomparable:
+        raise InputError(f"{args.old} and {args.new} are unlike plans ({', '.join(diff['unlike'])}): their "
+                         "device and expert ids do not correspond, so moves between them mean nothing; diff plans "
+                         "of one model on one topology, or pass --allow-incomparable to compare predictions only")
     violations = check(diff, rules, allow_incomparable=args.allow_incomparable)
     if args.json:
         doc = {"old": args.old, "new": args.new, "rules": [r.text for r in rules], "regressions": violations,

@@ -1,14 +1,23 @@
-"""`podplan models`: the bundled model zoo with parameter counts and MoE shape."""
+"""`podplan models`: the bundled model zoo with parameter counts and MoE shape.
+
+Counting parameters builds every model on the meta device (seconds per model), so the rows are kept
+in models.json beside this file, each with the digest of the config it was counted from; a row whose
+config changed is counted again. `python -m planner.cli.models --write` refreshes the file and
+tests/planner/test_cli_startup.py checks it against a fresh count.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from importlib import resources
 
-from planner.frontend import zoo
 from planner.cli.console import stdout_console
-from planner.frontend.shape import model_row, shape_of
+from planner.frontend import zoo
 from planner.views.common import human_count
+
+TABLE = "models.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,13 +26,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def counted_rows() -> dict[str, dict]:
+    """Each bundled model's row counted now, on the transformers classes (slow: torch + meta models)."""
+    from planner.frontend.shape import model_row, shape_of
+
+    return {name: model_row(shape_of(name)) for name in zoo.bundled_names()}
+
+
+def _stored() -> dict[str, dict]:
+    try:
+        return dict(json.loads(resources.files("planner.cli").joinpath(TABLE).read_text()))
+    except (OSError, ValueError):  # missing or damaged: count everything again
+        return {}
+
+
+def zoo_rows() -> list[dict]:
+    """One row per bundled model, from models.json where its config digest still matches."""
+    stored = _stored()
     rows = []
     for name in zoo.bundled_names():
-        row = model_row(shape_of(name))
+        digest = zoo.load_source(name).digest()
+        entry = stored.get(name)
+        if isinstance(entry, dict) and entry.get("config_sha256") == digest and isinstance(entry.get("row"), dict):
+            row = dict(entry["row"])
+        else:
+            from planner.frontend.shape import model_row, shape_of
+
+            row = model_row(shape_of(name))
         row["source"] = zoo.BUNDLED[name][0]
         row["description"] = zoo.BUNDLED[name][1]
         rows.append(row)
+    return rows
+
+
+def table_document() -> str:
+    """models.json as `--write` writes it: counted rows keyed by model, with their config digests."""
+    doc = {name: {"config_sha256": zoo.load_source(name).digest(), "row": row} for name, row in counted_rows().items()}
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = zoo_rows()
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
@@ -41,3 +84,10 @@ def run(args: argparse.Namespace) -> int:
     stdout_console().print(table)
     return 0
 
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python -m planner.cli.models --write   (recount the bundled models into models.json)")
+    from pathlib import Path
+
+    Path(__file__).with_name(TABLE).write_text(table_document())

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from costmodels.errors import InputError
 from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
 from planner.cli.console import stderr_console, stdout_console
-from planner.replan import DEFAULT_SLACK, ReplanResult
+from planner.cli.defaults import REPLAN_SLACK as DEFAULT_SLACK
+from planner.cli.progress import Progress
+
+if TYPE_CHECKING:
+    from planner.replan import ReplanResult
 
 # An hour per sub-problem: a recorded limit above this is not one a compile ran with.
 MAX_TIME_LIMIT_S = 3600.0
@@ -72,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
         time_limit = _recorded_time_limit(plan.provenance.options.get("time_limit", 0.5))
     loads = plan_loads(plan, args.loads, seed) if args.loads else None
     err = stderr_console()
-    with err.status("re-planning"):
+    what = " and ".join(x for x in (f"{len(failed)} failed devices" if failed else "",
+                                    f"new loads {args.loads}" if args.loads else "") if x)
+    with Progress("replan") as progress:
+        progress.step(f"re-planning {args.plan} for {what}")
         result = replan(plan, failed=failed, loads=loads, phases=args.phase, time_limit=time_limit, seed=seed,
                         slack=args.migration_slack, workers=args.workers, loads_spec=args.loads,
                         model_config=args.model_config)

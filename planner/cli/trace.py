@@ -8,12 +8,15 @@ import json
 import sys
 import time
 
+from typing import TYPE_CHECKING
+
 from costmodels.errors import InputError
 from planner.cli.console import stdout_console
-from planner.frontend.shape import model_row, shape_from_traced
-from planner.frontend.trace import trace
-from planner.compile import StageTable, stage_table
+from planner.cli.progress import Progress
 from planner.views.common import LayerStages, human_count, layer_stages
+
+if TYPE_CHECKING:
+    from planner.compile import StageTable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_trace_document(model: str, batch: int, seq: int) -> tuple[dict, StageTable]:
     """Trace + the stage-split pipeline; the JSON document (one row per decoder layer) and the stage table."""
+    from planner.compile import stage_table  # torch and transformers: only when tracing
+    from planner.frontend.shape import model_row, shape_from_traced
+    from planner.frontend.trace import trace
+
     traced = trace(model)
     shape = shape_from_traced(traced)
     table = stage_table(traced, shape, batch, seq)
@@ -71,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stages or args.dump_after:
         return _run_stages(args)
     t0 = time.perf_counter()
-    doc, table = build_trace_document(args.model, args.batch, args.seq)
+    with Progress("trace") as progress:
+        progress.step(f"tracing {args.model} and running the stage-split pass pipeline")
+        doc, table = build_trace_document(args.model, args.batch, args.seq)
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
@@ -125,16 +134,21 @@ def _collapse(layers: list[dict]) -> list[dict]:
 
 def _run_stages(args: argparse.Namespace) -> int:
     from passes import get_pass
+    from planner.frontend.shape import shape_from_traced
     from planner.frontend.stages import compile_stages, stage_document
+    from planner.frontend.trace import trace
 
     if args.dump_after:
         get_pass(args.dump_after)  # unknown names fail before the (slow) trace
         if args.json:
             raise InputError("--dump-after prints a graph, not JSON; drop --json (or use --stages --json alone)")
     t0 = time.perf_counter()
-    traced = trace(args.model)
-    shape = shape_from_traced(traced)
-    program = compile_stages(traced, shape, args.batch, args.seq, dump_after=args.dump_after, dump=print)
+    with Progress("trace") as progress:
+        progress.step(f"tracing {args.model}")
+        traced = trace(args.model)
+        shape = shape_from_traced(traced)
+        progress.step("running the stage-split pass pipeline")
+        program = compile_stages(traced, shape, args.batch, args.seq, dump_after=args.dump_after, dump=print)
     elapsed = time.perf_counter() - t0
     if not args.stages:
         return 0

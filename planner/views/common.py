@@ -109,12 +109,12 @@ def balance_stats(plan: Plan) -> list[BalanceStats]:
 
 
 def device_counts(plan: Plan) -> dict[str, int]:
-    """Devices per phase, shared between phases, and idle."""
+    """Devices per phase, in both phases (a prefill/decode-shared device), and idle."""
     per = {name: set(ph.devices) for name, ph in plan.phases.items()}
     used = set().union(*per.values()) if per else set()
     counts = {name: len(ds) for name, ds in per.items()}
     if len(per) == 2:
-        counts["shared"] = len(per["prefill"] & per["decode"])
+        counts["in both phases"] = len(per["prefill"] & per["decode"])
     counts["idle"] = plan.topology.num_devices - len(used)
     return counts
 

@@ -183,14 +183,54 @@ def _worst_balance(plan: Plan, phase: str) -> float | None:
     return max(values) if values else None
 
 
+def unlike(old: Plan, new: Plan) -> list[str]:
+    """What makes two plans unlike: another model or another topology. Their device ids and expert ids
+    then name different things, so moves between them are not a migration anyone could run."""
+    out = []
+    if old.model.name != new.model.name:
+        out.append(f"model {old.model.name} -> {new.model.name}")
+    if old.topology.name != new.topology.name or old.topology.sha256 != new.topology.sha256:
+        out.append(f"topology {old.topology.name} -> {new.topology.name}")
+    return out
+
+
+def _device_map(held_old: list[dict[int, set[int]]], held_new: list[dict[int, set[int]]]) -> dict[int, int]:
+    """New expert device -> the old device whose experts it holds: itself when it kept its experts, else an
+    old device that held exactly these experts in every layer and no longer does (renumbered, e.g. an
+    instance moved to other ids), else itself (what it lacks is copied to it)."""
+    devices_new = sorted(set().union(*(h.keys() for h in held_new))) if held_new else []
+    devices_old = sorted(set().union(*(h.keys() for h in held_old))) if held_old else []
+
+    def sig(held: list[dict[int, set[int]]], d: int) -> tuple:
+        return tuple(frozenset(layer.get(d, ())) for layer in held)
+
+    kept = {d for d in devices_new if d in devices_old and sig(held_new, d) == sig(held_old, d)}
+    free: dict[tuple, list[int]] = {}
+    for d in devices_old:
+        if d not in kept:
+            free.setdefault(sig(held_old, d), []).append(d)
+    out = {}
+    for d in devices_new:
+        if d in kept:
+            out[d] = d
+            continue
+        same = free.get(sig(held_new, d))
+        out[d] = same.pop(0) if same else d
+    return out
+
+
 def _experts(old: Plan, new: Plan, phase: str) -> dict:
+    if unlike(old, new):
+        return {"comparable": False, "reason": "unlike plans (" + ", ".join(unlike(old, new)) + ")"}
     if old.model.moe_layers != new.model.moe_layers or old.model.num_routed_experts != new.model.num_routed_experts:
         return {"comparable": False, "reason": "the models' MoE layers or expert counts differ"}
     held_old, held_new = _held(old, phase), _held(new, phase)
+    source = _device_map(held_old, held_new)
+    renumbered = sum(1 for d, o in source.items() if d != o)
     old_insts = {i.id: i for i in old.phases[phase].instances}
     layers, moved_total, changed_total = [], 0, 0
     for i, layer in enumerate(new.model.moe_layers):
-        moved = sum(len(experts - held_old[i].get(d, set())) for d, experts in held_new[i].items())
+        moved = sum(len(experts - held_old[i].get(source[d], set())) for d, experts in held_new[i].items())
         changed = 0
         for inst in new.phases[phase].instances:
             slots_new = new.placement_of(phase, inst).layers[i].phy2log
@@ -205,6 +245,7 @@ def _experts(old: Plan, new: Plan, phase: str) -> dict:
     return {
         "comparable": True, "moved": moved_total, "changed_slots": changed_total,
         "migration_bytes": moved_total * new.model.expert_bytes, "layers": layers,
+        "renumbered_devices": renumbered,
         "balance": {"old": bo, "new": bn, "delta_pct": _pct(bo, bn)},
     }
 
@@ -230,6 +271,8 @@ def _phase_diff(old: Plan, new: Plan, name: str) -> dict:
             preds.append({"metric": key, "unit": unit, "old": a, "new": b, "delta_pct": _pct(a, b)})
     bo, bn = po.predictions.breakdown, pn.predictions.breakdown
     for stage in sorted(set(bo) | set(bn)):
+        if bo.get(stage) == bn.get(stage):
+            continue  # only the stages whose time changed
         preds.append({"metric": f"breakdown.{stage}", "unit": "ms", "old": bo.get(stage), "new": bn.get(stage),
                       "delta_pct": _pct(bo.get(stage), bn.get(stage))})
     memory = []
@@ -278,6 +321,7 @@ def diff_plans(old: Plan, new: Plan) -> dict:
     return {
         "identical": digest["old"] == digest["new"],
         "digest": digest,
+        "unlike": unlike(old, new),
         "model": {"name": new.model.name, "changes": _changes(old.model.to_dict(), new.model.to_dict())},
         "topology": {"name": new.topology.name, "changes": _changes(_flat(old.topology.to_dict()),
                                                                     _flat(new.topology.to_dict()))},
@@ -392,6 +436,8 @@ def _delta(pct: float | None) -> str:
 def _value(v) -> str:
     if isinstance(v, float):
         return num(v)
+    if isinstance(v, list) and len(v) > 6:  # e.g. moe_layers: the ends and the count are what a reader checks
+        return f"[{v[0]}, {v[1]}, ... {v[-1]}] ({len(v)})"
     return "-" if v is None else str(v)
 
 
@@ -399,6 +445,9 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
     lines = [f"podplan diff: {old} -> {new}"]
     if diff["identical"]:
         lines.append("plans are identical (same canonical bytes)")
+    if diff.get("unlike"):
+        lines.append(f"unlike plans ({', '.join(diff['unlike'])}): device and expert ids do not correspond, "
+                     "so only predictions are compared; no expert moves or migration")
     for part in ("model", "topology"):
         ch = diff[part]["changes"]
         lines.append(f"{part}: {diff[part]['name']}" + ("" if not ch else " CHANGED: " + ", ".join(
@@ -442,6 +491,9 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
             lines.append(f"  experts: {ex['moved']} moved ({human_bytes(ex['migration_bytes'])}) in {len(ex['layers'])} "
                          f"layers, {ex['changed_slots']} slots changed; worst balance {_value(b['old'])} -> "
                          f"{_value(b['new'])} ({_delta(b['delta_pct'])})")
+        if ex.get("renumbered_devices"):
+            lines.append(f"  experts: {ex['renumbered_devices']} devices renumbered (they hold the same experts under "
+                         "new ids; not counted as moved)")
     rules_text = ",".join(r.text for r in rules) or "none"
     if violations:
         lines.append(f"result: {len(violations)} regression{'s' if len(violations) > 1 else ''} (rules {rules_text})")
@@ -469,6 +521,8 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
                else "**:white_check_mark: within thresholds**")
     lines = [f"### podplan diff: `{old}` → `{new}`", "",
              f"{verdict} (rules `{','.join(r.text for r in rules) or 'none'}`)", ""]
+    if diff.get("unlike"):
+        lines += [f"Unlike plans ({', '.join(diff['unlike'])}): only predictions are compared.", ""]
     broken = {(v["phase"], v["metric"]) for v in violations}
     lines += ["| phase | metric | old | new | change |", "|---|---|---:|---:|---:|"]
     for name, ph in diff["phases"].items():

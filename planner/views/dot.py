@@ -1,11 +1,12 @@
 """`podplan show --format dot`: the stage graph (identical layers collapsed, measured cut sizes on
-edges) and the device assignment (one node per instance role, device ranges in the label), as Graphviz DOT."""
+edges) and the device assignment (one node per instance role, device ranges in the label; instances in
+plan order, idle devices last), as Graphviz DOT."""
 
 from __future__ import annotations
 
 from planner.ir.plan import Plan, device_ranges
 from planner.views.common import human_bytes, human_count, stage_groups, stage_label, stage_named
-from planner.views.html import ROLE_COLOURS
+from planner.views.html import ROLE_COLOURS, role_fill
 
 
 def _q(text: str) -> str:
@@ -13,12 +14,18 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+# Role names as drawn ("both" is attention and experts on the same devices).
+_ROLE_LABEL = {"both": "attention + experts", "attention": "attention", "experts": "experts"}
+
+
 def render_dot(plan: Plan) -> str:
+    """Stages on top, then every instance in plan order (prefill-0, prefill-1, ..., decode-0, ...) one per row,
+    then the idle devices: a tall, narrow graph that fits a page's width."""
     m, t = plan.model, plan.topology
     lines = [
         "digraph plan {",
         f"  graph [label={_q(f'{m.name} on {t.name} ({t.num_devices} devices)')}, labelloc=t, fontname=Helvetica,"
-        + " rankdir=TB, compound=true];",
+        + " rankdir=TB, compound=true, newrank=true, nodesep=0.25, ranksep=0.35];",
         '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontname=Helvetica, fontsize=11];',
         "  edge [fontname=Helvetica, fontsize=10];",
         "",
@@ -27,38 +34,59 @@ def render_dot(plan: Plan) -> str:
     ]
     lines += _stage_lines(plan)
     lines += ["  }", ""]
+    column = ["head"]  # first node of each block, top to bottom: invisible edges keep them in this order
     for phase, ph in plan.phases.items():
         lines.append(f"  subgraph cluster_{phase} {{")
-        lines.append(f"    label={_q(f'{phase}: {len(ph.devices)} devices')};")
+        lines.append(f"    label={_q(f'{phase}: {len(ph.instances)} instances, {len(ph.devices)} devices')};")
         for inst in ph.instances:
             node = _node_id(inst.id)
             placement = ph.experts[inst.experts]
             lines.append(f"    subgraph cluster_{node} {{")
-            head = (f"{inst.id}: {inst.mode}, DP{inst.attention_dp} TP{inst.attention_tp} EP{inst.ep}, "
-                    f"mb {inst.microbatches}, {placement.slots_per_device} slots/device")
+            head = (f"{inst.id}: {inst.mode}, DP{inst.attention_dp} TP{inst.attention_tp} EP{inst.ep}\n"
+                    f"{inst.microbatches} microbatch{'es' if inst.microbatches != 1 else ''}, "
+                    f"{placement.slots_per_device} expert slots/device")
             lines.append(f"      label={_q(head)};")
             groups: dict[str, list[int]] = {}
             for d in inst.devices:
                 groups.setdefault(inst.role_of(d), []).append(d)
+            first = True
             for role in ("both", "attention", "experts"):
                 if role not in groups:
                     continue
                 ds = groups[role]
-                label = f"{role}\ndevices {device_ranges(ds)} ({len(ds)})"
-                lines.append(f"      {node}_{role} [label={_q(label)}, fillcolor=\"{ROLE_COLOURS[(phase, role)]}\", "
-                             "fontcolor=\"#ffffff\"];")
+                label = f"{_ROLE_LABEL[role]}\ndevices {device_ranges(ds)} ({len(ds)})"
+                fill = role_fill(plan, phase, role, inst.id)
+                lines.append(f"      {node}_{role} [label={_q(label)}, fillcolor=\"{fill}\", fontcolor=\"{_ink(fill)}\"];")
+                if first:
+                    column.append(f"{node}_{role}")
+                    first = False
             if inst.mode == "disaggregated":
                 ratio = f"A:F {len(inst.attention_devices)}:{len(inst.expert_devices)}"
                 edge = "dispatch/combine\n" + ratio
                 lines.append(f"      {node}_attention -> {node}_experts [label={_q(edge)}, dir=both];")
+                column[-1] = f"{node}_experts"  # the next block goes below the instance's last row
             lines.append("    }")
         lines.append("  }")
+    used = {d for ph in plan.phases.values() for d in ph.devices}
+    idle = [d for d in range(t.num_devices) if d not in used]
+    if idle:
+        label = f"idle\ndevices {device_ranges(idle)} ({len(idle)})"
+        lines.append(f"  idle [label={_q(label)}, fillcolor=\"{ROLE_COLOURS[(None, 'idle')]}\", style=\"rounded,filled,dashed\"];")
+        column.append("idle")
+    for a, b in zip(column, column[1:]):
+        lines.append(f"  {a} -> {b} [style=invis];")
     if plan.prefill is not None and plan.decode is not None:
-        src, dst = plan.prefill.instances[0], plan.decode.instances[0]
-        lines.append(f"  {_node_id(src.id)}_{_first_role(src)} -> {_node_id(dst.id)}_{_first_role(dst)} "
+        src, dst = plan.prefill.instances[-1], plan.decode.instances[0]
+        lines.append(f"  {_node_id(src.id)}_{_last_role(src)} -> {_node_id(dst.id)}_{_first_role(dst)} "
                      "[label=\"KV cache\", style=dotted, ltail=cluster_prefill, lhead=cluster_decode];")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _ink(fill: str) -> str:
+    """Black or white text, whichever reads on `fill` (the instance shades run from light to dark)."""
+    r, g, b = (int(fill[i:i + 2], 16) for i in (1, 3, 5))
+    return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 150 else "#ffffff"
 
 
 # Fill per stage kind: attention blue, MoE side purple, dense FFN green, embed/head grey.
@@ -110,3 +138,7 @@ def _node_id(iid: str) -> str:
 
 def _first_role(inst) -> str:
     return "both" if inst.mode == "colocated" else "attention"
+
+
+def _last_role(inst) -> str:
+    return "both" if inst.mode == "colocated" else "experts"

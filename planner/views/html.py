@@ -35,6 +35,12 @@ ROLE_COLOURS = {
     (None, "idle"): "#d9d9d9",
 }
 NO_LOAD = "#f0f0f0"  # devices without expert slots on the load grid
+# Instances of one phase and role alternate between the role's colour, a lighter and a darker shade, so
+# neighbours (decode-0, decode-1) never share a fill: (mix towards, amount) per instance index mod 3.
+INSTANCE_SHADES = ((None, 0.0), ((255, 255, 255), 0.4), ((0, 0, 0), 0.3))
+# The load grid's sequential ramp (ColorBrewer YlOrRd; its lightest end stays clearly apart from the pale grey
+# of devices without experts), stretched over the plan's own load range.
+LOAD_RAMP = ((255, 237, 160), (254, 178, 76), (240, 59, 32), (128, 0, 38))
 STAGE_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 GRID_WIDTH = 1110  # px the device grid may span
 PLOT_W, PLOT_H = 520, 300
@@ -88,8 +94,11 @@ def page(plan: Plan) -> dict:
                        for r, u in sorted(ph.memory.items())],
             "frontier": _frontier_plot(plan, name),
         })
-    cells, servers, gw, gh = _grid(plan, devices_of(plan))
-    used_roles = sorted({(c.phase or None, c.role) for c in cells}, key=lambda k: list(ROLE_COLOURS).index(k))
+    loads = [max(a.loads) for a in devices_of(plan) if a.loads]
+    scale = LoadScale(min(loads), max(loads)) if loads else LoadScale(1.0, 1.0)
+    cells, servers, gw, gh = _grid(plan, devices_of(plan), scale)
+    used_roles = sorted({(c.phase or None, c.role, c.instance) for c in cells},
+                        key=lambda k: (list(ROLE_COLOURS).index(k[:2]), _instance_order(plan, k[2])))
     return {
         "plan": plan,
         "title": f"{plan.model.name} on {plan.topology.name}",
@@ -101,8 +110,10 @@ def page(plan: Plan) -> dict:
         "deployment": deployment_rows(plan),
         "balance": balance_stats(plan),
         "grid": {"cells": cells, "servers": servers, "width": gw, "height": gh},
-        "legend": [{"label": f"{ph or ''} {role}".strip(), "fill": ROLE_COLOURS[(ph, role)]} for ph, role in used_roles],
-        "load_legend": [{"label": f"{r:g}", "fill": _load_fill(r)} for r in (0.5, 0.75, 1.0, 1.25, 1.5)],
+        "legend": [{"label": f"{inst} {role}" if inst else role, "fill": role_fill(plan, ph, role, inst)}
+                   for ph, role, inst in used_roles],
+        "load_legend": [{"label": scale.label(r), "fill": scale.fill(r)} for r in scale.stops()],
+        "load_range": scale,
         "stages": _stage_graph(plan),
         "solvers": plan.provenance.solvers,
         "passes": plan.provenance.passes,
@@ -113,7 +124,55 @@ def page(plan: Plan) -> dict:
 # --- device grid ----------------------------------------------------------------------------------
 
 
-def _grid(plan: Plan, assignments: list[DeviceAssignment]) -> tuple[list[Cell], list[dict], float, float]:
+@dataclass(frozen=True)
+class LoadScale:
+    """Colours for the plan's own range of worst-layer device loads (1.00-1.06 in a balanced plan): a fixed
+    0.5x-1.5x scale would paint every device the same white."""
+
+    lo: float
+    hi: float
+
+    def stops(self, n: int = 5) -> list[float]:
+        if self.hi - self.lo < 1e-9:
+            return [self.lo]
+        return [self.lo + (self.hi - self.lo) * i / (n - 1) for i in range(n)]
+
+    def label(self, r: float) -> str:
+        """Enough decimals that the legend's stops read apart (1.0000, 1.0005, ... for a tight range)."""
+        step = (self.hi - self.lo) / 4
+        digits = 3 if step <= 0 else max(3, min(6, 1 - math.floor(math.log10(step))))
+        return f"{r:.{digits}f}"
+
+    def fill(self, r: float) -> str:
+        f = 0.5 if self.hi - self.lo < 1e-9 else max(0.0, min(1.0, (r - self.lo) / (self.hi - self.lo)))
+        pos = f * (len(LOAD_RAMP) - 1)
+        i = min(int(pos), len(LOAD_RAMP) - 2)
+        t = pos - i
+        rgb = tuple(round(a + (b - a) * t) for a, b in zip(LOAD_RAMP[i], LOAD_RAMP[i + 1]))
+        return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def _instance_order(plan: Plan, instance: str | None) -> int:
+    ids = [inst.id for _, inst in plan.instances()]
+    return ids.index(instance) if instance in ids else -1
+
+
+def role_fill(plan: Plan, phase: str | None, role: str, instance: str | None) -> str:
+    """The role grid's fill of a device: its phase and role's colour, shaded by its instance's index in the
+    phase so that neighbouring instances differ."""
+    base = ROLE_COLOURS[(phase, role)]
+    if phase is None or instance is None:
+        return base
+    index = [inst.id for inst in plan.phases[phase].instances].index(instance)
+    towards, amount = INSTANCE_SHADES[index % len(INSTANCE_SHADES)]
+    if towards is None:
+        return base
+    rgb = [int(base[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#{:02x}{:02x}{:02x}".format(*(round(c + (t - c) * amount) for c, t in zip(rgb, towards)))
+
+
+def _grid(plan: Plan, assignments: list[DeviceAssignment],
+          scale: LoadScale) -> tuple[list[Cell], list[dict], float, float]:
     """Devices in server blocks, blocks wrapped in rows; devices of both phases drawn as two halves."""
     t = plan.topology
     n = t.num_devices
@@ -140,14 +199,14 @@ def _grid(plan: Plan, assignments: list[DeviceAssignment]) -> tuple[list[Cell], 
             parts = by_device[d]
             h = size / len(parts)
             for k, a in enumerate(parts):
-                cells.append(_cell(a, x, y + k * h, size, h, t.dies_per_device))
+                cells.append(_cell(plan, a, x, y + k * h, size, h, scale))
     lines = math.ceil(num_servers / servers_per_line)
     return cells, servers, servers_per_line * (block_w + gap) - gap, lines * (block_h + gap) - gap
 
 
-def _cell(a: DeviceAssignment, x: float, y: float, w: float, h: float, dies: int) -> Cell:
+def _cell(plan: Plan, a: DeviceAssignment, x: float, y: float, w: float, h: float, scale: LoadScale) -> Cell:
     load = max(a.loads) if a.loads else None
-    fill = ROLE_COLOURS[(a.phase, a.role)]
+    dies = plan.topology.dies_per_device
     if a.role == "idle":
         title = f"device {a.device} (server {a.server}): idle"
     else:
@@ -160,16 +219,8 @@ def _cell(a: DeviceAssignment, x: float, y: float, w: float, h: float, dies: int
         if load is not None:
             title += f", load max {load:.3f} / mean {a.mean_load:.3f} x average"
     return Cell(x=x, y=y, w=w, h=h, device=a.device, phase=a.phase or "", instance=a.instance or "", role=a.role,
-                fill=fill, load=load, load_fill=_load_fill(load) if load is not None else NO_LOAD, title=title)
-
-
-def _load_fill(r: float) -> str:
-    """Diverging scale: 0.5x mean blue, 1.0x white, 1.5x and above red."""
-    f = max(-1.0, min(1.0, (r - 1.0) / 0.5))
-    base = (178, 24, 43) if f > 0 else (33, 102, 172)
-    a = abs(f)
-    rgb = tuple(round(255 + (c - 255) * a) for c in base)
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
+                fill=role_fill(plan, a.phase, a.role, a.instance), load=load,
+                load_fill=scale.fill(load) if load is not None else NO_LOAD, title=title)
 
 
 # --- stage graph ----------------------------------------------------------------------------------
@@ -201,18 +252,27 @@ def _stage_graph(plan: Plan) -> dict:
 
 
 def _bars(breakdown: dict[str, float]) -> dict:
+    """Per-stage bars and one stacked bar of the step. A negative stage (overlap: time hidden under other
+    stages) is drawn as a hatched bar of its size growing right like the others, never leftwards over the
+    labels; the stacked bar shows the positive stages with the hidden part hatched at its end."""
     names = stage_names(breakdown)
-    total = sum(breakdown.values()) or 1.0
-    peak = max(breakdown.values(), default=0.0) or 1.0
+    positive = sum(v for v in breakdown.values() if v > 0) or 1.0
+    total = sum(breakdown.values())
+    peak = max((abs(v) for v in breakdown.values()), default=0.0) or 1.0
     width, label_w, row = 420.0, 120.0, 22.0
     bars, x = [], 0.0
     for i, s in enumerate(names):
         v = breakdown[s]
         colour = STAGE_COLOURS[i % len(STAGE_COLOURS)]
-        bars.append({"stage": s, "ms": v, "w": width * v / peak, "y": 40.0 + i * row, "fill": colour,
-                     "stack_x": label_w + x, "stack_w": width * v / total, "pct": 100.0 * v / total})
-        x += width * v / total
-    return {"bars": bars, "label_w": label_w, "width": width, "height": 40.0 + len(names) * row + 8, "total": total}
+        stack_w = width * v / positive if v > 0 else 0.0
+        bars.append({"stage": s, "ms": v, "w": width * abs(v) / peak, "y": 40.0 + i * row, "fill": colour,
+                     "negative": v < 0, "stack_x": label_w + x, "stack_w": stack_w, "pct": 100.0 * abs(v) / positive})
+        x += stack_w
+    hidden = -sum(v for v in breakdown.values() if v < 0)
+    overlap = {"x": label_w + width * (positive - hidden) / positive, "w": width * hidden / positive,
+               "ms": hidden} if hidden > 0 else None
+    return {"bars": bars, "label_w": label_w, "width": width, "height": 40.0 + len(names) * row + 8, "total": total,
+            "overlap": overlap}
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -248,6 +308,7 @@ def _frontier_plot(plan: Plan, phase: str) -> dict | None:
               for x, y, p in ordered]
     slo = plan.workload.tpot_slo_ms if phase == "decode" else plan.workload.ttft_slo_ms
     return {
+        "why": _why_chosen(plan, phase, pts, xkey, slo),
         "w": PLOT_W, "h": PLOT_H, "ml": ml, "mt": mt, "pw": pw, "ph": ph,
         "xlabel": ("TPOT" if phase == "decode" else "TTFT") + " (ms)", "ylabel": "tokens/s per device",
         "xticks": [{"x": sx(v), "label": num(v, 3)} for v in xt],
@@ -256,3 +317,24 @@ def _frontier_plot(plan: Plan, phase: str) -> dict | None:
         "path": " ".join(f"{'M' if i == 0 else 'L'}{q['x']:.1f},{q['y']:.1f}" for i, q in enumerate(points)),
         "slo_x": sx(slo) if slo is not None and slo <= xt[-1] else None,
     }
+
+
+def _why_chosen(plan: Plan, phase: str, pts: list, xkey: str, slo: float | None) -> str | None:
+    """Why the chosen point is chosen when a feasible point within the SLO plots higher: the search ranks by
+    requests/s of the whole topology, and the chosen point is plotted re-scored with the balance reached."""
+    chosen = next((p for p in pts if p.chosen), None)
+    if chosen is None:
+        return None
+    better = [p for p in pts if not p.chosen and p.feasible and p.throughput_per_device > chosen.throughput_per_device
+              and (slo is None or getattr(p, xkey) <= slo)]
+    if not better:
+        return None
+    best = max(better, key=lambda p: p.throughput_per_device)
+    other = "prefill" if phase == "decode" else "decode"
+    return (f"Why not a higher point: {len(better)} point{'s' if len(better) > 1 else ''} within the SLO plot "
+            f"above the chosen one (best: {best.config}, {num(best.throughput_per_device)} tok/s/device). "
+            f"The search does not rank by one phase's throughput per device: it picks the instance shape whose "
+            f"count, with {other} instances sized to serve the same request rate, serves the most requests/s on "
+            f"the {plan.topology.num_devices} devices; a shape that packs worse into them loses. The chosen point is "
+            f"also plotted as re-scored with the expert balance the balancer reached; the others assume perfect "
+            f"balance.")

@@ -35,14 +35,50 @@ def print_summary(plan: Plan, console: Console) -> None:
                                 f"TTFT <= {num(w.ttft_slo_ms)} ms" if w.ttft_slo_ms else "") if x) or "none"
     console.print(f"workload: input {w.input_len}, output {w.output_len}, prefix hit {w.prefix_hit:.0%}, {w.quant}, "
                   f"MTP accept {w.mtp_accept:g}; SLOs: {slo}")
-    console.print("devices: " + ", ".join(f"{k} {v}" for k, v in device_counts(plan).items()))
+    console.print(devices_line(plan))
     console.print(_deployment(plan))
     console.print(_predictions(plan))
+    for note in step_notes(plan):
+        console.print(note)
     console.print(_breakdown(plan))
     console.print(_memory(plan))
     console.print(_balance(plan))
     console.print(_stages(plan))
     _footer(plan, console)
+
+
+def devices_line(plan: Plan) -> str:
+    """'devices: prefill 200, decode 176, idle 8 (no device serves both phases); shared experts on ...':
+    devices shared by the phases and devices running the shared experts are different things."""
+    counts = device_counts(plan)
+    both = counts.pop("in both phases", None)
+    line = "devices: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    if both is not None:
+        line += f" ({both} serve both phases)" if both else " (no device serves both phases)"
+    if plan.model.num_shared_experts:
+        per = []
+        for name, ph in plan.phases.items():
+            n = len({d for i in ph.instances for d in i.shared_expert_devices})
+            per.append(f"every {name} device" if n == len(ph.devices) else f"{n} of {len(ph.devices)} {name} devices")
+        if per:
+            line += "; shared experts run on " + " and ".join(per)
+    return line
+
+
+def step_notes(plan: Plan) -> list[str]:
+    """Why a decode TPOT is not its step time: with MTP each step emits 1 + accept tokens per sequence."""
+    out = []
+    p = plan.decode.predictions if plan.decode is not None else None
+    a = plan.workload.mtp_accept
+    if p is not None and p.tpot_ms is not None and p.step_ms is not None and a > 0:
+        out.append(f"decode: TPOT = step {num(p.step_ms)} ms / {1 + a:g} tokens per step (MTP accept {a:g}) "
+                   f"= {num(p.tpot_ms)} ms")
+    return out
+
+
+def batch_label(phase: str, value: float) -> str:
+    """A deployment's batch per device with its unit: decode batches sequences, prefill batches tokens."""
+    return f"{num(value)} {'seq' if phase == 'decode' else 'tok'}"
 
 
 def text_of(plan: Plan, width: int = 160) -> str:
@@ -61,10 +97,10 @@ def _table(title: str, cols: list[str], left: int = 2) -> Table:
 
 def _deployment(plan: Plan) -> Table:
     table = _table("deployment", ["phase", "instance", "mode", "devices", "device ids", "attention DPxTP", "EP",
-                                  "A:F", "microbatches", "batch/device", "slots/device"], left=3)
+                                  "A:F", "microbatches", "batch/device (seq or tok)", "slots/device"], left=3)
     for r in deployment_rows(plan):
         table.add_row(r["phase"], r["instance"], r["mode"], str(r["devices"]), r["device_ids"], r["dp_tp"],
-                      str(r["ep"]), r["af"], str(r["microbatches"]), num(r["batch_per_device"]),
+                      str(r["ep"]), r["af"], str(r["microbatches"]), batch_label(r["phase"], r["batch_per_device"]),
                       str(r["slots_per_device"]))
     return table
 
@@ -132,18 +168,36 @@ def _stages(plan: Plan) -> Table:
     return table
 
 
+def chosen_config(phase: str, config: str) -> str:
+    """'prefill: 40 dev, ...' from a frontier config that may already start with its phase's name."""
+    rest = config[len(phase):].lstrip() if config.startswith(phase + " ") else config
+    return f"{phase}: {rest}"
+
+
+def solver_status(status: str) -> str:
+    """A recorded solver status for reading: 'feasiblex58' (58 layers solved, all feasible) -> 'feasible on 58
+    layers'; 'EXHAUSTIVE' -> 'exhaustive'."""
+    parts = []
+    for part in status.split(","):
+        word, sep, count = part.rpartition("x")
+        if sep and word and count.isdigit():
+            parts.append(f"{word.lower()} on {count} layer{'s' if count != '1' else ''}")
+        else:
+            parts.append(part.lower())
+    return ", ".join(parts)
+
+
 def _footer(plan: Plan, console: Console) -> None:
     pr = plan.provenance
     chosen = [p for p in plan.frontier if p.chosen]
     console.print(f"frontier: {len(plan.frontier)} points kept"
-                  + (f"; chosen: {'; '.join(f'{p.phase} {p.config}' for p in chosen)}" if chosen else ""))
-    statuses: dict[str, int] = {}
+                  + (f"; chosen {'; '.join(chosen_config(p.phase, p.config) for p in chosen)}" if chosen else ""))
+    console.print(f"provenance: podplan {pr.podplan_version}, seed {pr.seed}")
     for s in pr.solvers:
-        statuses[s.status] = statuses.get(s.status, 0) + 1
-    gaps = [s.gap for s in pr.solvers if s.gap is not None]
-    solver = ", ".join(f"{k} x{v}" for k, v in sorted(statuses.items())) or "none recorded"
-    worst_gap = f", worst gap {max(gaps):.2%}" if gaps else ""
-    console.print(f"provenance: podplan {pr.podplan_version}, seed {pr.seed}, solvers: {solver}{worst_gap}")
+        gap = f", gap {s.gap:.2%}" if s.gap is not None else ""
+        console.print(f"  solver {s.name}: {s.solver}, {solver_status(s.status)}{gap}")
+    if not pr.solvers:
+        console.print("  solvers: none recorded")
     console.print("passes: " + (" -> ".join(pr.passes) or "none recorded"))
     console.print(f"model config sha256 {plan.model.config_sha256[:12]}..., topology sha256 "
                   f"{plan.topology.sha256[:12]}..., plan sha256 {plan.digest()[:12]}...")

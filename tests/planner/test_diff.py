@@ -10,7 +10,7 @@ import pytest
 from costmodels.errors import InputError
 from planner.cli.main import main
 from planner.ir.plan import LayerPlacement, Plan, write_plan
-from tests.plan_factory import tiny_plan
+from tests.plan_factory import synthetic_plan, tiny_plan
 from planner.views.diff import DEFAULT_FAIL_ON, check, diff_plans, parse_fail_on
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -137,8 +137,11 @@ def test_phase_added_or_removed_and_model_change(capsys, tmp_path):
     d = diff_plans(both, other)
     assert any(c["field"] == "config_sha256" for c in d["model"]["changes"])
     assert d["phases"]["decode"]["experts"]["comparable"] is False
-    _, out, _ = _diff(capsys, tmp_path, both, other)
+    rc, _, err = _diff(capsys, tmp_path, both, other)  # another model: refused unless asked for
+    assert rc == 2 and "unlike plans (model tiny-mixtral -> tiny-deepseek-v3)" in err
+    _, out, _ = _diff(capsys, tmp_path, both, other, "--allow-incomparable")
     assert "model: tiny-deepseek-v3 CHANGED" in out and "experts: not comparable" in out
+    assert "unlike plans (model tiny-mixtral -> tiny-deepseek-v3)" in out
 
 
 def test_json_and_markdown_outputs(base, capsys, tmp_path):
@@ -236,3 +239,44 @@ def test_stage_and_pass_changes_are_reported(base, capsys, tmp_path):
     rc, out, _ = _diff(capsys, tmp_path, base, new, "--markdown")
     assert "**Stages**" in out and f"- stages changed: {', '.join(routed)}" in out
     assert diff_plans(base, base)["stages"] == {"added": [], "removed": [], "changed": []}
+
+
+def test_unlike_plans_are_refused_in_one_line(base, tmp_path):
+    """Plans of another topology (or model) share no devices: no bogus migration, one line and exit 2."""
+    other = synthetic_plan("tiny-mixtral", "local:16")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_plan(base, a)
+    write_plan(other, b)
+    assert_one_line_error(run_cli("diff", str(a), str(b)), "unlike plans (topology local:8 -> local:16)",
+                          "--allow-incomparable")
+    d = diff_plans(base, other)
+    assert d["unlike"] == ["topology local:8 -> local:16"]
+    assert all(not ph["experts"]["comparable"] for ph in d["phases"].values() if ph["status"] == "compared")
+    proc = run_cli("diff", str(a), str(b), "--allow-incomparable")
+    assert proc.returncode in (0, 1) and "moved (" not in proc.stdout and "unlike plans" in proc.stdout
+
+
+def test_renumbered_devices_holding_the_same_experts_are_not_moves(base):
+    """Two decode devices trading all their experts in every layer: new ids, same expert sets, nothing to copy."""
+    placement = base.decode.experts[0]
+    spd = placement.slots_per_device
+    sets = [[set(lp.phy2log[d * spd:(d + 1) * spd]) for d in range(placement.devices)] for lp in placement.layers]
+    j, k = next((j, k) for j in range(placement.devices) for k in range(j + 1, placement.devices)
+                if any(layer[j] != layer[k] for layer in sets))
+    new = base
+    for i, lp in enumerate(placement.layers):
+        row = list(lp.phy2log)
+        row[j * spd:(j + 1) * spd], row[k * spd:(k + 1) * spd] = row[k * spd:(k + 1) * spd], row[j * spd:(j + 1) * spd]
+        new = _with_layer(new, "decode", i, row)
+    d = diff_plans(base, new)["phases"]["decode"]["experts"]
+    assert d["moved"] == 0 and d["migration_bytes"] == 0 and d["renumbered_devices"] == 2
+    assert d["changed_slots"] > 0  # the slots did change: the report still says so
+
+
+def test_unchanged_breakdown_entries_are_not_listed(base):
+    b = dict(base.decode.predictions.breakdown)
+    stage = sorted(b)[0]
+    b[stage] += 1.0
+    d = diff_plans(base, _with_decode(base, breakdown=b))
+    listed = [p["metric"] for p in d["phases"]["decode"]["predictions"] if p["metric"].startswith("breakdown.")]
+    assert listed == [f"breakdown.{stage}"]

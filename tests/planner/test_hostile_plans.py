@@ -8,6 +8,7 @@ traceback, no file opened because the plan named it, nothing written outside the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -181,7 +182,13 @@ def test_golden_plans_load(capsys):
 def test_incomparable_experts_are_a_regression_unless_allowed(capsys, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write_plan(tiny_plan(), a)
-    write_plan(tiny_plan("tiny-deepseek-v3"), b)  # MoE layers 1-2 instead of 0-1
+    other = tiny_plan("tiny-deepseek-v3")  # MoE layers 1-2 instead of 0-1
+    write_plan(other, b)
+    rc, _, err = _call(capsys, ["diff", str(a), str(b)])  # another model: refused, not diffed device by device
+    assert rc == 2 and "unlike plans (model tiny-mixtral -> tiny-deepseek-v3)" in err
+    # two revisions of one (own, unbundled) model whose MoE layers moved: compared, and its experts cannot be
+    for plan, path in ((tiny_plan(), a), (other, b)):
+        write_plan(dataclasses.replace(plan, model=dataclasses.replace(plan.model, name="my-moe")), path)
     rc, out, _ = _call(capsys, ["diff", str(a), str(b), "--fail-on", "none"])
     assert rc == 1 and "comparable: decode experts: not comparable" in out and "--allow-incomparable" in out
     rc, out, _ = _call(capsys, ["diff", str(a), str(b), "--fail-on", "none", "--allow-incomparable"])

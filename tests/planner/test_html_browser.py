@@ -16,7 +16,7 @@ import pytest
 from planner.cli.main import main
 from planner.ir.plan import devices_of, write_plan
 from tests.plan_factory import deepseek_v3_plan
-from planner.views.html import ROLE_COLOURS
+from planner.views.html import role_fill
 
 pytestmark = pytest.mark.browser
 
@@ -136,7 +136,7 @@ def test_screenshot_shows_the_grid_in_role_colours(rendered):
     wrong = []
     for a in devices_of(plan):
         x, y, cw, ch = layout["cells"][str(a.device)]
-        want = ROLE_COLOURS[(a.phase, a.role)]
+        want = role_fill(plan, a.phase, a.role, a.instance)
         if _pixel(rows, x + cw / 2, y + ch / 2) != want:
             wrong.append((a.device, want, _pixel(rows, x + cw / 2, y + ch / 2)))
     assert not wrong, wrong[:5]

@@ -13,6 +13,9 @@ from planner.ir.plan import SCHEMA_VERSION, Plan, from_json, write_plan
 from tests.plan_factory import deepseek_v3_plan, tiny_plan
 from tests.conftest import assert_one_line_error, run_cli
 
+# A compiled plan (not a synthetic one): real loads, a negative overlap, a frontier the split chose from.
+GOLDEN = Path(__file__).resolve().parents[2] / "plans" / "deepseek-v3.cloudmatrix384.json"
+
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory) -> dict[str, tuple[Plan, str]]:
@@ -198,3 +201,96 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     path, _ = _version_1(tmp_path)
     assert_one_line_error(run_cli("show", path), "v1.json: plan.schema_version: 1 is older",
                           "recompile it with `podplan compile`")
+
+
+def test_text_words_what_it_counts(plans, capsys):
+    """Batches carry their unit per phase, devices in both phases are not shared-expert devices, solver
+    statuses read as words, and a chosen config does not repeat its phase."""
+    _, out, _ = _show(capsys, plans["dsv3"][1])
+    assert re.search(r"decode-0 .*│\s+\d[\d,.]* seq\s+│", out) and re.search(r"prefill-0 .*│\s+\d[\d,.]* tok\s+│", out)
+    assert "shared 0" not in out and "no device serves both phases" in out
+    assert "shared experts run on every prefill device and every decode device" in out
+    assert not re.search(r"[a-z]x\d", out.split("frontier:")[1].split("passes:")[0])  # no 'feasiblex58'
+    assert "prefill prefill" not in out and "decode decode" not in out
+    _, out, _ = _show(capsys, plans["shared"][1])
+    assert re.search(r"\(\d+ serve both phases\)", out)
+
+
+def test_text_explains_tpot_against_step_under_mtp(plans, capsys):
+    assert plans["dsv3"][0].workload.mtp_accept == 0.7
+    _, out, _ = _show(capsys, plans["dsv3"][1])
+    assert "decode: TPOT = step 83.98 ms / 1.7 tokens per step (MTP accept 0.7) = 49.4 ms" in out
+    _, out, _ = _show(capsys, plans["shared"][1])  # no MTP: step and TPOT agree, nothing to explain
+    assert "tokens per step" not in out
+
+
+def test_html_load_colours_span_the_plans_own_range(capsys):
+    """A balanced plan's loads (all within a few per mille of 1) still get distinct colours, and each device
+    says its number on hover."""
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    load_grid = out.split('id="grid-load"')[1].split("</svg>")[0]
+    cells = re.findall(r'data-load="([\d.]+)"[^>]*fill="(#[0-9a-f]{6})"[^>]*><title>load ([\d.]+)x mean', load_grid)
+    assert len(cells) == len(re.findall(r'data-load="\d', load_grid)) == 376  # every expert device: 200 + 176
+    loads = [float(v) for v, _, _ in cells]
+    lo, hi = min(loads), max(loads)
+    assert hi - lo < 0.05  # the regime where a fixed 0.5x-1.5x scale painted everything white
+    fill_of = {float(v): fill for v, fill, _ in cells}
+    assert fill_of[lo] != fill_of[hi]
+    assert len({fill for _, fill, _ in cells}) >= 4
+    assert all(abs(float(v) - float(shown)) < 6e-4 for v, _, shown in cells)
+
+
+def test_html_tells_instances_apart(capsys):
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    role_grid = out.split('id="grid-role"')[1].split("</svg>")[0]
+    fills: dict[str, set[str]] = {}
+    for inst, fill in re.findall(r'data-instance="([\w-]+)"[^>]*fill="(#[0-9a-f]{6})"', role_grid):
+        fills.setdefault(inst, set()).add(fill)
+    assert all(len(f) == 1 for f in fills.values())
+    for phase in ("prefill", "decode"):
+        ids = sorted((i for i in fills if i.startswith(phase)), key=lambda i: int(i.rsplit("-", 1)[1]))
+        assert len(ids) >= 2
+        assert all(fills[a] != fills[b] for a, b in zip(ids, ids[1:])), (phase, fills)  # neighbours differ
+    legend = out.split('id="role-legend"')[1].split("</div>")[0]
+    assert "decode-0" in legend and "prefill-1" in legend
+
+
+def test_html_overlap_bars_grow_away_from_their_labels(capsys):
+    from planner.ir.plan import load_plan
+
+    plan = load_plan(str(GOLDEN))
+    assert min(plan.prefill.predictions.breakdown.values()) < 0  # the prefill step hides time under overlap
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    for x, w in re.findall(r'class="bar[^"]*" data-stage="[^"]+" x="([\d.-]+)" y="[\d.]+" width="([\d.-]+)"', out):
+        assert float(x) >= 120.0 and float(w) >= 0.0
+    assert 'class="bar negative" data-stage="overlap"' in out and 'class="overlap"' in out
+    breakdown = out.split('id="breakdown"')[1].split("</section>")[0]
+    stacked = re.findall(r'<rect x="([\d.-]+)" y="8" width="([\d.-]+)"', breakdown)
+    assert stacked and all(float(x) >= 120.0 and float(w) >= 0.0 for x, w in stacked)
+
+
+def test_html_says_why_the_chosen_point_is_chosen_over_a_higher_neighbour(capsys):
+    from planner.ir.plan import load_plan
+
+    plan = load_plan(str(GOLDEN))
+    chosen = next(p for p in plan.frontier if p.phase == "decode" and p.chosen)
+    assert any(p.phase == "decode" and p.feasible and p.tpot_ms <= plan.workload.tpot_slo_ms
+               and p.throughput_per_device > chosen.throughput_per_device for p in plan.frontier)
+    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
+    why = re.findall(r'class="sub why-chosen"[^>]*>([^<]*)<', out)
+    assert len(why) == 1 and "requests/s" in why[0] and "re-scored" in why[0]
+
+
+def test_dot_lists_instances_in_order_with_idle_devices_in_a_narrow_column(plans, capsys):
+    plan, path = plans["dsv3"]
+    _, out, _ = _show(capsys, path, "--format", "dot")
+    chain = re.findall(r"^  (\w+) -> (\w+) \[style=invis\];", out, re.MULTILINE)
+    column = [chain[0][0]] + [b for _, b in chain]
+    assert all(a == b0 for (_, a), (b0, _) in zip(chain, chain[1:]))  # one unbroken top-to-bottom chain
+    ids = [inst.id for _, inst in plan.instances()]
+    drawn = [re.match(r"i_(\w+?)_(both|attention|experts)$", n).group(1).replace("_", "-") for n in column[1:-1]]
+    assert column[0] == "head" and drawn == ids and column[-1] == "idle"
+    assert re.search(r'idle \[label="idle\\ndevices 256-383 \(128\)"', out)
+    # every label line stays short: the graph is one column that fits a page's width
+    labels = re.findall(r'label="([^"]*)"', out)
+    assert max(len(line) for text in labels for line in text.split("\\n")) <= 60

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from passes import PIPELINES
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, cli_in_process, run_cli
 
 
 def test_trace_deepseek_v3_json():
@@ -38,7 +38,7 @@ def test_trace_deepseek_v3_json():
 
 def test_trace_json_is_the_stage_table_summed_per_layer():
     per_layer = run_cli("trace", "tiny-deepseek-v3", "--json")
-    staged = run_cli("trace", "tiny-deepseek-v3", "--stages", "--json")
+    staged = cli_in_process("trace", "tiny-deepseek-v3", "--stages", "--json")
     assert per_layer.returncode == 0 and staged.returncode == 0, per_layer.stderr + staged.stderr
     assert run_cli("trace", "tiny-deepseek-v3", "--json").stdout == per_layer.stdout  # deterministic
     layers, stages = json.loads(per_layer.stdout)["layers"], json.loads(staged.stdout)["stages"]
@@ -104,7 +104,7 @@ TINY = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 48, "nu
          "negative", "not-object", "unknown-arch-class", "unbuildable", "dense"],
 )
 def test_bad_model_input_is_one_line_exit_2(tmp_path, make, fragments):
-    proc = run_cli("trace", make(tmp_path))
+    proc = cli_in_process("trace", make(tmp_path))  # one interpreter for all: a subprocess each cost ~3 s
     assert_one_line_error(proc, *fragments)
     assert "CausalLMRoot" not in proc.stderr  # the frontend's wrapper is not the user's model
 
