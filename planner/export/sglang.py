@@ -25,4 +25,5 @@ EXPORTER = Exporter(
     built=("expert_location.json",),
     build=_expert_location,
     templates={"launch.sh": "launch_sglang.sh.j2"},
+    serve_templates={"router.sh": "router_sglang.sh.j2"},
 )
