@@ -1,8 +1,8 @@
 """What an engine will load for the plan's model: its architecture and the checkpoint's own quantisation.
 
-Engine flags depend on these facts, not on the model's name: SGLang takes the DeepEP all-to-all path
-only in the model classes that dispatch through it, and an engine reads a pre-quantised checkpoint's
-method from its config.json (passing another `--quantization` is refused at start-up).
+Engine flags depend on these facts, not on the model's name: SGLang takes the DeepEP all-to-all
+path, and holds redundant expert slots, only in the model classes written for them; an engine reads
+a pre-quantised checkpoint's method from its config.json (another `--quantization` is refused).
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ CHECKPOINT_QUANT: dict[str, str] = {
     "openai/gpt-oss-120b": "mxfp4",
 }
 
-# Model classes whose SGLang MoE block dispatches tokens through the all-to-all backend (DeepEP): the
-# list SGLang's server_args keeps of architectures that "take the A2A MoE path" (DeepSeek-V3/V4 and
-# Qwen3-MoE; Kimi K2 is DeepseekV3ForCausalLM). Other MoE classes (Mixtral, OLMoE, gpt-oss) run expert
-# parallelism through the default path, so `--moe-a2a-backend deepep` is not written for them.
-SGLANG_A2A_ARCHITECTURES = frozenset({"DeepseekV3ForCausalLM", "DeepseekV4ForCausalLM", "Qwen3MoeForCausalLM"})
-
+# Model classes of SGLang 0.5.23 (sglang/srt/models/) by what their MoE block does:
+# - dispatches tokens through the all-to-all backend (DeepEP): deepseek_v2.py (DeepSeek-V2/V3, Kimi K2
+#   is DeepseekV3ForCausalLM), qwen2_moe.py, qwen3_moe.py. gpt_oss.py raises NotImplementedError on its
+#   DeepEP branch; mixtral.py and olmoe.py build a plain FusedMoE.
+# - sizes its experts num_experts + ep_num_redundant_experts, so redundant slots and an
+#   --init-expert-location map apply: the same three files plus gpt_oss.py; mixtral.py and olmoe.py do not.
+SGLANG_A2A_ARCHITECTURES = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Qwen2MoeForCausalLM",
+                                      "Qwen3MoeForCausalLM"})
+SGLANG_EXPERT_LOCATION_ARCHITECTURES = SGLANG_A2A_ARCHITECTURES | {"GptOssForCausalLM"}
 
 def architecture(model: ir.ModelInfo) -> str | None:
     """The config's `architectures[0]` for a bundled model whose config the plan was compiled from, else None."""

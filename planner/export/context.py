@@ -10,7 +10,12 @@ Engine facts behind the values (read in the engines' sources; docs/export.md nam
 
 from __future__ import annotations
 
-from planner.export.checkpoint import SGLANG_A2A_ARCHITECTURES, architecture, checkpoint_quant
+from planner.export.checkpoint import (
+    SGLANG_A2A_ARCHITECTURES,
+    SGLANG_EXPERT_LOCATION_ARCHITECTURES,
+    architecture,
+    checkpoint_quant,
+)
 from planner.export.groups import Group
 from planner.export.platform import CUDA, NPU, Platform, platform_of
 from planner.frontend.zoo import BUNDLED
@@ -114,6 +119,7 @@ def launch_context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dic
         "mtp": wl.mtp_accept > 0 and group.phase == "decode", "quant": wl.quant,
         "quant_flag": quant_flag or "", "quant_why": quant_why,
         "architecture": arch or "", "a2a": arch in SGLANG_A2A_ARCHITECTURES,
+        "expert_location": arch in SGLANG_EXPERT_LOCATION_ARCHITECTURES,
         "afd": first.mode == "disaggregated",
         "pd": pd, "peers": {p: _phase_split(plan, p) for p in ("prefill", "decode")} if pd else {},
         "moe_layers": list(m.moe_layers), "default_port": DEFAULT_PORT.get(fmt, 8000),

@@ -74,7 +74,7 @@ def test_sglang_expert_location_indexes_every_decoder_layer(plan, exports):
         _check_table(rows[MOE], ranks, spr)
         text = _launch(files, group)
         for flag in (f"--tp-size {ranks}", f"--ep-size {ranks}", f"--ep-num-redundant-experts {ranks * spr - E}",
-                     "--init-expert-location", "--enable-dp-attention", f"--disaggregation-mode {group}",
+                     "--init-expert-location", "--attn-dp-size", f"--disaggregation-mode {group}",
                      "ASCEND_RT_VISIBLE_DEVICES", "--device npu"):
             assert flag in text, flag
     decode = _launch(files, "decode")

@@ -98,7 +98,7 @@ def _command(path_or_text: Path | str) -> str:
 def test_sglang_chunked_prefill_size_is_instance_wide(written, deepseek, stubs):
     argv, _ = _engine_call(written["sglang"]["deepseek"] / "prefill" / "launch.sh", stubs, **STORE)
     inst = deepseek.prefill.instances[0]
-    dp = int(_value(argv, "--dp-size"))
+    dp = int(_value(argv, "--attn-dp-size"))
     chunk = int(_value(argv, "--chunked-prefill-size"))
     assert chunk == round(inst.batch_per_device * len(inst.attention_devices)) == 1310720
     assert chunk // dp == 16384  # what each DP-attention rank gets after SGLang's division: 16384 tokens per die
@@ -173,9 +173,10 @@ def test_trtllm_of_an_ascend_plan_names_cuda_devices(written, deepseek, stubs):
 def test_all_to_all_backend_follows_the_model_class(written, stubs):
     argv, _ = _engine_call(written["sglang"]["mixtral"] / "decode" / "launch.sh", stubs)
     assert "--moe-a2a-backend" not in argv  # MixtralForCausalLM does not dispatch through DeepEP
+    assert "--init-expert-location" not in argv and "--ep-num-redundant-experts" not in argv  # nor hold spare slots
     assert _value(argv, "--quantization") == "fp8"  # bf16 checkpoint, fp8 plan: quantised at load time
     argv, _ = _engine_call(written["sglang"]["deepseek"] / "decode" / "launch.sh", stubs, **STORE)
-    assert _value(argv, "--moe-a2a-backend") == "deepep"
+    assert _value(argv, "--moe-a2a-backend") == "deepep" and _value(argv, "--ep-num-redundant-experts") == "96"
     qwen = ex.export_plan(load_plan(QWEN), "sglang").files["decode/launch.sh"].decode()
     assert "--moe-a2a-backend deepep" in _command(qwen)  # Qwen3MoeForCausalLM does
 
@@ -191,7 +192,9 @@ def test_prequantised_checkpoint_gets_no_quantization_flag(gpt_oss):
         text = ex.export_plan(gpt_oss, fmt).files["decode/launch.sh"].decode()
         assert "--quantization" not in _command(text), fmt
         assert "the checkpoint ships mxfp4 weights" in text
-    assert "--moe-a2a-backend" not in _command(ex.export_plan(gpt_oss, "sglang").files["decode/launch.sh"].decode())
+    command = _command(ex.export_plan(gpt_oss, "sglang").files["decode/launch.sh"].decode())
+    assert "--moe-a2a-backend" not in command  # gpt_oss.py has no DeepEP forward
+    assert "--init-expert-location" in command  # but sizes redundant slots
 
 
 def test_afd_plan_exported_as_colocated_says_its_predictions_do_not_hold():
@@ -275,3 +278,30 @@ def test_colocated_pd_has_no_serving_files():
     export = ex.export_plan(synthetic_plan("tiny-mixtral", "local:8", shared_pd=True), "sglang")
     assert not [f for f in export.files if "/" not in f and f != "manifest.json"]
     assert "--disaggregation-mode" not in _command(export.files["decode/launch.sh"].decode())
+
+
+# 11. bench/engine_args.py: every exported command line goes to the engine's parser, or says it cannot.
+def test_engine_args_bench_finds_every_command_and_says_when_an_engine_is_missing(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import engine_args
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    out = tmp_path / "sglang"
+    ex.write_export(ex.export_plan(load_plan(DEEPSEEK), "sglang"), out)
+    env = engine_args._stubs(tmp_path / "bin", tmp_path / "argv.json")
+    runs = engine_args._argvs(out, env, tmp_path / "argv.json")
+    found = [(label, engine_args._engine_of(argv)) for label, argv in runs]
+    assert [label for label, _ in found] == ["prefill/launch.sh node 0", "prefill/launch.sh node 4",
+                                             "decode/launch.sh node 0", "decode/launch.sh node 10", "router.sh"]
+    assert [f[0] for _, f in found] == ["sglang"] * 4 + ["sglang-router"]
+    assert all(f[1][:2] == ["--model-path", "deepseek-ai/DeepSeek-V3"] for _, f in found[:4])
+    # where an engine is not installed (as in the project's venv) it says so and still exits 0
+    missing = [name for name, (dist, _) in engine_args.ENGINES.items() if engine_args._version(dist) is None]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "engine_args.py"), "--plans",
+                           str(ROOT / "plans" / "tiny-deepseek-v3.local-8.json")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for name in missing:
+        assert f"{name}: not installed in" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith("0 refused")
