@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.export.context import launch_context
+from planner.export.context import disaggregated_pd, engine_platform, launch_context, serve_context
+from planner.export.exporter import Exporter
 from planner.export.folder import MANIFEST, SCHEMA
 from planner.export.groups import groups_of
 from planner.export.platform import platform_of
@@ -26,6 +27,11 @@ class Export:
     notes: tuple[str, ...]
 
 
+def _runs_an_engine(exporter: Exporter) -> bool:
+    """Whether a format writes launch scripts (an engine runs it), not only tables."""
+    return "launch.sh" in exporter.templates
+
+
 def export_plan(plan: ir.Plan, fmt: str, *, plan_file: str = "PLAN.json") -> Export:
     """All files of `fmt` for every phase shape of `plan`, plus a manifest."""
     exporter = exporter_for(fmt)
@@ -33,7 +39,8 @@ def export_plan(plan: ir.Plan, fmt: str, *, plan_file: str = "PLAN.json") -> Exp
     notes: list[str] = []
     files: dict[str, bytes] = {}
     manifest_groups = []
-    for group in groups_of(plan, notes):
+    groups = groups_of(plan, notes)
+    for group in groups:
         ctx = launch_context(plan, group, fmt, plan_file)
         written = exporter.write_group(plan, group, ctx)
         if "launch.sh" in written and ctx["uneven_nodes"]:
@@ -48,13 +55,20 @@ def export_plan(plan: ir.Plan, fmt: str, *, plan_file: str = "PLAN.json") -> Exp
             "redundant_experts": group.num_physical - plan.model.num_routed_experts,
             "files": sorted(f"{group.name}/{rel}" for rel in written),
         })
+    serve: dict[str, bytes] = {}
+    if disaggregated_pd(plan):
+        serve = exporter.write_serve(serve_context(plan, fmt, plan_file, groups))
+        files.update(serve)
+    if engine_platform(plan, fmt) != platform and _runs_an_engine(exporter):
+        notes.append(f"{fmt} runs on {engine_platform(plan, fmt).label}, not {plan.topology.hardware}: the scripts "
+                     "are for a cluster of the same shape on that platform, where the plan's predictions do not hold")
     notes += exporter.notes(plan, platform)
     notes = list(dict.fromkeys(notes))  # one line per distinct limitation
     manifest = {
         "schema": SCHEMA, "format": fmt, "layer_ids": exporter.layer_ids,
         "plan": {"file": plan_file, "model": plan.model.name, "topology": plan.topology.name,
                  "sha256": plan.digest()},
-        "groups": manifest_groups, "notes": notes,
+        "groups": manifest_groups, "serve": sorted(serve), "notes": notes,
     }
     files[MANIFEST] = json_bytes(manifest, indent=True)
     return Export(format=fmt, files=files, notes=tuple(notes))

@@ -1,9 +1,23 @@
-"""What the templates see for one group: sizes, nodes, flags, and the plan's names (quoted by the templates)."""
+"""What the templates see for one group: sizes, nodes, flags, and the plan's names (quoted by the templates).
+
+Engine facts behind the values (read in the engines' sources; docs/export.md names the versions):
+- SGLang divides `--chunked-prefill-size` and `--max-running-requests` by the attention-DP size when DP
+  attention is on, so both are written instance-wide; vLLM and TensorRT-LLM run one scheduler per DP
+  rank, so their batch limits are written per DP rank.
+- The engine's platform, not the plan's, names the visible-devices variable: TensorRT-LLM is a CUDA
+  engine and vllm-ascend an Ascend one whatever hardware the plan was compiled for.
+"""
 
 from __future__ import annotations
 
+from planner.export.checkpoint import (
+    SGLANG_A2A_ARCHITECTURES,
+    SGLANG_EXPERT_LOCATION_ARCHITECTURES,
+    architecture,
+    checkpoint_quant,
+)
 from planner.export.groups import Group
-from planner.export.platform import platform_of
+from planner.export.platform import CUDA, NPU, Platform, platform_of
 from planner.frontend.zoo import BUNDLED
 from planner.ir import plan as ir
 
@@ -13,6 +27,64 @@ from planner.ir import plan as ir
 # running a checkpoint's code is a choice the user makes (extra flags pass through launch.sh).
 REMOTE_CODE_MODELS = frozenset({"kimi-k2"})
 
+# The platform each engine runs on when it is fixed by the engine itself (None: the plan's platform).
+ENGINE_PLATFORM: dict[str, Platform | None] = {"sglang": None, "vllm": None, "vllm-ascend": NPU, "trtllm": CUDA,
+                                               "eplb": None}
+
+# The engines' own default HTTP ports (SGLang 30000, vLLM and trtllm-serve 8000).
+DEFAULT_PORT = {"sglang": 30000, "vllm": 8000, "vllm-ascend": 8000, "trtllm": 8000}
+
+
+def engine_platform(plan: ir.Plan, fmt: str) -> Platform:
+    """Where the engine's processes run: its own platform, or the plan's for engines that run on several."""
+    return ENGINE_PLATFORM.get(fmt) or platform_of(plan.topology)
+
+
+def hf_repo(plan: ir.Plan) -> str:
+    """The checkpoint a launch script loads by default: the bundled model's repository, else the model name."""
+    repo = BUNDLED.get(plan.model.name, ("",))[0]
+    return repo if repo and not repo.startswith("(") else plan.model.name
+
+
+def quantization(plan: ir.Plan, fmt: str) -> tuple[str | None, str]:
+    """(`--quantization` value or None, why) for the engine of `fmt`.
+
+    A checkpoint that ships quantised weights carries its method in config.json and the engines refuse
+    a different `--quantization`, so none is written; on Ascend, int8 means an msModelSlim W8A8
+    checkpoint (SGLang: modelslim, vLLM-Ascend: ascend)."""
+    quant, shipped = plan.workload.quant, checkpoint_quant(hf_repo(plan))
+    npu = engine_platform(plan, fmt) == NPU
+    if npu and quant == "int8":
+        value = "modelslim" if fmt == "sglang" else "ascend"
+        return value, "W8A8 weights quantised with msModelSlim (assumption: MODEL_PATH is such a checkpoint)"
+    if shipped is not None:
+        if shipped == quant:
+            return None, f"the checkpoint ships {shipped} weights; the engine reads the method from its config.json"
+        return None, (f"the checkpoint ships {shipped} weights (the engine reads the method from its config.json); "
+                      f"the plan sized the weights at {quant}")
+    if quant == "fp8" and not npu:
+        return "fp8", "FP8 weights quantised at load time from the bf16 checkpoint"
+    if quant == "int8" and fmt == "sglang" and not npu:
+        return "w8a8_int8", "W8A8 int8 weights (assumption: MODEL_PATH is such a checkpoint)"
+    if quant == "bf16":
+        return None, "bf16 weights as the checkpoint ships them"
+    return None, f"{quant} weights: the engine reads the method from the checkpoint (assumption: a {quant} one)"
+
+
+def _attention_split(inst: ir.Instance, ranks: int) -> tuple[int, int]:
+    """(attention TP, attention DP) over the EP ranks: the plan's attention TP stays, DP fills the rest."""
+    attn_tp = inst.attention_tp if ranks % inst.attention_tp == 0 else 1
+    return attn_tp, ranks // attn_tp
+
+
+def _phase_split(plan: ir.Plan, phase: str) -> dict:
+    """The first instance of a phase as its peer engines see it (the KV connector's dp/tp sizes)."""
+    p = plan.phases[phase]
+    inst = p.instances[0]
+    ranks = len(inst.expert_devices) * plan.topology.dies_per_device
+    tp, dp = _attention_split(inst, ranks)
+    return {"tp": tp, "dp": dp, "instances": len(p.instances)}
+
 
 def launch_context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dict:
     m, t, wl = plan.model, plan.topology, plan.workload
@@ -21,27 +93,36 @@ def launch_context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dic
     nodes = [_nodes(plan, tuple(inst.expert_devices), dies) for inst in group.instances]
     instances = [{"id": inst.id, "nodes": servers} for inst, servers in zip(group.instances, nodes)]
     per_node = sorted({server["ranks"] for servers in nodes for server in servers})
-    # attention DP over the EP ranks: the plan's attention TP stays, DP fills the rest (colocated:
-    # the same devices; disaggregated: the expert devices host the exported group)
-    attn_tp = first.attention_tp if group.ranks % first.attention_tp == 0 else 1
-    attn_dp = group.ranks // attn_tp
+    # attention DP over the EP ranks (colocated: the same devices; disaggregated: the expert devices
+    # host the exported group)
+    attn_tp, attn_dp = _attention_split(first, group.ranks)
     attention_devices = len(first.attention_devices) if first.mode == "colocated" else len(first.expert_devices)
-    seqs = int(round(first.batch_per_device * attention_devices)) if group.phase == "decode" else 0
-    tokens_per_rank = int(round(first.batch_per_device / dies)) if group.phase == "prefill" else 0
-    repo = BUNDLED.get(m.name, ("",))[0]
+    # the instance's whole batch: sequences in flight (decode) or prompt tokens per step (prefill)
+    total = int(round(first.batch_per_device * attention_devices))
+    seqs = total if group.phase == "decode" else 0
+    prefill_tokens = total if group.phase == "prefill" else 0
+    quant_flag, quant_why = quantization(plan, fmt)
+    arch = architecture(m)
+    pd = disaggregated_pd(plan)
     return {
-        "engine": fmt, "plan_file": plan_file, "model": m.name,
-        "hf_repo": repo if repo and not repo.startswith("(") else m.name,
+        "engine": fmt, "plan_file": plan_file, "model": m.name, "hf_repo": hf_repo(plan),
         "trust_remote_code": m.name in REMOTE_CODE_MODELS,
-        "topology": t.name, "hardware": t.hardware, "platform": platform_of(t),
+        "topology": t.name, "hardware": t.hardware, "plan_platform": platform_of(t),
+        "platform": engine_platform(plan, fmt),
         "group": group.name, "phase": group.phase, "instances": instances, "nnodes": len(nodes[0]),
         "ranks": group.ranks, "rank_unit": "die" if dies > 1 else "device", "uneven_nodes": len(per_node) > 1,
         "slots_per_rank": group.slots_per_rank, "num_physical": group.num_physical,
         "experts": m.num_routed_experts, "redundant": group.num_physical - m.num_routed_experts,
         "attn_tp": attn_tp, "attn_dp": attn_dp, "max_seqs": seqs, "max_seqs_per_dp": max(1, seqs // attn_dp),
-        "tokens_per_rank": tokens_per_rank, "context_len": wl.input_len + wl.output_len,
+        "prefill_tokens": prefill_tokens, "prefill_tokens_per_dp": max(1, prefill_tokens // attn_dp),
+        "context_len": wl.input_len + wl.output_len,
         "mtp": wl.mtp_accept > 0 and group.phase == "decode", "quant": wl.quant,
-        "pd": _disaggregated_pd(plan), "moe_layers": list(m.moe_layers),
+        "quant_flag": quant_flag or "", "quant_why": quant_why,
+        "architecture": arch or "", "a2a": arch in SGLANG_A2A_ARCHITECTURES,
+        "expert_location": arch in SGLANG_EXPERT_LOCATION_ARCHITECTURES,
+        "afd": first.mode == "disaggregated",
+        "pd": pd, "peers": {p: _phase_split(plan, p) for p in ("prefill", "decode")} if pd else {},
+        "moe_layers": list(m.moe_layers), "default_port": DEFAULT_PORT.get(fmt, 8000),
     }
 
 
@@ -59,8 +140,22 @@ def _nodes(plan: ir.Plan, devices: tuple[int, ...], dies: int) -> list[dict]:
     return out
 
 
-def _disaggregated_pd(plan: ir.Plan) -> bool:
+def disaggregated_pd(plan: ir.Plan) -> bool:
     """Prefill and decode on separate devices: the engines' P/D disaggregation (KV moves between them)."""
     if plan.prefill is None or plan.decode is None:
         return False
     return not set(plan.prefill.devices) & set(plan.decode.devices)
+
+
+def serve_context(plan: ir.Plan, fmt: str, plan_file: str, groups: list[Group]) -> dict:
+    """What the plan-level serving files (router, proxy, disaggregated-server config) see."""
+    return {
+        "engine": fmt, "plan_file": plan_file, "model": plan.model.name, "hf_repo": hf_repo(plan),
+        "topology": plan.topology.name, "hardware": plan.topology.hardware, "platform": engine_platform(plan, fmt),
+        "prefill_instances": len(plan.prefill.instances) if plan.prefill else 0,
+        "decode_instances": len(plan.decode.instances) if plan.decode else 0,
+        "prefill_groups": [g.name for g in groups if g.phase == "prefill"],
+        "decode_groups": [g.name for g in groups if g.phase == "decode"],
+        "context_len": plan.workload.input_len + plan.workload.output_len,
+        "default_port": DEFAULT_PORT.get(fmt, 8000),
+    }

@@ -37,7 +37,8 @@ class Exporter:
 
     build: the files computed in code (placement tables), exactly those named in `built`;
     templates: file -> template rendered with the group's launch context (planner.export.context)
-    plus `context(plan, group)`; notes: one line each on what the engine cannot express or run.
+    plus `context(plan, group)`; notes: one line each on what the engine cannot express or run;
+    serve_templates: the files that join the groups of a P/D-disaggregated plan into one service.
     """
 
     name: str
@@ -47,6 +48,9 @@ class Exporter:
     templates: Mapping[str, str] = field(default_factory=dict)
     context: Callable[[ir.Plan, Group], dict] = _no_context
     notes: Callable[[ir.Plan, Platform], list[str]] = _no_notes
+    # plan-level files of a prefill/decode-disaggregated plan (router, proxy, disaggregated-server
+    # config): file at the export's root -> template rendered with planner.export.context.serve_context
+    serve_templates: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -62,3 +66,7 @@ class Exporter:
         for name, template in self.templates.items():
             files[name] = render(template, {**ctx, **extra})
         return files
+
+    def write_serve(self, ctx: dict) -> Files:
+        """The plan-level serving files of a P/D-disaggregated plan."""
+        return {name: render(template, ctx) for name, template in self.serve_templates.items()}

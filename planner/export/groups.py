@@ -61,7 +61,8 @@ def _group(plan: ir.Plan, name: str, phase: str, members: tuple[ir.Instance, ...
     if first.mode == "disaggregated":
         notes.append(f"{name}: engines cannot express disaggregated MoE-attention ({len(first.attention_devices)} "
                      f"attention + {len(first.expert_devices)} expert devices); exported the expert devices' "
-                     "placement as one colocated EP group on those devices")
+                     "placement as one colocated EP group on those devices, a different deployment for which "
+                     "the plan's predicted throughput and latency do not hold")
     if set(first.shared_expert_devices) - set(first.expert_devices):
         notes.append(f"{name}: engines replicate the shared experts on every EP rank, not on dedicated devices; "
                      "the dedicated shared-expert devices are left out of the EP group")

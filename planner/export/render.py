@@ -60,7 +60,9 @@ def environment() -> jinja2.Environment:
     if _ENV is None:
         _ENV = jinja2.Environment(loader=jinja2.PackageLoader("planner.export", "templates"), autoescape=False,
                                   keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-                                  undefined=jinja2.StrictUndefined, finalize=_finalize)
+                                  undefined=jinja2.StrictUndefined, finalize=_finalize,
+                                  # shell's ${#array[@]} must reach the scripts: no "{#" comments
+                                  comment_start_string="{##", comment_end_string="##}")
         _ENV.filters.update(sh=sh, py=py, json=json_value, comment=comment)
     return _ENV
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from planner.export.checkpoint import SGLANG_EXPERT_LOCATION_ARCHITECTURES, architecture
 from planner.export.exporter import Exporter, Files
 from planner.export.groups import Group
+from planner.export.platform import Platform
 from planner.export.render import json_bytes
 from planner.ir import plan as ir
 
@@ -19,10 +21,20 @@ def _expert_location(plan: ir.Plan, group: Group) -> Files:
     return {"expert_location.json": json_bytes({"physical_to_logical_map": rows.tolist()})}
 
 
+def _notes(plan: ir.Plan, platform: Platform) -> list[str]:
+    arch = architecture(plan.model)
+    if arch in SGLANG_EXPERT_LOCATION_ARCHITECTURES:
+        return []
+    return [f"SGLang's {arch or 'class for this model'} holds no redundant expert slots: launch.sh leaves the expert "
+            "layout to SGLang (no --init-expert-location); expert_location.json is the plan's, for reference"]
+
+
 EXPORTER = Exporter(
     name="sglang",
     layer_ids="decoder layers 0..num_layers-1 (dense rows unused)",
     built=("expert_location.json",),
     build=_expert_location,
     templates={"launch.sh": "launch_sglang.sh.j2"},
+    notes=_notes,
+    serve_templates={"router.sh": "router_sglang.sh.j2"},
 )

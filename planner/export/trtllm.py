@@ -1,13 +1,14 @@
 """TensorRT-LLM: MoeLoadBalancerConfig as JSON, LLM-API options YAML and Python, and launch.sh.
 
-initial_global_assignments is keyed by the decoder layer id of each MoE layer.
+initial_global_assignments is keyed by the decoder layer id of each MoE layer. TensorRT-LLM is a CUDA
+engine: for a plan on other hardware the scripts name CUDA devices (the build notes the change). A
+P/D-disaggregated plan also gets serve_disaggregated.sh: the `trtllm-serve disaggregated` YAML and command.
 """
 
 from __future__ import annotations
 
 from planner.export.exporter import Exporter, Files
 from planner.export.groups import Group
-from planner.export.platform import CUDA, Platform
 from planner.export.render import json_bytes
 from planner.ir import plan as ir
 
@@ -22,13 +23,6 @@ def _balancer(plan: ir.Plan, group: Group) -> Files:
     return {"moe_load_balancer.json": json_bytes(config)}
 
 
-def _notes(plan: ir.Plan, platform: Platform) -> list[str]:
-    if platform == CUDA:
-        return []
-    return [f"TensorRT-LLM runs on {CUDA.label}, not {plan.topology.hardware}; the files keep the plan's layout "
-            "for a GPU cluster of the same shape"]
-
-
 EXPORTER = Exporter(
     name="trtllm",
     layer_ids="decoder layer ids of the MoE layers",
@@ -38,5 +32,5 @@ EXPORTER = Exporter(
                "extra_llm_api_options.yaml": "trtllm_extra_options.yaml.j2",
                "launch.sh": "launch_trtllm.sh.j2"},
     context=lambda plan, group: {"assignments": _assignments(plan, group)},
-    notes=_notes,
+    serve_templates={"serve_disaggregated.sh": "serve_trtllm_disaggregated.sh.j2"},
 )

@@ -6,7 +6,7 @@ import io
 
 from planner.export.exporter import MOE_LAYERS, Exporter, Files
 from planner.export.groups import Group, eplb_tensors, log2phy
-from planner.export.platform import Platform
+from planner.export.platform import NPU, Platform
 from planner.export.render import json_bytes
 from planner.ir import plan as ir
 
@@ -28,6 +28,11 @@ def _eplb_state(plan: ir.Plan, group: Group) -> Files:
 
 
 def _notes(plan: ir.Plan, platform: Platform) -> list[str]:
+    if platform == NPU:
+        # vllm-ascend refuses upstream EPLB under its default model runner: no --enable-eplb there
+        return ["upstream vLLM has no flag to load an initial expert map and on Ascend runs through vllm-ascend, "
+                "which refuses upstream EPLB under its default model runner: launch.sh has no --enable-eplb; "
+                "use --format vllm-ascend to load the plan's expert map"]
     return ["upstream vLLM has no flag to load an initial expert map; eplb_state.{json,pt} hold "
             "its EplbState tensors for a loader hook, and --enable-eplb rebalances from measured loads"]
 
@@ -39,4 +44,5 @@ EXPORTER = Exporter(
     build=_eplb_state,
     templates={"launch.sh": "launch_vllm.sh.j2"},
     notes=_notes,
+    serve_templates={"proxy.sh": "proxy_vllm.sh.j2"},
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from planner.export.exporter import MOE_LAYERS, Exporter, Files
 from planner.export.groups import Group
-from planner.export.platform import NPU, Platform
 from planner.export.render import json_bytes
 from planner.ir import plan as ir
 
@@ -21,18 +20,11 @@ def _expert_map(plan: ir.Plan, group: Group) -> Files:
     return {"expert_map.json": json_bytes({"moe_layer_count": len(layers), "layer_list": layers})}
 
 
-def _notes(plan: ir.Plan, platform: Platform) -> list[str]:
-    if platform == NPU:
-        return []
-    return [f"vllm-ascend runs on {NPU.label}, not {plan.topology.hardware}; the expert map is valid for an NPU "
-            "cluster of the same shape"]
-
-
 EXPORTER = Exporter(
     name="vllm-ascend",
     layer_ids=MOE_LAYERS,
     built=("expert_map.json",),
     build=_expert_map,
     templates={"launch.sh": "launch_vllm.sh.j2"},
-    notes=_notes,
+    serve_templates={"proxy.sh": "proxy_vllm.sh.j2"},
 )

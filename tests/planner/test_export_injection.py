@@ -30,7 +30,8 @@ from planner.ir.plan import from_json, load_plan
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 from tests.plan_factory import tiny_plan
 
-STUBS = {"sglang": "python3", "vllm": "vllm", "vllm-ascend": "vllm", "trtllm": "trtllm-llmapi-launch"}
+# the commands the exported scripts exec (engines, sglang_router and the P/D proxy through python3)
+ENGINE_COMMANDS = ("python3", "vllm", "trtllm-llmapi-launch", "trtllm-serve")
 
 
 def _payloads(canary: Path) -> list[str]:
@@ -79,7 +80,7 @@ def _run_launch(script: Path, stubs: Path, log: Path) -> list[str]:
 def stubs(tmp_path: Path) -> tuple[Path, Path]:
     folder, log = tmp_path / "bin", tmp_path / "argv.json"
     folder.mkdir()
-    for name in set(STUBS.values()):
+    for name in ENGINE_COMMANDS:
         stub = folder / name
         stub.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c '
                         f'"import json, sys; json.dump(sys.argv[1:], open({str(log)!r}, \'w\'))" "$@"\n')
@@ -121,7 +122,18 @@ def test_hostile_names_stay_data_in_every_format(fmt, tmp_path, stubs):
                 assert kinds == ["Expr", "Import", "ImportFrom", "Try"] + ["Assign"] * 5 + ["FunctionDef", "If"]
             if "extra_llm_api_options.yaml" in files:
                 doc = yaml.safe_load((root / "extra_llm_api_options.yaml").read_text())
-                assert set(doc) == {"enable_attention_dp", "moe_config"}
+                assert set(doc) <= {"enable_attention_dp", "moe_config", "cache_transceiver_config",
+                                    "disable_overlap_scheduler"}
+        # the tiny plan's prefill and decode sit on separate devices: the serving files join them
+        for rel in manifest["serve"]:
+            script = out / rel
+            assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+            assert comment(name) in script.read_text().splitlines()[1]
+            env = {"PATH": f"{folder}:/usr/bin:/bin", "HOME": str(folder), "PROXY_SCRIPT": "proxy.py",
+                   "PREFILL_URLS": "p:1", "DECODE_URLS": "d:1", "PREFILL_HOSTS": "p", "DECODE_HOSTS": "d",
+                   "CONTEXT_URLS": "p:1", "GENERATION_URLS": "d:1"}
+            proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, proc.stderr
         assert not canary.exists(), f"{fmt}: payload {name!r} ran"
     # hardware no spec sheet names is refused before anything is rendered
     odd = _bypass(tiny_plan(), topology=_bypass(tiny_plan().topology, hardware=f"GPU\n$(touch {canary})"))
