@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from costmodels.topology import HOST_GPU_KINDS
 from planner.ir.plan import Plan
 from planner.frontend.zoo import BUNDLED, ModelSource, load_source
 from runtime.errors import SpecError
@@ -44,7 +43,9 @@ def _matching(src: ModelSource, plan: Plan, mismatch: str) -> ModelSource:
     return src
 
 
-# topologies whose plans run on this host: CPU processes, or the GPUs of one host
+# topologies whose plans run on this host: CPU processes, or the GPUs of one host (costmodels.topology's
+# HOST_GPU_KINDS; the runtime reads only the Plan IR, tests/test_layering.py checks the two agree)
+HOST_GPU_KINDS = ("h100", "h200")
 RUNNABLE_KINDS = ("local", *HOST_GPU_KINDS)
 
 

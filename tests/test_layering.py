@@ -2,7 +2,7 @@
 
 Inside planner the wings are layered too: the IR and the frontend are the floor (the runtime may read
 them and nothing else of planner), balance/views/export sit on the IR, and only the drivers
-(compile, search, replan, golden) and the CLI see every wing.
+(compile, search, replan, run_predictions, golden) and the CLI see every wing.
 """
 
 from __future__ import annotations
@@ -104,4 +104,13 @@ def test_planner_wings_point_down():
 def test_planner_is_in_wings():
     """The flat layout stays gone: top-level planner modules are the drivers only."""
     top = sorted(p.name for p in (ROOT / "planner").glob("*.py"))
-    assert top == ["__init__.py", "__main__.py", "compile.py", "golden.py", "placement.py", "replan.py", "search.py"]
+    assert top == ["__init__.py", "__main__.py", "compile.py", "golden.py", "placement.py", "replan.py",
+                   "run_predictions.py", "search.py"]
+
+
+def test_the_runtime_runs_the_host_topologies_the_cost_model_defines():
+    """runtime.from_plan may not import costmodels: its list of runnable kinds must match by hand."""
+    from costmodels.topology import HOST_GPU_KINDS
+    from runtime.from_plan import RUNNABLE_KINDS
+
+    assert RUNNABLE_KINDS == ("local", *HOST_GPU_KINDS)
