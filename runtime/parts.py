@@ -12,6 +12,7 @@ of its slots; a shared-expert rank keeps the shared-experts stages it serves.
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -161,6 +162,31 @@ def build_full(spec: RunSpec, device: torch.device | str = "cpu") -> tuple[Model
     return src, model
 
 
+# On a GPU, routed-expert weights are stored [E, in, out] (row-major B for torch._grouped_mm) unless
+# this is "native" (transformers' own [E, out, in], read through a transposed view): a bench knob.
+EXPERT_LAYOUT_ENV = "PODPLAN_EXPERT_LAYOUT"
+
+
+def grouped_layout(modules: list[nn.Module]) -> int:
+    """Re-store the 3-D expert weights of transformers' experts modules as [E, in, out], contiguous, and
+    mark them `is_transposed` (transformers' grouped_mm path then multiplies by them without a
+    transposed view). Same values, one layer at a time (the peak is one layer's copy). Returns how many."""
+    done = 0
+    for module in modules:
+        for m in module.modules():
+            if getattr(m, "is_transposed", True) or not hasattr(m, "down_proj"):
+                continue
+            names = [n for n in ("gate_up_proj", "up_proj", "down_proj") if isinstance(getattr(m, n, None), nn.Parameter)]
+            if not names or any(getattr(m, n).dim() != 3 for n in names):
+                continue
+            with torch.no_grad():
+                for n in names:
+                    setattr(m, n, nn.Parameter(getattr(m, n).transpose(1, 2).contiguous(), requires_grad=False))
+            m.is_transposed = True
+            done += 1
+    return done
+
+
 def remote_shared(inst: InstanceSpec, rank: int) -> bool:
     """True when this attention rank sends its tokens' shared-expert work to other ranks."""
     return bool(inst.shared_ranks) and rank not in inst.shared_ranks
@@ -190,6 +216,8 @@ def build_parts(spec: RunSpec, inst: InstanceSpec | None, rank: int, device: tor
                       sorted(k for k in routed if k is not None), dtype, top_k)
     if inst is not None:
         _keep(parts, program, inst, rank, routed, shared, device)
+        if device.type == "cuda" and dtype == torch.bfloat16 and os.environ.get(EXPERT_LAYOUT_ENV) != "native":
+            grouped_layout([e.module for e in parts.experts.values()])
     del program
     gc.collect()  # stage graphs are reference cycles: free what the rank dropped now, not at some later GC
     return parts

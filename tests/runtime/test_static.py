@@ -62,3 +62,21 @@ def test_an_overflowing_dispatch_block_fails_the_run_naming_the_fix():
                                capacity_factor=0.1)
     with pytest.raises(RankFailure, match=r"did not fit the fixed-capacity dispatch blocks; raise --capacity-factor"):
         launch(spec, timeout_s=300)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3-moe", "tiny-deepseek-v3"])
+def test_experts_stored_for_grouped_mm_compute_the_same(model):
+    """The GPU path re-stores expert weights [E, in, out] for torch._grouped_mm: same logits."""
+    from planner.frontend.trace import build_model
+    from planner.frontend.zoo import load_source
+    from runtime.parts import grouped_layout
+
+    m = build_model(load_source(model), device="cpu", seed=0)
+    m.config._experts_implementation = "grouped_mm"
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = m(ids).logits
+        assert grouped_layout([m]) == 2  # both MoE layers' experts
+        after = m(ids).logits
+    assert float((before - after).abs().max()) <= 1e-5
+    assert grouped_layout([m]) == 0  # already stored that way
