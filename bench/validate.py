@@ -3,7 +3,7 @@
     .venv/bin/python bench/validate.py          # print the table, the median and worst held-out error
     .venv/bin/python bench/validate.py --json   # the same as JSON
 
-Every published number comes from /work/shared/reference/ or a source it cites (CMI = arXiv
+Every published number comes from the reference notes docs/costmodel.md cites, or a source they cite (CMI = arXiv
 2506.12708, Step-3 = arXiv 2507.19427); nothing is tuned here. At most three points are
 calibration (`calibration=True`: what costmodels/calibration.py fits on); all others are held out.
 Points given as "throughput at a TPOT SLO" are predicted the same way: the largest batch per

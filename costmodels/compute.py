@@ -69,6 +69,7 @@ def efficiencies(hw: DeviceSpec) -> Efficiencies:
         return PUBLISHED
     hbm = min(1.0, prof.hbm_tbps / hw.hbm_tbps) if prof.hbm_tbps > 0 else GEMM_MEMORY_EFF
     dense = prof.gemm_efficiency("bf16", hw.bf16_tflops) or DENSE_GEMM_EFF
+    # measured in BF16; applied as the same fraction of the FP8/FP4 peak (docs/profile.md)
     grouped = prof.grouped_efficiency(4096, hw.bf16_tflops) or EXPERT_GEMM_EFF  # the large-group asymptote
     attn_mem = min(1.0, prof.mla_decode_kv_tbps / hw.hbm_tbps) if prof.mla_decode_kv_tbps > 0 else ATTN_MEMORY_EFF
     return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source)

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure this CUDA host (GEMM, grouped GEMM, attention, HBM, NCCL) into a "
                                        "hardware profile JSON for the cost model")
     p.add_argument("-o", "--output", default=None,
-                   help="where to write the profile (default: profile-<device>.json in the current folder)")
+                   help="where to write the profile (default: profile-<key>.json in the current folder; the cost "
+                        "model reads costmodels/profiles/<key>.json, key as in costmodels/hardware.py: h200, ...)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (well under 2 minutes)")
     p.set_defaults(func=run)
 
@@ -357,24 +358,54 @@ def collect(device: Any, *, quick: bool, tiny: bool = False, log: Callable[[str]
     }
 
 
+def hardware_key(device_name: str) -> str | None:
+    """The costmodels.hardware device key a CUDA device name belongs to ("NVIDIA H200" -> "h200"), or None."""
+    from costmodels.hardware import DEVICES
+
+    flat = device_name.lower().replace(" ", "").replace("-", "")
+    for key in sorted(DEVICES, key=len, reverse=True):  # gb200 before b200
+        if key != "cpu" and key.replace("-", "") in flat:
+            return key
+    return None
+
+
 def summary(doc: dict[str, Any]) -> list[str]:
-    """Headline figures of a profile, one line each, for the terminal."""
+    """Headline figures of a profile, one line each, beside the spec sheet where the device is known."""
+    from costmodels.hardware import DEVICES
+
     m = doc["measurements"]
-    lines = [f"{doc['device']['name']}: HBM copy {m['hbm']['tbps']:.2f} TB/s, launch {m['launch']['us']:.1f} us"]
+    key = hardware_key(doc["device"]["name"])
+    spec = DEVICES[key] if key else None
+
+    def vs(value: float, peak: float, unit: str) -> str:
+        return f" (spec {peak:g} {unit}: {value / peak:.0%})" if spec and peak > 0 else ""
+
+    hbm = m["hbm"]["tbps"]
+    lines = [f"{doc['device']['name']}: HBM copy {hbm:.2f} TB/s{vs(hbm, spec.hbm_tbps if spec else 0, 'TB/s')}, "
+             f"launch {m['launch']['us']:.1f} us"]
     for dtype in ("bf16", "fp8", "fp32"):
         ok = [r for r in m["gemm"] if r["dtype"] == dtype and "tflops" in r]
         if ok:
             best = max(ok, key=lambda r: r["tflops"])
-            lines.append(f"GEMM {dtype}: best {best['tflops']:.0f} TFLOPS at {best['m']}x{best['n']}x{best['k']}")
+            peak = spec.peak_tflops_or_zero(dtype) if spec else 0.0
+            lines.append(f"GEMM {dtype}: best {best['tflops']:.0f} TFLOPS at {best['m']}x{best['n']}x{best['k']}"
+                         f"{vs(best['tflops'], peak, 'TFLOPS')}")
     ok = [r for r in m["grouped_gemm"] if "tflops" in r]
     if ok:
         best = max(ok, key=lambda r: r["tflops"])
-        lines.append(f"grouped GEMM: best {best['tflops']:.0f} TFLOPS at {best['groups']} groups x "
-                     f"{best['tokens_per_group']} tokens ({best['impl']})")
+        peak = spec.bf16_tflops if spec else 0.0
+        lines.append(f"grouped GEMM bf16: best {best['tflops']:.0f} TFLOPS at {best['groups']} groups x "
+                     f"{best['tokens_per_group']} tokens ({best['impl']}){vs(best['tflops'], peak, 'TFLOPS')}")
+    mla = [r for r in m["attention"] if r.get("kind") == "mla_decode" and "kv_tbps" in r]
+    if mla:
+        best = max(mla, key=lambda r: r["kv_tbps"])
+        lines.append(f"MLA decode: best KV read {best['kv_tbps']:.2f} TB/s at batch {best['batch']}, KV {best['kv_len']}"
+                     f"{vs(best['kv_tbps'], spec.hbm_tbps if spec else 0, 'TB/s')}")
     col = m.get("collectives")
-    if col and "all_reduce" in col:
+    if col and col.get("all_reduce"):
         big = col["all_reduce"][-1]
-        lines.append(f"all-reduce x{col['world']}: {big['busbw_gbps']:.0f} GB/s bus bandwidth at {big['bytes']} bytes")
+        lines.append(f"all-reduce x{col['world']}: {big['busbw_gbps']:.0f} GB/s bus bandwidth at {big['bytes']} bytes"
+                     f"{vs(big['busbw_gbps'], spec.scaleup_gbps if spec else 0, 'GB/s one direction')}")
     return lines
 
 
@@ -391,8 +422,9 @@ def run(args: argparse.Namespace) -> int:
         print("podplan profile: error: no CUDA device visible; run it on a GPU host (the profile measures the "
               "GPU's kernels)", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(0).lower().replace("nvidia ", "").replace(" ", "-")
-    out = check_output_path(args.output or f"profile-{name}.json")
+    name = torch.cuda.get_device_name(0)
+    key = hardware_key(name) or name.lower().replace("nvidia ", "").replace(" ", "-")
+    out = check_output_path(args.output or f"profile-{key}.json")
     from planner.cli.console import stderr_console
 
     console = stderr_console()

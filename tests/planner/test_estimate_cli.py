@@ -41,7 +41,8 @@ def test_decode_reference_point_as_a_user_runs_it():
     proc = run_cli(*DECODE)
     assert proc.returncode == 0, proc.stderr
     assert "1,943 output tokens/s" in proc.stdout
-    for stage in ("attention", "dispatch", "experts", "combine", "shared_experts", "scheduling"):
+    for stage in ("attention", "dispatch", "experts", "combine", "shared_experts", "comm_latency", "launch_overhead",
+                  "token_overhead", "overlap"):
         assert stage in proc.stdout
     assert "49.40 ms" in proc.stdout
 
@@ -72,7 +73,7 @@ def test_defaults_disaggregated_and_gpus(capsys):
                        "--json")
     doc = json.loads(out)
     assert code == 0 and doc["details"]["devices"] == 16 and doc["details"]["ep"] == 16
-    assert doc["details"]["quant"] == "bf16" and doc["details"]["tokens_per_step"] == 1.0
+    assert doc["details"]["quant"] == "fp8" and doc["details"]["tokens_per_step"] == 1.0  # Hopper's default
     code, out, _ = cli(capsys, "estimate", "deepseek-v3", "--topology", "cloudmatrix384", "--phase", "decode",
                        "--mode", "disaggregated", "--attention-devices", "240", "--moe-devices", "144", "--dp-domains", "3",
                        "--batch-per-device", "192", "--quant", "int8", "--microbatches", "2")

@@ -53,3 +53,15 @@ def test_profile_without_cuda_is_one_line_exit_2():
                           text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1 and "CUDA" in proc.stderr
+
+
+def test_hardware_keys_and_spec_comparison():
+    assert profile.hardware_key("NVIDIA H200") == "h200"
+    assert profile.hardware_key("NVIDIA H100 80GB HBM3") == "h100"
+    assert profile.hardware_key("NVIDIA A100-SXM4-80GB") == "a100"
+    assert profile.hardware_key("NVIDIA GB200") == "gb200" and profile.hardware_key("NVIDIA B200") == "b200"
+    assert profile.hardware_key("NVIDIA RTX 4090") is None
+    doc = profile.collect("cpu", quick=True, tiny=True, collectives=False)
+    doc["device"]["name"] = "NVIDIA H200"  # the summary sets measured figures beside H200's spec sheet
+    lines = profile.summary(doc)
+    assert "spec 4.8 TB/s" in lines[0]
