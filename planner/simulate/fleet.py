@@ -105,6 +105,14 @@ class Fleet:
     devices: int  # distinct devices of the instances
 
     @property
+    def nominal_latency_s(self) -> float:
+        """One request of the workload's lengths at the plan's batches: its TTFT plus its decode (s)."""
+        wl = self.workload
+        ttft = max(estimate_prefill(self.shape, self.topo, p.dep).ttft_ms or 0.0 for p in self.prefill)
+        tpot = max(estimate_decode(self.shape, self.topo, d.dep).tpot_ms or 0.0 for d in self.decode)
+        return (ttft + (wl.output_len - 1) * tpot) / 1e3
+
+    @property
     def design_rate(self) -> float:
         """Requests/s the instances sustain at the plan's batches and workload lengths (the slower phase,
         as `planner.search.split_devices` computes it)."""

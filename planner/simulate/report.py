@@ -45,10 +45,10 @@ class Settings:
     seed: int = 0
     chunked: bool = True
 
-    @property
-    def horizon(self) -> float:
-        """When the clock stops: arrivals stop at `duration`, the system then drains this long."""
-        return 2.0 * self.duration + 60.0
+    def horizon(self, fleet: Fleet) -> float:
+        """When the clock stops: arrivals stop at `duration`, then the system drains for as long again,
+        and at least ten times one request's unloaded latency (what is left then is unfinished)."""
+        return self.duration + max(self.duration, 10.0 * fleet.nominal_latency_s)
 
 
 def latencies(o: Outcome) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +130,7 @@ def simulate(fleet: Fleet, arrivals: ArrivalSpec, lengths: LengthSpec, settings:
     if len(reqs) == 0:
         raise InputError(f"no request arrives in {settings.duration:g} s at {arrivals.text}; raise the rate or "
                          "--duration")
-    o = run(fleet, reqs, seed=settings.seed, horizon=settings.horizon,
+    o = run(fleet, reqs, seed=settings.seed, horizon=settings.horizon(fleet),
             sample_every=max(0.01, settings.duration / QUEUE_POINTS), chunked=settings.chunked)
     return summarise(o, fleet, settings, slo) | {"outcome": o}
 
