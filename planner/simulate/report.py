@@ -84,10 +84,22 @@ def good(o: Outcome, slo: Slo) -> np.ndarray:
     return ok
 
 
+def served_span(o: Outcome, fleet: Fleet, duration: float) -> float:
+    """The time (s) the finished requests took to serve: the arrival window, or, when the system ran on
+    to drain a backlog, until the last finish less one unloaded request's latency. Rates divide by it:
+    in a stable run it is the window (arrivals = completions), in an overloaded one it turns counts
+    into the service rate instead of crediting the drain to the window."""
+    done = o.finish[~np.isnan(o.finish)]
+    if done.size == 0:
+        return duration
+    return max(duration, float(done.max()) - fleet.nominal_latency_s)
+
+
 def summarise(o: Outcome, fleet: Fleet, settings: Settings, slo: Slo) -> dict:
-    """The JSON-ready report of one run (rates per second of the arrival window `settings.duration`)."""
+    """The JSON-ready report of one run (rates per second of the served span, see `served_span`)."""
     r = o.requests
     d = settings.duration
+    span = served_span(o, fleet, d)
     ttft, tpot = latencies(o)
     finished = ~np.isnan(o.finish)
     ok = good(o, slo)
@@ -100,16 +112,17 @@ def summarise(o: Outcome, fleet: Fleet, settings: Settings, slo: Slo) -> dict:
         "finished": int(finished.sum()),
         "unfinished": int((~finished).sum()),
         "offered_rate": round(len(r) / d, 4),
+        "span_s": round(span, 3),
         "ttft_ms": _pcts(ttft),
         "tpot_ms": _pcts(tpot),
         "throughput": {
-            "requests_per_s": round(float(finished.sum()) / d, 4),
-            "output_tokens_per_s": round(float(r.output_len[finished].sum()) / d, 2),
+            "requests_per_s": round(float(finished.sum()) / span, 4),
+            "output_tokens_per_s": round(float(r.output_len[finished].sum()) / span, 2),
             "decode_tokens_per_s_per_device": round(float(o.step_tokens[in_window].sum()) / d / decode_devices, 3),
         },
         "goodput": {
-            "requests_per_s": round(float(ok.sum()) / d, 4),
-            "requests_per_s_per_device": round(float(ok.sum()) / d / fleet.devices, 6),
+            "requests_per_s": round(float(ok.sum()) / span, 4),
+            "requests_per_s_per_device": round(float(ok.sum()) / span / fleet.devices, 6),
             "share": round(float(ok.mean()), 4) if len(r) else None,
         },
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
