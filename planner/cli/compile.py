@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from costmodels.errors import InputError
 from costmodels.serving import DECODE_MODES
 from costmodels.topology import topology_names
 from planner.compile import CompileOptions, compile_plan, workload_from_flags
@@ -34,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=d.time_limit,
                    help=f"balancer seconds per sub-problem (default {d.time_limit:g}; deterministic)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for generated loads and solvers (default 0)")
+    p.add_argument("--rate", type=float, help="requests/s the service must take: keep the decode deployment whose "
+                                              "simulated goodput at RATE is highest (docs/simulate.md)")
     pins = p.add_argument_group("pins (restrict the search; default: search over them)")
     pins.add_argument("--decode-mode", type=decode_mode, choices=DECODE_MODES,
                       help="colocated EP or disaggregated MoE-attention")
@@ -51,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
     at_most("compile", "--seed", args.seed, MAX_SEED)
-    for flag in ("tpot_ms", "ttft_ms", "prefix_hit", "mtp_accept", "time_limit"):
+    for flag in ("tpot_ms", "ttft_ms", "prefix_hit", "mtp_accept", "time_limit", "rate"):
         finite("compile", "--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.rate is not None and args.rate <= 0:
+        raise InputError(f"compile: --rate must be > 0 requests/s (got {args.rate:g})")
     workload = workload_from_flags(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
         prefix_hit=args.prefix_hit, quant=args.quant, mtp_accept=args.mtp_accept,
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                 attention_devices=args.attention_devices, moe_devices=args.moe_devices,
                 prefill_devices=args.prefill_devices)
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
-                          split=args.split)
+                          split=args.split, rate=args.rate)
     err = stderr_console()
     t0 = time.perf_counter()
     with err.status("compiling") as status:

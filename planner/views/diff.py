@@ -442,6 +442,8 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
             lines.append(f"  experts: {ex['moved']} moved ({human_bytes(ex['migration_bytes'])}) in {len(ex['layers'])} "
                          f"layers, {ex['changed_slots']} slots changed; worst balance {_value(b['old'])} -> "
                          f"{_value(b['new'])} ({_delta(b['delta_pct'])})")
+    if "goodput" in diff:  # podplan diff --rate
+        lines.append(goodput_line(diff["goodput"]))
     rules_text = ",".join(r.text for r in rules) or "none"
     if violations:
         lines.append(f"result: {len(violations)} regression{'s' if len(violations) > 1 else ''} (rules {rules_text})")
@@ -489,6 +491,10 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
         f = ph["feasible"]
         mark = ":x:" if (name, "feasible") in broken else ""
         lines.append(f"| {name} | feasible | {f['old']} | {f['new']} | {mark} |")
+    if "goodput" in diff:  # podplan diff --rate
+        g, mark = diff["goodput"], " :x:" if (None, "goodput") in broken else ""
+        lines.append(f"| plan | goodput at {g['rate']:g} req/s | {num(g['old']['goodput'])} | {num(g['new']['goodput'])} | "
+                     f"{_delta(g['delta_pct'])}{mark} |")
     lines.append("")
     deploy = []
     for name, ph in diff["phases"].items():
@@ -517,6 +523,12 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
     if violations:
         lines += ["**Regressions**", "", *[f"- `{v['rule']}`: {v['message']}" for v in violations], ""]
     return "\n".join(lines)
+
+
+def goodput_line(g: dict) -> str:
+    """`podplan diff --rate`: simulated goodput of both plans at one rate (planner.simulate.choose)."""
+    return (f"goodput at {g['rate']:g} req/s (simulated {g['duration_s']:g} s, seed {g['seed']}): "
+            f"{num(g['old']['goodput'])} -> {num(g['new']['goodput'])} req/s ({_delta(g['delta_pct'])})")
 
 
 def _metric_of(key: str) -> str:
