@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     report = simulate(fleet, arrivals, lengths, settings, slo)
     if args.html:
         write_atomic(args.html, render_page(f"{fleet.name}: {arrivals.text} for {args.duration:g} s", report))
-    doc = head | {k: v for k, v in report.items() if k != "outcome"}
+    doc = head | {k: v for k, v in report.items() if k != "outcome"} | {"duration_s": report["duration_s"]}
     if args.json:
         sys.stdout.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     else:

@@ -6,6 +6,7 @@ lands on them is reported as null (JSON) / "unfinished" (text), never as a small
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ def summarise(o: Outcome, fleet: Fleet, settings: Settings, slo: Slo) -> dict:
         "requests": len(r),
         "finished": int(finished.sum()),
         "unfinished": int((~finished).sum()),
+        "duration_s": round(d, 6),
         "offered_rate": round(len(r) / d, 4),
         "span_s": round(span, 3),
         "ttft_ms": _pcts(ttft),
@@ -138,7 +140,9 @@ def summarise(o: Outcome, fleet: Fleet, settings: Settings, slo: Slo) -> dict:
 
 
 def simulate(fleet: Fleet, arrivals: ArrivalSpec, lengths: LengthSpec, settings: Settings, slo: Slo) -> dict:
-    """Generate the stream, run it and summarise it."""
+    """Generate the stream, run it and summarise it (a trace shorter than the duration sets the window)."""
+    if arrivals.span < settings.duration:
+        settings = dataclasses.replace(settings, duration=arrivals.span)
     reqs = generate(arrivals, lengths, settings.duration, settings.seed)
     if len(reqs) == 0:
         raise InputError(f"no request arrives in {settings.duration:g} s at {arrivals.text}; raise the rate or "

@@ -65,6 +65,15 @@ class ArrivalSpec:
         return ArrivalSpec(self.kind, rate, self.cv, self.trace)
 
     @property
+    def span(self) -> float:
+        """Seconds a trace covers at `rate` (last arrival plus a mean gap); unbounded for generators."""
+        if self.kind != "trace":
+            return math.inf
+        assert self.trace is not None and self.trace.arrival is not None
+        a = self.trace.arrival
+        return float(a[-1] - a[0]) * self.trace.rate / self.rate + 1.0 / self.rate
+
+    @property
     def text(self) -> str:
         if self.kind == "trace":
             assert self.trace is not None
@@ -83,7 +92,9 @@ class LengthSpec:
 
     @property
     def text(self) -> str:
-        return self.trace.path if self.trace is not None else f"fixed:{self.input_len}:{self.output_len}"
+        if self.trace is not None:
+            return self.trace.path
+        return f"fixed:{self.input_len}:{self.output_len}" if self.input_len else "the arrivals trace's"
 
 
 def _rate(text: str) -> float:
