@@ -85,7 +85,8 @@ class PrefillInstance:
         key = (int(self.edges[min(self.budget, math.ceil(per_die * self.dies))]), length_bucket(prompt_len))
         hit = self.cache.get(key)
         if hit is None:
-            dep = replace(self.dep, tokens_per_device=key[0] / self.devices, prompt_len=key[1])
+            # whole tokens per device, as the deployment takes them (under one token of rounding per device)
+            dep = replace(self.dep, tokens_per_device=max(1, round(key[0] / self.devices)), prompt_len=key[1])
             est = estimate_prefill(shape, topo, dep)
             assert est.ttft_ms is not None
             hit = self.cache[key] = (est.step_ms, est.ttft_ms - est.step_ms)
@@ -184,10 +185,10 @@ def fleet_of_plan(plan: Plan, shape: ModelShape | None = None) -> Fleet:
     prefill = []
     for inst in plan.prefill.instances:
         imb, red = _imbalance_and_redundant(plan.prefill, inst, E)
-        dep = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
+        pdep = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
                                 prompt_len=wl.input_len, microbatches=inst.microbatches, prefix_hit=wl.prefix_hit,
                                 quant=wl.quant, imbalance=imb, attn_tp=inst.attention_tp, redundant_experts=red)
-        prefill.append(prefill_instance(inst.id, dep, shape, topo))
+        prefill.append(prefill_instance(inst.id, pdep, shape, topo))
     decode = []
     for inst in plan.decode.instances:
         imb, red = _imbalance_and_redundant(plan.decode, inst, E)

@@ -63,9 +63,9 @@ def latencies(o: Outcome) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pcts(x: np.ndarray) -> dict[str, float | None]:
+    out: dict[str, float | None] = {key: None for key in (*(f"p{p}" for p in PERCENTILES), "mean")}
     if x.size == 0:
-        return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
-    out: dict[str, float | None] = {}
+        return out
     for p in PERCENTILES:
         v = float(np.percentile(x, p, method="inverted_cdf"))
         out[f"p{p}"] = round(v, 3) if math.isfinite(v) else None
