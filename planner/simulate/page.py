@@ -61,7 +61,7 @@ def _cdf(values: np.ndarray, slo: float | None, label: str) -> str:
     if slo:
         x = _sx(slo, 0, hi)
         parts.append(f'<line x1="{x:.1f}" y1="10" x2="{x:.1f}" y2="{H - PAD}" stroke="#e15759" stroke-dasharray="4 3"/>')
-        parts.append(f'<text x="{x + 4:.1f}" y="22" fill="#e15759">SLO {slo:g} ms</text>')
+        parts.append(f'<text x="{x - 4:.1f}" y="22" text-anchor="end" fill="#e15759">SLO {slo:g} ms</text>')
     return f'<svg width="{W}" height="{H}" role="img"><title>{html.escape(label)} CDF</title>{"".join(parts)}</svg>'
 
 
@@ -81,6 +81,11 @@ def _queues(series: dict[str, list[float]]) -> str:
             f'<p>{" &nbsp; ".join(legend)}</p>')
 
 
+def _slo_text(slo: dict) -> str:
+    parts = [f"{name} <= {slo[key]:g} ms" for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")) if slo[key]]
+    return " and ".join(parts) or "none (every finished request counts)"
+
+
 def render_page(title: str, report: dict) -> str:
     """The page for one run (`report` from planner.simulate.report.simulate, with its outcome)."""
     ttft, tpot = latencies(report["outcome"])
@@ -98,7 +103,7 @@ table{{border-collapse:collapse}} td,th{{padding:2px 10px;text-align:right}}</st
 <h1>{html.escape(title)}</h1>
 <p>{report["requests"]:,} requests at {report["offered_rate"]:g} req/s offered; {report["unfinished"]:,} unfinished.
 Throughput {th["requests_per_s"]:g} req/s; goodput {g["requests_per_s"]:g} req/s
-({g["requests_per_s_per_device"]:.4g} per device) against TTFT {slo["ttft_ms"] or "-"} ms, TPOT {slo["tpot_ms"] or "-"} ms.</p>
+({g["requests_per_s_per_device"]:.4g} per device) against the SLO {html.escape(_slo_text(slo))}.</p>
 <table><tr><th></th><th>p50</th><th>p90</th><th>p99</th></tr>{row("TTFT ms", report["ttft_ms"])}{row("TPOT ms", report["tpot_ms"])}</table>
 <h2>Latency distribution</h2>
 {_cdf(ttft, slo["ttft_ms"], "TTFT")}{_cdf(tpot, slo["tpot_ms"], "TPOT")}
