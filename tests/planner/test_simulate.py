@@ -180,3 +180,28 @@ def test_bucket_edges_never_undercount():
         n = np.arange(cap + 1)
         assert (e >= n).all() and e[cap] == cap and (np.diff(e) >= 0).all()
         assert len(set(e.tolist())) <= 300  # few cost-model calls
+
+
+def test_long_prompts_are_chunked_over_batches(tiny):
+    """A prompt three pieces long takes three batches of its instance (sparse arrivals: alone in each)."""
+    one = dataclasses.replace(tiny.prefill[0], budget=64, piece=16, cache={})
+    fleet = dataclasses.replace(tiny, prefill=[one])
+    reqs = Requests(np.arange(20) * 1.0, np.full(20, 48), np.full(20, 2))
+    o = run(fleet, reqs, seed=0)
+    assert o.prefill_batches == 60
+    piece, kv = one.batch_ms(fleet.shape, fleet.topo, 16, 16, 16)
+    ttft, _ = latencies(o)
+    assert (ttft > 3 * piece).all()  # later pieces attend to the earlier ones: no faster than three first pieces
+
+
+def test_unchunked_batches_wait_for_room(tiny):
+    """Three 40-token prompts at once and a budget of 64: chunked, batches of 40 + 24 and 16 + 40;
+    unchunked, every prompt waits for a batch with room for all of it (three batches)."""
+    one = dataclasses.replace(tiny.prefill[0], budget=64, piece=64, cache={})
+    fleet = dataclasses.replace(tiny, prefill=[one])
+    reqs = Requests(np.zeros(3), np.full(3, 40), np.full(3, 2))
+    chunked = run(fleet, reqs, seed=0, chunked=True)
+    unchunked = run(fleet, reqs, seed=0, chunked=False)
+    assert chunked.prefill_batches == 2 and unchunked.prefill_batches == 3
+    assert chunked.first_token[1] == chunked.first_token[2]  # the chunked one finishes with the third
+    assert len(set(unchunked.first_token.tolist())) == 3
