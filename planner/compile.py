@@ -51,12 +51,15 @@ class CompileOptions:
     split: str = "equal"
     mode: str = "auto"  # agg | disagg | auto (compare both)
     devices: int | None = None  # plan on the first N devices of the topology (None: all)
+    rate: float | None = None  # req/s: choose the decode deployment with the most simulated goodput
 
     def to_dict(self) -> dict:
         """Flat, sorted, keyed by flag (--tpot-ms -> tpot_ms): what the plan's provenance records."""
         flat = {_FLAG_OF.get(k, k): v for k, v in self.workload.to_dict().items()}
         flat.update({f.name: getattr(self.pins, f.name) for f in fields(self.pins)})
         flat.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("workload", "pins")})
+        if self.rate is None:  # plans compiled without --rate keep their bytes
+            del flat["rate"]
         return dict(sorted(flat.items()))
 
 
@@ -104,6 +107,8 @@ def _validate(opts: CompileOptions) -> None:
         raise InputError(f"--mode {opts.mode}: use one of {', '.join(SEARCH_MODES)}")
     if opts.devices is not None and opts.devices <= 0:
         raise InputError(f"--devices {opts.devices}: must be > 0")
+    if opts.rate is not None and not 0 < opts.rate < math.inf:
+        raise InputError(f"--rate {opts.rate}: must be a finite number of requests/s > 0")
     for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices"):
         value = getattr(pins, flag)
         if value is not None and value <= 0:
@@ -331,6 +336,34 @@ def plan_stages(program: StagedProgram) -> tuple[ir.Stage, ...]:
     return tuple(stages)
 
 
+# Decode candidates `--rate` simulates: the best by the search's own objective (requests/s of the split).
+RATE_CANDIDATES = 4
+
+
+def _choose_for_rate(sr: SearchResult, shape: ModelShape, topo: Topology, wl: ir.Workload, rate: float,
+                     seed: int) -> tuple[SearchResult, ir.SolverRun]:
+    """The search result with the decode deployment (of the chosen one and the frontier's) whose fleet
+    has the most simulated goodput at `rate` (docs/simulate.md)."""
+    from planner.search import split_devices
+    from planner.simulate.choose import best_for_rate, fleet_of_deployments
+
+    options = []
+    assert sr.prefill is not None  # compile_report refuses --rate for an aggregated choice
+    for c in {c.deployment: c for c in (sr.decode, *sr.frontier) if c.phase == "decode"}.values():
+        nd, np_, req = split_devices(sr.slice, c, sr.prefill, wl)
+        if nd:
+            options.append((round(req, 6), round(c.tput, 6), c, nd, np_))
+    options.sort(key=lambda o: o[:2], reverse=True)  # stable: ties keep the search's order
+    top = options[:RATE_CANDIDATES]
+    fleets = [fleet_of_deployments(shape, topo, wl, sr.prefill.deployment, np_, c.deployment, nd)
+              for _, _, c, nd, np_ in top]
+    i, scores = best_for_rate(fleets, rate, seed)
+    req, _, c, nd, np_ = top[i]
+    run = ir.SolverRun(name=f"simulate {len(top)} decode candidates at {rate:g} req/s", solver="simulate",
+                       status="BEST_GOODPUT", objective=scores[i]["goodput"])
+    return replace(sr, decode=c, decode_instances=nd, prefill_instances=np_, requests_per_s=req), run
+
+
 def compile_plan(model: str, topology: str, opts: CompileOptions,
                  progress: Callable[[str], None] | None = None) -> ir.Plan:
     """Run the whole pipeline and return the plan (nothing is written)."""
@@ -359,6 +392,13 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
     say(f"searching deployments on {topo.name}")
     wl = opts.workload
     sr = search(shape, topo, wl, opts.pins, mode=opts.mode, devices=opts.devices)
+    chosen_for_rate: ir.SolverRun | None = None
+    if opts.rate is not None:
+        if sr.prefill is None:
+            raise InputError(f"--rate {opts.rate:g}: the search chose aggregated serving, and --rate chooses among "
+                             "disaggregated deployments; add --mode disagg (or drop --rate)")
+        say(f"simulating the top decode candidates at {opts.rate:g} req/s")
+        sr, chosen_for_rate = _choose_for_rate(sr, shape, topo, wl, opts.rate, opts.seed)
     # an aggregated plan has one phase, "decode", whose instances also run prefill (chunked into the
     # decode steps): the runtime and the exporters run a one-phase plan's instances for both phases
     phases = [_phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
@@ -394,7 +434,8 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
         stages=table.stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
-                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers),
+                                 solvers=_solver_runs(sr, phases, balances, shape.moe_layers)
+                                 + ((chosen_for_rate,) if chosen_for_rate else ()),
                                  passes=table.passes),
         prefill=phase_ir.get("prefill"), decode=phase_ir["decode"], frontier=frontier,
     )

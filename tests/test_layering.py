@@ -31,6 +31,7 @@ WINGS = {
     "balance": {"planner", "ir"},
     "views": {"planner", "ir"},
     "export": {"planner", "ir", "frontend"},
+    "simulate": {"planner", "ir", "frontend"},  # re-scores a plan's instances: the model shape from the frontend
 }
 # the CLI command that runs plans is the one place where planner meets runtime
 CLI_MAY_IMPORT_RUNTIME = {"planner/cli/run.py"}

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from costmodels.compute import QUANTS
+from costmodels.errors import InputError
 from costmodels.serving import DECODE_MODES
 from costmodels.topology import get_topology, topology_names
 from planner.cli import defaults
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="plan on the first N devices of the topology (default: all)")
     p.add_argument("--json", action="store_true",
                    help="print the chosen plan's summary, both modes and the frontier as JSON (not text)")
+    p.add_argument("--rate", type=float, help="requests/s the service must take: keep the decode deployment whose "
+                                              "simulated goodput at RATE is highest (docs/simulate.md)")
     pins = p.add_argument_group("pins (restrict the search; default: search over them)")
     pins.add_argument("--decode-mode", type=decode_mode, choices=DECODE_MODES,
                       help="colocated EP or disaggregated MoE-attention")
@@ -73,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, flag="-o")  # before minutes of compiling, not after
     at_most("compile", "--seed", args.seed, MAX_SEED)
-    for flag in ("tpot_ms", "ttft_ms", "prefix_hit", "mtp_accept", "time_limit"):
+    for flag in ("tpot_ms", "ttft_ms", "prefix_hit", "mtp_accept", "time_limit", "rate"):
         finite("compile", "--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.rate is not None and args.rate <= 0:
+        raise InputError(f"compile: --rate must be > 0 requests/s (got {args.rate:g})")
     workload = workload_from_flags(
         tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms, input_len=args.input_len, output_len=args.output_len,
         prefix_hit=args.prefix_hit, quant=args.quant or default_quant(args.topology), mtp_accept=args.mtp_accept,
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 attention_devices=args.attention_devices, moe_devices=args.moe_devices,
                 prefill_devices=args.prefill_devices)
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
-                          split=args.split, mode=args.mode, devices=args.devices)
+                          split=args.split, mode=args.mode, devices=args.devices, rate=args.rate)
     t0 = time.perf_counter()
     with Progress("compile") as progress:
         plan, sr = compile_report(args.model, args.topology, opts, progress=progress.step)

@@ -21,6 +21,7 @@ COMMANDS = (
     "compile",
     "show",
     "diff",
+    "simulate",
     "run",
     "replan",
     "export",

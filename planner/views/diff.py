@@ -494,6 +494,8 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
         if ex.get("renumbered_devices"):
             lines.append(f"  experts: {ex['renumbered_devices']} devices renumbered (they hold the same experts under "
                          "new ids; not counted as moved)")
+    if "goodput" in diff:  # podplan diff --rate
+        lines.append(goodput_line(diff["goodput"]))
     rules_text = ",".join(r.text for r in rules) or "none"
     if violations:
         lines.append(f"result: {len(violations)} regression{'s' if len(violations) > 1 else ''} (rules {rules_text})")
@@ -543,6 +545,10 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
         f = ph["feasible"]
         mark = ":x:" if (name, "feasible") in broken else ""
         lines.append(f"| {name} | feasible | {f['old']} | {f['new']} | {mark} |")
+    if "goodput" in diff:  # podplan diff --rate
+        g, mark = diff["goodput"], " :x:" if (None, "goodput") in broken else ""
+        lines.append(f"| plan | goodput at {g['rate']:g} req/s | {num(g['old']['goodput'])} | {num(g['new']['goodput'])} | "
+                     f"{_delta(g['delta_pct'])}{mark} |")
     lines.append("")
     deploy = []
     for name, ph in diff["phases"].items():
@@ -571,6 +577,12 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
     if violations:
         lines += ["**Regressions**", "", *[f"- `{v['rule']}`: {v['message']}" for v in violations], ""]
     return "\n".join(lines)
+
+
+def goodput_line(g: dict) -> str:
+    """`podplan diff --rate`: simulated goodput of both plans at one rate (planner.simulate.choose)."""
+    return (f"goodput at {g['rate']:g} req/s (simulated {g['duration_s']:g} s, seed {g['seed']}): "
+            f"{num(g['old']['goodput'])} -> {num(g['new']['goodput'])} req/s ({_delta(g['delta_pct'])})")
 
 
 def _metric_of(key: str) -> str:
