@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
 from typing import Generic, TypeVar, Union
 
 from costmodels.aggregated import AggregatedDeployment, estimate_aggregated
@@ -39,6 +40,7 @@ BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 PREFILL_TOKENS = (2048, 4096, 8192, 16384, 32768)
 MICROBATCHES = (1, 2)
 DP_DOMAINS = (1, 2, 3)
+ATTN_TP = (1, 2, 4, 8)  # attention head-TP degrees tried (dies; kept inside one server)
 MODES = ("agg", "disagg")  # `--mode auto` compares both
 SEARCH_MODES = ("auto", *MODES)
 # Instance counts tried around the balance point of prefill and decode (the packing into pods makes
@@ -60,6 +62,7 @@ class Pins:
     attention_devices: int | None = None  # disaggregated decode: devices running attention
     moe_devices: int | None = None  # disaggregated decode: devices holding the experts
     prefill_devices: int | None = None
+    attention_tp: int | None = None  # attention head-TP degree (dies) of every instance
 
     @property
     def effective_decode_mode(self) -> str | None:
@@ -106,7 +109,8 @@ class Candidate(Generic[D]):
 
     def summary(self) -> dict:
         dep = self.deployment
-        d: dict = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput}
+        d: dict = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput,
+                   "attn_tp": dep.attn_tp}
         if isinstance(dep, AggregatedDeployment):
             d.update(mode="aggregated", batch_per_device=dep.batch_per_device, microbatches=dep.microbatches,
                      chunk_tokens_per_device=dep.chunk_tokens_per_device, tpot_ms=self.estimate.tpot_ms,
@@ -125,6 +129,12 @@ class Candidate(Generic[D]):
 
 def config_line(c: Candidate[AnyDeployment]) -> str:
     """One line naming a candidate's configuration (plan frontier points and the summary table)."""
+    line = _config_line(c)
+    tp = c.deployment.attn_tp
+    return line + (f", attention TP{tp}" if tp > 1 else "")
+
+
+def _config_line(c: Candidate[AnyDeployment]) -> str:
     s = c.summary()
     if s["phase"] == "prefill":
         return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
@@ -240,6 +250,17 @@ def _thin(sizes: list[int], keep: int = 16) -> list[int]:
     return sorted(picked)
 
 
+def _attn_tps(topo: Topology, devices: int, pins: Pins) -> list[int]:
+    """Attention TP degrees for an instance: dividing its dies, inside one server (the all-reduce runs on
+    the server's scale-up links). Only 1 on CPU processes: podplan's runtime runs attention DP only."""
+    dies = devices * topo.dies_per_device
+    if pins.attention_tp:
+        return [pins.attention_tp] if dies % pins.attention_tp == 0 else []
+    if topo.hardware.platform == "cpu":
+        return [1]
+    return [tp for tp in ATTN_TP if dies % tp == 0 and tp <= topo.devices_per_server * topo.dies_per_device]
+
+
 @dataclass
 class Tally:
     """What the search rejected, and one example reason of each kind (the largest instance's)."""
@@ -286,12 +307,14 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
     colocated = [] if mode == "disaggregated" else (
         [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl)))
     for devices in colocated:
-        for mb in MICROBATCHES:
-            for batch in BATCHES:
-                dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
-                est = _score(shape, topo, dep, devices, tally)
-                if est is not None:
-                    out.append(Candidate("decode", dep, est))
+        for tp in _attn_tps(topo, devices, pins):
+            for mb in MICROBATCHES:
+                for batch in BATCHES:
+                    dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
+                                  attn_tp=tp)
+                    est = _score(shape, topo, dep, devices, tally)
+                    if est is not None:
+                        out.append(Candidate("decode", dep, est))
     # disaggregated (AFD): MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
     per = topo.devices_per_server
     moe_sizes = sorted({per * math.ceil(E / (topo.dies_per_device * per) * f) for f in (1.0, 1.125, 1.25)}) if E else []
@@ -322,15 +345,16 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
     out: list[Candidate[PrefillDeployment]] = []
     sizes = [pins.prefill_devices] if pins.prefill_devices else _thin(_instance_sizes(topo, sl), 8)
     for devices in sizes:
-        for tokens in PREFILL_TOKENS:
-            if tokens < wl.input_len // max(1, topo.dies_per_device):
-                continue
-            for mb in MICROBATCHES:
-                dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
-                                        microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant)
-                est = _score(shape, topo, dep, devices, tally)
-                if est is not None:
-                    out.append(Candidate("prefill", dep, est))
+        for tp in _attn_tps(topo, devices, pins):
+            for tokens in PREFILL_TOKENS:
+                if tokens < wl.input_len // max(1, topo.dies_per_device):
+                    continue
+                for mb in MICROBATCHES:
+                    dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
+                                            microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp)
+                    est = _score(shape, topo, dep, devices, tally)
+                    if est is not None:
+                        out.append(Candidate("prefill", dep, est))
     return out
 
 
@@ -342,14 +366,16 @@ def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins:
     common = _decode_common(wl)
     sizes = [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl))
     for devices in sizes:
-        for mb in MICROBATCHES:
-            for batch in BATCHES:
-                dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
-                dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
-                                           prefix_hit=wl.prefix_hit)
-                est = _score(shape, topo, dep, devices, tally)
-                if est is not None:
-                    out.append(Candidate("aggregated", dep, est))
+        for tp in _attn_tps(topo, devices, pins):
+            for mb in MICROBATCHES:
+                for batch in BATCHES:
+                    dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
+                                  attn_tp=tp)
+                    dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
+                                               prefix_hit=wl.prefix_hit)
+                    est = _score(shape, topo, dep, devices, tally)
+                    if est is not None:
+                        out.append(Candidate("aggregated", dep, est))
     return out
 
 
@@ -365,10 +391,13 @@ def _ttft(c: Candidate[AnyDeployment]) -> float:
     return ttft
 
 
-def pareto(cands: list[Candidate[D]]) -> list[Candidate[D]]:
+C = TypeVar("C", bound=Candidate)
+
+
+def pareto(cands: Sequence[C]) -> list[C]:
     """Decode (or aggregated) candidates not dominated in (higher throughput per device, lower TPOT)."""
-    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput, _key(c)[2]))
-    front: list[Candidate[D]] = []
+    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput, _key(c)[2:]))
+    front: list[C] = []
     best = -1.0
     for c in pts:
         if c.tput > best + 1e-9:
@@ -377,10 +406,12 @@ def pareto(cands: list[Candidate[D]]) -> list[Candidate[D]]:
     return front
 
 
-def _key(c: Candidate[AnyDeployment]) -> tuple[float, int, str]:
-    """Deterministic preference: throughput, then fewer devices, then a stable description (fields by
-    name, so it does not depend on the order the dataclass declares them in)."""
-    return (round(c.tput, 6), -c.instance_devices, json.dumps(asdict(c.deployment), sort_keys=True))
+def _key(c: Candidate[AnyDeployment]) -> tuple[float, int, int, str]:
+    """Deterministic preference: throughput, then fewer devices, then less attention TP (no all-reduce
+    for nothing), then a stable description (fields by name, so it does not depend on the order the
+    dataclass declares them in)."""
+    return (round(c.tput, 6), -c.instance_devices, -c.deployment.attn_tp,
+            json.dumps(asdict(c.deployment), sort_keys=True))
 
 
 # --- choosing instance counts --------------------------------------------------------------------
@@ -503,6 +534,8 @@ def _check_pins(topo: Topology, sl: Slice, pins: Pins, mode: str) -> None:
             raise InputError(f"{flag} {value}: an instance takes whole servers of {sl.per_server} devices, "
                              f"{sl.span(value)} here, more than the {sl.largest_pod} of {where}; use a multiple of "
                              f"{sl.per_server} up to {sl.largest_pod // sl.per_server * sl.per_server}")
+    if pins.attention_tp is not None and pins.attention_tp not in ATTN_TP:
+        raise InputError(f"--attention-tp {pins.attention_tp}: use one of {', '.join(map(str, ATTN_TP))}")
     if pins.attention_devices and pins.moe_devices:
         total = pins.attention_devices + pins.moe_devices
         if not sl.fits(total):
@@ -716,4 +749,4 @@ def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float
         agg = dep.with_balance(max(1.0, imbalance), redundant)
         return Candidate(c.phase, agg, estimate_aggregated(shape, topo, agg))  # type: ignore[arg-type]
     new = replace(dep, imbalance=max(1.0, imbalance), redundant_experts=redundant)
-    return Candidate(c.phase, new, estimate(shape, topo, new))  # type: ignore[arg-type]
+    return Candidate(c.phase, new, estimate(shape, topo, new))
