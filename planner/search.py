@@ -426,7 +426,8 @@ def split_devices(sl: Slice, dec: Candidate[DecodeDeployment], pre: Candidate[Pr
     cap = packed_count(sl, a)
     # balance point: nd x dec_rate = np x pre_rate on all the devices
     balance = sl.devices / (sl.span(a) + sl.span(b) * dec_rate / pre_rate)
-    lo, hi = max(1, int(balance) - SPLIT_WINDOW), min(cap, int(balance) + SPLIT_WINDOW)
+    centre = min(cap, int(balance))  # packing into pods can hold fewer than the balance point
+    lo, hi = max(1, centre - SPLIT_WINDOW), min(cap, centre + SPLIT_WINDOW)
     best = (0, 0, -1.0)
     for nd in range(lo, hi + 1):
         np_max = max_second(sl, a, nd, b)
@@ -684,9 +685,6 @@ def _idle_notes(res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
     if res.prefill is None:
         return (f"{idle} idle: no instance of {res.decode.instance_devices} devices fits the remainder "
                 f"(instances stay within one pod and on whole servers)",)
-    spans = (sl.span(res.decode.instance_devices), sl.span(res.prefill.instance_devices))
-    free = _pack(sl.pods, max(spans), res.decode_instances if spans[0] >= spans[1] else res.prefill_instances)
-    assert free is not None
     more_dec = max_second(sl, res.prefill.instance_devices, res.prefill_instances,
                           res.decode.instance_devices) > res.decode_instances
     more_pre = max_second(sl, res.decode.instance_devices, res.decode_instances,
