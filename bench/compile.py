@@ -1,15 +1,18 @@
-"""Wall time and peak RSS of whole-model planning: `podplan compile` for the golden settings.
+"""Wall time and peak RSS of whole-model planning: `podplan compile` with default options.
 
-    .venv/bin/python bench/compile.py                 # every golden plan
-    .venv/bin/python bench/compile.py deepseek-v3     # only those of one model
+    .venv/bin/python bench/compile.py                          # every bundled model on the bench topologies
+    .venv/bin/python bench/compile.py deepseek-v3              # only one model
+    .venv/bin/python bench/compile.py --topology h100-cluster:2 deepseek-v3
+    .venv/bin/python bench/compile.py --golden                 # the golden plans' settings instead
 
-Each compile runs in a fresh process (so RSS is that compile's own) and the table prints
-wall seconds, peak RSS and the plan's headline numbers. Targets: full DeepSeek-V3 ->
-cloudmatrix384 (prefill + decode) <= 60 s and <= 4 GiB RSS on 2 cores.
+Each compile runs in a fresh process (so RSS is that compile's own) and the table prints wall
+seconds, peak RSS, the mode the search chose and the plan's headline numbers. Target: every
+compile <= 60 s and <= 4 GiB RSS on 2 cores; the exit status is 1 when one misses it or fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,42 +22,65 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.golden import GOLDEN  # noqa: E402
+TOPOLOGIES = ("cloudmatrix384", "cloudmatrix384:4", "h200-cluster:16")
+WALL_LIMIT_S = 60.0
+RSS_LIMIT_GIB = 4.0
 
 _CHILD = """
 import json, resource, sys, time
+from planner.compile import CompileOptions, compile_report
 from planner.golden import GOLDEN
-g = [g for g in GOLDEN if g.file == sys.argv[1]][0]
-from planner.compile import compile_plan
+model, topology, golden = sys.argv[1], sys.argv[2], sys.argv[3]
+opts = [g for g in GOLDEN if g.file == golden][0].options if golden else CompileOptions()
 t0 = time.perf_counter()
-plan = compile_plan(g.model, g.topology, g.options)
+plan, sr = compile_report(model, topology, opts)
 wall = time.perf_counter() - t0
+dec = plan.decode.predictions
 print(json.dumps({"wall_s": wall, "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "decode_tpot_ms": plan.decode.predictions.tpot_ms,
-                  "decode_tput": plan.decode.predictions.throughput_per_device,
-                  "prefill_tput": plan.prefill.predictions.throughput_per_device}))
+                  "mode": sr.mode, "used": sr.devices_used, "slice": sr.slice.devices,
+                  "req_s": sr.requests_per_s, "tpot_ms": dec.tpot_ms, "decode_tput": dec.throughput_per_device,
+                  "prefill_tput": plan.prefill.predictions.throughput_per_device if plan.prefill else None}))
 """
 
 
+def _cases(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    if args.golden:
+        from planner.golden import GOLDEN
+
+        return [(g.model, g.topology, g.file) for g in GOLDEN if not args.models or g.model in args.models]
+    from planner.frontend.zoo import bundled_names
+
+    models = args.models or bundled_names()
+    return [(m, t, "") for t in (args.topology or TOPOLOGIES) for m in models]
+
+
 def main() -> int:
-    wanted = sys.argv[1:]
-    rows = []
-    for g in GOLDEN:
-        if wanted and g.model not in wanted:
-            continue
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help="bundled models (default: all)")
+    parser.add_argument("--topology", action="append", help=f"topology (repeatable; default: {', '.join(TOPOLOGIES)})")
+    parser.add_argument("--golden", action="store_true", help="the golden plans' settings (planner/golden.py)")
+    args = parser.parse_args()
+    print(f"{'model':18}{'topology':18}{'compile s':>10}{'process s':>10}{'RSS GiB':>9}  {'mode':7}{'used':>10}"
+          f"{'req/s':>12}{'TPOT ms':>9}{'dec tok/s/dev':>14}{'pre tok/s/dev':>14}", flush=True)
+    bad = 0
+    for model, topology, golden in _cases(args):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _CHILD, g.file], capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-c", _CHILD, model, topology, golden], capture_output=True, text=True,
+                              cwd=ROOT)
         if proc.returncode != 0:
-            print(f"{g.file}: failed: {proc.stderr.strip().splitlines()[-1]}", file=sys.stderr)
-            return 1
+            lines = proc.stderr.strip().splitlines() or ["(no output)"]
+            print(f"{model:18}{topology:18}  FAILED: {lines[-1]}", flush=True)
+            bad += 1
+            continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        r["process_s"] = time.perf_counter() - t0
-        rows.append((g, r))
-    print(f"{'plan':42}{'compile s':>10}{'process s':>10}{'RSS GiB':>9}{'TPOT ms':>9}{'dec tok/s/dev':>14}{'pre tok/s/dev':>14}")
-    for g, r in rows:
-        print(f"{g.file:42}{r['wall_s']:>10.1f}{r['process_s']:>10.1f}{r['rss_gib']:>9.2f}{r['decode_tpot_ms']:>9.1f}"
-              f"{r['decode_tput']:>14,.0f}{r['prefill_tput']:>14,.0f}")
-    return 0
+        process_s = time.perf_counter() - t0
+        over = r["wall_s"] > WALL_LIMIT_S or r["rss_gib"] > RSS_LIMIT_GIB
+        bad += over
+        pre = "-" if r["prefill_tput"] is None else f"{r['prefill_tput']:,.0f}"
+        print(f"{model:18}{topology:18}{r['wall_s']:>10.1f}{process_s:>10.1f}{r['rss_gib']:>9.2f}  {r['mode']:7}"
+              f"{str(r['used']) + '/' + str(r['slice']):>10}{r['req_s']:>12,.1f}{r['tpot_ms']:>9.1f}"
+              f"{r['decode_tput']:>14,.0f}{pre:>14}{'  OVER LIMIT' if over else ''}", flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ The step time is built from serving.py's public estimates, not a second model of
 The bracket is the chunk's marginal cost: a prefill batch of one token per die pays the same
 fixed costs (weight reads, collective latency floors) the decode step already pays, so they are
 not counted twice. It is an approximation (the two halves of a mixed step do not overlap their
-compute and memory traffic here), documented in docs/costmodel.md's aggregated section.
+compute and memory traffic here; docs/compile.md describes where the search uses it).
 
 TTFT is the time to feed one prompt through the chunks at the steady-state rate (one prompt on
 one die's attention DP rank): ceil(prompt tokens / chunk tokens per die) steps. Queueing is not

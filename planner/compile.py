@@ -109,7 +109,7 @@ def _validate(opts: CompileOptions) -> None:
         raise InputError(f"--devices {opts.devices}: must be > 0")
     if opts.rate is not None and not 0 < opts.rate < math.inf:
         raise InputError(f"--rate {opts.rate}: must be a finite number of requests/s > 0")
-    for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices"):
+    for flag in ("decode_devices", "attention_devices", "moe_devices", "prefill_devices", "attention_tp"):
         value = getattr(pins, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} {value}: must be > 0")
@@ -259,12 +259,13 @@ def _frontier(sr: SearchResult, final: dict[str, Candidate[AnyDeployment]]) -> t
                                        tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms, chosen=is_chosen))
 
     for other in sr.modes[1:]:
-        for c in (other.prefill, other.decode):
-            if c is not None and c.deployment not in chosen:
-                add(c, False)
-    for c in sr.frontier:
-        if c.deployment not in chosen and c.deployment not in {sr.decode.deployment, getattr(sr.prefill, "deployment", None)}:
-            add(c, False)
+        for best in (other.prefill, other.decode):
+            if best is not None and best.deployment not in chosen:
+                add(best, False)
+    searched = {sr.decode.deployment, getattr(sr.prefill, "deployment", None)}
+    for point in sr.frontier:
+        if point.deployment not in chosen and point.deployment not in searched:
+            add(point, False)
     for name in ("prefill", "decode"):
         if name in final:
             add(final[name], True)

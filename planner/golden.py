@@ -35,11 +35,12 @@ class Golden:
 
 GOLDEN = (
     # CloudMatrix-Infer's setting: DeepSeek-V3/R1 INT8, MTP 70%, SLO 50 ms, skewed expert loads. Pinned to
-    # disaggregated 40-device prefill + 88-device decode instances, the layout the export and replan tests
-    # are written against; unpinned, the search picks 2 x 96 prefill + 3 x 64 decode (podplan compile shows it)
+    # disaggregated 40-device prefill + 88-device decode instances with attention DP (no head-TP), the layout
+    # the export and replan tests are written against; unpinned, `podplan compile` shows the search's choice
     Golden("deepseek-v3.cloudmatrix384.json", "deepseek-v3", "cloudmatrix384",
            CompileOptions(Workload(4096, 1024, tpot_slo_ms=50.0, mtp_accept=0.7, quant="int8"),
-                          Pins(decode_devices=88, prefill_devices=40), loads="zipf:1.2", mode="disagg")),
+                          Pins(decode_devices=88, prefill_devices=40, attention_tp=1), loads="zipf:1.2",
+                          mode="disagg")),
     # Kimi K2 (DeepSeek-V3's architecture, 384 experts) in the same setting
     Golden("kimi-k2.cloudmatrix384.json", "kimi-k2", "cloudmatrix384",
            CompileOptions(Workload(4096, 1024, tpot_slo_ms=50.0, mtp_accept=0.7, quant="int8"), loads="zipf:1.2")),

@@ -18,6 +18,7 @@ agg: prefill and decode on the same colocated instances, chunked prefill mixed i
 Instance sizes are whole servers (or 1, 2, 4 devices below one server) and at most one pod: on
 CloudMatrix384 a pod is the UB domain (an all-to-all across pods would run over RDMA, ~8x slower);
 on GPU clusters the whole cluster is one pod and the cost model prices the InfiniBand crossing.
+`planner/slices.py` counts what a slice of the topology holds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
 from typing import Generic, TypeVar, Union
 
 from costmodels.aggregated import AggregatedDeployment, estimate_aggregated
@@ -34,11 +36,13 @@ from costmodels.model_shape import ModelShape
 from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import Topology
 from planner.ir.plan import Workload
+from planner.slices import Slice, max_second, pack, packed_count, topology_slice
 
 BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 PREFILL_TOKENS = (2048, 4096, 8192, 16384, 32768)
 MICROBATCHES = (1, 2)
 DP_DOMAINS = (1, 2, 3)
+ATTN_TP = (1, 2, 4, 8)  # attention head-TP degrees tried (dies; kept inside one server)
 MODES = ("agg", "disagg")  # `--mode auto` compares both
 SEARCH_MODES = ("auto", *MODES)
 # Instance counts tried around the balance point of prefill and decode (the packing into pods makes
@@ -60,6 +64,7 @@ class Pins:
     attention_devices: int | None = None  # disaggregated decode: devices running attention
     moe_devices: int | None = None  # disaggregated decode: devices holding the experts
     prefill_devices: int | None = None
+    attention_tp: int | None = None  # attention head-TP degree (dies) of every instance
 
     @property
     def effective_decode_mode(self) -> str | None:
@@ -106,7 +111,8 @@ class Candidate(Generic[D]):
 
     def summary(self) -> dict:
         dep = self.deployment
-        d: dict = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput}
+        d: dict = {"phase": self.phase, "devices": self.instance_devices, "tput_per_device": self.tput,
+                   "attn_tp": dep.attn_tp}
         if isinstance(dep, AggregatedDeployment):
             d.update(mode="aggregated", batch_per_device=dep.batch_per_device, microbatches=dep.microbatches,
                      chunk_tokens_per_device=dep.chunk_tokens_per_device, tpot_ms=self.estimate.tpot_ms,
@@ -125,6 +131,12 @@ class Candidate(Generic[D]):
 
 def config_line(c: Candidate[AnyDeployment]) -> str:
     """One line naming a candidate's configuration (plan frontier points and the summary table)."""
+    line = _config_line(c)
+    tp = c.deployment.attn_tp
+    return line + (f", attention TP{tp}" if tp > 1 else "")
+
+
+def _config_line(c: Candidate[AnyDeployment]) -> str:
     s = c.summary()
     if s["phase"] == "prefill":
         return f"prefill {s['devices']} dev, {s['tokens_per_device']} tok/dev, mb {s['microbatches']}"
@@ -135,90 +147,6 @@ def config_line(c: Candidate[AnyDeployment]) -> str:
         return (f"disaggregated {s['attention_devices']}A+{s['moe_devices']}F, {s['dp_domains']} domains, "
                 f"batch {s['batch_per_device']:g}, mb {s['microbatches']}")
     return f"colocated {s['devices']} dev, batch {s['batch_per_device']:g}, mb {s['microbatches']}"
-
-
-# --- the devices a plan may use ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Slice:
-    """The devices the search may use: the first `devices` of the topology, as device counts per pod."""
-
-    topology: str
-    pods: tuple[int, ...]  # usable devices in each pod, in device-id order
-    per_server: int
-
-    @property
-    def devices(self) -> int:
-        return sum(self.pods)
-
-    @property
-    def largest_pod(self) -> int:
-        return max(self.pods)
-
-    def span(self, size: int) -> int:
-        """Devices an instance of `size` occupies: whole servers from one server up (placement aligns them)."""
-        return math.ceil(size / self.per_server) * self.per_server if size >= self.per_server else size
-
-    def fits(self, size: int) -> bool:
-        return self.span(size) <= self.largest_pod
-
-
-def topology_slice(topo: Topology, devices: int | None = None) -> Slice:
-    """The first `devices` devices of `topo` (None: all); a count over the topology's is an InputError."""
-    if devices is not None:
-        if devices <= 0:
-            raise InputError(f"--devices {devices}: must be > 0")
-        if devices > topo.num_devices:
-            raise InputError(f"--devices {devices}: {topo.name} has {topo.num_devices} devices; "
-                             f"use --devices {topo.num_devices} or fewer, or a larger topology")
-    n = topo.num_devices if devices is None else devices
-    per_pod = topo.num_devices // max(1, topo.pods)
-    pods = tuple(min(per_pod, n - p * per_pod) for p in range(math.ceil(n / per_pod)))
-    return Slice(topo.name, pods, topo.devices_per_server)
-
-
-def _pack(pods: tuple[int, ...], span: int, count: int) -> list[int] | None:
-    """Free devices per pod after first-fit of `count` instances of `span` devices, pod by pod (what
-    planner.placement does); None when they do not all fit."""
-    free = list(pods)
-    for p in range(len(free)):
-        k = min(count, free[p] // span)
-        free[p] -= k * span
-        count -= k
-    return free if count == 0 else None
-
-
-def _capacity(free: list[int], span: int) -> int:
-    return sum(f // span for f in free)
-
-
-def packed_count(sl: Slice, size: int) -> int:
-    """How many instances of `size` devices the slice holds (none spans a pod)."""
-    return _capacity(list(sl.pods), sl.span(size))
-
-
-def _fits_pair(sl: Slice, big: int, n_big: int, small: int, n_small: int) -> bool:
-    free = _pack(sl.pods, sl.span(big), n_big)
-    return free is not None and _capacity(free, sl.span(small)) >= n_small
-
-
-def max_second(sl: Slice, first: int, n_first: int, second: int) -> int:
-    """The most instances of `second` devices that fit beside `n_first` of `first` devices, packed
-    largest first as planner.placement packs them."""
-    if sl.span(first) >= sl.span(second):
-        free = _pack(sl.pods, sl.span(first), n_first)
-        return -1 if free is None else _capacity(free, sl.span(second))
-    lo, hi = 0, packed_count(sl, second)  # the second goes first: the largest count leaving room for n_first
-    if not _fits_pair(sl, second, 0, first, n_first):
-        return -1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _fits_pair(sl, second, mid, first, n_first):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 # --- candidates ----------------------------------------------------------------------------------
@@ -238,6 +166,17 @@ def _thin(sizes: list[int], keep: int = 16) -> list[int]:
         return sizes
     picked = {sizes[round(i * (len(sizes) - 1) / (keep - 1))] for i in range(keep)}
     return sorted(picked)
+
+
+def _attn_tps(topo: Topology, devices: int, pins: Pins) -> list[int]:
+    """Attention TP degrees for an instance: dividing its dies, inside one server (the all-reduce runs on
+    the server's scale-up links). Only 1 on CPU processes: podplan's runtime runs attention DP only."""
+    dies = devices * topo.dies_per_device
+    if pins.attention_tp:
+        return [pins.attention_tp] if dies % pins.attention_tp == 0 else []
+    if topo.hardware.platform == "cpu":
+        return [1]
+    return [tp for tp in ATTN_TP if dies % tp == 0 and tp <= topo.devices_per_server * topo.dies_per_device]
 
 
 @dataclass
@@ -286,12 +225,14 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
     colocated = [] if mode == "disaggregated" else (
         [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl)))
     for devices in colocated:
-        for mb in MICROBATCHES:
-            for batch in BATCHES:
-                dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
-                est = _score(shape, topo, dep, devices, tally)
-                if est is not None:
-                    out.append(Candidate("decode", dep, est))
+        for tp in _attn_tps(topo, devices, pins):
+            for mb in MICROBATCHES:
+                for batch in BATCHES:
+                    dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
+                                  attn_tp=tp)
+                    est = _score(shape, topo, dep, devices, tally)
+                    if est is not None:
+                        out.append(Candidate("decode", dep, est))
     # disaggregated (AFD): MoE devices hold one expert slot per die (the xDeepServe layout) or a few per die
     per = topo.devices_per_server
     moe_sizes = sorted({per * math.ceil(E / (topo.dies_per_device * per) * f) for f in (1.0, 1.125, 1.25)}) if E else []
@@ -322,15 +263,16 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
     out: list[Candidate[PrefillDeployment]] = []
     sizes = [pins.prefill_devices] if pins.prefill_devices else _thin(_instance_sizes(topo, sl), 8)
     for devices in sizes:
-        for tokens in PREFILL_TOKENS:
-            if tokens < wl.input_len // max(1, topo.dies_per_device):
-                continue
-            for mb in MICROBATCHES:
-                dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
-                                        microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant)
-                est = _score(shape, topo, dep, devices, tally)
-                if est is not None:
-                    out.append(Candidate("prefill", dep, est))
+        for tp in _attn_tps(topo, devices, pins):
+            for tokens in PREFILL_TOKENS:
+                if tokens < wl.input_len // max(1, topo.dies_per_device):
+                    continue
+                for mb in MICROBATCHES:
+                    dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
+                                            microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp)
+                    est = _score(shape, topo, dep, devices, tally)
+                    if est is not None:
+                        out.append(Candidate("prefill", dep, est))
     return out
 
 
@@ -342,14 +284,16 @@ def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins:
     common = _decode_common(wl)
     sizes = [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl))
     for devices in sizes:
-        for mb in MICROBATCHES:
-            for batch in BATCHES:
-                dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb)
-                dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
-                                           prefix_hit=wl.prefix_hit)
-                est = _score(shape, topo, dep, devices, tally)
-                if est is not None:
-                    out.append(Candidate("aggregated", dep, est))
+        for tp in _attn_tps(topo, devices, pins):
+            for mb in MICROBATCHES:
+                for batch in BATCHES:
+                    dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
+                                  attn_tp=tp)
+                    dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
+                                               prefix_hit=wl.prefix_hit)
+                    est = _score(shape, topo, dep, devices, tally)
+                    if est is not None:
+                        out.append(Candidate("aggregated", dep, est))
     return out
 
 
@@ -365,10 +309,13 @@ def _ttft(c: Candidate[AnyDeployment]) -> float:
     return ttft
 
 
-def pareto(cands: list[Candidate[D]]) -> list[Candidate[D]]:
+C = TypeVar("C", bound=Candidate)
+
+
+def pareto(cands: Sequence[C]) -> list[C]:
     """Decode (or aggregated) candidates not dominated in (higher throughput per device, lower TPOT)."""
-    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput, _key(c)[2]))
-    front: list[Candidate[D]] = []
+    pts = sorted(cands, key=lambda c: (_tpot(c), -c.tput, _key(c)[2:]))
+    front: list[C] = []
     best = -1.0
     for c in pts:
         if c.tput > best + 1e-9:
@@ -377,10 +324,12 @@ def pareto(cands: list[Candidate[D]]) -> list[Candidate[D]]:
     return front
 
 
-def _key(c: Candidate[AnyDeployment]) -> tuple[float, int, str]:
-    """Deterministic preference: throughput, then fewer devices, then a stable description (fields by
-    name, so it does not depend on the order the dataclass declares them in)."""
-    return (round(c.tput, 6), -c.instance_devices, json.dumps(asdict(c.deployment), sort_keys=True))
+def _key(c: Candidate[AnyDeployment]) -> tuple[float, int, int, str]:
+    """Deterministic preference: throughput, then fewer devices, then less attention TP (no all-reduce
+    for nothing), then a stable description (fields by name, so it does not depend on the order the
+    dataclass declares them in)."""
+    return (round(c.tput, 6), -c.instance_devices, -c.deployment.attn_tp,
+            json.dumps(asdict(c.deployment), sort_keys=True))
 
 
 # --- choosing instance counts --------------------------------------------------------------------
@@ -395,7 +344,8 @@ def split_devices(sl: Slice, dec: Candidate[DecodeDeployment], pre: Candidate[Pr
     cap = packed_count(sl, a)
     # balance point: nd x dec_rate = np x pre_rate on all the devices
     balance = sl.devices / (sl.span(a) + sl.span(b) * dec_rate / pre_rate)
-    lo, hi = max(1, int(balance) - SPLIT_WINDOW), min(cap, int(balance) + SPLIT_WINDOW)
+    centre = min(cap, int(balance))  # packing into pods can hold fewer than the balance point
+    lo, hi = max(1, centre - SPLIT_WINDOW), min(cap, centre + SPLIT_WINDOW)
     best = (0, 0, -1.0)
     for nd in range(lo, hi + 1):
         np_max = max_second(sl, a, nd, b)
@@ -503,6 +453,8 @@ def _check_pins(topo: Topology, sl: Slice, pins: Pins, mode: str) -> None:
             raise InputError(f"{flag} {value}: an instance takes whole servers of {sl.per_server} devices, "
                              f"{sl.span(value)} here, more than the {sl.largest_pod} of {where}; use a multiple of "
                              f"{sl.per_server} up to {sl.largest_pod // sl.per_server * sl.per_server}")
+    if pins.attention_tp is not None and pins.attention_tp not in ATTN_TP:
+        raise InputError(f"--attention-tp {pins.attention_tp}: use one of {', '.join(map(str, ATTN_TP))}")
     if pins.attention_devices and pins.moe_devices:
         total = pins.attention_devices + pins.moe_devices
         if not sl.fits(total):
@@ -651,9 +603,6 @@ def _idle_notes(res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
     if res.prefill is None:
         return (f"{idle} idle: no instance of {res.decode.instance_devices} devices fits the remainder "
                 f"(instances stay within one pod and on whole servers)",)
-    spans = (sl.span(res.decode.instance_devices), sl.span(res.prefill.instance_devices))
-    free = _pack(sl.pods, max(spans), res.decode_instances if spans[0] >= spans[1] else res.prefill_instances)
-    assert free is not None
     more_dec = max_second(sl, res.prefill.instance_devices, res.prefill_instances,
                           res.decode.instance_devices) > res.decode_instances
     more_pre = max_second(sl, res.decode.instance_devices, res.decode_instances,
@@ -716,4 +665,4 @@ def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float
         agg = dep.with_balance(max(1.0, imbalance), redundant)
         return Candidate(c.phase, agg, estimate_aggregated(shape, topo, agg))  # type: ignore[arg-type]
     new = replace(dep, imbalance=max(1.0, imbalance), redundant_experts=redundant)
-    return Candidate(c.phase, new, estimate(shape, topo, new))  # type: ignore[arg-type]
+    return Candidate(c.phase, new, estimate(shape, topo, new))

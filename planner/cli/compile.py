@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pins.add_argument("--attention-devices", type=int, help="attention devices per disaggregated decode instance")
     pins.add_argument("--moe-devices", type=int, help="MoE devices per disaggregated decode instance")
     pins.add_argument("--prefill-devices", type=int, help="devices per prefill instance")
+    pins.add_argument("--attention-tp", type=int, help="attention head-TP degree in dies (1, 2, 4 or 8)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (JSON)")
     p.set_defaults(func=run)
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     pins = Pins(decode_mode=args.decode_mode, decode_devices=args.decode_devices,
                 attention_devices=args.attention_devices, moe_devices=args.moe_devices,
-                prefill_devices=args.prefill_devices)
+                prefill_devices=args.prefill_devices, attention_tp=args.attention_tp)
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
                           split=args.split, mode=args.mode, devices=args.devices, rate=args.rate)
     t0 = time.perf_counter()
@@ -214,9 +215,9 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
         table.add_column(col, justify="left" if col in ("phase", "configuration", "") else "right")
     rows = frontier_rows(sr)
     for phase in dict.fromkeys(r["phase"] for r in rows):
-        ranked = sorted((r for r in rows if r["phase"] == phase), key=lambda r: -r["tokens_per_s_per_device"])
-        top = ranked[:5] + [r for r in ranked[5:] if r["chosen"]]
-        for r in top:
-            table.add_row(phase, r["config"], str(r["devices"]), f"{r['tokens_per_s_per_device']:,.0f}",
-                          _ms(r["tpot_ms"]), _ms(r["ttft_ms"], 0), "chosen" if r["chosen"] else "")
+        ranked = sorted((row for row in rows if row["phase"] == phase), key=lambda row: -row["tokens_per_s_per_device"])
+        top = ranked[:5] + [row for row in ranked[5:] if row["chosen"]]
+        for row in top:
+            table.add_row(phase, row["config"], str(row["devices"]), f"{row['tokens_per_s_per_device']:,.0f}",
+                          _ms(row["tpot_ms"]), _ms(row["ttft_ms"], 0), "chosen" if row["chosen"] else "")
     out.print(table)

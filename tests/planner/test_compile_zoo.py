@@ -34,7 +34,7 @@ def test_search_and_placement_succeed(model, topology):
     topo, shape = get_topology(topology), shape_of(model)
     if not _fits(model, topology):
         # what cannot fit says why and what to change, never a placement or balancer failure
-        with pytest.raises(InfeasibleError, match=r"weights alone need .* GB|best reachable TPOT .* relax --tpot-ms"):
+        with pytest.raises(InfeasibleError, match=r"weights alone need .* GB|no memory-feasible .* at 8 devices|best reachable TPOT .* relax --tpot-ms"):
             search(shape, topo, DEFAULT_WORKLOAD, mode="auto")
         return
     sr = search(shape, topo, DEFAULT_WORKLOAD, mode="auto")

@@ -13,7 +13,8 @@ from costmodels.serving import DecodeDeployment, estimate_decode
 from costmodels.topology import get_topology
 from planner.compile import DEFAULT_WORKLOAD, CompileOptions, _layout, compile_report
 from planner.frontend.shape import shape_of
-from planner.search import Pins, max_second, packed_count, search, topology_slice
+from planner.search import Pins, search
+from planner.slices import max_second, packed_count, topology_slice
 from tests.conftest import assert_one_line_error, run_cli
 
 
