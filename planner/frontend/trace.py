@@ -120,7 +120,7 @@ def build_config(src: ModelSource):
     for key in ("architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(key, None)
     try:
-        with _quiet():
+        with quiet():
             config = AutoConfig.for_model(model_type, **cfg)
     except ValueError as exc:
         if "Unrecognized model" in str(exc) or "model_type" in str(exc):
@@ -128,9 +128,10 @@ def build_config(src: ModelSource):
                 f"{src.name}: unsupported architecture '{model_type}': transformers {TRANSFORMERS_VERSION} has no "
                 "such model_type; use a MoE family transformers implements"
             ) from None
-        raise ConfigError(f"{src.name}: invalid config: {str(exc).splitlines()[0]}") from None
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ConfigError(f"{src.name}: invalid config: {exc}") from None
+        raise ConfigError(f"{src.name}: invalid config: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types: one line, never a traceback
+        raise ConfigError(f"{src.name}: invalid config ({type(exc).__name__}: {first_line(exc)}); check it against "
+                          "the model card") from None
     # eager attention: an explicit additive mask, exact against the reference; batched_mm experts:
     # has meta kernels (eager's nonzero has none) and works in fp32 (grouped_mm wants bf16 on meta).
     config._attn_implementation = "eager"
@@ -139,8 +140,18 @@ def build_config(src: ModelSource):
     return config
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message; its cause's when the message only introduces it (huggingface_hub's
+    validators raise 'Class validation error for validator ...:' from the ValueError that says what is wrong)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if first.endswith(":") and exc.__cause__ is not None:
+        return first_line(exc.__cause__)
+    return first
+
+
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence transformers' warnings and log lines while it builds: podplan reports problems itself, in one
     line, and a config remark printed on stderr would break that contract."""
     from transformers.utils import logging as hf_logging
@@ -166,20 +177,28 @@ def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | 
     """Instantiate transformers' causal-LM class for `src`: no memory on meta, seeded weights elsewhere."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     config = build_config(src)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        # a multimodal decoder, an encoder-decoder or an encoder: transformers has no decoder-only LM to build
+        raise ConfigError(
+            f"{src.name}: transformers {TRANSFORMERS_VERSION} has no causal-LM class for {type(config).__name__} "
+            f"(model_type '{config.model_type}', in transformers.models.{type(config).__module__.split('.')[-2]}); "
+            "podplan plans decoder-only causal LMs"
+        )
     dtype = dtype or _dtype_of(src)
     ctx = torch.device(device)
     try:
         torch.manual_seed(seed)
-        with ctx, _quiet():
+        with ctx, quiet():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, AssertionError, TypeError, AttributeError, KeyError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers' constructors raise any type: one line, never a traceback
         # a config transformers accepts but its modules cannot be built from (a pad id outside the
         # vocabulary, a missing per-layer list): the config is wrong, not podplan
-        first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(
             f"{src.name}: transformers cannot build a causal LM for '{src.config['model_type']}' from this config "
-            f"({type(exc).__name__}: {first}); check the config against the model card"
+            f"({type(exc).__name__}: {first_line(exc)}); check the config against the model card"
         ) from None
     model.eval()
     return model

@@ -1,0 +1,314 @@
+"""The Mixture-of-Experts families of the installed transformers, found by reading it, and what podplan
+makes of each: traced (lossless, checked by tests/planner/test_families.py) or refused in one line.
+
+A family is a folder of `transformers.models` one of whose config classes (or their sub-configs)
+declares a routed-expert count. Its status comes from trying: a tiny config made from the family's own
+config class (the class's defaults with the sizes shrunk, so every key a real config.json of the
+family carries is there) is loaded, validated, built on the meta device, traced and compiled through
+the stage-split pipeline, exactly as `podplan trace CONFIG --stages` would; the first one-line error
+is the refusal. Statuses are cached per transformers version and podplan source (tracing every family
+takes a minute), in $PODPLAN_CACHE or ~/.cache/podplan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from costmodels.errors import PodplanError
+from planner.frontend.zoo import ModelSource
+
+# Config keys by what they mean. Field names, not family names: a new family that spells its
+# expert count one of these ways is found with no change here.
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k", "top_k_experts")
+_INTERMEDIATE = re.compile(r"(^|_)intermediate_size$|^expert_ffn_hidden_size$|^share_expert_dim$")
+_SHARED_COUNT = re.compile(r"^(n|num|moe_num)_shared_experts$")
+# flags that switch a family's MoE block on (Gemma 4's enable_moe_block, Doge's is_moe)
+_MOE_SWITCH = re.compile(r"^(is_moe|enable_moe_block|use_moe)$")
+# Multi-head latent attention (DeepSeek-V2/V3 and kin): one latent KV head per query head.
+_MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+# Sizes of the tiny config, set wherever the family's config has the key.
+_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+             max_position_embeddings=512, n_group=1, topk_group=1, num_expert_group=1, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2)
+TINY_EXPERTS = 8
+TINY_TOP_K = 2
+TINY_VOCAB = 128
+_TINY_LAYERS = 2
+_TINY_WINDOW = 3  # a sliding window that bites on the family test's 8-token sequences
+
+
+@dataclass(frozen=True)
+class Family:
+    """One MoE family: its transformers folder, the model_type a config.json of it carries, and the
+    model_type of the decoder podplan plans (the same, or a multimodal config's text_config)."""
+
+    name: str  # folder under transformers/models
+    model_type: str
+    decoder_type: str
+
+
+@dataclass(frozen=True)
+class FamilyStatus:
+    family: Family
+    traced: bool
+    reason: str  # the one-line refusal ("" when traced)
+
+    def row(self) -> dict:
+        return {"family": self.family.name, "model_type": self.family.model_type,
+                "decoder": self.family.decoder_type, "status": "traced" if self.traced else "refused",
+                "reason": self.reason}
+
+
+# --- enumeration ------------------------------------------------------------------------------------
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """A config class's keys and their defaults (transformers 5 configs are dataclasses)."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = f.default if f.default is not dataclasses.MISSING else None
+    for alias in getattr(cls, "attribute_map", {}) or {}:
+        out.setdefault(alias, None)
+    return out
+
+
+def declares_experts(cls: type) -> bool:
+    return any(k in _fields(cls) for k in EXPERT_COUNT_KEYS)
+
+
+def _sub_configs(cls: type) -> dict[str, type]:
+    subs = getattr(cls, "sub_configs", None) or {}
+    return {k: v for k, v in subs.items() if isinstance(v, type)}
+
+
+def _decoder_class(cls: type) -> tuple[str, type] | None:
+    """(path, class) of the config that holds the experts: the class itself, or its text_config."""
+    if declares_experts(cls):
+        return "", cls
+    text = _sub_configs(cls).get("text_config")
+    if text is not None and declares_experts(text):
+        return "text_config", text
+    return None
+
+
+def _holds_experts(cls: type, depth: int = 0) -> bool:
+    return declares_experts(cls) or depth < 3 and any(_holds_experts(s, depth + 1) for s in _sub_configs(cls).values())
+
+
+@functools.lru_cache(maxsize=1)
+def moe_families() -> tuple[Family, ...]:
+    """Every transformers folder with a config class (or sub-config) that declares a routed-expert count."""
+    from transformers.models.auto.configuration_auto import (CONFIG_MAPPING, CONFIG_MAPPING_NAMES,
+                                                             model_type_to_module_name)
+
+    import transformers.models as models_pkg
+
+    root = Path(models_pkg.__file__).parent
+    by_folder: dict[str, list[str]] = {}
+    for model_type in CONFIG_MAPPING_NAMES:
+        by_folder.setdefault(model_type_to_module_name(model_type), []).append(model_type)
+    words = re.compile("|".join(EXPERT_COUNT_KEYS))
+    out = []
+    for folder, types in sorted(by_folder.items()):
+        # a cheap look at the source first: importing all ~800 config modules takes seconds
+        if not any(words.search(p.read_text(errors="replace")) for p in (root / folder).glob("configuration_*.py")):
+            continue
+        classes = {}
+        for mt in types:
+            try:
+                classes[mt] = CONFIG_MAPPING[mt]
+            except Exception:  # noqa: BLE001 - a model_type whose module fails to import is no family here
+                continue
+        if not any(_holds_experts(c) for c in classes.values()):
+            continue
+        model_type = _main_type(folder, classes)
+        found = _decoder_class(classes[model_type])
+        decoder = getattr(found[1], "model_type", "") or model_type if found else model_type
+        out.append(Family(folder, model_type, decoder))
+    return tuple(out)
+
+
+def _main_type(folder: str, classes: dict[str, type]) -> str:
+    """The model_type a checkpoint of the family carries: the folder's own name, else the config no
+    other config of the folder nests."""
+    for mt in classes:
+        if mt.replace("-", "_") == folder:
+            return mt
+    nested = {sub for c in classes.values() for sub in _sub_configs(c).values()}
+    tops = [mt for mt, c in classes.items() if c not in nested] or list(classes)
+    return min(tops, key=lambda mt: (len(mt), mt))
+
+
+def family(name: str) -> Family:
+    for fam in moe_families():
+        if fam.name == name:
+            return fam
+    raise KeyError(name)
+
+
+# --- tiny configs ------------------------------------------------------------------------------------
+
+
+def tiny_config(fam: Family) -> dict:
+    """A few-thousand-parameter config.json of `fam`, from its own config class's defaults: every key the
+    class has, sizes shrunk, float32. A multimodal family keeps its wrapper (podplan plans the text_config)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from planner.frontend.trace import quiet
+
+    cls = CONFIG_MAPPING[fam.model_type]
+    with quiet():
+        full = _defaults(cls)
+    found = _decoder_class(cls)
+    if found is None or not found[0]:
+        return dict(_shrink(full, cls), model_type=fam.model_type, torch_dtype="float32")
+    path, text_cls = found
+    inner = full.get(path) if isinstance(full.get(path), dict) else _defaults(text_cls)
+    # only the wrapper's identity and the decoder: its vision / audio towers are not planned
+    return {"model_type": fam.model_type, "torch_dtype": "float32",
+            path: dict(_shrink(inner, text_cls), model_type=fam.decoder_type)}
+
+
+def _defaults(cls: type) -> dict:
+    """The class's defaults as a config.json would hold them; built field by field if the class
+    cannot be instantiated with no arguments (a validator that wants a value)."""
+    try:
+        return cls().to_dict()
+    except Exception:  # noqa: BLE001 - fall back to the declared defaults
+        return {k: v for k, v in _fields(cls).items() if _jsonable(v)}
+
+
+def _jsonable(v: object) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _shrink(cfg: dict, cls: type) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in ("transformers_version", "architectures", "auto_map")}
+    default_layers = out.get("num_hidden_layers")
+    mla = isinstance(out.get("kv_lora_rank"), int)
+    for key, val in list(out.items()):
+        if isinstance(val, bool):
+            if _MOE_SWITCH.match(key):
+                out[key] = True
+            continue
+        if key in _TINY and (isinstance(val, int) or val is None and key in ("head_dim",)):
+            out[key] = _TINY[key]
+        elif key in _TINY and isinstance(val, list) and key.endswith("token_id"):
+            out[key] = [_TINY[key]]
+        elif key in EXPERT_COUNT_KEYS:
+            out[key] = TINY_EXPERTS
+        elif key in TOP_K_KEYS:
+            out[key] = min(val, TINY_TOP_K) if isinstance(val, int) and val > 0 else TINY_TOP_K
+        elif _INTERMEDIATE.search(key) and (isinstance(val, int) or val is None):
+            out[key] = 32 if ("moe" in key or "expert" in key) else 128
+        elif _SHARED_COUNT.match(key) and isinstance(val, int) and val > 1:
+            out[key] = 1
+        elif key in _MLA and (mla or val is not None) and val != 0:  # 0: a family without that part (NoPE)
+            out[key] = _MLA[key]
+        elif key == "sliding_window" and isinstance(val, int) and val > 0:
+            out[key] = _TINY_WINDOW
+        elif key == "first_k_dense_replace" and isinstance(val, int) and val > 0:
+            out[key] = 1  # one dense layer, then MoE: keeps the interleaving
+    if mla:
+        out["num_key_value_heads"] = out.get("num_attention_heads", 4)
+    layers = _TINY_LAYERS
+    for key, val in out.items():
+        if isinstance(val, list) and default_layers and len(val) == default_layers:
+            layers = max(layers, len(_distinct(val)))
+    for key, val in list(out.items()):
+        if isinstance(val, list) and default_layers and len(val) == default_layers:
+            out[key] = _per_layer(val, layers)
+    out["num_hidden_layers"] = layers
+    return out
+
+
+def _distinct(values: list) -> list:
+    seen: list = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _per_layer(values: list, layers: int) -> list:
+    """A per-layer list for `layers` layers with every kind of layer the family's default has, in order
+    of first appearance (dense then MoE, sliding then full)."""
+    kinds = _distinct(values)
+    return (kinds + [kinds[-1]] * layers)[:layers]
+
+
+# --- trying a family ---------------------------------------------------------------------------------
+
+
+def try_config(src: ModelSource) -> str:
+    """'' if `src` loads, builds on meta, traces and compiles through the stage-split pipeline;
+    else the one-line error `podplan trace CONFIG --stages` prints."""
+    from planner.frontend.shape import shape_from_traced
+    from planner.frontend.stages import compile_stages
+    from planner.frontend.trace import build_model, trace_model
+
+    try:
+        traced = trace_model(build_model(src, device="meta"), src)
+        compile_stages(traced, shape_from_traced(traced), batch=1, seq=8)
+    except PodplanError as exc:
+        return str(exc)
+    return ""
+
+
+def try_family(fam: Family) -> FamilyStatus:
+    src = ModelSource(name=fam.name, origin="tiny", config=tiny_config(fam))
+    reason = try_config(src)
+    return FamilyStatus(fam, not reason, reason)
+
+
+def _cache_key() -> str:
+    import transformers
+
+    digest = hashlib.sha256(transformers.__version__.encode())
+    here = Path(__file__).resolve().parents[2]
+    for pkg in ("planner/frontend", "passes"):
+        for path in sorted((here / pkg).rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PODPLAN_CACHE") or Path.home() / ".cache" / "podplan")
+
+
+def statuses(*, refresh: bool = False) -> list[FamilyStatus]:
+    """Every family's status, from the cache when podplan's frontend and transformers are unchanged."""
+    path = _cache_dir() / f"families-{_cache_key()}.json"
+    fams = moe_families()
+    if not refresh:
+        try:
+            rows = json.loads(path.read_text())
+            by_name = {r["family"]: r for r in rows}
+            if set(by_name) == {f.name for f in fams}:
+                return [FamilyStatus(f, by_name[f.name]["status"] == "traced", by_name[f.name]["reason"]) for f in fams]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    out = [try_family(f) for f in fams]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([s.row() for s in out], indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: statuses are recomputed next time
+    return out
