@@ -42,7 +42,7 @@ _TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_
 TINY_EXPERTS = 8
 TINY_TOP_K = 2
 TINY_VOCAB = 128
-_TINY_LAYERS = 2
+_TINY_LAYERS = 4  # Beam and Flint keep their first 3 and 2 layers dense by default
 _TINY_WINDOW = 3  # a sliding window that bites on the family test's 8-token sequences
 
 
@@ -77,14 +77,26 @@ def _fields(cls: type) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        out[f.name] = f.default if f.default is not dataclasses.MISSING else None
-    for alias in getattr(cls, "attribute_map", {}) or {}:
-        out.setdefault(alias, None)
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = None
     return out
 
 
+def _aliases(cls: type) -> dict[str, str]:
+    """Standard key -> the key the class stores it under (DBRX's d_model for hidden_size)."""
+    amap = getattr(cls, "attribute_map", None)
+    return dict(amap) if isinstance(amap, dict) else {}
+
+
 def declares_experts(cls: type) -> bool:
-    return any(k in _fields(cls) for k in EXPERT_COUNT_KEYS)
+    keys = set(_fields(cls)) | set(_aliases(cls))
+    return any(k in keys for k in EXPERT_COUNT_KEYS)
 
 
 def _sub_configs(cls: type) -> dict[str, type]:
@@ -161,32 +173,37 @@ def family(name: str) -> Family:
 
 
 def tiny_config(fam: Family) -> dict:
-    """A few-thousand-parameter config.json of `fam`, from its own config class's defaults: every key the
-    class has, sizes shrunk, float32. A multimodal family keeps its wrapper (podplan plans the text_config)."""
+    """A few-thousand-parameter config.json of `fam`, from its own config class: the class's declared
+    defaults with the sizes shrunk, instantiated (so derived keys agree with the shrunk ones) and
+    written out whole, float32. A multimodal family keeps its wrapper (podplan plans the text_config)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from planner.frontend.trace import quiet
-
     cls = CONFIG_MAPPING[fam.model_type]
-    with quiet():
-        full = _defaults(cls)
     found = _decoder_class(cls)
     if found is None or not found[0]:
-        return dict(_shrink(full, cls), model_type=fam.model_type, torch_dtype="float32")
+        return dict(_tiny(cls), model_type=fam.model_type, torch_dtype="float32")
     path, text_cls = found
-    inner = full.get(path) if isinstance(full.get(path), dict) else _defaults(text_cls)
     # only the wrapper's identity and the decoder: its vision / audio towers are not planned
     return {"model_type": fam.model_type, "torch_dtype": "float32",
-            path: dict(_shrink(inner, text_cls), model_type=fam.decoder_type)}
+            path: dict(_tiny(text_cls), model_type=fam.decoder_type)}
 
 
-def _defaults(cls: type) -> dict:
-    """The class's defaults as a config.json would hold them; built field by field if the class
-    cannot be instantiated with no arguments (a validator that wants a value)."""
+def _tiny(cls: type) -> dict:
+    """`cls`'s defaults, shrunk, as the config.json the class writes; the shrunk declared values alone
+    if the class rejects them (the family then fails to load, which is its status)."""
+    from planner.frontend.trace import quiet
+
+    small = _shrink(_fields(cls), cls)
     try:
-        return cls().to_dict()
-    except Exception:  # noqa: BLE001 - fall back to the declared defaults
-        return {k: v for k, v in _fields(cls).items() if _jsonable(v)}
+        with quiet():
+            out = cls(**small).to_dict()
+    except Exception:  # noqa: BLE001 - transformers' validators raise any type; try_family reports it
+        return {k: v for k, v in small.items() if _jsonable(v)}
+    return {k: v for k, v in out.items() if k not in _DROP and _jsonable(v)}
+
+
+# keys a config.json of a family does not carry (bookkeeping of the class, or the label maps of heads)
+_DROP = ("transformers_version", "architectures", "auto_map", "_name_or_path", "id2label", "label2id")
 
 
 def _jsonable(v: object) -> bool:
@@ -198,32 +215,41 @@ def _jsonable(v: object) -> bool:
 
 
 def _shrink(cfg: dict, cls: type) -> dict:
-    out = {k: v for k, v in cfg.items() if k not in ("transformers_version", "architectures", "auto_map")}
-    default_layers = out.get("num_hidden_layers")
+    out = {k: v for k, v in cfg.items() if k not in _DROP}
+    stored = {v: k for k, v in _aliases(cls).items()}  # d_model -> hidden_size
+    layers_key = _aliases(cls).get("num_hidden_layers", "num_hidden_layers")
+    default_layers = out.get(layers_key)
     mla = isinstance(out.get("kv_lora_rank"), int)
-    for key, val in list(out.items()):
+    subs = _sub_configs(cls)
+    for stored_key, val in list(out.items()):
+        key = stored.get(stored_key, stored_key)
+        if stored_key in subs and _holds_experts(subs[stored_key]):
+            out[stored_key] = _tiny(subs[stored_key])  # DBRX keeps its experts in ffn_config
+            continue
         if isinstance(val, bool):
             if _MOE_SWITCH.match(key):
-                out[key] = True
+                out[stored_key] = True
             continue
         if key in _TINY and (isinstance(val, int) or val is None and key in ("head_dim",)):
-            out[key] = _TINY[key]
+            out[stored_key] = _TINY[key]
         elif key in _TINY and isinstance(val, list) and key.endswith("token_id"):
-            out[key] = [_TINY[key]]
+            out[stored_key] = [_TINY[key]]
         elif key in EXPERT_COUNT_KEYS:
-            out[key] = TINY_EXPERTS
+            out[stored_key] = TINY_EXPERTS
         elif key in TOP_K_KEYS:
-            out[key] = min(val, TINY_TOP_K) if isinstance(val, int) and val > 0 else TINY_TOP_K
-        elif _INTERMEDIATE.search(key) and (isinstance(val, int) or val is None):
-            out[key] = 32 if ("moe" in key or "expert" in key) else 128
-        elif _SHARED_COUNT.match(key) and isinstance(val, int) and val > 1:
-            out[key] = 1
+            out[stored_key] = min(val, TINY_TOP_K) if isinstance(val, int) and val > 0 else TINY_TOP_K
+        elif (_INTERMEDIATE.search(key) or key == "ffn_hidden_size") and (isinstance(val, int) or val is None):
+            out[stored_key] = 32 if ("moe" in key or "expert" in key) else 128
+        elif _INTERMEDIATE.search(key) and isinstance(val, list) and all(isinstance(v, int) for v in val):
+            out[stored_key] = [32] * len(val)  # one size per modality (ERNIE-VL)
+        elif _SHARED_COUNT.match(key) and (val is None or isinstance(val, int) and val > 1):
+            out[stored_key] = 1
         elif key in _MLA and (mla or val is not None) and val != 0:  # 0: a family without that part (NoPE)
-            out[key] = _MLA[key]
+            out[stored_key] = _MLA[key]
         elif key == "sliding_window" and isinstance(val, int) and val > 0:
-            out[key] = _TINY_WINDOW
+            out[stored_key] = _TINY_WINDOW
         elif key == "first_k_dense_replace" and isinstance(val, int) and val > 0:
-            out[key] = 1  # one dense layer, then MoE: keeps the interleaving
+            out[stored_key] = 1  # one dense layer, then MoE: keeps the interleaving
     if mla:
         out["num_key_value_heads"] = out.get("num_attention_heads", 4)
     layers = _TINY_LAYERS
@@ -233,7 +259,10 @@ def _shrink(cfg: dict, cls: type) -> dict:
     for key, val in list(out.items()):
         if isinstance(val, list) and default_layers and len(val) == default_layers:
             out[key] = _per_layer(val, layers)
-    out["num_hidden_layers"] = layers
+        elif isinstance(val, dict) and val and all(str(k).isdigit() for k in val):
+            # settings keyed by layer index (Gemma 4's per_layer_config): those of the layers kept
+            out[key] = {k: v for k, v in val.items() if int(k) < layers}
+    out[layers_key] = layers
     return out
 
 
