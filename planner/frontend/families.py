@@ -12,7 +12,6 @@ takes a minute), in $PODPLAN_CACHE or ~/.cache/podplan.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -20,17 +19,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from costmodels.errors import PodplanError
+from planner.frontend.config_keys import (EXPERT_COUNT_KEYS, INTERMEDIATE, SHARED_COUNT, TOP_K_KEYS, aliases,
+                                          declares_experts, fields)
 from planner.frontend.zoo import ModelSource
 
-# Config keys by what they mean. Field names, not family names: a new family that spells its
-# expert count one of these ways is found with no change here.
-EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k", "top_k_experts")
-_INTERMEDIATE = re.compile(r"(^|_)intermediate_size$|^expert_ffn_hidden_size$|^share_expert_dim$")
-_SHARED_COUNT = re.compile(r"^(n|num|moe_num)_shared_experts$")
 # flags that switch a family's MoE block on (Gemma 4's enable_moe_block, Doge's is_moe)
 _MOE_SWITCH = re.compile(r"^(is_moe|enable_moe_block|use_moe)$")
 # Multi-head latent attention (DeepSeek-V2/V3 and kin): one latent KV head per query head.
@@ -69,34 +63,6 @@ class FamilyStatus:
 
 
 # --- enumeration ------------------------------------------------------------------------------------
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    """A config class's keys and their defaults (transformers 5 configs are dataclasses)."""
-    if not dataclasses.is_dataclass(cls):
-        return {}
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-        else:
-            out[f.name] = None
-    return out
-
-
-def _aliases(cls: type) -> dict[str, str]:
-    """Standard key -> the key the class stores it under (DBRX's d_model for hidden_size)."""
-    amap = getattr(cls, "attribute_map", None)
-    return dict(amap) if isinstance(amap, dict) else {}
-
-
-def declares_experts(cls: type) -> bool:
-    keys = set(_fields(cls)) | set(_aliases(cls))
-    return any(k in keys for k in EXPERT_COUNT_KEYS)
 
 
 def _sub_configs(cls: type) -> dict[str, type]:
@@ -193,7 +159,7 @@ def _tiny(cls: type) -> dict:
     if the class rejects them (the family then fails to load, which is its status)."""
     from planner.frontend.trace import quiet
 
-    small = _shrink(_fields(cls), cls)
+    small = _shrink(fields(cls), cls)
     try:
         with quiet():
             out = cls(**small).to_dict()
@@ -216,8 +182,8 @@ def _jsonable(v: object) -> bool:
 
 def _shrink(cfg: dict, cls: type) -> dict:
     out = {k: v for k, v in cfg.items() if k not in _DROP}
-    stored = {v: k for k, v in _aliases(cls).items()}  # d_model -> hidden_size
-    layers_key = _aliases(cls).get("num_hidden_layers", "num_hidden_layers")
+    stored = {v: k for k, v in aliases(cls).items()}  # d_model -> hidden_size
+    layers_key = aliases(cls).get("num_hidden_layers", "num_hidden_layers")
     default_layers = out.get(layers_key)
     mla = isinstance(out.get("kv_lora_rank"), int)
     subs = _sub_configs(cls)
@@ -238,11 +204,11 @@ def _shrink(cfg: dict, cls: type) -> dict:
             out[stored_key] = TINY_EXPERTS
         elif key in TOP_K_KEYS:
             out[stored_key] = min(val, TINY_TOP_K) if isinstance(val, int) and val > 0 else TINY_TOP_K
-        elif (_INTERMEDIATE.search(key) or key == "ffn_hidden_size") and (isinstance(val, int) or val is None):
+        elif (INTERMEDIATE.search(key) or key == "ffn_hidden_size") and (isinstance(val, int) or val is None):
             out[stored_key] = 32 if ("moe" in key or "expert" in key) else 128
-        elif _INTERMEDIATE.search(key) and isinstance(val, list) and all(isinstance(v, int) for v in val):
+        elif INTERMEDIATE.search(key) and isinstance(val, list) and all(isinstance(v, int) for v in val):
             out[stored_key] = [32] * len(val)  # one size per modality (ERNIE-VL)
-        elif _SHARED_COUNT.match(key) and (val is None or isinstance(val, int) and val > 1):
+        elif SHARED_COUNT.match(key) and (val is None or isinstance(val, int) and val > 1):
             out[stored_key] = 1
         elif key in _MLA and (mla or val is not None) and val != 0:  # 0: a family without that part (NoPE)
             out[stored_key] = _MLA[key]

@@ -51,18 +51,31 @@ def bundled_names() -> list[str]:
 
 def _read_json(path: Path, shown: str) -> dict:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read config ({exc.strerror}); give a readable config.json") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is still UTF-8
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}; a binary file?); "
+                          "give the model's config.json") from None
+    if "\x00" in text:
+        raise ConfigError(f"{shown}: holds NUL bytes (a binary file?); give the model's config.json")
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):
+            raise ConfigError(f"{shown}: {exc}; JSON has no such number, fix the config.json") from None
         raise ConfigError(
             f"{shown}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix the config.json"
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{shown}: config.json must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"'{name}' is not a number JSON allows")
 
 
 def load_source(model: str) -> ModelSource:
