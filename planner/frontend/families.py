@@ -307,3 +307,25 @@ def statuses(*, refresh: bool = False) -> list[FamilyStatus]:
     except OSError:
         pass  # a read-only home: statuses are recomputed next time
     return out
+
+
+# Refusal reasons by construct, for the coverage figures (`podplan models --families`, docs/families.md):
+# (fragment of the one-line reason, group). First match wins.
+_GROUPS = (
+    ("has no causal-LM class", "no decoder-only causal-LM class in transformers (multimodal, encoder-decoder, encoder)"),
+    ("linear-attention mixer", "state-space or linear-attention layers"),
+    ("get_linear_cache", "state-space or linear-attention layers"),
+    ("cache state beyond keys and values", "cache state beyond keys and values (sparse-attention indexer)"),
+    ("torch.fx could not trace", "value-dependent control flow (torch.fx cannot trace)"),
+    ("computes outside any stage", "routing state or constants outside the router module"),
+    ("unrecognised", "module structure podplan does not recognise (hyper-connections, gated norms, MoE variants)"),
+    ("no attention with query", "module structure podplan does not recognise (hyper-connections, gated norms, MoE variants)"),
+    ("cannot read the model shape", "per-layer head counts or sizes"),
+    ("cannot build a causal LM", "transformers cannot build the family from its own class's defaults"),
+    ("invalid config", "transformers cannot build the family from its own class's defaults"),
+)
+
+
+def reason_group(reason: str) -> str:
+    """The construct a refusal names, as a coverage group."""
+    return next((group for fragment, group in _GROUPS if fragment in reason), "other")

@@ -62,20 +62,15 @@ def _read_json(path: Path, shown: str) -> dict:
     if "\x00" in text:
         raise ConfigError(f"{shown}: holds NUL bytes (a binary file?); give the model's config.json")
     try:
-        data = json.loads(text, parse_constant=_no_constant)
-    except ValueError as exc:
-        if not isinstance(exc, json.JSONDecodeError):
-            raise ConfigError(f"{shown}: {exc}; JSON has no such number, fix the config.json") from None
+        # Infinity stays accepted: Mamba-hybrid configs carry time_step_limit [0.0, Infinity]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{shown}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix the config.json"
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{shown}: config.json must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"'{name}' is not a number JSON allows")
 
 
 def load_source(model: str) -> ModelSource:
