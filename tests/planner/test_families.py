@@ -37,6 +37,15 @@ def status(name: str) -> families.FamilyStatus:
     return families.try_family(families.family(name))
 
 
+def small_config(name: str) -> dict:
+    """The family's tiny config.json (its own config class's defaults, shrunk)."""
+    return families.tiny_config(families.family(name))
+
+
+# the families marked traced, tried once per test process (test_program_io ships each one's program too)
+TRACED = [n for n in FAMILIES if status(n).traced]
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out = capsys.readouterr()
