@@ -75,8 +75,11 @@ def _router_child(mod: nn.Module, num_experts: int, skip: str) -> str | None:
     for name, child in mod.named_children():
         if name == skip:
             continue
-        weights = [p for p in child.parameters() if p.ndim == 2]
-        if len(weights) == 1 and weights[0].shape[0] == num_experts:
+        params = list(child.parameters())
+        weights = [p for p in params if p.ndim == 2 and p.shape[0] == num_experts and p.shape[1] > 1]
+        # besides its [E, hidden] weight a router may hold per-expert routing state: a bias or a
+        # score-correction bias of E values ([E] or [1, E], ERNIE 4.5's moe_statics)
+        if len(weights) == 1 and all(p is weights[0] or p.numel() <= num_experts for p in params):
             return name
     return None
 
