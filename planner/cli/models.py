@@ -1,4 +1,5 @@
-"""`podplan models`: the bundled model zoo with parameter counts and MoE shape.
+"""`podplan models`: the bundled model zoo with parameter counts and MoE shape; `--families`: every
+Mixture-of-Experts family the installed transformers ships, traced or refused (with the reason).
 
 Counting parameters builds every model on the meta device (seconds per model), so the rows are kept
 in models.json beside this file, each with the digest of the config it was counted from; a row whose
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from importlib import resources
 
 from planner.cli.console import stdout_console
@@ -23,6 +25,10 @@ TABLE = "models.json"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list bundled models: parameters, layers, experts, top-k")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--families", action="store_true",
+                   help="list every MoE family of the installed transformers: traced (lossless) or refused, and why "
+                        "(tried on a tiny config of each; cached per transformers and podplan version)")
+    p.add_argument("--refresh", action="store_true", help="with --families: try every family again, ignoring the cache")
     p.set_defaults(func=run)
 
 
@@ -66,6 +72,8 @@ def table_document() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.families:
+        return _families(args)
     rows = zoo_rows()
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
@@ -82,6 +90,33 @@ def run(args: argparse.Namespace) -> int:
             str(r["top_k"]), r["attention"],
         )
     stdout_console().print(table)
+    return 0
+
+
+def _families(args: argparse.Namespace) -> int:
+    from planner.frontend.families import reason_group, statuses
+    from planner.frontend.trace import check_transformers
+
+    check_transformers()
+    rows = [s.row() for s in statuses(refresh=args.refresh)]
+    for row in rows:
+        row["group"] = reason_group(row["reason"]) if row["reason"] else ""
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    from rich.table import Table
+
+    traced = sum(1 for r in rows if r["status"] == "traced")
+    table = Table(title=f"MoE families of transformers: {len(rows)}, traced {traced}, refused {len(rows) - traced}")
+    for col in ("family", "model_type", "status", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["family"], r["model_type"], r["status"], r["reason"])
+    console = stdout_console()
+    console.print(table)
+    groups = Counter(r["group"] for r in rows if r["status"] == "refused")
+    for group, n in groups.most_common():
+        console.print(f"refused, {group}: {n}")
     return 0
 
 

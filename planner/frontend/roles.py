@@ -75,8 +75,11 @@ def _router_child(mod: nn.Module, num_experts: int, skip: str) -> str | None:
     for name, child in mod.named_children():
         if name == skip:
             continue
-        weights = [p for p in child.parameters() if p.ndim == 2]
-        if len(weights) == 1 and weights[0].shape[0] == num_experts:
+        params = list(child.parameters())
+        weights = [p for p in params if p.ndim == 2 and p.shape[0] == num_experts and p.shape[1] > 1]
+        # besides its [E, hidden] weight a router may hold per-expert routing state: a bias or a
+        # score-correction bias of E values ([E] or [1, E], ERNIE 4.5's moe_statics)
+        if len(weights) == 1 and all(p is weights[0] or p.numel() <= num_experts for p in params):
             return name
     return None
 
@@ -97,6 +100,25 @@ def _is_norm(mod: nn.Module) -> bool:
     return not list(mod.children()) and bool(params) and all(p.ndim == 1 for p in params)
 
 
+# Parameters of a recurrent (state-space / linear-attention) mixer: Mamba's A_log and dt_bias, gated
+# DeltaNet's and KDA's; with a causal Conv1d beside them. Their state is not a KV cache podplan can split.
+_RECURRENT_PARAMS = ("A_log", "dt_bias")
+
+
+def recurrent_mixer(mod: nn.Module) -> bool:
+    """A state-space or linear-attention mixer: a causal Conv1d or a decay parameter (A_log, dt_bias)."""
+    if any(isinstance(m, nn.Conv1d) for m in mod.modules()):
+        return True
+    return any(name.rsplit(".", 1)[-1] in _RECURRENT_PARAMS for name, _ in mod.named_parameters())
+
+
+def _refuse_recurrent(path: str, mod: nn.Module) -> None:
+    raise ConfigError(
+        f"{path} ({type(mod).__name__}): a state-space / linear-attention mixer (recurrent state, causal convolution) "
+        "in a decoder layer; podplan plans softmax-attention decoders whose only state is a KV cache"
+    )
+
+
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
@@ -104,11 +126,33 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
+        _explain_no_layers(model)
         raise ConfigError(
             f"{type(model).__name__}: no list of decoder layers with attention (q/o projections) found; "
             "podplan needs a standard decoder-only transformer"
         )
     return best
+
+
+def _explain_no_layers(model: nn.Module) -> None:
+    """Name the construct when no layer list starts with attention: a hybrid whose first layer is a
+    state-space mixer (Jamba, Nemotron-H), or attention that is not q/o projections (JetMoE's mixture of heads)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+             and all(any(True for _ in c.children()) for c in m)]
+    if not lists:
+        return
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    for idx, layer in enumerate(layers):
+        for child_name, child in layer.named_children():
+            if recurrent_mixer(child):
+                _refuse_recurrent(f"{name}.{idx}.{child_name}", child)
+    first = next(iter(layers[0].named_children()), None)
+    if first is not None:
+        raise ConfigError(
+            f"{name}.0 ({type(layers[0]).__name__}): no attention with query and output projections in the decoder "
+            f"layers (their parts: {', '.join(f'{n} ({type(c).__name__})' for n, c in layers[0].named_children())}); "
+            "podplan needs softmax attention + FFN per layer"
+        )
 
 
 def recognise(model: nn.Module) -> ModuleRoles:
@@ -125,6 +169,8 @@ def recognise(model: nn.Module) -> ModuleRoles:
         ffn_found = attn_found = False
         for name, child in layer.named_children():
             path = f"{prefix}.{name}"
+            if recurrent_mixer(child):
+                _refuse_recurrent(path, child)
             if is_attention(child):
                 leaves[path] = ("attention", idx)
                 attn_found = True

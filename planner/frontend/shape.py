@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from costmodels.model_shape import ModelShape
-from planner.frontend.trace import CausalLMRoot, Traced, build_model
+from planner.frontend.errors import ConfigError
+from planner.frontend.trace import CausalLMRoot, Traced, build_model, first_line
 from planner.frontend.roles import ModuleRoles, recognise
 from planner.frontend.zoo import ModelSource, load_source
 
@@ -27,7 +28,7 @@ def shape_from_traced(traced: Traced) -> ModelShape:
     """Exact parameter counts by role plus the config's attention dimensions."""
     # Count on the model, not on gm: the trace drops modules the forward never calls (e.g. a
     # rotary embedding a family builds but replaces), and roles name every module the model has.
-    return _shape(CausalLMRoot(traced.model), traced.roles, traced.model, traced.config, traced.source)
+    return _checked(CausalLMRoot(traced.model), traced.roles, traced.model, traced.config, traced.source)
 
 
 def shape_of(model_name: str) -> ModelShape:
@@ -39,7 +40,19 @@ def shape_of(model_name: str) -> ModelShape:
 def shape_of_model(model: PreTrainedModel, src: ModelSource) -> ModelShape:
     """The ModelShape of a built model (any device), without tracing."""
     root = CausalLMRoot(model)
-    return _shape(root, recognise(root), model, model.config, src)
+    return _checked(root, recognise(root), model, model.config, src)
+
+
+def _checked(root: nn.Module, roles: ModuleRoles, model: nn.Module, cfg: PreTrainedConfig,
+             source: ModelSource) -> ModelShape:
+    """`_shape`, with a config whose attention dimensions podplan cannot read as one line: a family
+    whose head counts vary per layer (DOTS-3's per_layer_config) has no single value to read."""
+    try:
+        return _shape(root, roles, model, cfg, source)
+    except Exception as exc:  # noqa: BLE001 - transformers' per-layer configs raise their own error types
+        raise ConfigError(f"{source.name}: cannot read the model shape of {type(model).__name__} from its config "
+                          f"({type(exc).__name__}: {first_line(exc)}); podplan needs one head count and size for "
+                          "every layer") from None
 
 
 def _shape(root: nn.Module, roles: ModuleRoles, model: nn.Module, cfg: PreTrainedConfig,

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from planner.frontend import config_keys
 from planner.frontend.errors import ConfigError
 from costmodels.model_shape import ModelShape
 from passes import meta
@@ -31,10 +32,6 @@ if TYPE_CHECKING:  # transformers is imported lazily (check_transformers first);
 
 TRANSFORMERS_VERSION = "5.23.0"  # the hooks below depend on v5 internals; see check_transformers()
 
-# Keys every config must carry, whatever its family: podplan refuses to guess these.
-_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-# Where families keep their routed-expert count and top-k.
-_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 # model_types that name a transformers family under another name. Kimi K2 ships "kimi_k2" only so
 # engines can tell it apart; its weights and code are DeepSeek-V3's, and Moonshot's deployment
 # guide (docs/deploy_guidance.md of moonshotai/Kimi-K2-Instruct) says to run it as "deepseek_v3".
@@ -88,23 +85,70 @@ def language_config(src: ModelSource) -> dict:
 
 
 def validate_config(src: ModelSource) -> None:
-    """Family-agnostic checks with one-line messages, before transformers sees the config."""
+    """Checks with one-line messages, before transformers sees the config: the family is a causal LM
+    transformers has; the keys of the MoE shape are there (as the family's config class spells them:
+    a default of the class describes some other model, so none is filled in) and hold whole numbers."""
     cfg = language_config(src)
-    for key in _REQUIRED:
-        if key not in cfg:
-            raise ConfigError(f"{src.name}: config has no '{key}'; add it (every model config needs {', '.join(_REQUIRED)})")
-    for key in _REQUIRED[1:]:
-        val = cfg[key]
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"{src.name}: config has no 'model_type' string (got {model_type!r}); add the family's "
+                          "model_type, e.g. \"qwen3_moe\"")
+    cls = _config_class(model_type)
+    if cls is None:
+        raise ConfigError(f"{src.name}: unsupported architecture '{model_type}': transformers {TRANSFORMERS_VERSION} "
+                          "has no such model_type; use a MoE family transformers implements (`podplan models --families`)")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        # a multimodal decoder, an encoder-decoder or an encoder: transformers has no decoder-only LM to build
+        raise ConfigError(
+            f"{src.name}: transformers {TRANSFORMERS_VERSION} has no causal-LM class for {cls.__name__} (model_type "
+            f"'{model_type}', in transformers.models.{cls.__module__.split('.')[-2]}); podplan plans decoder-only "
+            "causal LMs")
+    for key, val in cfg.items():
+        _check_number(src.name, key, val)
+    for spellings in config_keys.moe_shape_keys(cls):
+        if not any(k in cfg for k in spellings):
+            named = " or ".join(f"'{k}'" for k in spellings)
+            raise ConfigError(f"{src.name}: config has no {named}; add it ({model_type} configs must give the MoE "
+                              "shape: hidden size, layer count, heads, vocabulary, expert count, top-k, intermediate "
+                              "sizes; podplan does not fill them from the family's defaults)")
+    amap = config_keys.aliases(cls)
+    for key in config_keys.REQUIRED:
+        if key not in cfg and amap.get(key, key) not in cfg:
+            continue  # a key this family's class derives (checked present above where it declares it)
+        val = cfg.get(key, cfg.get(amap.get(key, key)))
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ConfigError(f"{src.name}: '{key}' must be a positive integer, got {val!r}")
-    experts = next((cfg[k] for k in _EXPERT_KEYS if isinstance(cfg.get(k), int)), None)
-    top_k = cfg.get("num_experts_per_tok")
+    experts = next((cfg[k] for k in config_keys.EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+    top_k = next((cfg[k] for k in config_keys.TOP_K_KEYS if isinstance(cfg.get(k), int)), None)
     if experts is not None and isinstance(top_k, int) and top_k > experts:
         raise ConfigError(
             f"{src.name}: num_experts_per_tok={top_k} exceeds the {experts} routed experts; top-k must be <= experts"
         )
     if isinstance(top_k, int) and top_k <= 0:
         raise ConfigError(f"{src.name}: num_experts_per_tok must be >= 1, got {top_k}")
+
+
+def _config_class(model_type: str) -> type | None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type]
+    except Exception:  # noqa: BLE001 - KeyError for an unknown type, ImportError for a family that fails to import
+        return None
+
+
+def _check_number(name: str, key: str, val: object) -> None:
+    """A MoE-shape key holds a whole number (or null): not a string, a list, a fraction or a boolean."""
+    if not config_keys.shape_int_key(key) or val is None:
+        return
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        what = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}.get(type(val), type(val).__name__)
+        hint = f"; write {val}" if isinstance(val, str) and val.strip().isdigit() else ""
+        raise ConfigError(f"{name}: '{key}' must be a whole number, got {val!r} ({what}){hint}")
+    if isinstance(val, float) and not val.is_integer():
+        raise ConfigError(f"{name}: '{key}' must be a whole number, got {val!r}")
 
 
 def build_config(src: ModelSource):
@@ -120,7 +164,7 @@ def build_config(src: ModelSource):
     for key in ("architectures", "auto_map", "quantization_config", "transformers_version"):
         cfg.pop(key, None)
     try:
-        with _quiet():
+        with quiet():
             config = AutoConfig.for_model(model_type, **cfg)
     except ValueError as exc:
         if "Unrecognized model" in str(exc) or "model_type" in str(exc):
@@ -128,9 +172,10 @@ def build_config(src: ModelSource):
                 f"{src.name}: unsupported architecture '{model_type}': transformers {TRANSFORMERS_VERSION} has no "
                 "such model_type; use a MoE family transformers implements"
             ) from None
-        raise ConfigError(f"{src.name}: invalid config: {str(exc).splitlines()[0]}") from None
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ConfigError(f"{src.name}: invalid config: {exc}") from None
+        raise ConfigError(f"{src.name}: invalid config: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types: one line, never a traceback
+        raise ConfigError(f"{src.name}: invalid config ({type(exc).__name__}: {first_line(exc)}); check it against "
+                          "the model card") from None
     # eager attention: an explicit additive mask, exact against the reference; batched_mm experts:
     # has meta kernels (eager's nonzero has none) and works in fp32 (grouped_mm wants bf16 on meta).
     config._attn_implementation = "eager"
@@ -139,8 +184,18 @@ def build_config(src: ModelSource):
     return config
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message; its cause's when the message only introduces it (huggingface_hub's
+    validators raise 'Class validation error for validator ...:' from the ValueError that says what is wrong)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if first.endswith(":") and exc.__cause__ is not None:
+        return first_line(exc.__cause__)
+    return first
+
+
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence transformers' warnings and log lines while it builds: podplan reports problems itself, in one
     line, and a config remark printed on stderr would break that contract."""
     from transformers.utils import logging as hf_logging
@@ -171,15 +226,14 @@ def build_model(src: ModelSource, *, device: str = "meta", dtype: torch.dtype | 
     ctx = torch.device(device)
     try:
         torch.manual_seed(seed)
-        with ctx, _quiet():
+        with ctx, quiet():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, AssertionError, TypeError, AttributeError, KeyError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers' constructors raise any type: one line, never a traceback
         # a config transformers accepts but its modules cannot be built from (a pad id outside the
         # vocabulary, a missing per-layer list): the config is wrong, not podplan
-        first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(
             f"{src.name}: transformers cannot build a causal LM for '{src.config['model_type']}' from this config "
-            f"({type(exc).__name__}: {first}); check the config against the model card"
+            f"({type(exc).__name__}: {first_line(exc)}); check the config against the model card"
         ) from None
     model.eval()
     return model

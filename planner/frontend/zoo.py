@@ -51,10 +51,18 @@ def bundled_names() -> list[str]:
 
 def _read_json(path: Path, shown: str) -> dict:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read config ({exc.strerror}); give a readable config.json") from None
     try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is still UTF-8
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}; a binary file?); "
+                          "give the model's config.json") from None
+    if "\x00" in text:
+        raise ConfigError(f"{shown}: holds NUL bytes (a binary file?); give the model's config.json")
+    try:
+        # Infinity stays accepted: Mamba-hybrid configs carry time_step_limit [0.0, Infinity]
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
