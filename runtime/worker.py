@@ -252,15 +252,9 @@ class RankWorker:
             clocks = {k: dict(self.metrics[k]) for k in ("clock", "stage_clock")}
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.device)
-            try:
-                self._capture(graph, step, mbs, StageEvents(True, in_graph=True))
-            except RuntimeError:  # a torch without timed event nodes in graphs: capture without stage events
-                graph = torch.cuda.CUDAGraph()
-                self.pc, self.metrics["tokens"], self.metrics["bytes_sent"] = pc, tokens, sent
-                for mb, past in zip(mbs, pasts):
-                    if mb is not None:
-                        mb.interp.past = past
-                self._capture(graph, step, mbs, None)
+            # timed event nodes inside the graph (StageEvents(in_graph=True)) crashed the process on torch
+            # 2.11 + CUDA 13 (SIGSEGV): stage times come from the profiled eager step instead
+            self._capture(graph, step, mbs, None)
             # capturing ran no kernel: undo the host-side effects, the replays redo them
             for mb, past in zip(mbs, pasts):
                 if mb is not None:
