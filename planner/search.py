@@ -18,7 +18,7 @@ agg: prefill and decode on the same colocated instances, chunked prefill mixed i
 Instance sizes are whole servers (or 1, 2, 4 devices below one server) and at most one pod: on
 CloudMatrix384 a pod is the UB domain (an all-to-all across pods would run over RDMA, ~8x slower);
 on GPU clusters the whole cluster is one pod and the cost model prices the InfiniBand crossing.
-`planner/slices.py` counts what a slice of the topology holds.
+`planner/placement.py` counts what a slice of the topology holds, by its placement rule.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from costmodels.model_shape import ModelShape
 from costmodels.serving import DecodeDeployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import Topology
 from planner.ir.plan import Workload
-from planner.slices import Slice, max_second, pack, packed_count, topology_slice
+from planner.placement import Slice, max_second, pack, packed_count, topology_slice
 
 BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 PREFILL_TOKENS = (2048, 4096, 8192, 16384, 32768)

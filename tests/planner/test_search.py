@@ -14,7 +14,7 @@ from costmodels.topology import get_topology
 from planner.compile import DEFAULT_WORKLOAD, CompileOptions, _layout, compile_report
 from planner.frontend.shape import shape_of
 from planner.search import Pins, search
-from planner.slices import max_second, packed_count, topology_slice
+from planner.placement import max_second, packed_count, topology_slice
 from tests.conftest import assert_one_line_error, run_cli
 
 
