@@ -346,12 +346,12 @@ FAMILIES: tuple[TopologyFamily, ...] = (
     TopologyFamily("h100-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H100 GPUs", _gpus(H100, "h100")),
     TopologyFamily("h800-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H800 GPUs", _gpus(H800, "h800")),
     TopologyFamily("h200-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 H200 GPUs", _gpus(H200, "h200")),
-    TopologyFamily("h100", "N", "GPU", GPUS_PER_NODE, None, "N H100 GPUs of one host, on NVLink", _host(H100, "h100")),
-    TopologyFamily("h200", "N", "GPU", GPUS_PER_NODE, None, "N H200 GPUs of one host, on NVLink", _host(H200, "h200")),
     TopologyFamily("a100-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 A100 GPUs", _gpus(A100, "a100")),
     TopologyFamily("b200-cluster", "N", "node", MAX_NODES, None, "N nodes of 8 B200 GPUs", _gpus(B200, "b200")),
     TopologyFamily("gb200-nvl72", "N", "rack", MAX_RACKS, None, "N GB200 NVL72 racks of 72 GPUs, one NVLink "
                    "domain each", _nvl72),
+    TopologyFamily("h100", "N", "GPU", GPUS_PER_NODE, None, "N H100 GPUs of one host, on NVLink", _host(H100, "h100")),
+    TopologyFamily("h200", "N", "GPU", GPUS_PER_NODE, None, "N H200 GPUs of one host, on NVLink", _host(H200, "h200")),
     TopologyFamily("local", "N", "process", MAX_LOCAL, None, "N CPU processes on this host", _local),
 )
 _FAMILY = {f.kind: f for f in FAMILIES}

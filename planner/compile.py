@@ -348,9 +348,13 @@ def _choose_for_rate(sr: SearchResult, shape: ModelShape, topo: Topology, wl: ir
     from planner.search import split_devices
     from planner.simulate.choose import best_for_rate, fleet_of_deployments
 
+    from costmodels.serving import DecodeDeployment
+
     options = []
     assert sr.prefill is not None  # compile_report refuses --rate for an aggregated choice
-    for c in {c.deployment: c for c in (sr.decode, *sr.frontier) if c.phase == "decode"}.values():
+    decode: list[Candidate[DecodeDeployment]] = [
+        c for c in (sr.decode, *sr.frontier) if isinstance(c.deployment, DecodeDeployment)]  # type: ignore[misc]
+    for c in {c.deployment: c for c in decode}.values():
         nd, np_, req = split_devices(sr.slice, c, sr.prefill, wl)
         if nd:
             options.append((round(req, 6), round(c.tput, 6), c, nd, np_))

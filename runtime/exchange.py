@@ -207,8 +207,9 @@ class Exchange:
                              f"{type(exc).__name__}: {exc}") from exc
         if self.events is not None:
             self.events.add("routed_experts", stage.name, mark)
-        clock = self.metrics["clock"]
-        clock["routed_experts"] = clock.get("routed_experts", 0.0) + time.perf_counter() - t0
+        clock, per_stage, dt = self.metrics["clock"], self.metrics["stage_clock"], time.perf_counter() - t0
+        clock["routed_experts"] = clock.get("routed_experts", 0.0) + dt
+        per_stage[stage.name] = per_stage.get(stage.name, 0.0) + dt
         T, k = call.ids.shape
         return Pending(layer, T, k, 0, None, None, call.hidden[:0], None, direct=out)
 

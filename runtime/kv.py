@@ -13,7 +13,7 @@ import torch
 from planner.frontend.stages import KVCache, new_kv_cache
 
 
-def kv_rows(cache: KVCache, idx: list[int]) -> list[torch.Tensor]:
+def kv_rows(cache: KVCache | StaticKVCache, idx: list[int]) -> list[torch.Tensor]:
     """Keys and values of sequences `idx` (rows), layer by layer: [k0, v0, k1, v1, ...]."""
     out = []
     for layer in sorted(cache.layers):

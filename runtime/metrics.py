@@ -179,7 +179,7 @@ def render(doc: dict, console) -> None:
     tokens = "identical" if check["tokens_match"] else f"differ at {check['mismatches']} (prompt, step) pairs"
     if check.get("near_ties"):
         tokens += f" ({check['near_ties']} bf16 near-ties within the tolerance)"
-    console.print(f"check against the monolithic transformers model (fed the run's tokens): {verdict}: tokens {tokens}, "
+    console.print(f"check against the monolithic transformers model: {verdict} (fed the run's tokens): tokens {tokens}, "
                   f"max |logit diff| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
     if doc["backend"] == "gloo":
         console.print("note: times are this host's processes, so only their shape compares with the plan's; bytes "

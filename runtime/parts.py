@@ -27,6 +27,7 @@ from planner.frontend.trace import build_model
 from planner.frontend.zoo import ModelSource, load_source
 from runtime.errors import SpecError
 from runtime.interpreter import RankInterpreter, RankProgram, call_stage
+from runtime.kv import StaticKVCache
 from runtime.spec import InstanceSpec, RunSpec
 
 if TYPE_CHECKING:  # transformers is imported lazily, by build_model; types only here
@@ -93,7 +94,7 @@ class RankParts:
     shared: dict[int, SharedStage] = field(default_factory=dict)  # layer -> shared experts it serves
     params: int = 0  # parameters this rank holds
 
-    def interpreter(self, *, rank: int, kv: KVCache, remote_shared: bool, clock: dict[str, float],
+    def interpreter(self, *, rank: int, kv: KVCache | StaticKVCache, remote_shared: bool, clock: dict[str, float],
                     stage_clock: dict[str, float] | None = None) -> RankInterpreter:
         """A fresh interpreter of this attention rank's program (one per microbatch)."""
         if self.program is None:  # internal: only attention ranks run the program
@@ -182,7 +183,7 @@ def grouped_layout(modules: list[nn.Module]) -> int:
             with torch.no_grad():
                 for n in names:
                     setattr(m, n, nn.Parameter(getattr(m, n).transpose(1, 2).contiguous(), requires_grad=False))
-            m.is_transposed = True
+            setattr(m, "is_transposed", True)  # transformers' flag, read by its grouped_mm path
             done += 1
     return done
 

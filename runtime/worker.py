@@ -156,7 +156,7 @@ class RankWorker:
             name = "prefill" if step == 0 else "decode"
             if self.spec.static:
                 for mb in mbs:
-                    if mb is not None:
+                    if mb is not None and mb.interp.position is not None:
                         mb.interp.position.fill_(mb.interp.past)  # outside any graph: a replay reads it
             graphed = self.graphs and step >= GRAPH_FROM
             self.timer.start(name, graphed)
@@ -237,7 +237,7 @@ class RankWorker:
     def _keys(self, mb: MicroBatch) -> torch.Tensor:
         """The step's token keys (`runtime.routing.token_keys`); from the device position with static buffers."""
         S = mb.next_input.shape[1]
-        if mb.interp.position is None:
+        if mb.interp.position is None or mb.seq_ids is None:
             return token_keys(mb.seqs, mb.interp.past, S)
         pos = mb.interp.position + torch.arange(S, device=self.device)
         return (mb.seq_ids[:, None] * POS_STRIDE + pos[None, :]).reshape(-1)
@@ -511,7 +511,7 @@ class _Timer:
             torch.cuda.synchronize()
         graph = [0, 0.0]
         for phase, graphed, a, b in self.spans:
-            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a  # type: ignore[attr-defined]
+            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a  # type: ignore[attr-defined,operator]
             metrics["steps"][phase] = metrics["steps"].get(phase, 0.0) + dt
             if graphed:
                 graph[0] += 1

@@ -79,7 +79,7 @@ def test_the_family_registry_is_the_one_list_of_names():
     from costmodels.topology import FAMILIES, VALID_NAMES, topology_names
 
     assert topology_names() == ("cloudmatrix384[:K], h100-cluster:N, h800-cluster:N, h200-cluster:N, a100-cluster:N, "
-                                "b200-cluster:N, gb200-nvl72:N, local:N")
+                                "b200-cluster:N, gb200-nvl72:N, h100:N, h200:N, local:N")
     for family in FAMILIES:
         assert family.usage in topology_names() and family.describe() in VALID_NAMES
         t = get_topology(family.kind if family.default is not None else f"{family.kind}:2")

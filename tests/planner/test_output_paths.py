@@ -61,7 +61,7 @@ def _never(*_args, **_kwargs):
 
 
 COMMANDS = {
-    "compile": (["compile", "tiny-mixtral", "--topology", "local:8", "-o"], "planner.cli.compile.compile_report"),
+    "compile": (["compile", "tiny-mixtral", "--topology", "local:8", "-o"], "planner.compile.compile_report"),
     "balance": (["balance", "uniform", "--layers", "2", "--experts", "8", "--devices", "2",
                  "--slots-per-device", "5", "-o"], "planner.balance.loads.read_loads"),
     "replan": (["replan", TINY, "--failed-devices", "5", "-o"], "planner.replan.replan"),
@@ -81,7 +81,7 @@ def test_bad_output_file_fails_before_the_work(command, capsys, tmp_path, monkey
 
 
 def test_compile_into_an_existing_folder_is_refused_at_once(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("planner.cli.compile.compile_report", _never)
+    monkeypatch.setattr("planner.compile.compile_report", _never)
     _one_line(capsys, ["compile", "tiny-mixtral", "--topology", "local:8", "-o", str(tmp_path)], "is a directory")
 
 
