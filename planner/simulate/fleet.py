@@ -107,9 +107,15 @@ class Fleet:
 
     @property
     def nominal_latency_s(self) -> float:
-        """One request of the workload's lengths at the plan's batches: its TTFT plus its decode (s)."""
+        """One request of the workload's lengths: its prompt prefilled alone plus its decode at the plan's
+        batch (s). Not the plan's TTFT: that is a full prefill batch (seconds when the search packs
+        32k tokens per device), which no request waits for below capacity and the drain does not see."""
         wl = self.workload
-        ttft = max(estimate_prefill(self.shape, self.topo, p.dep).ttft_ms or 0.0 for p in self.prefill)
+        ttft = 0.0
+        for p in self.prefill:
+            piece = min(wl.input_len, p.piece, p.budget)
+            ms, kv_ms = p.batch_ms(self.shape, self.topo, piece, piece, piece)
+            ttft = max(ttft, math.ceil(wl.input_len / piece) * ms + kv_ms)
         tpot = max(estimate_decode(self.shape, self.topo, d.dep).tpot_ms or 0.0 for d in self.decode)
         return (ttft + (wl.output_len - 1) * tpot) / 1e3
 
@@ -173,10 +179,14 @@ def prefill_instance(name: str, dep: PrefillDeployment, shape: ModelShape, topo:
 def fleet_of_plan(plan: Plan, shape: ModelShape | None = None) -> Fleet:
     """The plan's instances as deployments, built the way `podplan compile` scores them (the plan's
     own predictions are reproduced at its batch: tests/planner/test_simulate.py checks it)."""
-    if plan.prefill is None or plan.decode is None:
-        missing = "prefill" if plan.prefill is None else "decode"
-        raise InputError(f"plan has no {missing} phase: the simulation serves requests through both; "
-                         "compile a plan with both phases")
+    if plan.prefill is None:
+        # an aggregated plan: its decode instances run prefill chunks inside their steps, which the event
+        # loop (separate prefill and decode instances) does not model yet
+        raise InputError("plan is aggregated (its decode instances also run prefill, no prefill phase): the "
+                         "simulation models separate prefill and decode instances; recompile with --mode disagg")
+    if plan.decode is None:
+        raise InputError("plan has no decode phase: the simulation serves requests through prefill and decode; "
+                         "recompile the plan")
     topo = get_topology(plan.topology.name)
     if shape is None:
         shape = model_shape_of(plan)
