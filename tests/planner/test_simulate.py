@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from costmodels.aggregated import estimate_aggregated
 from costmodels.errors import InputError
 from costmodels.serving import estimate_decode, estimate_prefill
 from planner.ir.plan import load_plan
@@ -25,6 +27,16 @@ DSV3 = ROOT / "plans" / "deepseek-v3.cloudmatrix384.json"
 @pytest.fixture(scope="module")
 def tiny():
     return fleet_of_plan(load_plan(TINY))
+
+
+@pytest.fixture(scope="module")
+def agg_plan():
+    """tiny-deepseek-v3 on local:8 in aggregated serving (one decode phase that also prefills)."""
+    from planner.compile import CompileOptions, compile_plan
+
+    plan = compile_plan("tiny-deepseek-v3", "local:8", CompileOptions(mode="agg"))
+    assert plan.prefill is None
+    return plan
 
 
 def _fixed(n: int, rate: float, inp: int, out: int, seed: int = 0) -> Requests:
@@ -50,6 +62,59 @@ def test_fleet_reproduces_the_plans_predictions():
     # the step time the simulation uses at the plan's batch and mean context is the plan's step
     d = fleet.decode[0]
     assert d.step_ms(fleet.shape, fleet.topo, d.cap, d.dep.kv_len) == pytest.approx(dec.step_ms, rel=0.01)
+
+
+def test_aggregated_fleet_reproduces_the_plans_predictions(agg_plan):
+    """An aggregated instance's mixed step at the plan's batch and chunk is the plan's step; its TTFT
+    the plan's ceil(prompt / one die's chunk) steps; the design rate the search's."""
+    fleet = fleet_of_plan(agg_plan)
+    assert fleet.aggregated and not fleet.prefill
+    pred, wl = agg_plan.decode.predictions, agg_plan.workload
+    d = fleet.decode[0]
+    c = d.chunks
+    assert c is not None and d.cap == round(agg_plan.decode.instances[0].batch_per_device * d.attention_devices)
+    step = d.step_ms(fleet.shape, fleet.topo, d.cap, d.dep.kv_len) + c.ms(fleet.shape, fleet.topo, c.budget)
+    assert step == pytest.approx(pred.step_ms, rel=1e-4)
+    assert math.ceil(wl.input_len / c.piece) * step == pytest.approx(pred.ttft_ms, rel=1e-4)
+    est = estimate_aggregated(fleet.shape, fleet.topo, c.dep)
+    assert est.step_ms == pytest.approx(pred.step_ms, rel=1e-5)
+    assert fleet.design_rate == pytest.approx(est.throughput_per_device * fleet.devices / wl.output_len, rel=1e-9)
+
+
+def test_aggregated_saturation_throughput_is_the_cost_models(agg_plan):
+    """Offered far above capacity, every aggregated instance's decode batch fills and stays full, each
+    step also carries a full chunk, and output tokens/s per device is the estimate's."""
+    fleet = fleet_of_plan(agg_plan)
+    wl = agg_plan.workload
+    horizon = 120.0
+    reqs = generate(ArrivalSpec("poisson", 4 * fleet.design_rate), LengthSpec(wl.input_len, wl.output_len), horizon, 0)
+    o = run(fleet, reqs, seed=0, horizon=horizon)
+    cap = sum(d.cap for d in fleet.decode)
+    t, active = np.array(o.samples["t"]), np.array(o.samples["decode_active"])
+    start = float(t[np.argmax(active == cap)])
+    # full but for a step now and then: a sequence can leave a step before the prompt taking its slot is done
+    assert 0 < start < horizon / 2 and active[t >= start].min() >= 0.98 * cap
+    assert active[t >= start].mean() >= 0.995 * cap
+    window = (o.step_end > start) & (o.step_end <= horizon)
+    rate = o.step_tokens[window].sum() / (horizon - start) / fleet.devices
+    est = estimate_aggregated(fleet.shape, fleet.topo, fleet.decode[0].chunks.dep)
+    assert rate == pytest.approx(est.throughput_per_device, rel=0.02)
+
+
+def test_aggregated_prompt_alone_takes_its_chunks(agg_plan):
+    """Requests far apart: a prompt runs one die's chunk per step on an otherwise idle instance, so its
+    TTFT is ceil(prompt / piece) steps of one sequence plus a piece; nothing waits."""
+    fleet = fleet_of_plan(agg_plan)
+    d = fleet.decode[0]
+    c = d.chunks
+    L = 3 * c.piece + 5
+    reqs = Requests(np.arange(10) * 100.0, np.full(10, L), np.full(10, 4))
+    o = run(fleet, reqs, seed=0)
+    ttft, _ = latencies(o)
+    steps = [d.step_ms(fleet.shape, fleet.topo, 1, fleet.workload.input_len) + c.ms(fleet.shape, fleet.topo, x)
+             for x in (c.piece, c.piece, c.piece, 5)]
+    assert np.allclose(ttft, sum(steps), rtol=1e-9)
+    assert o.prefill_batches == 40 and np.isfinite(o.finish).all()
 
 
 def test_md1_mean_wait_matches_pollaczek_khinchine(tiny):
