@@ -83,6 +83,15 @@ def _prefill(dep: AggregatedDeployment, tokens_per_device: float) -> PrefillDepl
                              prompt_len=dep.input_len, prefix_hit=dep.prefix_hit)
 
 
+def chunk_ms(shape: ModelShape, topo: Topology, dep: AggregatedDeployment, tokens_per_device: float) -> float:
+    """What a chunk of `tokens_per_device` prompt tokens adds to a mixed step (ms): its prefill batch
+    less a batch of one token per die (the fixed costs the decode step already pays). `podplan simulate`
+    costs every chunk it runs with this."""
+    full = estimate_prefill(shape, topo, _prefill(dep, tokens_per_device))
+    floor = estimate_prefill(shape, topo, _prefill(dep, topo.dies_per_device))
+    return max(0.0, full.step_ms - floor.step_ms)
+
+
 def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeployment) -> Estimate:
     """Mixed-step time, TPOT, TTFT and output tokens/s per device of an aggregated instance."""
     if dep.decode.mode != "colocated":
@@ -94,15 +103,14 @@ def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeploy
     dies = topo.dies_per_device
     chunk = dep.chunk_tokens_per_device
     full = estimate_prefill(shape, topo, _prefill(dep, chunk))
-    floor = estimate_prefill(shape, topo, _prefill(dep, dies))  # one prompt token per die: the fixed costs
-    chunk_ms = max(0.0, full.step_ms - floor.step_ms)
-    step_ms = dec.step_ms + chunk_ms
+    chunk_cost = chunk_ms(shape, topo, dep, chunk)
+    step_ms = dec.step_ms + chunk_cost
     tpot_ms = step_ms / dep.tokens_per_step
     computed_prompt = dep.input_len * (1.0 - dep.prefix_hit)
     chunk_per_die = chunk * (1.0 - dep.prefix_hit) / dies
     ttft_ms = math.ceil(computed_prompt / max(chunk_per_die, 1e-9) - 1e-9) * step_ms
     breakdown = dict(dec.breakdown)
-    breakdown["prefill_chunk"] = chunk_ms
+    breakdown["prefill_chunk"] = chunk_cost
     feasible = dec.feasible and full.feasible
     reason = dec.infeasible_reason or full.infeasible_reason
     memory = dict(dec.memory)
@@ -114,6 +122,6 @@ def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeploy
         breakdown=breakdown,
         memory_per_device_gb=max(dec.memory_per_device_gb, full.memory_per_device_gb),
         memory=memory, feasible=feasible, infeasible_reason=reason if not feasible else "",
-        details={"decode": dec.details, "chunk_tokens_per_device": chunk, "chunk_ms": chunk_ms,
+        details={"decode": dec.details, "chunk_tokens_per_device": chunk, "chunk_ms": chunk_cost,
                  "decode_step_ms": dec.step_ms, "prefill_steps_per_prompt": ttft_ms / step_ms if step_ms else 0.0},
     )

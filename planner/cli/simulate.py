@@ -119,8 +119,11 @@ def _ms(v: float | None) -> str:
 
 
 def _describe(head: dict, fleet) -> str:
-    return (f"{fleet.name}: {len(fleet.prefill)} prefill + {len(fleet.decode)} decode instances on {fleet.devices} "
-            f"devices; design rate {head['design_rate']:g} req/s")
+    if fleet.aggregated:
+        what = f"{len(fleet.decode)} aggregated instances (prefill chunked into the decode steps)"
+    else:
+        what = f"{len(fleet.prefill)} prefill + {len(fleet.decode)} decode instances"
+    return f"{fleet.name}: {what} on {fleet.devices} devices; design rate {head['design_rate']:g} req/s"
 
 
 def _print_run(doc: dict, fleet, slo) -> None:

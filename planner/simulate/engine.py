@@ -69,6 +69,10 @@ def decode_steps(tokens: np.ndarray, accept: float, rng: np.random.Generator) ->
 def run(fleet: Fleet, reqs: Requests, *, seed: int = 0, horizon: float = math.inf, sample_every: float = 1.0,
         chunked: bool = True) -> Outcome:
     """Simulate `reqs` on `fleet` until every request finished or the clock passes `horizon` (s)."""
+    if fleet.aggregated:  # one phase: the decode instances run the prompts in chunks (planner.simulate.aggregated)
+        from planner.simulate.aggregated import run_aggregated
+
+        return run_aggregated(fleet, reqs, seed=seed, horizon=horizon, sample_every=sample_every)
     shape, topo = fleet.shape, fleet.topo
     accept = fleet.workload.mtp_accept
     n = len(reqs)

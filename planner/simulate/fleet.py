@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from costmodels.aggregated import AggregatedDeployment, chunk_ms, estimate_aggregated
 from costmodels.errors import InputError
 from costmodels.model_shape import ModelShape
 from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
@@ -52,6 +53,7 @@ class DecodeInstance:
     kv_budget: float  # KV tokens the instance can hold (from the plan-batch estimate's free memory)
     edges: np.ndarray = field(repr=False)
     cache: dict = field(default_factory=dict, repr=False)
+    chunks: Chunks | None = None  # aggregated: the instance also runs prefill, in chunks inside its steps
 
     def step_ms(self, shape: ModelShape, topo: Topology, n: int, kv_len: float) -> float:
         """One decode step of `n` sequences of mean context `kv_len` (ms)."""
@@ -61,6 +63,27 @@ class DecodeInstance:
             dep = replace(self.dep, batch_per_device=key[0] / self.attention_devices, kv_len=key[1])
             ms = self.cache[key] = estimate_decode(shape, topo, dep).step_ms
         return ms
+
+
+@dataclass
+class Chunks:
+    """The prefill side of an aggregated instance: prompt tokens mixed into each decode step."""
+
+    dep: AggregatedDeployment
+    budget: int  # prompt tokens per step (the cost model's chunk per device x devices)
+    piece: int  # most tokens of one prompt per step (one die's share: a prompt sits on one attention DP rank)
+    edges: np.ndarray = field(repr=False)
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def ms(self, shape: ModelShape, topo: Topology, tokens: int) -> float:
+        """What `tokens` prompt tokens add to a step (ms): costmodels.aggregated.chunk_ms, bucketed."""
+        if tokens <= 0:
+            return 0.0
+        key = int(self.edges[min(self.budget, tokens)])
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = chunk_ms(shape, topo, self.dep, key / self.dep.devices)
+        return hit
 
 
 @dataclass
@@ -107,17 +130,37 @@ class Fleet:
 
     @property
     def nominal_latency_s(self) -> float:
-        """One request of the workload's lengths at the plan's batches: its TTFT plus its decode (s)."""
+        """One request of the workload's lengths: its prompt prefilled alone plus its decode at the plan's
+        batch (s). Not the plan's TTFT: that is a full prefill batch (seconds when the search packs
+        32k tokens per device), which no request waits for below capacity and the drain does not see."""
         wl = self.workload
-        ttft = max(estimate_prefill(self.shape, self.topo, p.dep).ttft_ms or 0.0 for p in self.prefill)
+        ttft = 0.0
+        for d in self.decode:
+            if d.chunks is not None:  # aggregated: the prompt's pieces ride on steps of one sequence
+                c = d.chunks
+                piece = min(wl.input_len, c.piece)
+                step = d.step_ms(self.shape, self.topo, 1, wl.input_len) + c.ms(self.shape, self.topo, piece)
+                ttft = max(ttft, math.ceil(wl.input_len / piece) * step)
+        for p in self.prefill:
+            piece = min(wl.input_len, p.piece, p.budget)
+            ms, kv_ms = p.batch_ms(self.shape, self.topo, piece, piece, piece)
+            ttft = max(ttft, math.ceil(wl.input_len / piece) * ms + kv_ms)
         tpot = max(estimate_decode(self.shape, self.topo, d.dep).tpot_ms or 0.0 for d in self.decode)
         return (ttft + (wl.output_len - 1) * tpot) / 1e3
+
+    @property
+    def aggregated(self) -> bool:
+        """No prefill instances: the decode instances run prefill chunks inside their steps."""
+        return not self.prefill
 
     @property
     def design_rate(self) -> float:
         """Requests/s the instances sustain at the plan's batches and workload lengths (the slower phase,
         as `planner.search.split_devices` computes it)."""
         wl = self.workload
+        if self.aggregated:  # as planner.search's aggregated mode: the mixed steps' output tokens
+            return sum(estimate_aggregated(self.shape, self.topo, d.chunks.dep).throughput_per_device * d.devices
+                       for d in self.decode if d.chunks is not None) / wl.output_len
         dec = sum(estimate_decode(self.shape, self.topo, d.dep).throughput_per_device * d.devices
                   for d in self.decode) / wl.output_len
         pre = sum(estimate_prefill(self.shape, self.topo, p.dep).throughput_per_device * p.devices
@@ -172,19 +215,21 @@ def prefill_instance(name: str, dep: PrefillDeployment, shape: ModelShape, topo:
 
 def fleet_of_plan(plan: Plan, shape: ModelShape | None = None) -> Fleet:
     """The plan's instances as deployments, built the way `podplan compile` scores them (the plan's
-    own predictions are reproduced at its batch: tests/planner/test_simulate.py checks it)."""
-    if plan.prefill is None or plan.decode is None:
-        missing = "prefill" if plan.prefill is None else "decode"
-        raise InputError(f"plan has no {missing} phase: the simulation serves requests through both; "
-                         "compile a plan with both phases")
+    own predictions are reproduced at its batch: tests/planner/test_simulate.py checks it). A plan
+    without a prefill phase is aggregated: its decode instances get the chunks they prefill with."""
+    if plan.decode is None:
+        raise InputError("plan has no decode phase: the simulation serves requests through prefill and decode; "
+                         "recompile the plan")
     topo = get_topology(plan.topology.name)
     if shape is None:
         shape = model_shape_of(plan)
     wl = plan.workload
     E = shape.num_routed_experts
     prefill = []
-    for inst in plan.prefill.instances:
-        imb, red = _imbalance_and_redundant(plan.prefill, inst, E)
+    pre_phase = plan.prefill  # None: an aggregated plan, its decode instances prefill (chunks below)
+    for inst in (pre_phase.instances if pre_phase is not None else ()):
+        assert pre_phase is not None
+        imb, red = _imbalance_and_redundant(pre_phase, inst, E)
         pdep = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
                                 prompt_len=wl.input_len, microbatches=inst.microbatches, prefix_hit=wl.prefix_hit,
                                 quant=wl.quant, imbalance=imb, attn_tp=inst.attention_tp, redundant_experts=red)
@@ -201,9 +246,22 @@ def fleet_of_plan(plan: Plan, shape: ModelShape | None = None) -> Fleet:
                           moe_devices=moe, dp_domains=inst.dp_domains)
         else:
             dep = replace(common, mode="colocated", devices=len(inst.devices))
-        decode.append(decode_instance(inst.id, dep, shape, topo))
+        d = decode_instance(inst.id, dep, shape, topo)
+        if plan.prefill is None:  # aggregated: this instance also prefills (what compile scored it with)
+            d.chunks = chunks_of(AggregatedDeployment(dep, input_len=wl.input_len, output_len=wl.output_len,
+                                                      prefix_hit=wl.prefix_hit), topo)
+        decode.append(d)
     devices = len({d for _, inst in plan.instances() for d in inst.devices})
     return Fleet(f"{plan.model.name} on {plan.topology.name}", shape, topo, wl, prefill, decode, devices)
+
+
+def chunks_of(agg: AggregatedDeployment, topo: Topology) -> Chunks:
+    """The chunk budget of an aggregated instance: the cost model's chunk per device (whole tokens, as
+    costmodels.aggregated prices it) on every device, one die's share per prompt."""
+    per_device = math.ceil(agg.chunk_tokens_per_device)
+    budget = per_device * agg.devices
+    piece = max(1, int(agg.chunk_tokens_per_device / topo.dies_per_device))
+    return Chunks(agg, budget, piece, bucket_edges(budget))
 
 
 def model_shape_of(plan: Plan) -> ModelShape:

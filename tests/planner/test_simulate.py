@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from costmodels.aggregated import estimate_aggregated
 from costmodels.errors import InputError
 from costmodels.serving import estimate_decode, estimate_prefill
 from planner.ir.plan import load_plan
@@ -27,6 +29,16 @@ def tiny():
     return fleet_of_plan(load_plan(TINY))
 
 
+@pytest.fixture(scope="module")
+def agg_plan():
+    """tiny-deepseek-v3 on local:8 in aggregated serving (one decode phase that also prefills)."""
+    from planner.compile import CompileOptions, compile_plan
+
+    plan = compile_plan("tiny-deepseek-v3", "local:8", CompileOptions(mode="agg"))
+    assert plan.prefill is None
+    return plan
+
+
 def _fixed(n: int, rate: float, inp: int, out: int, seed: int = 0) -> Requests:
     return generate(ArrivalSpec("poisson", rate), LengthSpec(inp, out), n / rate, seed)
 
@@ -41,10 +53,68 @@ def test_fleet_reproduces_the_plans_predictions():
     assert dec.step_ms == pytest.approx(plan.decode.predictions.step_ms, rel=1e-5)
     assert dec.tpot_ms == pytest.approx(plan.decode.predictions.tpot_ms, rel=1e-5)
     assert pre.ttft_ms == pytest.approx(plan.prefill.predictions.ttft_ms, rel=1e-5)
-    assert fleet.decode[0].cap == 88 * 64 and len(fleet.decode) == 2 and len(fleet.prefill) == 5
+    # capacity is the plan's batch: 96 sequences on each of the 88 attention devices
+    inst = plan.decode.instances[0]
+    assert inst.batch_per_device == 96 and len(inst.attention_devices) == 88
+    assert fleet.decode[0].cap == 88 * 96 and len(fleet.decode) == 2 and len(fleet.prefill) == 5
+    pinst = plan.prefill.instances[0]
+    assert fleet.prefill[0].budget == round(pinst.batch_per_device * len(pinst.devices))
     # the step time the simulation uses at the plan's batch and mean context is the plan's step
     d = fleet.decode[0]
     assert d.step_ms(fleet.shape, fleet.topo, d.cap, d.dep.kv_len) == pytest.approx(dec.step_ms, rel=0.01)
+
+
+def test_aggregated_fleet_reproduces_the_plans_predictions(agg_plan):
+    """An aggregated instance's mixed step at the plan's batch and chunk is the plan's step; its TTFT
+    the plan's ceil(prompt / one die's chunk) steps; the design rate the search's."""
+    fleet = fleet_of_plan(agg_plan)
+    assert fleet.aggregated and not fleet.prefill
+    pred, wl = agg_plan.decode.predictions, agg_plan.workload
+    d = fleet.decode[0]
+    c = d.chunks
+    assert c is not None and d.cap == round(agg_plan.decode.instances[0].batch_per_device * d.attention_devices)
+    step = d.step_ms(fleet.shape, fleet.topo, d.cap, d.dep.kv_len) + c.ms(fleet.shape, fleet.topo, c.budget)
+    assert step == pytest.approx(pred.step_ms, rel=1e-4)
+    assert math.ceil(wl.input_len / c.piece) * step == pytest.approx(pred.ttft_ms, rel=1e-4)
+    est = estimate_aggregated(fleet.shape, fleet.topo, c.dep)
+    assert est.step_ms == pytest.approx(pred.step_ms, rel=1e-5)
+    assert fleet.design_rate == pytest.approx(est.throughput_per_device * fleet.devices / wl.output_len, rel=1e-9)
+
+
+def test_aggregated_saturation_throughput_is_the_cost_models(agg_plan):
+    """Offered far above capacity, every aggregated instance's decode batch fills and stays full, each
+    step also carries a full chunk, and output tokens/s per device is the estimate's."""
+    fleet = fleet_of_plan(agg_plan)
+    wl = agg_plan.workload
+    horizon = 120.0
+    reqs = generate(ArrivalSpec("poisson", 4 * fleet.design_rate), LengthSpec(wl.input_len, wl.output_len), horizon, 0)
+    o = run(fleet, reqs, seed=0, horizon=horizon)
+    cap = sum(d.cap for d in fleet.decode)
+    t, active = np.array(o.samples["t"]), np.array(o.samples["decode_active"])
+    start = float(t[np.argmax(active == cap)])
+    # full but for a step now and then: a sequence can leave a step before the prompt taking its slot is done
+    assert 0 < start < horizon / 2 and active[t >= start].min() >= 0.98 * cap
+    assert active[t >= start].mean() >= 0.995 * cap
+    window = (o.step_end > start) & (o.step_end <= horizon)
+    rate = o.step_tokens[window].sum() / (horizon - start) / fleet.devices
+    est = estimate_aggregated(fleet.shape, fleet.topo, fleet.decode[0].chunks.dep)
+    assert rate == pytest.approx(est.throughput_per_device, rel=0.02)
+
+
+def test_aggregated_prompt_alone_takes_its_chunks(agg_plan):
+    """Requests far apart: a prompt runs one die's chunk per step on an otherwise idle instance, so its
+    TTFT is ceil(prompt / piece) steps of one sequence plus a piece; nothing waits."""
+    fleet = fleet_of_plan(agg_plan)
+    d = fleet.decode[0]
+    c = d.chunks
+    L = 3 * c.piece + 5
+    reqs = Requests(np.arange(10) * 100.0, np.full(10, L), np.full(10, 4))
+    o = run(fleet, reqs, seed=0)
+    ttft, _ = latencies(o)
+    steps = [d.step_ms(fleet.shape, fleet.topo, 1, fleet.workload.input_len) + c.ms(fleet.shape, fleet.topo, x)
+             for x in (c.piece, c.piece, c.piece, 5)]
+    assert np.allclose(ttft, sum(steps), rtol=1e-9)
+    assert o.prefill_batches == 40 and np.isfinite(o.finish).all()
 
 
 def test_md1_mean_wait_matches_pollaczek_khinchine(tiny):
@@ -68,28 +138,40 @@ def test_md1_mean_wait_matches_pollaczek_khinchine(tiny):
 
 
 def test_decode_saturation_throughput_is_the_cost_models(tiny):
-    """Offered far above decode capacity, the decode batch stays full and tokens/s per device is
-    the estimate's throughput at the plan's batch and the stream's mean context."""
-    inp, out = 16, 64
-    reqs = _fixed(60000, 60000.0, inp, out)
-    o = run(tiny, reqs, seed=0, horizon=1.0)
+    """Offered far above decode capacity, the decode batch fills once the first full prefill batch
+    lands, stays full, and tokens/s per device is the estimate's throughput at the plan's batch and
+    the stream's mean context."""
+    inp, out, horizon = 16, 64, 10.0
+    reqs = _fixed(50000, 5000.0, inp, out)
+    o = run(tiny, reqs, seed=0, horizon=horizon)
     d = tiny.decode[0]
     est = estimate_decode(tiny.shape, tiny.topo, dataclasses.replace(d.dep, kv_len=inp + out // 2))
-    window = (o.step_end > 0.3) & (o.step_end <= 1.0)
-    rate = o.step_tokens[window].sum() / 0.7 / d.devices
-    assert rate == pytest.approx(est.throughput_per_device, rel=0.03)
+    t, active = np.array(o.samples["t"]), np.array(o.samples["decode_active"])
+    start = float(t[np.argmax(active == d.cap)])
+    # a full prefill batch takes seconds now (the plan's 4.6 s TTFT), so the batch fills after a ramp
+    assert 0 < start <= 3.0 and (active[t >= start] == d.cap).all()
+    window = (o.step_end > start) & (o.step_end <= horizon)
+    rate = o.step_tokens[window].sum() / (horizon - start) / d.devices
+    assert rate == pytest.approx(est.throughput_per_device, rel=0.01)
 
 
 def test_prefill_saturation_throughput_is_the_cost_models(tiny):
-    """Offered far above prefill capacity, prompt tokens/s per device is the estimate's."""
+    """Offered far above prefill capacity, every batch after the ramp holds the plan's token budget
+    and prompt tokens/s per device is the estimate's."""
     inp = 16
-    reqs = _fixed(400000, 400000.0, inp, 1)
-    o = run(tiny, reqs, seed=0, horizon=1.0)
     p = tiny.prefill[0]
     est = estimate_prefill(tiny.shape, tiny.topo, p.dep)
+    full_s = est.step_ms / 1e3  # one batch at the plan's tokens per device (seconds on the tiny plan)
+    rate = 4 * p.budget / inp / full_s
+    horizon = 12 * full_s
+    o = run(tiny, generate(ArrivalSpec("poisson", rate), LengthSpec(inp, 1), horizon, 0), seed=0, horizon=horizon)
     t = o.first_token - est.breakdown["kv_transfer"] / 1e3  # batch end
-    done = np.count_nonzero((t > 0.2) & (t <= 0.9))
-    assert done * inp / 0.7 / p.devices == pytest.approx(est.throughput_per_device, rel=0.06)
+    ends, counts = np.unique(t[~np.isnan(t)], return_counts=True)
+    full = counts * inp == p.budget
+    first = int(np.argmax(full))
+    assert full[first:].all() and full.sum() >= 8  # saturated: every later batch is full
+    tokens = counts[first + 1:].sum() * inp  # the batches that ran between the first full one's end and the last's
+    assert tokens / (ends[-1] - ends[first]) / p.devices == pytest.approx(est.throughput_per_device, rel=0.01)
 
 
 def test_mtp_steps_are_exact():
@@ -124,22 +206,28 @@ def test_gamma_arrivals_have_the_rate_and_cv():
 
 def test_overload_leaves_requests_unfinished_and_goodput_saturates(tiny):
     slo = Slo(None, None)
-    below = simulate(tiny, ArrivalSpec("poisson", 10000.0), LengthSpec(16, 64), Settings(duration=0.5), slo)
-    above = simulate(tiny, ArrivalSpec("poisson", 100000.0), LengthSpec(16, 64), Settings(duration=0.5), slo)
-    assert below["unfinished"] == 0 and below["goodput"]["share"] == 1.0
-    assert above["unfinished"] > 0 and above["tpot_ms"]["p99"] is None
     d = tiny.decode[0]
     step = estimate_decode(tiny.shape, tiny.topo, dataclasses.replace(d.dep, kv_len=16 + 32)).step_ms / 1e3
     capacity = d.cap / (63 * step)  # the full decode batch over the 63 steps of a 64-token output
+    run_s = Settings(duration=10.0)
+    below = simulate(tiny, ArrivalSpec("poisson", 0.5 * capacity), LengthSpec(16, 64), run_s, slo)
+    above = simulate(tiny, ArrivalSpec("poisson", 4 * capacity), LengthSpec(16, 64), run_s, slo)
+    assert below["unfinished"] == 0 and below["goodput"]["share"] == 1.0
+    assert above["unfinished"] > 0 and above["tpot_ms"]["p99"] is None
     assert above["goodput"]["requests_per_s"] == pytest.approx(capacity, rel=0.1)
 
 
 def test_sweep_finds_the_knee(tiny):
-    res = sweep(tiny, ArrivalSpec("poisson", 0.0), LengthSpec(16, 64), Settings(duration=0.3), Slo(None, 1.0),
-                rates=[5000.0, 10000.0, 40000.0])
+    """Under an SLO the full batch meets, the knee is the decode capacity (the full batch over the 63
+    steps of a 64-token output): a rate well below passes, twice it fails, bisection lands near it."""
+    d = tiny.decode[0]
+    step = estimate_decode(tiny.shape, tiny.topo, dataclasses.replace(d.dep, kv_len=16 + 32)).step_ms
+    capacity = d.cap / (63 * step / 1e3)
+    res = sweep(tiny, ArrivalSpec("poisson", 0.0), LengthSpec(16, 64), Settings(duration=10.0),
+                Slo(None, 1.2 * step), rates=[0.25 * capacity, 0.5 * capacity, 2 * capacity])
     ok = {p["rate"]: p["meets_slo"] for p in res["points"]}
-    assert ok[5000.0] and not ok[40000.0]
-    assert 10000.0 <= (res["max_rate"] or 0) < 40000.0
+    assert [ok[round(f * capacity, 4)] for f in (0.25, 0.5, 2)] == [True, True, False]
+    assert 0.8 * capacity <= (res["max_rate"] or 0) < 1.05 * capacity
     assert len(res["points"]) == 3 + 4  # the grid, then four bisection steps
 
 

@@ -29,11 +29,12 @@ def test_simulate_prints_percentiles_goodput_and_queues(capsys):
 
 
 def test_simulate_json_is_deterministic_for_a_seed(capsys):
-    args = ("simulate", TINY, "--arrivals", "gamma:design:2", "--duration", "0.2", "--seed", "7", "--json")
+    args = ("simulate", TINY, "--arrivals", "gamma:design:2", "--duration", "2", "--seed", "7", "--json")
     a = json.loads(cli(capsys, *args)[1])
     b = json.loads(cli(capsys, *args)[1])
     assert a == b
-    assert a["arrivals"].startswith("gamma:") and a["requests"] > 1000 and a["seed"] == 7
+    assert a["arrivals"] == f"gamma:{a['design_rate']:g}:2" and a["seed"] == 7
+    assert a["requests"] > 1000 and a["requests"] == pytest.approx(2 * a["design_rate"], rel=0.1)
     assert set(a["ttft_ms"]) == {"p50", "p90", "p99", "mean"}
     assert a["queues"]["series"]["t"][0] == 0.0
 
@@ -47,10 +48,13 @@ def test_simulate_html_page(capsys, tmp_path):
 
 
 def test_simulate_sweep_reports_the_highest_rate(capsys):
-    code, out, err = cli(capsys, "simulate", TINY, "--lengths", "fixed:16:64", "--duration", "0.2", "--tpot-ms",
-                         "1", "--sweep", "5000,40000")
+    # the tiny plan's decode serves ~225 req/s of 16:64 at a 36 ms step: 50 req/s meets TPOT <= 45 ms, 1000 not
+    code, out, err = cli(capsys, "simulate", TINY, "--lengths", "fixed:16:64", "--duration", "10", "--tpot-ms",
+                         "45", "--sweep", "50,1000")
     assert code == 0, err
     assert "highest rate meeting the SLO:" in out and "req/s" in out.splitlines()[-1]
+    best = float(out.splitlines()[-1].split(":")[1].split("req/s")[0])
+    assert 50 < best < 1000
 
 
 def test_simulate_trace_file(capsys, tmp_path):
@@ -99,11 +103,12 @@ def _smaller_batch(tmp_path: Path, batch: float) -> str:
 
 
 def test_diff_rate_reports_goodput_and_gates_on_a_drop(capsys, tmp_path):
-    worse = _smaller_batch(tmp_path, 8.0)
-    code, out, err = cli(capsys, "diff", TINY, worse, "--rate", "40000", "--fail-on", "none")
+    # one sequence per attention device: the decode serves ~460 req/s of 16:8, below 600 (the plan serves 898)
+    worse = _smaller_batch(tmp_path, 1.0)
+    code, out, err = cli(capsys, "diff", TINY, worse, "--rate", "600", "--fail-on", "none")
     assert code == 1, err
-    assert "goodput at 40000 req/s" in out and "goodput:-1%: goodput at 40000 req/s down" in out
-    code, out, _ = cli(capsys, "diff", TINY, TINY, "--rate", "40000", "--json")
+    assert "goodput at 600 req/s" in out and "goodput:-1%: goodput at 600 req/s down" in out
+    code, out, _ = cli(capsys, "diff", TINY, TINY, "--rate", "600", "--json")
     doc = json.loads(out)
     assert code == 0 and doc["goodput"]["delta_pct"] == 0 and doc["goodput"]["old"]["goodput"] > 0
 
@@ -116,14 +121,39 @@ def test_diff_rate_bad_value(capsys):
 def test_compile_rate_records_the_simulation(tmp_path):
     out = tmp_path / "p.json"
     proc = run_cli("compile", "tiny-deepseek-v3", "--topology", "local:8", "--input-len", "16", "--output-len", "8",
-                   "--rate", "50000", "-o", str(out))
+                   "--mode", "disagg", "--rate", "500", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(out.read_text())
-    assert plan["provenance"]["options"]["rate"] == 50000
+    assert plan["provenance"]["options"]["rate"] == 500 and plan["prefill"] is not None
     run = plan["provenance"]["solvers"][-1]
-    assert run["solver"] == "simulate" and run["name"].endswith("at 50000 req/s") and run["objective"] > 0
+    assert run["solver"] == "simulate" and run["name"].endswith("at 500 req/s") and run["objective"] > 0
+
+
+def test_compile_rate_refuses_an_aggregated_choice(tmp_path):
+    """At 16:8 on local:8 the search picks aggregated serving; --rate chooses among disaggregated ones."""
+    out = tmp_path / "p.json"
+    proc = run_cli("compile", "tiny-deepseek-v3", "--topology", "local:8", "--input-len", "16", "--output-len", "8",
+                   "--rate", "500", "-o", str(out))
+    assert_one_line_error(proc, "the search chose aggregated serving, and --rate chooses among disaggregated "
+                                "deployments; add --mode disagg")
+    assert not out.exists()
 
 
 def test_compile_rate_bad_value():
     assert_one_line_error(run_cli("compile", "tiny-deepseek-v3", "--topology", "local:8", "--rate", "0", "-o",
                                   "/tmp/never-written.json"), "--rate must be > 0")
+
+
+def test_an_aggregated_plan_simulates_and_diffs(capsys, tmp_path):
+    """A one-phase (aggregated) plan: its decode instances run the prompts in chunks."""
+    agg = tmp_path / "agg.json"
+    proc = run_cli("compile", "tiny-deepseek-v3", "--topology", "local:8", "--mode", "agg", "-o", str(agg))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(agg.read_text())["prefill"] is None
+    code, out, err = cli(capsys, "simulate", str(agg), "--duration", "20")
+    assert code == 0, err
+    assert "aggregated instances (prefill chunked into the decode steps)" in out and "0 unfinished" in out
+    code, out, err = cli(capsys, "diff", TINY, str(agg), "--rate", "5", "--json")
+    assert code in (0, 1), err
+    doc = json.loads(out)
+    assert doc["goodput"]["new"]["goodput"] > 0 and doc["goodput"]["old"]["goodput"] > 0
