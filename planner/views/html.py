@@ -25,7 +25,7 @@ from planner.views.common import (
     stage_groups,
     stage_names,
 )
-from planner.views.text import step_notes
+from planner.views.text import aggregated_notes, step_notes
 
 # Fill per (phase, role). Tableau-10 hues: prefill blues, decode green/orange/purple.
 ROLE_COLOURS = {
@@ -84,7 +84,8 @@ def page(plan: Plan) -> dict:
         phases.append({
             "name": name,  # ids stay by phase name; `label` is what the page says
             "label": label,
-            "notes": [n.removeprefix(f"{label}: ") for n in step_notes(plan)] if name == "decode" else [],
+            "notes": [n.removeprefix(f"{label}: ") for n in step_notes(plan) + aggregated_notes(plan)]
+            if name == "decode" else [],
             "feasible": ph.feasible,
             "reason": p.infeasible_reason,
             "devices": len(ph.devices),

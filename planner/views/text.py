@@ -40,7 +40,7 @@ def print_summary(plan: Plan, console: Console) -> None:
     console.print(devices_line(plan))
     console.print(_deployment(plan))
     console.print(_predictions(plan))
-    for note in step_notes(plan):
+    for note in step_notes(plan) + aggregated_notes(plan):
         console.print(note)
     console.print(_breakdown(plan))
     console.print(_memory(plan))
@@ -69,26 +69,31 @@ def devices_line(plan: Plan) -> str:
 
 
 def step_notes(plan: Plan) -> list[str]:
-    """Why a decode TPOT is not its step time: with MTP each step emits 1 + accept tokens per sequence;
-    and what an aggregated step holds: the decode batch and a chunk of prompt tokens, which sets TTFT."""
+    """Why a decode TPOT is not its step time: with MTP each step emits 1 + accept tokens per sequence."""
     out = []
     p = plan.decode.predictions if plan.decode is not None else None
     a = plan.workload.mtp_accept
-    label = phase_label(plan, "decode")
     if p is not None and p.tpot_ms is not None and p.step_ms is not None and a > 0:
-        out.append(f"{label}: TPOT = step {num(p.step_ms)} ms / {1 + a:g} tokens per step (MTP accept {a:g}) "
-                   f"= {num(p.tpot_ms)} ms")
-    if plan.decode is not None and plan.aggregated and p is not None and p.step_ms:
-        inst = plan.decode.instances[0]
-        chunk = p.breakdown.get("prefill_chunk")
-        line = (f"{label}: aggregated serving: every step carries the decode batch ({num(inst.batch_per_device)} seq "
-                f"per device) and a chunk of {num(prompt_chunk_per_device(plan, inst))} prompt tokens per device")
-        line += f" (prefill_chunk {num(chunk)} ms of the {num(p.step_ms)} ms step)" if chunk is not None else ""
-        if p.ttft_ms is not None:
-            line += (f"; a {plan.workload.input_len}-token prompt reaches its first token in "
-                     f"{p.ttft_ms / p.step_ms:.0f} steps (TTFT {num(p.ttft_ms)} ms)")
-        out.append(line)
+        out.append(f"{phase_label(plan, 'decode')}: TPOT = step {num(p.step_ms)} ms / {1 + a:g} tokens per step "
+                   f"(MTP accept {a:g}) = {num(p.tpot_ms)} ms")
     return out
+
+
+def aggregated_notes(plan: Plan) -> list[str]:
+    """What an aggregated step holds: the decode batch and a chunk of prompt tokens, which sets TTFT."""
+    p = plan.decode.predictions if plan.decode is not None else None
+    if plan.decode is None or not plan.aggregated or p is None or not p.step_ms:
+        return []
+    inst = plan.decode.instances[0]
+    chunk = p.breakdown.get("prefill_chunk")
+    line = (f"{phase_label(plan, 'decode')}: aggregated serving: every step carries the decode batch "
+            f"({num(inst.batch_per_device)} seq per device) and a chunk of {num(prompt_chunk_per_device(plan, inst))} "
+            "prompt tokens per device")
+    line += f" (prefill_chunk {num(chunk)} ms of the {num(p.step_ms)} ms step)" if chunk is not None else ""
+    if p.ttft_ms is not None:
+        line += (f"; a {plan.workload.input_len}-token prompt reaches its first token in "
+                 f"{p.ttft_ms / p.step_ms:.0f} steps (TTFT {num(p.ttft_ms)} ms)")
+    return [line]
 
 
 def batch_label(phase: str, value: float, chunk: float | None = None) -> str:
