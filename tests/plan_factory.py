@@ -7,6 +7,7 @@ Zipf, placement is EPLB, and predictions/memory are round illustrative numbers, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -121,6 +122,39 @@ def synthetic_plan(model: str = "tiny-mixtral", topology: str = "local:8", *, pr
 def tiny_plan(model: str = "tiny-mixtral", **kwargs) -> Plan:
     """A small plan on local:8: one 2-device prefill instance and a 6-device decode instance."""
     return synthetic_plan(model, "local:8", **kwargs)
+
+
+def aggregated_plan(model: str = "tiny-mixtral", topology: str = "local:8", *, decode_devices: int | None = None,
+                    **kwargs) -> Plan:
+    """An aggregated plan (`podplan compile --mode agg`): one phase, decode, whose instance also runs prefill,
+    a chunk of prompt tokens in every step. The chunk is costmodels.aggregated's (admits requests as fast as
+    decode finishes them); its time (a quarter of the decode step), TTFT and the frontier are illustrative.
+    The frontier holds aggregated points around the chosen one and one decode-only point of the
+    disaggregated mode, as a compiled plan's does."""
+    plan = synthetic_plan(model, topology, prefill_devices=0, decode_devices=decode_devices, **kwargs)
+    assert plan.decode is not None
+    wl, inst, p = plan.workload, plan.decode.instances[0], plan.decode.predictions
+    assert p.step_ms is not None and p.tpot_ms is not None
+    chunk = inst.batch_per_device * (1 + wl.mtp_accept) * wl.input_len / wl.output_len  # tokens per device
+    step = p.step_ms * 1.25
+    dies = plan.topology.dies_per_device
+    ttft = math.ceil(wl.input_len / (chunk / dies)) * step
+    tokens = inst.batch_per_device * len(inst.attention_devices) * (1 + wl.mtp_accept)
+    pred = Prediction(step_ms=step, throughput_per_device=tokens / len(inst.devices) * 1000.0 / step,
+                      breakdown={**p.breakdown, "prefill_chunk": step - p.step_ms},
+                      tpot_ms=step / (1 + wl.mtp_accept), ttft_ms=ttft)
+    points = []
+    for f in (0.5, 1.0, 1.6):
+        points.append(FrontierPoint(
+            phase="decode", throughput_per_device=pred.throughput_per_device * f ** 0.6, tpot_ms=pred.tpot_ms * f,
+            ttft_ms=ttft / f, chosen=f == 1.0,
+            config=f"aggregated {len(inst.devices)} dev, batch {inst.batch_per_device * f:g}, "
+                   f"chunk {chunk * f:g} tok/dev, mb {inst.microbatches}"))
+    # the disaggregated mode's best decode: more tokens per device, as it leaves its prefill devices out
+    points.append(FrontierPoint(phase="decode", throughput_per_device=pred.throughput_per_device * 1.1,
+                                tpot_ms=pred.tpot_ms * 0.9, config=f"colocated 2 dev, batch {inst.batch_per_device:g}, mb 1"))
+    decode = dataclasses.replace(plan.decode, predictions=pred)
+    return dataclasses.replace(plan, decode=decode, frontier=tuple(points))
 
 
 def deepseek_v3_plan(decode_mode: Mode = "colocated", **kwargs) -> Plan:

@@ -49,7 +49,9 @@ def export_plan(plan: ir.Plan, fmt: str, *, plan_file: str = "PLAN.json") -> Exp
         for rel, data in sorted(written.items()):
             files[f"{group.name}/{rel}"] = data
         manifest_groups.append({
-            "name": group.name, "phase": group.phase, "instances": [i.id for i in group.instances],
+            "name": group.name, "phase": group.phase,
+            "serves": ["prefill", "decode"] if plan.aggregated else [group.phase],  # aggregated: both phases
+            "instances": [i.id for i in group.instances],
             "devices": [ir.device_ranges(i.devices) for i in group.instances], "ep_ranks": group.ranks,
             "slots_per_rank": group.slots_per_rank, "num_physical_experts": group.num_physical,
             "redundant_experts": group.num_physical - plan.model.num_routed_experts,

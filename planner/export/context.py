@@ -6,10 +6,16 @@ Engine facts behind the values (read in the engines' sources; docs/export.md nam
   rank, so their batch limits are written per DP rank.
 - The engine's platform, not the plan's, names the visible-devices variable: TensorRT-LLM is a CUDA
   engine and vllm-ascend an Ascend one whatever hardware the plan was compiled for.
+- An aggregated plan's instances run both phases: each step carries the decode batch and a chunk of
+  prompt tokens. vLLM's --max-num-batched-tokens and TensorRT-LLM's --max_num_tokens bound all tokens
+  of a step (a decode sequence schedules 1 + draft tokens); SGLang's --chunked-prefill-size under
+  --enable-mixed-chunk is spent on the running sequences first (one token each), the rest on prompts.
 """
 
 from __future__ import annotations
 
+from costmodels.aggregated import AggregatedDeployment
+from costmodels.serving import DecodeDeployment
 from planner.export.checkpoint import (
     SGLANG_A2A_ARCHITECTURES,
     SGLANG_EXPERT_LOCATION_ARCHITECTURES,
@@ -101,6 +107,10 @@ def launch_context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dic
     total = int(round(first.batch_per_device * attention_devices))
     seqs = total if group.phase == "decode" else 0
     prefill_tokens = total if group.phase == "prefill" else 0
+    mtp = wl.mtp_accept > 0 and group.phase == "decode"
+    # aggregated: the prompt tokens each step of the instance computes beside its decode batch
+    chunk = int(round(chunk_tokens_per_device(plan, first) * attention_devices)) if plan.aggregated else 0
+    draft = 1 if mtp else 0  # the scripts run one MTP draft token
     quant_flag, quant_why = quantization(plan, fmt)
     arch = architecture(m)
     pd = disaggregated_pd(plan)
@@ -109,14 +119,20 @@ def launch_context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dic
         "trust_remote_code": m.name in REMOTE_CODE_MODELS,
         "topology": t.name, "hardware": t.hardware, "plan_platform": platform_of(t),
         "platform": engine_platform(plan, fmt),
-        "group": group.name, "phase": group.phase, "instances": instances, "nnodes": len(nodes[0]),
+        "group": group.name, "phase": group.phase,
+        "phase_label": "prefill+decode (aggregated)" if plan.aggregated else group.phase,
+        "instances": instances, "nnodes": len(nodes[0]),
         "ranks": group.ranks, "rank_unit": "die" if dies > 1 else "device", "uneven_nodes": len(per_node) > 1,
         "slots_per_rank": group.slots_per_rank, "num_physical": group.num_physical,
         "experts": m.num_routed_experts, "redundant": group.num_physical - m.num_routed_experts,
         "attn_tp": attn_tp, "attn_dp": attn_dp, "max_seqs": seqs, "max_seqs_per_dp": max(1, seqs // attn_dp),
         "prefill_tokens": prefill_tokens, "prefill_tokens_per_dp": max(1, prefill_tokens // attn_dp),
+        "aggregated": plan.aggregated, "chunk_tokens": chunk, "chunk_tokens_per_dp": max(1, chunk // attn_dp),
+        # a step's whole token budget per DP rank (vLLM, TensorRT-LLM): decode tokens, then the prompt chunk
+        "tokens_per_seq": 1 + draft,
+        "step_tokens_per_dp": max(1, seqs // attn_dp) * (1 + draft) + max(1, chunk // attn_dp),
         "context_len": wl.input_len + wl.output_len,
-        "mtp": wl.mtp_accept > 0 and group.phase == "decode", "quant": wl.quant,
+        "mtp": mtp, "quant": wl.quant,
         "quant_flag": quant_flag or "", "quant_why": quant_why,
         "architecture": arch or "", "a2a": arch in SGLANG_A2A_ARCHITECTURES,
         "expert_location": arch in SGLANG_EXPERT_LOCATION_ARCHITECTURES,
@@ -124,6 +140,15 @@ def launch_context(plan: ir.Plan, group: Group, fmt: str, plan_file: str) -> dic
         "pd": pd, "peers": {p: _phase_split(plan, p) for p in ("prefill", "decode")} if pd else {},
         "moe_layers": list(m.moe_layers), "default_port": DEFAULT_PORT.get(fmt, 8000),
     }
+
+
+def chunk_tokens_per_device(plan: ir.Plan, inst: ir.Instance) -> float:
+    """Prompt tokens an aggregated instance computes per attention device and step: the chunk that admits
+    requests as fast as its decode batch finishes them (costmodels.aggregated), less the cached prefix."""
+    wl = plan.workload
+    dep = AggregatedDeployment(DecodeDeployment(batch_per_device=inst.batch_per_device, mtp_accept=wl.mtp_accept),
+                               input_len=wl.input_len, output_len=wl.output_len, prefix_hit=wl.prefix_hit)
+    return dep.chunk_tokens_per_device * (1.0 - wl.prefix_hit)
 
 
 def _nodes(plan: ir.Plan, devices: tuple[int, ...], dies: int) -> list[dict]:

@@ -22,11 +22,16 @@ def _expert_location(plan: ir.Plan, group: Group) -> Files:
 
 
 def _notes(plan: ir.Plan, platform: Platform) -> list[str]:
+    out = []
+    if plan.aggregated and plan.workload.mtp_accept > 0:
+        # server_args.py: EAGLE speculative decoding switches enable_mixed_chunk off
+        out.append("SGLang mixes no prompt chunks into decode steps under MTP (EAGLE): the aggregated plan's prompt "
+                   "chunks run as steps of their own, and its predicted TPOT and TTFT do not hold exactly")
     arch = architecture(plan.model)
-    if arch in SGLANG_EXPERT_LOCATION_ARCHITECTURES:
-        return []
-    return [f"SGLang's {arch or 'class for this model'} holds no redundant expert slots: launch.sh leaves the expert "
-            "layout to SGLang (no --init-expert-location); expert_location.json is the plan's, for reference"]
+    if arch not in SGLANG_EXPERT_LOCATION_ARCHITECTURES:
+        out.append(f"SGLang's {arch or 'class for this model'} holds no redundant expert slots: launch.sh leaves the "
+                   "expert layout to SGLang (no --init-expert-location); expert_location.json is the plan's, for reference")
+    return out
 
 
 EXPORTER = Exporter(

@@ -939,6 +939,13 @@ class Plan(_Node):
         return {n: p for n, p in (("prefill", self.prefill), ("decode", self.decode)) if p is not None}
 
     @property
+    def aggregated(self) -> bool:
+        """Aggregated serving: a decode phase and no prefill phase. Its instances also run prefill, chunked
+        into the decode steps (`podplan compile --mode agg`); runtime, exporters and views serve both phases
+        on them."""
+        return self.prefill is None and self.decode is not None
+
+    @property
     def feasible(self) -> bool:
         return all(p.feasible for p in self.phases.values())
 

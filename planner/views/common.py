@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.ir.plan import ExpertPlacement, Instance, Plan, Stage, device_ranges
+from costmodels.aggregated import AggregatedDeployment
+from costmodels.serving import DecodeDeployment
+from planner.ir.plan import ExpertPlacement, FrontierPoint, Instance, Plan, Stage, device_ranges
 
 # Display order of step stages; others follow alphabetically.
 STAGE_ORDER = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
@@ -37,6 +39,33 @@ def num(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def phase_label(plan: Plan, phase: str) -> str:
+    """A phase as a reader should read it: an aggregated plan records one phase, decode, whose instances
+    also run prefill, so it reads 'prefill+decode'."""
+    return "prefill+decode" if phase == "decode" and plan.aggregated else phase
+
+
+def serving_label(plan: Plan) -> str:
+    """'aggregated' (prefill chunked into the decode instances' steps) or 'disaggregated' (prefill and decode
+    instances)."""
+    return "aggregated" if plan.aggregated else "disaggregated"
+
+
+def prompt_chunk_per_device(plan: Plan, inst: Instance) -> float:
+    """Prompt tokens an aggregated instance computes per device and step beside its decode batch: the
+    chunk that admits requests as fast as decode finishes them (costmodels.aggregated), less the cached prefix."""
+    w = plan.workload
+    dep = AggregatedDeployment(DecodeDeployment(batch_per_device=inst.batch_per_device, mtp_accept=w.mtp_accept),
+                               input_len=w.input_len, output_len=w.output_len, prefix_hit=w.prefix_hit)
+    return dep.chunk_tokens_per_device * (1.0 - w.prefix_hit)
+
+
+def is_aggregated_point(point: FrontierPoint) -> bool:
+    """A frontier point of an aggregated instance (its instances also run prefill). The point records its
+    configuration only as the search's one-line summary, which names the mode first."""
+    return point.config.startswith("aggregated ")
+
+
 def stage_names(breakdown: dict[str, float]) -> list[str]:
     known = [s for s in STAGE_ORDER if s in breakdown]
     return known + sorted(k for k in breakdown if k not in STAGE_ORDER)
@@ -64,7 +93,10 @@ def instance_row(phase: str, inst: Instance, placement: ExpertPlacement) -> dict
 
 
 def deployment_rows(plan: Plan) -> list[dict]:
-    return [instance_row(phase, inst, plan.placement_of(phase, inst)) for phase, inst in plan.instances()]
+    """Instance rows; an aggregated instance's row also carries its prompt chunk per device and step."""
+    return [dict(instance_row(phase, inst, plan.placement_of(phase, inst)), phase_label=phase_label(plan, phase),
+                 chunk_per_device=prompt_chunk_per_device(plan, inst) if plan.aggregated else None)
+            for phase, inst in plan.instances()]
 
 
 @dataclass(frozen=True)
@@ -112,7 +144,7 @@ def device_counts(plan: Plan) -> dict[str, int]:
     """Devices per phase, in both phases (a prefill/decode-shared device), and idle."""
     per = {name: set(ph.devices) for name, ph in plan.phases.items()}
     used = set().union(*per.values()) if per else set()
-    counts = {name: len(ds) for name, ds in per.items()}
+    counts = {phase_label(plan, name): len(ds) for name, ds in per.items()}
     if len(per) == 2:
         counts["in both phases"] = len(per["prefill"] & per["decode"])
     counts["idle"] = plan.topology.num_devices - len(used)
@@ -250,6 +282,8 @@ def slo_status(plan: Plan) -> dict[str, str]:
     out = {}
     if plan.decode is not None and w.tpot_slo_ms is not None and plan.decode.predictions.tpot_ms is not None:
         out["tpot"] = "ok" if plan.decode.predictions.tpot_ms <= w.tpot_slo_ms else "miss"
-    if plan.prefill is not None and w.ttft_slo_ms is not None and plan.prefill.predictions.ttft_ms is not None:
-        out["ttft"] = "ok" if plan.prefill.predictions.ttft_ms <= w.ttft_slo_ms else "miss"
+    # TTFT is the prefill phase's, or an aggregated plan's decode phase's (its instances run the prompts)
+    first = plan.prefill or plan.decode
+    if first is not None and w.ttft_slo_ms is not None and first.predictions.ttft_ms is not None:
+        out["ttft"] = "ok" if first.predictions.ttft_ms <= w.ttft_slo_ms else "miss"
     return out

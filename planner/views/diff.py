@@ -12,7 +12,7 @@ from typing import Any
 
 from costmodels.errors import InputError
 from planner.ir.plan import PHASES, Instance, Plan, device_ranges
-from planner.views.common import human_bytes, num
+from planner.views.common import human_bytes, num, serving_label
 
 # metric -> (direction that regresses, limit kind, what it measures)
 METRICS: dict[str, tuple[str, str, str]] = {
@@ -326,6 +326,7 @@ def diff_plans(old: Plan, new: Plan) -> dict:
         "topology": {"name": new.topology.name, "changes": _changes(_flat(old.topology.to_dict()),
                                                                     _flat(new.topology.to_dict()))},
         "workload": _changes(old.workload.to_dict(), new.workload.to_dict()),
+        "serving": {"old": serving_label(old), "new": serving_label(new)},
         "stages": _stages_diff(old, new),
         "phases": {name: _phase_diff(old, new, name) for name in PHASES if name in old.phases or name in new.phases},
         "frontier": {"old_points": len(old.frontier), "new_points": len(new.frontier),
@@ -454,6 +455,9 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
             f"{c['field']} {_value(c['old'])} -> {_value(c['new'])}" for c in ch[:6]) + (" ..." if len(ch) > 6 else "")))
     if diff["workload"]:
         lines.append("workload: " + ", ".join(f"{c['field']} {_value(c['old'])} -> {_value(c['new'])}" for c in diff["workload"]))
+    serving = serving_line(diff["serving"])
+    if serving:
+        lines.append(serving)
     lines += _stage_lines(diff["stages"])
     for name, ph in diff["phases"].items():
         if ph["status"] != "compared":
@@ -505,6 +509,15 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
     return "\n".join(lines) + "\n"
 
 
+def serving_line(serving: dict) -> str:
+    """'' when both plans serve alike; else what changed and what the decode comparison then means."""
+    if serving["old"] == serving["new"]:
+        return ""
+    agg = "old" if serving["old"] == "aggregated" else "new"
+    return (f"serving: {serving['old']} -> {serving['new']} (the {agg} plan's decode instances also run prefill, "
+            "so its decode predictions include the prompt chunks of every step)")
+
+
 def _stage_lines(st: dict) -> list[str]:
     lines = []
     if "passes" in st:
@@ -525,6 +538,9 @@ def render_markdown(diff: dict, violations: list[dict], rules: list[Rule], old: 
              f"{verdict} (rules `{','.join(r.text for r in rules) or 'none'}`)", ""]
     if diff.get("unlike"):
         lines += [f"Unlike plans ({', '.join(diff['unlike'])}): only predictions are compared.", ""]
+    serving = serving_line(diff["serving"])
+    if serving:
+        lines += [serving[0].upper() + serving[1:] + ".", ""]
     broken = {(v["phase"], v["metric"]) for v in violations}
     lines += ["| phase | metric | old | new | change |", "|---|---|---:|---:|---:|"]
     for name, ph in diff["phases"].items():

@@ -5,7 +5,7 @@ plan order, idle devices last), as Graphviz DOT."""
 from __future__ import annotations
 
 from planner.ir.plan import Plan, device_ranges
-from planner.views.common import human_bytes, human_count, stage_groups, stage_label, stage_named
+from planner.views.common import human_bytes, human_count, phase_label, stage_groups, stage_label, stage_named
 from planner.views.html import ROLE_COLOURS, role_fill
 
 
@@ -37,7 +37,8 @@ def render_dot(plan: Plan) -> str:
     column = ["head"]  # first node of each block, top to bottom: invisible edges keep them in this order
     for phase, ph in plan.phases.items():
         lines.append(f"  subgraph cluster_{phase} {{")
-        lines.append(f"    label={_q(f'{phase}: {len(ph.instances)} instances, {len(ph.devices)} devices')};")
+        title = f"{phase_label(plan, phase)}: {len(ph.instances)} instances, {len(ph.devices)} devices"
+        lines.append(f"    label={_q(title)};")
         for inst in ph.instances:
             node = _node_id(inst.id)
             placement = ph.experts[inst.experts]

@@ -18,11 +18,14 @@ from planner.views.common import (
     ffn_label,
     human_bytes,
     human_count,
+    is_aggregated_point,
     num,
+    phase_label,
     slo_status,
     stage_groups,
     stage_names,
 )
+from planner.views.text import aggregated_notes, step_notes
 
 # Fill per (phase, role). Tableau-10 hues: prefill blues, decode green/orange/purple.
 ROLE_COLOURS = {
@@ -76,14 +79,19 @@ def page(plan: Plan) -> dict:
     slo = slo_status(plan)
     for name, ph in plan.phases.items():
         p = ph.predictions
+        label = phase_label(plan, name)
+        runs_prompts = name == "prefill" or plan.aggregated  # the phase whose TTFT the SLO bounds
         phases.append({
-            "name": name,
+            "name": name,  # ids stay by phase name; `label` is what the page says
+            "label": label,
+            "notes": [n.removeprefix(f"{label}: ") for n in step_notes(plan) + aggregated_notes(plan)]
+            if name == "decode" else [],
             "feasible": ph.feasible,
             "reason": p.infeasible_reason,
             "devices": len(ph.devices),
             "metrics": [m for m in (
                 ("tpot", "TPOT", p.tpot_ms, "ms", slo.get("tpot", "") if name == "decode" else ""),
-                ("ttft", "TTFT", p.ttft_ms, "ms", slo.get("ttft", "") if name == "prefill" else ""),
+                ("ttft", "TTFT", p.ttft_ms, "ms", slo.get("ttft", "") if runs_prompts else ""),
                 ("throughput", "throughput / device", p.throughput_per_device, "tok/s", ""),
                 ("step", "step", p.step_ms, "ms", ""),
             ) if m[2] is not None],
@@ -106,6 +114,7 @@ def page(plan: Plan) -> dict:
         "human_bytes": human_bytes,
         "human_count": human_count,
         "counts": device_counts(plan),
+        "label_of": lambda phase: phase_label(plan, phase),
         "phases": phases,
         "deployment": deployment_rows(plan),
         "balance": balance_stats(plan),
@@ -210,8 +219,8 @@ def _cell(plan: Plan, a: DeviceAssignment, x: float, y: float, w: float, h: floa
     if a.role == "idle":
         title = f"device {a.device} (server {a.server}): idle"
     else:
-        title = (f"device {a.device} (server {a.server}, {dies} die{'s' if dies > 1 else ''}): {a.phase} "
-                 f"{a.instance} rank {a.rank}, {a.role}")
+        title = (f"device {a.device} (server {a.server}, {dies} die{'s' if dies > 1 else ''}): "
+                 f"{phase_label(plan, a.phase or '')} {a.instance} rank {a.rank}, {a.role}")
         if a.slots:
             title += f", slots {a.slots[0]}-{a.slots[-1]}"
         if a.shared_experts:
@@ -330,11 +339,30 @@ def _why_chosen(plan: Plan, phase: str, pts: list, xkey: str, slo: float | None)
     if not better:
         return None
     best = max(better, key=lambda p: p.throughput_per_device)
+    head = (f"Why not a higher point: {len(better)} point{'s' if len(better) > 1 else ''} within the SLO plot "
+            f"above the chosen one (best: {best.config}, {num(best.throughput_per_device)} tok/s/device). ")
+    tail = ("The chosen point is also plotted as re-scored with the expert balance the balancer reached; the others "
+            "assume perfect balance.")
+    devices = plan.topology.num_devices
+    # a decode frontier holds both modes' points: aggregated ones (their instances run prefill too) beside
+    # decode-only ones of disaggregated serving (which need prefill instances beside them)
+    aggregated = [p for p in better if is_aggregated_point(p)]
+    if is_aggregated_point(chosen):
+        why = (f"The search does not rank by one phase's throughput per device: it picks the deployment that "
+               f"serves the most requests/s on the {devices} devices. ")
+        decode_only = len(better) - len(aggregated)
+        if decode_only:
+            why += (f"Decode-only points ({decode_only} of {len(better)}) are instances of disaggregated serving: "
+                    f"their throughput per device leaves out the prefill instances they need beside them, while the "
+                    f"chosen aggregated instances run prefill too. ")
+        if aggregated:
+            why += "An aggregated shape that packs worse into the devices loses. "
+        return head + why + tail
     other = "prefill" if phase == "decode" else "decode"
-    return (f"Why not a higher point: {len(better)} point{'s' if len(better) > 1 else ''} within the SLO plot "
-            f"above the chosen one (best: {best.config}, {num(best.throughput_per_device)} tok/s/device). "
-            f"The search does not rank by one phase's throughput per device: it picks the instance shape whose "
-            f"count, with {other} instances sized to serve the same request rate, serves the most requests/s on "
-            f"the {plan.topology.num_devices} devices; a shape that packs worse into them loses. The chosen point is "
-            f"also plotted as re-scored with the expert balance the balancer reached; the others assume perfect "
-            f"balance.")
+    why = (f"The search does not rank by one phase's throughput per device: it picks the instance shape whose count, "
+           f"with {other} instances sized to serve the same request rate, serves the most requests/s on the "
+           f"{devices} devices; a shape that packs worse into them loses. ")
+    if aggregated:
+        why += (f"Aggregated points ({len(aggregated)} of {len(better)}) run prefill too, chunked into their decode "
+                f"steps: the other serving mode, whose best served fewer requests/s. ")
+    return head + why + tail

@@ -16,6 +16,8 @@ from planner.views.common import (
     human_bytes,
     human_count,
     num,
+    phase_label,
+    prompt_chunk_per_device,
     slo_status,
     stage_groups,
     stage_names,
@@ -38,7 +40,7 @@ def print_summary(plan: Plan, console: Console) -> None:
     console.print(devices_line(plan))
     console.print(_deployment(plan))
     console.print(_predictions(plan))
-    for note in step_notes(plan):
+    for note in step_notes(plan) + aggregated_notes(plan):
         console.print(note)
     console.print(_breakdown(plan))
     console.print(_memory(plan))
@@ -59,7 +61,8 @@ def devices_line(plan: Plan) -> str:
         per = []
         for name, ph in plan.phases.items():
             n = len({d for i in ph.instances for d in i.shared_expert_devices})
-            per.append(f"every {name} device" if n == len(ph.devices) else f"{n} of {len(ph.devices)} {name} devices")
+            label = phase_label(plan, name)
+            per.append(f"every {label} device" if n == len(ph.devices) else f"{n} of {len(ph.devices)} {label} devices")
         if per:
             line += "; shared experts run on " + " and ".join(per)
     return line
@@ -71,14 +74,33 @@ def step_notes(plan: Plan) -> list[str]:
     p = plan.decode.predictions if plan.decode is not None else None
     a = plan.workload.mtp_accept
     if p is not None and p.tpot_ms is not None and p.step_ms is not None and a > 0:
-        out.append(f"decode: TPOT = step {num(p.step_ms)} ms / {1 + a:g} tokens per step (MTP accept {a:g}) "
-                   f"= {num(p.tpot_ms)} ms")
+        out.append(f"{phase_label(plan, 'decode')}: TPOT = step {num(p.step_ms)} ms / {1 + a:g} tokens per step "
+                   f"(MTP accept {a:g}) = {num(p.tpot_ms)} ms")
     return out
 
 
-def batch_label(phase: str, value: float) -> str:
-    """A deployment's batch per device with its unit: decode batches sequences, prefill batches tokens."""
-    return f"{num(value)} {'seq' if phase == 'decode' else 'tok'}"
+def aggregated_notes(plan: Plan) -> list[str]:
+    """What an aggregated step holds: the decode batch and a chunk of prompt tokens, which sets TTFT."""
+    p = plan.decode.predictions if plan.decode is not None else None
+    if plan.decode is None or not plan.aggregated or p is None or not p.step_ms:
+        return []
+    inst = plan.decode.instances[0]
+    chunk = p.breakdown.get("prefill_chunk")
+    line = (f"{phase_label(plan, 'decode')}: aggregated serving: every step carries the decode batch "
+            f"({num(inst.batch_per_device)} seq per device) and a chunk of {num(prompt_chunk_per_device(plan, inst))} "
+            "prompt tokens per device")
+    line += f" (prefill_chunk {num(chunk)} ms of the {num(p.step_ms)} ms step)" if chunk is not None else ""
+    if p.ttft_ms is not None:
+        line += (f"; a {plan.workload.input_len}-token prompt reaches its first token in "
+                 f"{p.ttft_ms / p.step_ms:.0f} steps (TTFT {num(p.ttft_ms)} ms)")
+    return [line]
+
+
+def batch_label(phase: str, value: float, chunk: float | None = None) -> str:
+    """A deployment's batch per device with its unit: decode batches sequences, prefill batches tokens; an
+    aggregated instance's steps add a chunk of prompt tokens."""
+    text = f"{num(value)} {'seq' if phase == 'decode' else 'tok'}"
+    return text if chunk is None else f"{text} + {num(chunk)} tok"
 
 
 def text_of(plan: Plan, width: int = 160) -> str:
@@ -88,10 +110,11 @@ def text_of(plan: Plan, width: int = 160) -> str:
     return buf.getvalue()
 
 
-def _table(title: str, cols: list[str], left: int = 2) -> Table:
+def _table(title: str, cols: list[str], left: int = 2, first_width: int | None = None) -> Table:
+    """first_width: keep the first column this wide when the table squeezes its columns (a phase name)."""
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(cols):
-        table.add_column(col, justify="left" if i < left else "right")
+        table.add_column(col, justify="left" if i < left else "right", min_width=first_width if i == 0 else None)
     return table
 
 
@@ -99,9 +122,9 @@ def _deployment(plan: Plan) -> Table:
     table = _table("deployment", ["phase", "instance", "mode", "devices", "device ids", "attention DPxTP", "EP",
                                   "A:F", "microbatches", "batch/device (seq or tok)", "slots/device"], left=3)
     for r in deployment_rows(plan):
-        table.add_row(r["phase"], r["instance"], r["mode"], str(r["devices"]), r["device_ids"], r["dp_tp"],
-                      str(r["ep"]), r["af"], str(r["microbatches"]), batch_label(r["phase"], r["batch_per_device"]),
-                      str(r["slots_per_device"]))
+        table.add_row(r["phase_label"], r["instance"], r["mode"], str(r["devices"]), r["device_ids"], r["dp_tp"],
+                      str(r["ep"]), r["af"], str(r["microbatches"]),
+                      batch_label(r["phase"], r["batch_per_device"], r["chunk_per_device"]), str(r["slots_per_device"]))
     return table
 
 
@@ -112,8 +135,9 @@ def _predictions(plan: Plan) -> Table:
         p = ph.predictions
         feas = "yes" if ph.feasible else f"NO: {p.infeasible_reason or 'memory'}"
         tpot = num(p.tpot_ms) + (" (SLO miss)" if name == "decode" and slo.get("tpot") == "miss" else "")
-        ttft = num(p.ttft_ms) + (" (SLO miss)" if name == "prefill" and slo.get("ttft") == "miss" else "")
-        table.add_row(name, feas, tpot, ttft, num(p.step_ms), num(p.throughput_per_device))
+        runs_prompts = name == "prefill" or plan.aggregated  # the phase whose TTFT the SLO bounds
+        ttft = num(p.ttft_ms) + (" (SLO miss)" if runs_prompts and slo.get("ttft") == "miss" else "")
+        table.add_row(phase_label(plan, name), feas, tpot, ttft, num(p.step_ms), num(p.throughput_per_device))
     return table
 
 
@@ -121,10 +145,13 @@ def _breakdown(plan: Plan) -> Table:
     names: list[str] = []
     for ph in plan.phases.values():
         names += [s for s in stage_names(ph.predictions.breakdown) if s not in names]
-    table = _table("step breakdown (ms)", ["phase", *names, "total"], left=1)
+    # the widest table: 'prefill+decode' goes on two lines so that the stage columns keep their room
+    labels = {name: phase_label(plan, name).replace("+", "+\n") for name in plan.phases}
+    table = _table("step breakdown (ms)", ["phase", *names, "total"], left=1,
+                   first_width=max(len(line) for label in labels.values() for line in label.splitlines()))
     for name, ph in plan.phases.items():
         b = ph.predictions.breakdown
-        table.add_row(name, *(num(b.get(s)) for s in names), num(sum(b.values())))
+        table.add_row(labels[name], *(num(b.get(s)) for s in names), num(sum(b.values())))
     return table
 
 
@@ -138,7 +165,7 @@ def _memory(plan: Plan) -> Table:
     for name, ph in plan.phases.items():
         for role in sorted(ph.memory):
             use = ph.memory[role]
-            table.add_row(name, role, num(use.used_gb), num(use.capacity_gb),
+            table.add_row(phase_label(plan, name), role, num(use.used_gb), num(use.capacity_gb),
                           *(num(use.breakdown.get(k)) for k in kinds), "yes" if use.feasible else "NO")
     return table
 
@@ -149,7 +176,7 @@ def _balance(plan: Plan) -> Table:
                     "worst", "worst layer", "doubled replicas"], left=4)
     for b in balance_stats(plan):
         users = ",".join(b.used_by) if len(b.used_by) <= 2 else f"{b.used_by[0]}..{b.used_by[-1]} ({len(b.used_by)})"
-        table.add_row(b.phase, users, b.algorithm, "weighted" if b.weighted else "equal", str(b.slots),
+        table.add_row(phase_label(plan, b.phase), users, b.algorithm, "weighted" if b.weighted else "equal", str(b.slots),
                       str(b.slots_per_device), str(b.replicas), num(b.mean_balance), num(b.worst_balance),
                       "-" if b.worst_layer is None else str(b.worst_layer), str(b.doubled))
     return table
@@ -191,7 +218,8 @@ def _footer(plan: Plan, console: Console) -> None:
     pr = plan.provenance
     chosen = [p for p in plan.frontier if p.chosen]
     console.print(f"frontier: {len(plan.frontier)} points kept"
-                  + (f"; chosen {'; '.join(chosen_config(p.phase, p.config) for p in chosen)}" if chosen else ""))
+                  + (f"; chosen {'; '.join(chosen_config(phase_label(plan, p.phase), p.config) for p in chosen)}"
+                     if chosen else ""))
     console.print(f"provenance: podplan {pr.podplan_version}, seed {pr.seed}")
     for s in pr.solvers:
         gap = f", gap {s.gap:.2%}" if s.gap is not None else ""

@@ -10,7 +10,7 @@ import pytest
 from costmodels.errors import InputError
 from planner.cli.main import main
 from planner.ir.plan import LayerPlacement, Plan, write_plan
-from tests.plan_factory import synthetic_plan, tiny_plan
+from tests.plan_factory import aggregated_plan, synthetic_plan, tiny_plan
 from planner.views.diff import DEFAULT_FAIL_ON, check, diff_plans, parse_fail_on
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -142,6 +142,19 @@ def test_phase_added_or_removed_and_model_change(capsys, tmp_path):
     _, out, _ = _diff(capsys, tmp_path, both, other, "--allow-incomparable")
     assert "model: tiny-deepseek-v3 CHANGED" in out and "experts: not comparable" in out
     assert "unlike plans (model tiny-mixtral -> tiny-deepseek-v3)" in out
+
+
+def test_aggregated_against_disaggregated_says_the_serving_changed(base, capsys, tmp_path):
+    agg = aggregated_plan()
+    d = diff_plans(agg, base)
+    assert d["serving"] == {"old": "aggregated", "new": "disaggregated"} and d["phases"]["prefill"]["status"] == "added"
+    _, out, _ = _diff(capsys, tmp_path, agg, base)
+    assert ("serving: aggregated -> disaggregated (the old plan's decode instances also run prefill, so its decode "
+            "predictions include the prompt chunks of every step)") in out
+    _, out, _ = _diff(capsys, tmp_path, base, agg, "--markdown")
+    assert "Serving: disaggregated -> aggregated (the new plan's decode instances also run prefill" in out
+    _, out, _ = _diff(capsys, tmp_path, agg, agg)
+    assert "serving:" not in out
 
 
 def test_json_and_markdown_outputs(base, capsys, tmp_path):

@@ -3,14 +3,18 @@
 Each test pins one engine fact (docs/export.md names the sources and versions read): SGLang's
 instance-wide prefill budget, vllm-ascend's eplb_config key, the version range of each script, no
 upstream EPLB on Ascend, the quantisation and all-to-all flags derived from the model's facts, the
-engine's own visible-devices variable, the AFD fallback's warning, and everything a P/D-disaggregated
-plan needs to serve (router/proxy/disaggregated server, --host, the KV connector, the Ascend store).
+engine's own visible-devices variable, the AFD fallback's warning, everything a P/D-disaggregated
+plan needs to serve (router/proxy/disaggregated server, --host, the KV connector, the Ascend store), and
+an aggregated plan's instances serving both phases (the prompt chunk in each step's token budget).
 Scripts are run with stub engines that record their arguments, so the checks read what an engine gets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 import shlex
 import subprocess
 import sys
@@ -25,7 +29,7 @@ from tests.conftest import ROOT
 from tests.plan_factory import synthetic_plan, tiny_plan
 
 DEEPSEEK = ROOT / "plans" / "deepseek-v3.cloudmatrix384.json"  # Ascend, int8, P/D on separate devices, MTP
-MIXTRAL = ROOT / "plans" / "mixtral-8x22b.h100-cluster-2.json"  # H100, fp8, bf16 checkpoint
+MIXTRAL = ROOT / "plans" / "mixtral-8x22b.h100-cluster-2.json"  # H100, fp8, bf16 checkpoint, aggregated
 QWEN = ROOT / "plans" / "qwen3-235b-a22b.cloudmatrix384.json"
 ENGINES = ("python3", "vllm", "trtllm-llmapi-launch", "trtllm-serve")
 
@@ -37,15 +41,29 @@ def deepseek():
 
 @pytest.fixture(scope="module")
 def mixtral():
-    return load_plan(MIXTRAL)
+    plan = load_plan(MIXTRAL)
+    assert plan.aggregated  # the search serves it aggregated: one phase whose instances also run prefill
+    return plan
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory, deepseek, mixtral):
+def mixtral_pd():
+    """The golden Mixtral compile with --mode disagg: prefill and decode instances on separate GPUs."""
+    from planner.compile import compile_plan
+    from planner.golden import GOLDEN
+
+    golden = next(g for g in GOLDEN if g.file == MIXTRAL.name)
+    plan = compile_plan(golden.model, golden.topology, dataclasses.replace(golden.options, mode="disagg"))
+    assert plan.prefill is not None and not set(plan.prefill.devices) & set(plan.decode.devices)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, deepseek, mixtral, mixtral_pd):
     """fmt -> plan label -> folder the export was written to."""
     root = tmp_path_factory.mktemp("exports")
     out: dict[str, dict[str, Path]] = {}
-    for label, plan in (("deepseek", deepseek), ("mixtral", mixtral)):
+    for label, plan in (("deepseek", deepseek), ("mixtral", mixtral), ("mixtral-pd", mixtral_pd)):
         for fmt in ("sglang", "vllm", "vllm-ascend", "trtllm"):
             folder = root / f"{fmt}-{label}"
             ex.write_export(ex.export_plan(plan, fmt), folder)
@@ -129,7 +147,7 @@ def test_each_script_states_its_version_range_and_uses_that_ranges_flags(written
     assert eplb["num_redundant_experts"] == 8 and "--num-redundant-experts" not in argv
     for fmt, words in (("sglang", "Written for SGLang 0.5"), ("trtllm", "Written for TensorRT-LLM 1.x")):
         assert words in (written[fmt]["mixtral"] / "decode" / "launch.sh").read_text()
-    assert "Written for sglang-router 0.3" in (written["sglang"]["mixtral"] / "router.sh").read_text()
+    assert "Written for sglang-router 0.3" in (written["sglang"]["mixtral-pd"] / "router.sh").read_text()
 
 
 def test_no_upstream_eplb_for_an_ascend_plan(written, deepseek):
@@ -232,8 +250,10 @@ def test_sglang_pd_router_hosts_and_ascend_store(written, deepseek, stubs):
 
 
 def test_vllm_pd_kv_connector_and_proxy(written, deepseek, stubs):
-    argv, _ = _engine_call(written["vllm"]["mixtral"] / "prefill" / "launch.sh", stubs)
-    assert json.loads(_value(argv, "--kv-transfer-config")) == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    for group in ("prefill", "decode"):
+        argv, _ = _engine_call(written["vllm"]["mixtral-pd"] / group / "launch.sh", stubs)
+        kv = json.loads(_value(argv, "--kv-transfer-config"))
+        assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     for group, role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
         argv, _ = _engine_call(written["vllm-ascend"]["deepseek"] / group / "launch.sh", stubs, KV_PORT="37000")
         kv = json.loads(_value(argv, "--kv-transfer-config"))
@@ -250,7 +270,7 @@ def test_vllm_pd_kv_connector_and_proxy(written, deepseek, stubs):
     i = argv.index("--prefiller-hosts")
     assert argv[i + 1:i + 6] == hosts and argv[i + 6] == "--prefiller-ports" and argv[i + 7:i + 12] == ["8000"] * 5
     assert argv[argv.index("--decoder-ports") + 1:] == ["9000", "8000"]
-    assert "toy_proxy_server.py" in (written["vllm"]["mixtral"] / "proxy.sh").read_text()
+    assert "toy_proxy_server.py" in (written["vllm"]["mixtral-pd"] / "proxy.sh").read_text()
 
 
 def test_trtllm_pd_cache_transceiver_and_disaggregated_server(written, deepseek, stubs, tmp_path):
@@ -278,6 +298,77 @@ def test_colocated_pd_has_no_serving_files():
     export = ex.export_plan(synthetic_plan("tiny-mixtral", "local:8", shared_pd=True), "sglang")
     assert not [f for f in export.files if "/" not in f and f != "manifest.json"]
     assert "--disaggregation-mode" not in _command(export.files["decode/launch.sh"].decode())
+
+
+# An aggregated plan has one phase, decode, whose instances also run prefill: no P/D router, proxy or KV
+# connector; each engine gets the plan's prompt chunk inside its step budget.
+SERVE_FILES = ("router.sh", "proxy.sh", "serve_disaggregated.sh")
+
+
+def _chunk_per_device(plan) -> float:
+    """The prompt tokens per device and step the search recorded for the chosen aggregated point."""
+    chosen = next(p for p in plan.frontier if p.phase == "decode" and p.chosen)
+    assert chosen.config.startswith("aggregated "), chosen.config
+    return float(re.search(r"chunk ([\d.]+) tok/dev", chosen.config).group(1))
+
+
+def test_aggregated_plan_serves_both_phases_on_its_instances(written, mixtral, stubs):
+    inst = mixtral.decode.instances[0]
+    dp = inst.attention_dp
+    seqs = round(inst.batch_per_device * len(inst.attention_devices))
+    chunk = round(_chunk_per_device(mixtral) * len(inst.attention_devices))
+    assert (seqs, chunk, dp) == (512, 2048, 16)
+    # the chunk is the cost model's: a prompt takes ceil(prompt / chunk per rank) steps to its first token
+    p = mixtral.decode.predictions
+    assert math.isclose(math.ceil(mixtral.workload.input_len / (chunk / dp)) * p.step_ms, p.ttft_ms, rel_tol=1e-3)
+    for fmt in ("sglang", "vllm", "vllm-ascend", "trtllm"):
+        folder = written[fmt]["mixtral"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["serve"] == [] and not any((folder / f).exists() for f in SERVE_FILES), fmt
+        assert [(g["name"], g["serves"]) for g in manifest["groups"]] == [("decode", ["prefill", "decode"])]
+        text = (folder / "decode" / "launch.sh").read_text()
+        assert "prefill+decode (aggregated)" in text.splitlines()[1] and "no prefill/decode router" in text
+    argv, _ = _engine_call(written["sglang"]["mixtral"] / "decode" / "launch.sh", stubs)
+    assert _value(argv, "--max-running-requests") == str(seqs)
+    assert _value(argv, "--chunked-prefill-size") == str(seqs + chunk) and "--enable-mixed-chunk" in argv
+    assert "--disaggregation-mode" not in argv
+    for fmt in ("vllm", "vllm-ascend"):
+        argv, _ = _engine_call(written[fmt]["mixtral"] / "decode" / "launch.sh", stubs)
+        assert _value(argv, "--max-num-seqs") == str(seqs // dp)
+        assert _value(argv, "--max-num-batched-tokens") == str((seqs + chunk) // dp)  # 32 decode + 128 prompt
+        assert "--kv-transfer-config" not in argv
+    argv, _ = _engine_call(written["trtllm"]["mixtral"] / "decode" / "launch.sh", stubs)
+    assert _value(argv, "--max_batch_size") == str(seqs // dp)
+    assert _value(argv, "--max_num_tokens") == str((seqs + chunk) // dp)
+    options = yaml.safe_load((written["trtllm"]["mixtral"] / "decode" / "extra_llm_api_options.yaml").read_text())
+    assert options["enable_chunked_prefill"] is True and "cache_transceiver_config" not in options
+
+
+def test_disaggregated_plans_get_no_aggregated_budget(written, stubs):
+    for label in ("deepseek", "mixtral-pd"):
+        for group in ("prefill", "decode"):
+            sglang = _command(written["sglang"][label] / group / "launch.sh")
+            assert "--enable-mixed-chunk" not in sglang and "aggregated" not in sglang
+            vllm = _command(written["vllm"][label] / group / "launch.sh")
+            assert ("--max-num-batched-tokens" in vllm) == (group == "prefill")
+            options = yaml.safe_load((written["trtllm"][label] / group / "extra_llm_api_options.yaml").read_text())
+            assert "enable_chunked_prefill" not in options
+
+
+def test_aggregated_plan_with_mtp_budgets_draft_tokens_and_says_sglang_does_not_mix():
+    plan = synthetic_plan("tiny-deepseek-v3", "local:8", prefill_devices=0, mtp_accept=0.5)
+    assert plan.aggregated
+    inst = plan.decode.instances[0]
+    seqs, dp = round(inst.batch_per_device * len(inst.attention_devices)), inst.attention_dp
+    wl = plan.workload
+    chunk = round(inst.batch_per_device * (1 + wl.mtp_accept) * wl.input_len / wl.output_len * len(inst.devices))
+    export = ex.export_plan(plan, "sglang")
+    command = _command(export.files["decode/launch.sh"].decode())
+    assert f"--chunked-prefill-size {chunk} " in command and "--enable-mixed-chunk" not in command
+    assert any("no prompt chunks into decode steps under MTP" in n for n in export.notes)
+    command = _command(ex.export_plan(plan, "vllm").files["decode/launch.sh"].decode())
+    assert f"--max-num-batched-tokens {seqs // dp * 2 + chunk // dp} " in command  # 1 + 1 draft token each
+    assert "--speculative-config" in command
 
 
 # 11. bench/engine_args.py: every exported command line goes to the engine's parser, or says it cannot.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from planner.cli.main import main
-from planner.ir.plan import SCHEMA_VERSION, Plan, from_json, write_plan
-from tests.plan_factory import deepseek_v3_plan, tiny_plan
+from planner.ir.plan import SCHEMA_VERSION, Plan, from_json, load_plan, write_plan
+from planner.views.common import phase_label
+from tests.plan_factory import aggregated_plan, deepseek_v3_plan, tiny_plan
 from tests.conftest import assert_one_line_error, run_cli
 
 # A compiled plan (not a synthetic one): real loads, a negative overlap, a frontier the split chose from.
@@ -269,16 +271,85 @@ def test_html_overlap_bars_grow_away_from_their_labels(capsys):
     assert stacked and all(float(x) >= 120.0 and float(w) >= 0.0 for x, w in stacked)
 
 
-def test_html_says_why_the_chosen_point_is_chosen_over_a_higher_neighbour(capsys):
-    from planner.ir.plan import load_plan
+def _why(capsys, plan: Plan, tmp_path: Path) -> list[str]:
+    path = tmp_path / "why.json"
+    write_plan(plan, path)
+    _, out, _ = _show(capsys, str(path), "--format", "html")
+    return re.findall(r'class="sub why-chosen"[^>]*>([^<]*)<', out)
 
-    plan = load_plan(str(GOLDEN))
-    chosen = next(p for p in plan.frontier if p.phase == "decode" and p.chosen)
-    assert any(p.phase == "decode" and p.feasible and p.tpot_ms <= plan.workload.tpot_slo_ms
-               and p.throughput_per_device > chosen.throughput_per_device for p in plan.frontier)
-    _, out, _ = _show(capsys, str(GOLDEN), "--format", "html")
-    why = re.findall(r'class="sub why-chosen"[^>]*>([^<]*)<', out)
+
+def _higher_within_slo(plan: Plan, phase: str) -> list:
+    """The premise of the note: feasible points within the SLO that plot above the chosen one."""
+    key, slo = ("tpot_ms", plan.workload.tpot_slo_ms) if phase == "decode" else ("ttft_ms", plan.workload.ttft_slo_ms)
+    chosen = next(p for p in plan.frontier if p.phase == phase and p.chosen)
+    return [p for p in plan.frontier if p.phase == phase and not p.chosen and p.feasible
+            and getattr(p, key) is not None and (slo is None or getattr(p, key) <= slo)
+            and p.throughput_per_device > chosen.throughput_per_device]
+
+
+def test_html_says_why_the_chosen_point_is_chosen_over_a_higher_neighbour(capsys, tmp_path):
+    plan = tiny_plan()  # TPOT 3 ms under a 50 ms SLO: the 1.25x-batch neighbour plots higher and is within it
+    higher = _higher_within_slo(plan, "decode")
+    assert len(higher) == 1
+    why = _why(capsys, plan, tmp_path)
+    decode = [w for w in why if "with prefill instances sized" in w]
+    assert len(decode) == 1 and "requests/s" in decode[0] and "re-scored" in decode[0]
+    assert f"best: {higher[0].config}" in decode[0]
+    # a tighter SLO puts the neighbour outside it: nothing to explain
+    tight = dataclasses.replace(plan, workload=dataclasses.replace(plan.workload, tpot_slo_ms=3.5))
+    assert not _higher_within_slo(tight, "decode")
+    assert not [w for w in _why(capsys, tight, tmp_path) if "with prefill instances sized" in w]
+
+
+def test_html_why_note_follows_its_premise_on_every_golden_plan(capsys):
+    for path in sorted(GOLDEN.parent.glob("*.json")):
+        plan = load_plan(path)
+        _, out, _ = _show(capsys, str(path), "--format", "html")
+        for phase in plan.phases:
+            frontier = out.split('id="frontier"')[1]
+            block = frontier.split(f'aria-label="{phase_label(plan, phase)} Pareto frontier"')
+            notes = re.findall(r'class="sub why-chosen"[^>]*>([^<]*)<', block[1].split("</div>")[0]) if len(block) > 1 else []
+            assert bool(notes) == bool(_higher_within_slo(plan, phase)), (path.name, phase)
+
+
+def test_html_why_note_of_an_aggregated_plan_says_decode_only_points_leave_prefill_out(capsys, tmp_path):
+    plan = aggregated_plan()
+    higher = _higher_within_slo(plan, "decode")
+    assert {p.config.split()[0] for p in higher} == {"aggregated", "colocated"}  # one of each mode
+    why = _why(capsys, plan, tmp_path)
     assert len(why) == 1 and "requests/s" in why[0] and "re-scored" in why[0]
+    assert "Decode-only points (1 of 2)" in why[0] and "leaves out the prefill instances" in why[0]
+    assert "An aggregated shape that packs worse" in why[0] and "with prefill instances sized" not in why[0]
+
+
+def test_views_label_an_aggregated_plan_prefill_plus_decode(capsys, tmp_path):
+    """An aggregated plan records one phase, decode, whose instances also run prefill: the views name it
+    prefill+decode, show its prompt chunk, and hold its TTFT to the TTFT SLO."""
+    plan = aggregated_plan()
+    assert plan.aggregated and plan.prefill is None
+    plan = dataclasses.replace(plan, workload=dataclasses.replace(plan.workload, ttft_slo_ms=10.0))  # TTFT 15 ms
+    path = tmp_path / "agg.json"
+    write_plan(plan, path)
+    _, out, _ = _show(capsys, str(path))
+    assert "devices: prefill+decode 8, idle 0" in out
+    assert re.search(r"│ prefill\+decode │ decode-0 │ colocated .*│\s+4 seq \+ 16 tok │", out)
+    assert re.search(r"│ prefill\+decode │ yes\s+│\s+3.75 │ 15 \(SLO miss\) │", out)
+    assert ("prefill+decode: aggregated serving: every step carries the decode batch (4 seq per device) and a chunk "
+            "of 16 prompt tokens per device") in out and "first token in 4 steps (TTFT 15 ms)" in out
+    assert "chosen prefill+decode: aggregated 8 dev" in out
+    # no row calls it plain decode (the breakdown table writes 'prefill+' over 'decode' in a narrow column)
+    assert not re.search(r"^│ decode\s+│\s*\w", out, re.MULTILINE) and "│ prefill+ │" in out
+    _, html, _ = _show(capsys, str(path), "--format", "html")
+    assert re.findall(r"<h3>([^<&]*)", html) == ["prefill+decode ", "prefill+decode (total 3.75 ms)",
+                                                 "prefill+decode: throughput per device vs TPOT (ms)"]
+    assert 'id="metric-decode-ttft" data-value="15.0"' in html and 'class="metric miss" id="metric-decode-ttft"' in html
+    assert 'class="sub step-note">aggregated serving: every step' in html
+    assert "<td>4 + 16 prompt tok</td>" in html and '<td class="l">prefill+decode</td><td class="l">decode-0</td>' in html
+    _, dot, _ = _show(capsys, str(path), "--format", "dot")
+    assert 'label="prefill+decode: 1 instances, 8 devices"' in dot
+    # a plan with both phases keeps their names
+    _, out, _ = _show(capsys, str(GOLDEN))
+    assert "prefill+decode" not in out and "aggregated serving" not in out
 
 
 def test_dot_lists_instances_in_order_with_idle_devices_in_a_narrow_column(plans, capsys):
