@@ -22,6 +22,7 @@ import pytest
 
 from planner.cli.main import main
 from planner.ir.plan import BUNDLED_FACTS_FILE, write_plan
+from tests.conftest import error_lines
 from tests.plan_factory import tiny_plan
 
 ROOT = Path(__file__).resolve().parents[2]
