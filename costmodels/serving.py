@@ -249,6 +249,28 @@ def _sources(topo: Topology, cal: Calibration) -> dict:
             "calibration": cal.to_dict()}
 
 
+def _terms(n_moe: int, n_dense: int, m: int, moe: _MoE, *, att: float, tp_bw: float, tp_lat: float, gate: float,
+           ffn: float, head: float, vec_moe: float, vec_dense: float, tok_cost: float, launch: float) -> dict[str, float]:
+    """A step's named terms (us): each per-layer cost times the layers and microbatches it runs on,
+    summed sequentially (what microbatch overlap hides is the caller's `overlap` term)."""
+    layers_mb = (n_moe + n_dense) * m
+    return {
+        "attention": layers_mb * att,
+        "tp_allreduce": (n_moe + 2 * n_dense) * m * tp_bw,
+        "gate": n_moe * m * gate,
+        "dispatch": n_moe * m * moe.dispatch,
+        "experts": n_moe * m * moe.experts,
+        "combine": n_moe * m * moe.combine,
+        "shared_experts": n_moe * m * moe.shared,
+        "dense_ffn": n_dense * m * ffn,
+        "lm_head": head,
+        "vector_ops": n_moe * m * vec_moe + n_dense * m * vec_dense,
+        "token_overhead": layers_mb * tok_cost,
+        "comm_latency": n_moe * m * moe.latency + (n_moe + 2 * n_dense) * m * tp_lat,
+        "launch_overhead": layers_mb * launch,
+    }
+
+
 def estimate(shape: ModelShape, topo: Topology, dep: Deployment, calibration: Calibration | None = None) -> Estimate:
     """The estimate of either phase: `estimate_decode` or `estimate_prefill` by the deployment's type."""
     if isinstance(dep, DecodeDeployment):
@@ -320,22 +342,8 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
     t_iter = n_moe * moe_layer + n_dense * dense_layer + head
 
     # Step 3: the breakdown: every term's sequential sum, minus what microbatch overlap hides.
-    layers_mb = (n_moe + n_dense) * m
-    stages = {
-        "attention": layers_mb * att,
-        "tp_allreduce": (n_moe + 2 * n_dense) * m * tp_bw,
-        "gate": n_moe * m * gate,
-        "dispatch": n_moe * m * moe.dispatch,
-        "experts": n_moe * m * moe.experts,
-        "combine": n_moe * m * moe.combine,
-        "shared_experts": n_moe * m * moe.shared,
-        "dense_ffn": n_dense * m * ffn,
-        "lm_head": head,
-        "vector_ops": n_moe * m * vec_moe + n_dense * m * vec_dense,
-        "token_overhead": layers_mb * tok_cost,
-        "comm_latency": n_moe * m * moe.latency + (n_moe + 2 * n_dense) * m * tp_lat,
-        "launch_overhead": layers_mb * launch,
-    }
+    stages = _terms(n_moe, n_dense, m, moe, att=att, tp_bw=tp_bw, tp_lat=tp_lat, gate=gate, ffn=ffn, head=head,
+                    vec_moe=vec_moe, vec_dense=vec_dense, tok_cost=tok_cost, launch=launch)
     stages["overlap"] = t_iter - sum(stages.values())
     step_us = t_iter
     tpot_ms = step_us / 1e3 / (1.0 + dep.mtp_accept)
@@ -571,22 +579,8 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     kv_xfer = comm.kv_transfer_us(topo, kv_per_die)
 
     # Step 3: breakdown summing to TTFT (the batch, then its KV over RDMA to a decode instance).
-    layers_mb = (n_moe + n_dense) * m
-    stages = {
-        "attention": layers_mb * att,
-        "tp_allreduce": (n_moe + 2 * n_dense) * m * tp_bw,
-        "gate": n_moe * m * gate,
-        "dispatch": n_moe * m * moe.dispatch,
-        "experts": n_moe * m * moe.experts,
-        "combine": n_moe * m * moe.combine,
-        "shared_experts": n_moe * m * moe.shared,
-        "dense_ffn": n_dense * m * ffn,
-        "lm_head": head,
-        "vector_ops": n_moe * m * vec_moe + n_dense * m * vec_dense,
-        "token_overhead": layers_mb * tok_cost,
-        "comm_latency": n_moe * m * moe.latency + (n_moe + 2 * n_dense) * m * tp_lat,
-        "launch_overhead": layers_mb * launch,
-    }
+    stages = _terms(n_moe, n_dense, m, moe, att=att, tp_bw=tp_bw, tp_lat=tp_lat, gate=gate, ffn=ffn, head=head,
+                    vec_moe=vec_moe, vec_dense=vec_dense, tok_cost=tok_cost, launch=launch)
     stages["overlap"] = step_us - sum(stages.values())
     stages["kv_transfer"] = kv_xfer
 
