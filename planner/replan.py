@@ -416,7 +416,7 @@ def _reestimate(plan: ir.Plan, name: str, phase: ir.Phase,
 
 
 def estimate_instance(plan: ir.Plan, name: str, inst: ir.Instance, shape: ModelShape, topo: Topology,
-              imbalance: float) -> Estimate:
+                      imbalance: float, *, chunked: bool | None = None) -> Estimate:
     """The cost model's estimate of one instance, built the way `planner.search` builds candidates."""
     from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
 
@@ -432,6 +432,12 @@ def estimate_instance(plan: ir.Plan, name: str, inst: ir.Instance, shape: ModelS
                           dp_domains=inst.dp_domains)
         else:
             dep = replace(common, mode="colocated", devices=len(inst.devices))
+        if plan.prefill is None if chunked is None else chunked:  # aggregated: prompts chunked into each step
+            from costmodels.aggregated import AggregatedDeployment, estimate_aggregated
+
+            return estimate_aggregated(shape, topo, AggregatedDeployment(dep, input_len=wl.input_len,
+                                                                         output_len=wl.output_len,
+                                                                         prefix_hit=wl.prefix_hit))
         return estimate_decode(shape, topo, dep)
     prefill = PrefillDeployment(devices=len(inst.devices), tokens_per_device=int(round(inst.batch_per_device)),
                                 prompt_len=wl.input_len, microbatches=inst.microbatches,

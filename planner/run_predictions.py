@@ -47,8 +47,9 @@ def run_predictions(plan: ir.Plan, *, prompts: int, prompt_len: int, new_tokens:
             placement = phase.experts[inst.experts]
             balances = [lp.balance for lp in placement.layers if lp.balance is not None]
             imbalance = max(1.0, sum(balances) / len(balances)) if balances else 1.0
+            # the runtime runs the prompts as one prefill step, then decode steps: no chunking
             est = estimate_instance(run_plan, name, dataclasses.replace(inst, batch_per_device=float(batch)), shape,
-                                    topo, imbalance)
+                                    topo, imbalance, chunked=False)
             latency = est.tpot_ms if name == "decode" else est.ttft_ms
             if worst is None or (latency or 0) > (worst[0] or 0):
                 worst = (latency, est)

@@ -187,3 +187,15 @@ def test_a_later_replan_rereads_the_loads_a_replan_applied(tiny):
     result = replan(plan, loads=shifted, loads_spec="hot:2", seed=5, estimate=False)
     assert (plan_loads(result.plan, None) == shifted).all()
     assert (plan_loads(plan, None) == read_loads("zipf:1.2", layers=2, experts=8, seed=0)).all()
+
+
+def test_an_aggregated_plan_is_reestimated_with_its_prompt_chunk():
+    """A one-phase (aggregated) plan's instances also run prefill: after a failure its step still
+    carries the prompt chunk and it still predicts TTFT (not re-scored as plain decode)."""
+    plan = load_plan(ROOT / "plans" / "mixtral-8x22b.h100-cluster-2.json")
+    assert plan.prefill is None
+    failed = plan.decode.instances[0].devices[-1]
+    new = replan(plan, failed=[failed]).plan
+    before, after = plan.decode.predictions, new.decode.predictions
+    assert "prefill_chunk" in after.breakdown and after.ttft_ms is not None
+    assert after.tpot_ms >= before.tpot_ms * 0.98  # one device fewer serves no faster
