@@ -196,7 +196,8 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
     wl = plan.workload
     modes = Table(title="best of each mode", title_justify="left", box=None, pad_edge=False)
     for col in ("mode", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "configuration"):
-        modes.add_column(col, justify="left" if col in ("mode", "configuration") else "right")
+        modes.add_column(col, justify="left" if col in ("mode", "configuration") else "right",
+                         overflow="fold" if col == "configuration" else "ellipsis")
     for r in sr.modes:
         if not r.ok:
             modes.add_row(r.mode, "-", "-", "-", "-", "-", f"no plan: {r.error}")
