@@ -46,14 +46,13 @@ class StageEvents:
     """Time marks around stages of one profiled step: CUDA events on a GPU (read after the step), host
     clocks on a CPU. spans: (stage kind, stage name, start, end)."""
 
-    def __init__(self, cuda: bool, *, in_graph: bool = False):
+    def __init__(self, cuda: bool):
         self.cuda = cuda
-        self.in_graph = in_graph  # recorded while capturing: event nodes of the graph, re-timed by every replay
         self.spans: list[tuple[str, str, object, object]] = []
 
     def mark(self) -> object:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True, external=True) if self.in_graph else torch.cuda.Event(enable_timing=True)
+            ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
         return time.perf_counter()

@@ -42,8 +42,7 @@ def summarise(spec: RunSpec, metrics: list[dict], wall_s: float, check: Check | 
         tpot_ms = max(g["seconds"] / g["count"] for g in graphed) * 1e3
     else:
         tpot_ms = decode_s * 1e3 / (spec.new_tokens - 1) if spec.new_tokens > 1 else None
-    in_graph = [m["graph_stage_ms"] for m in ranks if m.get("graph_stage_ms")]
-    profiled = in_graph or [m["profiled_step_ms"] for m in ranks if m.get("profiled_step_ms")]
+    profiled = [m["profiled_step_ms"] for m in ranks if m.get("profiled_step_ms")]
     positions = spec.prompts * (spec.prompt_len + spec.new_tokens - 1)
     sent = sum(m["bytes_sent"] for m in ranks)
     out = {
@@ -61,10 +60,9 @@ def summarise(spec: RunSpec, metrics: list[dict], wall_s: float, check: Check | 
             "tpot_ms": round(tpot_ms, 3) if tpot_ms is not None else None,
             "tpot_basis": f"{graphed[0]['count']} CUDA-graph replays" if graphed else "every decode step",
             "decode_tokens_per_s": round(spec.prompts / (tpot_ms / 1e3), 1) if tpot_ms else None,
-            # the slowest rank's decode step per stage kind: event nodes in the CUDA graph (a replayed
-            # step), else CUDA events around an eager step (which includes the host's launch time)
+            # the slowest rank's eager decode step per stage kind (CUDA events on a GPU: they include the
+            # host's launch time, which the graph replays do not pay)
             "stage_ms": max(profiled, key=lambda d: sum(d.values())) if profiled else {},
-            "stage_basis": "CUDA-graph replay" if in_graph else "eager step" if profiled else "",
             "run_s": round(run_s, 4),
             "wall_s": round(wall_s, 3),
             "bytes_sent": sent,
@@ -151,8 +149,7 @@ def render(doc: dict, console) -> None:
         console.print(f"predictions: {basis}; TPOT measured over {doc['measured'].get('tpot_basis')}")
     stages = stage_rows(doc) if doc["measured"].get("stage_ms") else []
     if stages:
-        basis = doc["measured"].get("stage_basis") or "eager step"
-        s = Table(title=f"one decode step by stage (ms): measured (CUDA events, {basis}) vs the cost model")
+        s = Table(title="one decode step by stage (ms): measured (CUDA events, eager step) vs the cost model")
         for col in ("term", "measured", "plan predicts", "error"):
             s.add_column(col, justify="left" if col == "term" else "right")
         for row in stages:

@@ -248,22 +248,20 @@ class RankWorker:
         """Capture the decode step once (the first time here), then replay it for every later step."""
         if self.graph is None:
             pasts = [mb.interp.past if mb is not None else 0 for mb in mbs]
-            tokens, sent, pc = self.metrics["tokens"], self.metrics["bytes_sent"], self.pc
-            clocks = {k: dict(self.metrics[k]) for k in ("clock", "stage_clock")}
+            saved, pc = self._counters(), self.pc
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.device)
-            # timed event nodes inside the graph (StageEvents(in_graph=True)) crashed the process on torch
-            # 2.11 + CUDA 13 (SIGSEGV): stage times come from the profiled eager step instead
-            self._capture(graph, step, mbs, None)
+            # no stage events inside the graph: timed event nodes crashed the process on torch 2.11 +
+            # CUDA 13 (SIGSEGV), so stage times come from the profiled eager step
+            with torch.cuda.graph(graph):
+                self.run_step(step, mbs)
             # capturing ran no kernel: undo the host-side effects, the replays redo them
             for mb, past in zip(mbs, pasts):
                 if mb is not None:
                     mb.interp.past = past
-            self.graph_ops, self.graph_bytes = self.pc - pc, self.metrics["bytes_sent"] - sent
-            self.metrics["tokens"], self.metrics["bytes_sent"], self.pc = tokens, sent, pc
-            for k, v in clocks.items():  # in place: the interpreters hold these dicts
-                self.metrics[k].clear()
-                self.metrics[k].update(v)
+            self.graph_ops, self.graph_bytes = self.pc - pc, self.metrics["bytes_sent"] - saved["bytes_sent"]
+            self.pc = pc
+            self._restore_counters(saved)
             self.graph = graph
         self._replayed_ops(step)
         self.graph.replay()
@@ -273,13 +271,26 @@ class RankWorker:
                 self.metrics["tokens"] += len(mb.seqs)
         self.metrics["bytes_sent"] += self.graph_bytes
 
+    def _counters(self) -> dict:
+        """The metrics a step adds to, to be restored after work that must not count (capture, warm-up)."""
+        out: dict = {k: self.metrics[k] for k in ("tokens", "bytes_sent", "expert_rows")}
+        out.update({k: dict(self.metrics[k]) for k in ("clock", "stage_clock")})
+        return out
+
+    def _restore_counters(self, saved: dict) -> None:
+        for k, v in saved.items():
+            if isinstance(v, dict):  # in place: the interpreters hold these dicts
+                self.metrics[k].clear()
+                self.metrics[k].update(v)
+            else:
+                self.metrics[k] = v
+
     def _warm_up(self, mbs: list[MicroBatch | None]) -> None:
         """One untimed prefill before the timed one, on a GPU: the first kernels of a process pay for
         the CUDA context, cuBLAS and module loading (as generate's warm-up run does). Every member of the
         instance runs it, so its collectives pair up; the dry-run program does not list them. The real
         prefill then rewrites the same cache positions."""
-        saved = {k: self.metrics[k] for k in ("tokens", "bytes_sent", "expert_rows")}
-        clocks = {k: dict(self.metrics[k]) for k in ("clock", "stage_clock")}
+        saved = self._counters()
         inputs = [mb.next_input if mb is not None else None for mb in mbs]
         check, self.expect = self.expect, lambda *args, **kwargs: None  # type: ignore[method-assign]
         try:
@@ -289,24 +300,9 @@ class RankWorker:
         for mb, ids in zip(mbs, inputs):
             if mb is not None and ids is not None:
                 mb.next_input, mb.interp.past, mb.last = ids, 0, None
-        self.metrics.update(saved)
-        for k, v in clocks.items():  # in place: the interpreters hold these dicts
-            self.metrics[k].clear()
-            self.metrics[k].update(v)
+        self._restore_counters(saved)
         self.exchange.overflow.zero_()
         torch.cuda.synchronize(self.device)
-
-    def _capture(self, graph: torch.cuda.CUDAGraph, step: int, mbs: list[MicroBatch | None],
-                 events: StageEvents | None) -> None:
-        """Capture one decode step; with `events`, timed event nodes around every stage (read after a replay)."""
-        self._stage_events(mbs, events)
-        try:
-            with torch.cuda.graph(graph):
-                self.run_step(step, mbs)
-        finally:
-            self._stage_events(mbs, None)
-        if events is not None:
-            self.metrics["graph_events"] = events
 
     def _stage_events(self, mbs: list[MicroBatch | None], events: StageEvents | None) -> None:
         for mb in mbs:
@@ -520,12 +516,6 @@ class _Timer:
         events = metrics.pop("profile_events", None)
         if events is not None:
             metrics["profiled_step_ms"] = events.ms_by_kind()
-        in_graph = metrics.pop("graph_events", None)
-        if in_graph is not None:  # the last replay's stage times, from the graph's own event nodes
-            try:
-                metrics["graph_stage_ms"] = in_graph.ms_by_kind()
-            except RuntimeError:
-                pass
 
 
 def _send_all(tensors: list[torch.Tensor], dst: int) -> None:
