@@ -199,14 +199,16 @@ class Exchange:
         its routed-experts stage runs on the tokens as the program would call it."""
         self.expect(f"step {step} layer {layer} mb {mb} dispatch")
         stage = self.experts[layer]
-        mark = self.events.mark() if self.events is not None else None
+        hidden = call.hidden.reshape(-1, self.hidden)
         try:
-            out = stage.weighted(call.hidden.reshape(-1, self.hidden), call.ids, call.weights).to(self.dtype)
+            if self.events is not None:
+                out = self.events.run("routed_experts", stage.name, stage.weighted, hidden, call.ids, call.weights)
+            else:
+                out = stage.weighted(hidden, call.ids, call.weights)
+            out = out.to(self.dtype)
         except Exception as exc:  # noqa: BLE001 - any failure inside the model is reported with its node
             raise StageError(self.rank, self.where(), f"{failing_node(stage.module, exc)} in {stage.name}",
                              f"{type(exc).__name__}: {exc}") from exc
-        if self.events is not None:
-            self.events.add("routed_experts", stage.name, mark)
         clock, per_stage, dt = self.metrics["clock"], self.metrics["stage_clock"], time.perf_counter() - t0
         clock["routed_experts"] = clock.get("routed_experts", 0.0) + dt
         per_stage[stage.name] = per_stage.get(stage.name, 0.0) + dt

@@ -29,7 +29,8 @@ from runtime.errors import RankFailure, SpecError
 from runtime.parts import check_weights
 from runtime.schedule import dry_run, programs
 from runtime.spec import RunSpec
-from runtime.worker import COLLECTIVE_TIMEOUT_S, FAULT_ENV, forked_main
+from runtime.fast_paths import FAST_PATHS_ENV
+from runtime.worker import COLLECTIVE_TIMEOUT_S, FAULT_ENV, KERNEL_PROFILE_ENV, forked_main
 
 # Resident memory of one CPU worker (torch + transformers + a tiny model), measured ~0.45 GiB; with
 # headroom this bounds how many ranks a host can run "sensibly".
@@ -239,6 +240,8 @@ def _run(spec: RunSpec, tmp: Path, timeout_s: float) -> RunOutcome:
     # always set: the forkserver keeps the environment it started with, and a fault left in it from an
     # earlier launch would otherwise fire in every later run of this process
     base[FAULT_ENV] = os.environ.get(FAULT_ENV, "")
+    base[KERNEL_PROFILE_ENV] = os.environ.get(KERNEL_PROFILE_ENV, "")
+    base[FAST_PATHS_ENV] = os.environ.get(FAST_PATHS_ENV, "")
     ctx = _context()
     t0 = time.perf_counter()
     procs: list = []

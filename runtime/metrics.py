@@ -60,8 +60,8 @@ def summarise(spec: RunSpec, metrics: list[dict], wall_s: float, check: Check | 
             "tpot_ms": round(tpot_ms, 3) if tpot_ms is not None else None,
             "tpot_basis": f"{graphed[0]['count']} CUDA-graph replays" if graphed else "every decode step",
             "decode_tokens_per_s": round(spec.prompts / (tpot_ms / 1e3), 1) if tpot_ms else None,
-            # the slowest rank's eager decode step per stage kind (CUDA events on a GPU: they include the
-            # host's launch time, which the graph replays do not pay)
+            # the slowest rank's profiled decode step per stage kind (on a GPU each stage replayed from
+            # a CUDA graph of its own between two CUDA events: runtime.interpreter.StageEvents)
             "stage_ms": max(profiled, key=lambda d: sum(d.values())) if profiled else {},
             "run_s": round(run_s, 4),
             "wall_s": round(wall_s, 3),
@@ -149,7 +149,7 @@ def render(doc: dict, console) -> None:
         console.print(f"predictions: {basis}; TPOT measured over {doc['measured'].get('tpot_basis')}")
     stages = stage_rows(doc) if doc["measured"].get("stage_ms") else []
     if stages:
-        s = Table(title="one decode step by stage (ms): measured (CUDA events, eager step) vs the cost model")
+        s = Table(title="one decode step by stage (ms): measured (a CUDA graph per stage on a GPU; host clocks on a CPU) vs the cost model")
         for col in ("term", "measured", "plan predicts", "error"):
             s.add_column(col, justify="left" if col == "term" else "right")
         for row in stages:

@@ -67,8 +67,15 @@ def greedy(spec: RunSpec, forced: torch.Tensor | None = None) -> tuple[torch.Ten
 
 def tolerance_for(dtype: torch.dtype, scale: float = 0.0) -> float:
     """1e-4 in fp32. Half precision rounds each op to ~3 significant digits and the error grows with
-    depth and with the logits' size: 5e-2, or 2% of the largest reference logit when that is more."""
-    return 1e-4 if dtype == torch.float32 else max(5e-2, 0.02 * scale)
+    depth and with the logits' size: 5e-2, or 4% of the largest reference logit when that is more.
+
+    Why 4%: two stock transformers implementations of the same bf16 model part by about half that. On one
+    H200, Qwen3-30B-A3B (48 layers) with eager and with SDPA attention, teacher-forced on the same 32 x
+    160 tokens, differ by up to 0.109 in logits whose largest is 4.72 (2.3%; bench/bf16_noise.py); the
+    runtime's fast paths differ from the eager reference by the same 0.109. The
+    bound sits at about twice that floor, so it still catches a wrong expert, mask or weight, which moves
+    logits by their own size."""
+    return 1e-4 if dtype == torch.float32 else max(5e-2, 0.04 * scale)
 
 
 def check(spec: RunSpec, tokens: torch.Tensor, logits: torch.Tensor) -> Check:

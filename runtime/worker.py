@@ -38,6 +38,11 @@ from runtime.spec import (InstanceSpec, RunSpec, kv_routes, microbatches_of, pro
 # Test-only fault injection: "RANK:STEP:ACTION" fires at the first MoE layer of STEP on RANK;
 # ACTION is raise (an exception), kill (SIGKILL itself) or hang (sleep, as a stuck rank would).
 FAULT_ENV = "PODPLAN_FAULT"
+# Bench-only kernel profile: "DIR[:eager]" profiles (torch.profiler) three replays of the captured
+# decode step (or, with ":eager", three eager decode steps) after the timed run, on a GPU, and
+# writes DIR/kernels-rank<R>.txt (kernels by total time) and a Chrome trace; the run's results are
+# unchanged (it happens after the timed steps, on buffers nothing reads again).
+KERNEL_PROFILE_ENV = "PODPLAN_KERNEL_PROFILE"
 # Collectives give up after this long (a peer that vanished without closing its sockets).
 COLLECTIVE_TIMEOUT_S = 120
 
@@ -168,6 +173,8 @@ class RankWorker:
             if self.spec.static:
                 self._record(step, mbs)
         self.timer.finish(self.metrics)
+        if os.environ.get(KERNEL_PROFILE_ENV) and self.device.type == "cuda":
+            self._kernel_profile(mbs, os.environ[KERNEL_PROFILE_ENV])
         if self.spec.static:
             self._collect(mbs)
         overflow = int(self.exchange.overflow)
@@ -252,7 +259,7 @@ class RankWorker:
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.device)
             # no stage events inside the graph: timed event nodes crashed the process on torch 2.11 +
-            # CUDA 13 (SIGSEGV), so stage times come from the profiled eager step
+            # CUDA 13 (SIGSEGV), so stage times come from the profiled step (a CUDA graph per stage)
             with torch.cuda.graph(graph):
                 self.run_step(step, mbs)
             # capturing ran no kernel: undo the host-side effects, the replays redo them
@@ -270,6 +277,35 @@ class RankWorker:
                 mb.interp.past += mb.next_input.shape[1]
                 self.metrics["tokens"] += len(mb.seqs)
         self.metrics["bytes_sent"] += self.graph_bytes
+
+    def _kernel_profile(self, mbs: list[MicroBatch | None], where: str) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        out, _, mode = where.partition(":")
+        eager = mode == "eager" or self.graph is None
+        saved, pasts = self._counters(), [mb.interp.past if mb is not None else 0 for mb in mbs]
+        check, self.expect = self.expect, lambda *args, **kwargs: None  # type: ignore[method-assign]
+        torch.cuda.synchronize(self.device)
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    if eager:
+                        self.run_step(PROFILE_STEP, mbs)
+                    else:
+                        self.graph.replay()  # type: ignore[union-attr]
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.expect = check  # type: ignore[method-assign]
+            self._restore_counters(saved)
+            for mb, past in zip(mbs, pasts):
+                if mb is not None:
+                    mb.interp.past = past
+        Path(out).mkdir(parents=True, exist_ok=True)
+        tag = f"{'eager' if eager else 'graph'}-rank{self.rank}"
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        Path(out, f"kernels-{tag}.txt").write_text(f"{kernels} device events in 3 steps\n{table}\n")
+        prof.export_chrome_trace(str(Path(out, f"trace-{tag}.json")))
 
     def _counters(self) -> dict:
         """The metrics a step adds to, to be restored after work that must not count (capture, warm-up)."""
@@ -467,7 +503,7 @@ class RankWorker:
 
 
 GRAPH_FROM = 3  # first decode step replayed from a CUDA graph
-PROFILE_STEP = 2  # the eager decode step timed per stage with CUDA events
+PROFILE_STEP = 2  # the decode step timed per stage (each stage a CUDA graph of its own between CUDA events)
 
 
 def _max_rows(spec: RunSpec, inst: InstanceSpec, phase: str) -> int:

@@ -20,7 +20,9 @@ ALLOWED = {
     "passes": {"costmodels", "torch", "numpy", "networkx"},
     "planner": {"costmodels", "passes", "torch", "transformers", "numpy", "networkx", "ortools", "jinja2", "rich",
                 "safetensors"},
-    "runtime": {"torch", "numpy", "safetensors", "rich", "transformers"},
+    # triton: the GPU experts kernels (runtime/moe_triton.py), imported only on a CUDA host; CUDA builds
+    # of torch ship it, CPU builds (CI's) do not need it
+    "runtime": {"torch", "numpy", "safetensors", "rich", "transformers", "triton"},
 }
 # runtime reads only the Plan IR and the model loader (the frontend wing)
 RUNTIME_MAY_READ = ("planner.ir", "planner.frontend")
