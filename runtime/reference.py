@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.errors import SpecError
 from runtime.parts import build_full
 from runtime.spec import RunSpec, prompts_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -20,10 +24,23 @@ class Check:
     tolerance: float
     mismatches: int  # (prompt, step) pairs whose token differs from the reference's beyond a near-tie
     near_ties: int = 0  # pairs whose token differs, but by less than the tolerance in the reference's logits
+    # half precision: pairs where two stock transformers implementations (eager and SDPA attention) of
+    # the same weights part from each other beyond the tolerance (logits or token)
+    noisy: int = 0
+    outside: int = 0  # pairs where the run parts from the reference beyond the tolerance (logits or token)
+    pairs: int = 0  # (prompt, step) pairs compared
+
+    @property
+    def inconclusive(self) -> bool:
+        """More than a quarter of the pairs part in transformers' own two implementations: the model's
+        seeded bf16 weights are chaotic, and no comparison of outputs can tell a fault from rounding."""
+        return self.noisy * 4 > self.pairs
 
     @property
     def ok(self) -> bool:
-        return self.tokens_match and self.max_abs_diff <= self.tolerance
+        """The run parts from the reference at no more pairs than twice the stock pair parts from itself
+        (none at all in fp32, or where the model has one attention implementation only)."""
+        return self.outside <= 2 * self.noisy and not self.inconclusive
 
 
 def reference_device(spec: RunSpec) -> str:
@@ -46,11 +63,16 @@ def greedy(spec: RunSpec, forced: torch.Tensor | None = None) -> tuple[torch.Ten
 
     forced [N, T]: feed these tokens instead of the reference's own picks (teacher forcing), so every
     step's logits are compared at the run's prefix even after a bf16 near-tie sent the two apart."""
-    from transformers import DynamicCache
-
     device = reference_device(spec)
     _, model = build_full(spec, device)
-    dtype = next(model.parameters()).dtype
+    tokens, logits = _decode(model, spec, forced, device)
+    return tokens, logits, next(model.parameters()).dtype
+
+
+def _decode(model: PreTrainedModel, spec: RunSpec, forced: torch.Tensor | None, device: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import DynamicCache
+
     ids = prompts_of(spec, model.config.vocab_size).to(device)
     cache = DynamicCache(config=model.config)
     tokens, logits = [], []
@@ -62,7 +84,14 @@ def greedy(spec: RunSpec, forced: torch.Tensor | None = None) -> tuple[torch.Ten
             tokens.append(nxt)
             logits.append(last)
             ids = (nxt if forced is None else forced[:, step].to(device))[:, None]
-    return torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu(), dtype
+    return torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu()
+
+
+def _stock_pair(model: PreTrainedModel) -> str | None:
+    """The other stock attention implementation of `model` (eager <-> SDPA), or None where it has one only."""
+    if not getattr(type(model), "_supports_sdpa", False):
+        return None
+    return "sdpa" if model.config._attn_implementation == "eager" else "eager"
 
 
 def tolerance_for(dtype: torch.dtype, scale: float = 0.0) -> float:
@@ -80,18 +109,52 @@ def tolerance_for(dtype: torch.dtype, scale: float = 0.0) -> float:
 
 def check(spec: RunSpec, tokens: torch.Tensor, logits: torch.Tensor) -> Check:
     """Run the reference on the run's tokens (teacher forcing) and compare: every token the reference's
-    pick or within the tolerance of it (a near-tie), logits within the dtype's tolerance."""
+    pick or within the tolerance of it (a near-tie), logits within the dtype's tolerance.
+
+    In half precision the reference runs twice, with eager and with SDPA attention (both stock
+    transformers), and the run may part from the reference beyond the tolerance at up to twice as many
+    (prompt, step) pairs as those two part from each other. Why: where a bf16 rounding flips a routing
+    decision, that position's logits move by their own size, in transformers' own implementations too, and
+    which near-tied routes flip depends on the rounding, so the positions differ from pair to pair while
+    their number does not. On one H200, a 2-layer Mixtral-8x7B of seeded weights (32 x 144 tokens): eager
+    vs SDPA part at 55 of 512 pairs, podplan's fast paths at 1 (by 6.2 in logits up to ~7); Qwen3-30B-A3B
+    (48 layers): at none. A wrong expert, mask or weight moves every position. Where the stock pair parts at
+    more than a quarter of the pairs (4 layers of Mixtral-8x7B: 46 of 64; all 32: every pair), the check is
+    inconclusive and says so: it never passes a run it cannot judge."""
     forced = tokens if bool((tokens >= 0).all()) else None
-    ref_tokens, ref_logits, dtype = greedy(spec, forced)
-    return compare(tokens, logits, ref_tokens, ref_logits, tolerance_for(dtype, float(ref_logits.abs().max())))
+    device = reference_device(spec)
+    _, model = build_full(spec, device)
+    dtype = next(model.parameters()).dtype
+    ref_tokens, ref_logits = _decode(model, spec, forced, device)
+    stock = None
+    other = _stock_pair(model) if dtype != torch.float32 else None
+    if other is not None:
+        model.config._attn_implementation = other
+        stock = _decode(model, spec, forced if forced is not None else ref_tokens, device)[1]
+    del model
+    return compare(tokens, logits, ref_tokens, ref_logits, tolerance_for(dtype, float(ref_logits.abs().max())),
+                   stock)
 
 
-def compare(tokens: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, ref_logits: torch.Tensor,
-            tolerance: float) -> Check:
+def compare(tokens: torch.Tensor, logits: torch.Tensor | None, ref_tokens: torch.Tensor, ref_logits: torch.Tensor,
+            tolerance: float, stock_logits: torch.Tensor | None = None) -> Check:
+    """The run's tokens and logits [N, T(, V)] against the reference's; `stock_logits`: a second stock
+    implementation's (teacher-forced on the same tokens), whose own partings set the allowance."""
     differ = tokens != ref_tokens
     # a near-tie: the run's token scores within the tolerance of the reference's best at that step
     picked = ref_logits.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
     tie = differ & (tokens >= 0) & (picked >= ref_logits.max(-1).values - tolerance)
-    mismatches = int((differ & ~tie).sum())
-    diff = float((logits - ref_logits).abs().max()) if logits is not None else float("inf")
-    return Check(mismatches == 0, diff, tolerance, mismatches, int(tie.sum()))
+    mismatched = differ & ~tie
+    noisy = 0
+    if stock_logits is not None:
+        stock_tokens = stock_logits.argmax(-1)
+        stock_picked = ref_logits.gather(-1, stock_tokens[..., None]).squeeze(-1)
+        stock_off = (stock_tokens != ref_tokens) & (stock_picked < ref_logits.max(-1).values - tolerance)
+        noisy = int(((stock_logits - ref_logits).abs().amax(-1) > tolerance).logical_or(stock_off).sum())
+    pairs = int(ref_tokens.numel())
+    mismatches = int(mismatched.sum())
+    if logits is None:
+        return Check(mismatches == 0, float("inf"), tolerance, mismatches, int(tie.sum()), noisy, pairs, pairs)
+    per = (logits - ref_logits).abs().amax(-1)
+    return Check(mismatches == 0, float(per.max()), tolerance, mismatches, int(tie.sum()), noisy,
+                 int(((per > tolerance) | mismatched).sum()), pairs)

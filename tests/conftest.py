@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`podplan ARGS...` as a subprocess (python -m planner), capturing text output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+    # the checkout first, then whatever path the caller's environment adds (wheels carried beside it)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, COLUMNS="200")
     return subprocess.run(
         [sys.executable, "-m", "planner", *args],
         capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=timeout,
