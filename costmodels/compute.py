@@ -198,7 +198,13 @@ def attention_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, seqs: fl
     cached = seqs * kv_len if phase == "decode" else tokens
     kv_values = shape.kv_values_per_token_per_layer()
     core_bytes = cached * kv_values * prec.kv_bytes * kv_replicas
-    core = roofline_us(hw, "attention", core_flops, core_bytes, prec.attention)
+    eff_c, eff_m = hw.fused_mla_decode_eff
+    if phase == "decode" and shape.attention == "mla" and eff_c > 0:
+        # the fused kernel engines run (FlashMLA on Hopper), not the profile's unfused measurement
+        core = max(core_flops / (hw.peak_tflops(prec.attention) * 1e6 * eff_c),
+                   core_bytes / (hw.hbm_tbps * 1e6 * eff_m))
+    else:
+        core = roofline_us(hw, "attention", core_flops, core_bytes, prec.attention)
     return proj + core
 
 
