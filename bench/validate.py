@@ -3,17 +3,15 @@
     .venv/bin/python bench/validate.py          # print the table, the median and worst held-out error
     .venv/bin/python bench/validate.py --json   # the same as JSON
 
-Every published number comes from the reference notes docs/costmodel.md cites, or a source they cite (CMI = arXiv
-2506.12708, Step-3 = arXiv 2507.19427); nothing is tuned here. At most three points are
+Every published number comes from a primary source named in its `source` (the keys are listed in
+docs/costmodel.md "Sources": CMI = arXiv 2506.12708, Step-3 = arXiv 2507.19427, LMSYS = the SGLang
+team's blog posts, TRT-LLM = TensorRT-LLM's DeepSeek-R1 performance guide); numbers derived from a
+source are marked [D] with their arithmetic. Nothing is tuned here. At most three points are
 calibration (`calibration=True`: what costmodels/calibration.py fits on); all others are held out.
 Points given as "throughput at a TPOT SLO" are predicted the same way: the largest batch per
 device whose predicted TPOT meets the SLO, and its throughput (costmodels.calibration.best_under_tpot).
-
-What is missing (say so rather than invent): the references hold only these end-to-end points:
-CMI's three points (all three are the calibration), CMI's microbatching ablation (decode at three
-batch sizes, prefill as a range), and Step-3's DeepSeek-V3-on-Hopper figure. That is 8 points on 2 hardware types (Ascend 910C, Hopper) and 1
-model architecture (DeepSeek-V3/R1); the issue asks for >= 12 on >= 3 and >= 3. More published
-points need adding to the reference file first (docs/costmodel.md lists candidates).
+Aggregated (in-flight batching) points use costmodels.aggregated; where a source leaves the layout
+open the point takes the best prediction over the layouts it allows (`_best_of`).
 """
 
 from __future__ import annotations
