@@ -200,6 +200,17 @@ POINTS: tuple[Point, ...] = (
           "5,393.28 tok/s/GPU", False,
           _aggregated("b200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=896, kv_len=2048,
                       quant="nvfp4", kv_dtype="fp8")),
+    # SGLang on GB200 NVL72 (LMSYS "Deploying DeepSeek on GB200 NVL72 with PD and Large Scale EP (Part II)",
+    # 2025-09-25): decode on 48 ranks of one NVL72 rack, FP8 attention (FP8 KV cache) and NVFP4 MoE,
+    # fine-grained combine overlap instead of two-batch overlap (1 microbatch here).
+    Point("sglang-gb200-decode", "deepseek-v3", "DeepSeek-V3", "GB200 (Blackwell)", "gb200-nvl72:1", 48,
+          "EP48 (256 routed + 32 redundant, 6 slots per GPU), attention DP48, one NVLink domain", "decode",
+          "1,408 per GPU (the blog: batch chosen to fill the KV cache, 1,408 at 2K ISL)", 2000, 100,
+          "NVFP4 experts, FP8 KV", "tokens/s per GPU", 13386.0, "-",
+          "LMSYS GB200 Part II blog: 13,386 output tok/s per GPU with FP8 attention + NVFP4 MoE, 2,000-token "
+          "inputs", False,
+          _decode("gb200-nvl72:1", devices=48, ep=48, batch_per_device=1408, kv_len=2050, quant="nvfp4",
+                  kv_dtype="fp8")),
     # Kimi K2 on 128 H200 (LMSYS "Deploying Kimi K2 with PD Disaggregation and Large-Scale Expert Parallelism
     # on 128 H200 GPUs", 2025-07-20): 1P1D, 4 prefill + 12 decode nodes, 96 redundant experts on decode.
     Point("sglang-kimi-k2-decode", "kimi-k2", "Kimi K2", "H200 SXM (Hopper)", "h200-cluster:12", 96,
