@@ -53,7 +53,8 @@ def dispatch_dest_bytes(hidden: int, act_dtype: str) -> float:
 
     The same message as `opcount.dispatch_bytes_per_token` / top-k.
     """
-    scale = 4.0 if act_dtype in ("int8", "fp8") else 0.0  # one fp32 scale per token (CMI: 7,168 + scale)
+    # one fp32 scale per token (CMI: 7,168 + scale); FP4 formats carry their block scales in dtype_bytes
+    scale = 4.0 if act_dtype in ("int8", "fp8") else 0.0
     return hidden * dtype_bytes(act_dtype) + scale + 8.0  # + int32 expert id + fp32 weight (opcount)
 
 

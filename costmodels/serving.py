@@ -215,11 +215,11 @@ def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, l
         shared = compute.experts_us(shape, hw, prec, pairs=tokens, slots=1, params_per_expert=shape.params_shared,
                                     op_class="dense_gemm")
     dests = memory.dests_per_token(shape, layout)
-    d_lat, d_bw = comm.dispatch_parts(topo, tokens, shape.hidden, prec.act_dtype, dests, layout.ep, imbalance)
+    d_lat, d_bw = comm.dispatch_parts(topo, tokens, shape.hidden, prec.dispatch_dtype, dests, layout.ep, imbalance)
     c_lat, c_bw = comm.combine_parts(topo, tokens, shape.hidden, dests, layout.ep, imbalance)
     if prefill:
         normal_d = comm.normal_a2a_parts(topo, "dispatch", tokens, dests, comm.dispatch_dest_bytes(
-            shape.hidden, prec.act_dtype), layout.ep, imbalance)
+            shape.hidden, prec.dispatch_dtype), layout.ep, imbalance)
         normal_c = comm.normal_a2a_parts(topo, "combine", tokens, dests, comm.combine_dest_bytes(shape.hidden),
                                          layout.ep, imbalance)
         if normal_d and normal_c:
@@ -451,7 +451,7 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
     dests = shape.top_k + (1 if layout.has_shared else 0)
     recv = domain_tokens * dests / f_dies
     a2e_lat, a2e_bw = comm.disaggregated_transfer_parts(
-        topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype), dep.imbalance)
+        topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.dispatch_dtype), dep.imbalance)
     e2a_lat, e2a_bw = comm.disaggregated_transfer_parts(
         topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden), dep.imbalance)
     a2e, e2a = a2e_lat + a2e_bw, e2a_lat + e2a_bw
