@@ -139,7 +139,8 @@ POINTS: tuple[Point, ...] = (
     Point("cmi-prefill-mb-gain", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
           "as cmi-prefill, 2 vs 1 microbatches", "prefill", "16,384 tokens per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.27, "-",
-          "CMI §3 microbatching ablation [S] (reference §3): +23 to +31%; 1.27 is the midpoint [D: (1.23 + 1.31) / 2]", False,
+          "CMI §3 microbatching ablation [S] (reference §3): +23 to +31%; 1.27 is the midpoint "
+          "[D: (1.23 + 1.31) / 2]", False,
           _prefill_mb_gain("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384,
                            quant="int8")),
     Point("step3-dsv3-hopper", "deepseek-v3", "DeepSeek-V3", "H800 SXM (Hopper)", "h800-cluster:40", 320,
@@ -158,6 +159,13 @@ POINTS: tuple[Point, ...] = (
           "LMSYS 96xH100 blog, prefill table: 59,337 tok/s per node with simulated perfect EPLB "
           "[D: 59,337 / 8 GPUs]", False,
           _prefill("h100-cluster:4", devices=32, ep=32, prompt_len=4096, tokens_per_device=16384, quant="fp8",
+                   microbatches=2)),
+    Point("deepseek-profile-prefill", "deepseek-v3", "DeepSeek-V3", "H800 SXM (Hopper)", "h800-cluster:4", 32,
+          "EP32 (4 nodes, DSV3 §3.4 prefill unit), attention DP32, two-batch overlap", "prefill",
+          "16,384 tokens per GPU", 4096, None, "FP8 W8A8", "prompt tokens/s per GPU", 7839.0, "-",
+          "LMSYS 96xH100 blog, prefill table, 'DeepSeek Profile' column (DeepSeek's published profile data): "
+          "62,713 tok/s per node [D: 62,713 / 8 GPUs]", False,
+          _prefill("h800-cluster:4", devices=32, ep=32, prompt_len=4096, tokens_per_device=16384, quant="fp8",
                    microbatches=2)),
     Point("sglang-h100-decode", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:9", 72,
           "EP72 (9 nodes, 256 routed + 32 redundant = 288 slots, 4 per GPU), attention DP72, two-batch overlap",

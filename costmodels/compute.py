@@ -109,8 +109,8 @@ class Precision:
         """Format of the activations the MoE dispatch moves: the expert GEMM's input format. FP4 experts
         on FP4 tensor cores take FP4 inputs, which the all-to-all quantises before sending (LMSYS GB200
         Part II: NVFP4 quantisation fused into DeepEP's dispatch "halving the required network
-        traffic"; TRT-LLM tech blog 3, DeepSeek R1 throughput on B200: "FP4 AllGather" replaces BF16); otherwise
-        the non-expert activation format (FP8/INT8 dispatch, DeepEP and CMI)."""
+        traffic"; TRT-LLM tech blog 3, DeepSeek R1 throughput on B200: "FP4 AllGather" replaces
+        BF16); otherwise the non-expert activation format (FP8/INT8 dispatch, DeepEP and CMI)."""
         return self.quant if self.quant in FP4_FORMATS and self.fp4_compute else self.act_dtype
 
     @property
