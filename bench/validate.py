@@ -278,7 +278,7 @@ def main() -> int:
               f"(target: median <= 10%, none > 25%)")
     for r in table:
         print(f"  {r['name']}: {r['served']}, {r['devices']} x {r['hardware']}, {r['parallelism']}; {r['phase']}, "
-              f"batch {r['batch']}, in {r['input_len']}, {r['precision']}, {r['latency']}; source: {r['source']}")
+              f"batch {r['batch']}, in {r['input_len']}, out {r['output_len'] or '-'}, {r['precision']}, {r['latency']}; source: {r['source']}")
     return 0
 
 
