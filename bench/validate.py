@@ -3,17 +3,15 @@
     .venv/bin/python bench/validate.py          # print the table, the median and worst held-out error
     .venv/bin/python bench/validate.py --json   # the same as JSON
 
-Every published number comes from the reference notes docs/costmodel.md cites, or a source they cite (CMI = arXiv
-2506.12708, Step-3 = arXiv 2507.19427); nothing is tuned here. At most three points are
+Every published number comes from a primary source named in its `source` (the keys are listed in
+docs/costmodel.md "Sources": CMI = arXiv 2506.12708, Step-3 = arXiv 2507.19427, LMSYS = the SGLang
+team's blog posts, TRT-LLM = TensorRT-LLM's DeepSeek-R1 performance guide); numbers derived from a
+source are marked [D] with their arithmetic. Nothing is tuned here. At most three points are
 calibration (`calibration=True`: what costmodels/calibration.py fits on); all others are held out.
 Points given as "throughput at a TPOT SLO" are predicted the same way: the largest batch per
 device whose predicted TPOT meets the SLO, and its throughput (costmodels.calibration.best_under_tpot).
-
-What is missing (say so rather than invent): the references hold only these end-to-end points:
-CMI's three points (all three are the calibration), CMI's microbatching ablation (decode at three
-batch sizes, prefill as a range), and Step-3's DeepSeek-V3-on-Hopper figure. That is 8 points on 2 hardware types (Ascend 910C, Hopper) and 1
-model architecture (DeepSeek-V3/R1); the issue asks for >= 12 on >= 3 and >= 3. More published
-points need adding to the reference file first (docs/costmodel.md lists candidates).
+Aggregated (in-flight batching) points use costmodels.aggregated; where a source leaves the layout
+open the point takes the best prediction over the layouts it allows (`_best_of`).
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from costmodels.aggregated import AggregatedDeployment, estimate_aggregated
 from costmodels.calibration import best_under_tpot
 from costmodels.model_shape import ModelShape
 from costmodels.serving import DecodeDeployment, PrefillDeployment, estimate_decode, estimate_prefill
@@ -77,6 +76,14 @@ def _under_tpot(topo: str, slo_ms: float, **kw) -> Callable[[ModelShape], float]
 def _best_of(*predictors: Callable[[ModelShape], float]) -> Callable[[ModelShape], float]:
     """The best prediction over layouts the source does not pin down (what an engine tuner would pick)."""
     return lambda shape: max(p(shape) for p in predictors)
+
+
+def _aggregated(topo: str, input_len: int, output_len: int, **kw) -> Callable[[ModelShape], float]:
+    """Output tokens/s per device of an aggregated (in-flight batching) instance: TRT-LLM's trtllm-bench."""
+    def run(shape: ModelShape) -> float:
+        dep = AggregatedDeployment(DecodeDeployment(**kw), input_len=input_len, output_len=output_len)
+        return estimate_aggregated(shape, get_topology(topo), dep).throughput_per_device
+    return run
 
 
 def _prefill_mb_gain(topo: str, **kw) -> Callable[[ModelShape], float]:
@@ -132,7 +139,8 @@ POINTS: tuple[Point, ...] = (
     Point("cmi-prefill-mb-gain", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
           "as cmi-prefill, 2 vs 1 microbatches", "prefill", "16,384 tokens per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.27, "-",
-          "CMI §3 microbatching ablation [S] (reference §3): +23 to +31%; 1.27 is the midpoint [D]", False,
+          "CMI §3 microbatching ablation [S] (reference §3): +23 to +31%; 1.27 is the midpoint "
+          "[D: (1.23 + 1.31) / 2]", False,
           _prefill_mb_gain("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384,
                            quant="int8")),
     Point("step3-dsv3-hopper", "deepseek-v3", "DeepSeek-V3", "H800 SXM (Hopper)", "h800-cluster:40", 320,
@@ -142,6 +150,86 @@ POINTS: tuple[Point, ...] = (
           "TPOT <= 50 ms", "Step-3 (arXiv 2507.19427) abstract", False,
           _best_of(_under_tpot("h800-cluster:40", 50.0, devices=320, ep=320, attn_tp=4, kv_len=4096, quant="fp8"),
                    _under_tpot("h800-cluster:40", 50.0, devices=320, ep=320, attn_tp=1, kv_len=4096, quant="fp8"))),
+    # SGLang on 12 x 8 H100 (LMSYS blog "Deploying DeepSeek with PD Disaggregation and Large-scale Expert
+    # Parallelism on 96 H100 GPUs", 2025-05-05, "Overall Throughput" tables): DP attention, DeepEP, DeepGEMM,
+    # two-batch overlap (2 microbatches), PD-disaggregated.
+    Point("sglang-h100-prefill", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
+          "EP32 (4 nodes), attention DP32, two-batch overlap, simulated perfect EPLB", "prefill",
+          "16,384 tokens per GPU", 4096, None, "FP8 W8A8", "prompt tokens/s per GPU", 7417.0, "-",
+          "LMSYS 96xH100 blog, prefill table: 59,337 tok/s per node with simulated perfect EPLB "
+          "[D: 59,337 / 8 GPUs]", False,
+          _prefill("h100-cluster:4", devices=32, ep=32, prompt_len=4096, tokens_per_device=16384, quant="fp8",
+                   microbatches=2)),
+    Point("deepseek-profile-prefill", "deepseek-v3", "DeepSeek-V3", "H800 SXM (Hopper)", "h800-cluster:4", 32,
+          "EP32 (4 nodes, DSV3 §3.4 prefill unit), attention DP32, two-batch overlap", "prefill",
+          "16,384 tokens per GPU", 4096, None, "FP8 W8A8", "prompt tokens/s per GPU", 7839.0, "-",
+          "LMSYS 96xH100 blog, prefill table, 'DeepSeek Profile' column (DeepSeek's published profile data): "
+          "62,713 tok/s per node [D: 62,713 / 8 GPUs]", False,
+          _prefill("h800-cluster:4", devices=32, ep=32, prompt_len=4096, tokens_per_device=16384, quant="fp8",
+                   microbatches=2)),
+    Point("sglang-h100-decode", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:9", 72,
+          "EP72 (9 nodes, 256 routed + 32 redundant = 288 slots, 4 per GPU), attention DP72, two-batch overlap",
+          "decode", "256 per GPU", 2000, 100, "FP8 W8A8, BF16 KV", "tokens/s per GPU", 2785.0,
+          "TPOT ~92 ms [D: 256 / 2,785]",
+          "LMSYS 96xH100 blog, decode table: 22,282 tok/s per node, batch 256, KV 2,000 [D: 22,282 / 8]", False,
+          _decode("h100-cluster:9", devices=72, ep=72, redundant_experts=32, batch_per_device=256, kv_len=2000,
+                  quant="fp8", microbatches=2)),
+    # SGLang MTP blog (LMSYS "Accelerating SGLang with Multiple Token Prediction", 2025-07-17), case study 1:
+    # the latency-bound small-batch point (no MTP, overlap scheduling on).
+    Point("sglang-h200-small-batch", "deepseek-v3", "DeepSeek-V3", "H200 SXM (Hopper)", "h200-cluster:2", 16,
+          "2 decode nodes; layout not published: EP16 with attention DP16, or attention TP8, whichever "
+          "predicts more", "decode", "2 per GPU", 65536, 4096, "FP8 W8A8, BF16 KV", "tokens/s per GPU", 60.4,
+          "TPOT ~33 ms [D: 2 / 60.4]",
+          "LMSYS MTP blog, case study 1: 60.4 tok/s per rank with overlap scheduling, no MTP", False,
+          _best_of(_decode("h200-cluster:2", devices=16, ep=16, batch_per_device=2, kv_len=65536 + 2048,
+                           quant="fp8"),
+                   _decode("h200-cluster:2", devices=16, ep=16, attn_tp=8, batch_per_device=2,
+                           kv_len=65536 + 2048, quant="fp8"))),
+    # TensorRT-LLM "How to get best performance on DeepSeek-R1 in TensorRT LLM" (NVIDIA/TensorRT-LLM
+    # docs/source/blogs/Best_perf_practice_on_DeepSeek-R1_in_TensorRT-LLM.md): trtllm-bench max-throughput,
+    # in-flight batching (aggregated), attention DP8 + EP8 on one 8-GPU node, ISL 1K / OSL 2K.
+    Point("trtllm-h200-maxtput", "deepseek-v3", "DeepSeek-R1", "H200 SXM (Hopper)", "h200-cluster:1", 8,
+          "attention DP8 + EP8, aggregated (in-flight batching)", "aggregated", "128 per GPU (concurrency 1,024)",
+          1024, 2048, "FP8 W8A8, BF16 KV", "output tokens/s per GPU", 1436.0, "-",
+          "TRT-LLM DeepSeek-R1 best-perf guide, 'H200 max-throughput': 1,436.16 tok/s/GPU", False,
+          _aggregated("h200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=128, kv_len=2048,
+                      quant="fp8")),
+    Point("trtllm-b200-maxtput", "deepseek-v3", "DeepSeek-R1", "B200 (Blackwell)", "b200-cluster:1", 8,
+          "attention DP8 + EP8, aggregated (in-flight batching)", "aggregated", "384 per GPU (concurrency 3,072)",
+          1024, 2048, "NVFP4 experts, BF16 KV", "output tokens/s per GPU", 4548.0, "-",
+          "TRT-LLM DeepSeek-R1 best-perf guide, 'B200 max-throughput for R1 with FP16 KV cache': "
+          "4,548.01 tok/s/GPU", False,
+          _aggregated("b200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=384, kv_len=2048,
+                      quant="nvfp4")),
+    Point("trtllm-b200-maxtput-fp8kv", "deepseek-v3", "DeepSeek-R1", "B200 (Blackwell)", "b200-cluster:1", 8,
+          "attention DP8 + EP8, aggregated (in-flight batching)", "aggregated", "896 per GPU (concurrency 7,168)",
+          1024, 2048, "NVFP4 experts, FP8 KV", "output tokens/s per GPU", 5393.0, "-",
+          "TRT-LLM DeepSeek-R1 best-perf guide, 'B200 max-throughput for R1-0528 with FP8 KV cache': "
+          "5,393.28 tok/s/GPU", False,
+          _aggregated("b200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=896, kv_len=2048,
+                      quant="nvfp4", kv_dtype="fp8")),
+    # SGLang on GB200 NVL72 (LMSYS "Deploying DeepSeek on GB200 NVL72 with PD and Large Scale EP (Part II)",
+    # 2025-09-25): decode on 48 ranks of one NVL72 rack, FP8 attention (FP8 KV cache) and NVFP4 MoE,
+    # fine-grained combine overlap instead of two-batch overlap (1 microbatch here).
+    Point("sglang-gb200-decode", "deepseek-v3", "DeepSeek-V3", "GB200 (Blackwell)", "gb200-nvl72:1", 48,
+          "EP48 (256 routed + 32 redundant, 6 slots per GPU), attention DP48, one NVLink domain", "decode",
+          "1,408 per GPU (the blog: batch chosen to fill the KV cache, 1,408 at 2K ISL)", 2000, 100,
+          "NVFP4 experts, FP8 KV", "tokens/s per GPU", 13386.0, "-",
+          "LMSYS GB200 Part II blog: 13,386 output tok/s per GPU with FP8 attention + NVFP4 MoE, 2,000-token "
+          "inputs", False,
+          _decode("gb200-nvl72:1", devices=48, ep=48, batch_per_device=1408, kv_len=2050, quant="nvfp4",
+                  kv_dtype="fp8")),
+    # Kimi K2 on 128 H200 (LMSYS "Deploying Kimi K2 with PD Disaggregation and Large-Scale Expert Parallelism
+    # on 128 H200 GPUs", 2025-07-20): 1P1D, 4 prefill + 12 decode nodes, 96 redundant experts on decode.
+    Point("sglang-kimi-k2-decode", "kimi-k2", "Kimi K2", "H200 SXM (Hopper)", "h200-cluster:12", 96,
+          "EP96 (384 routed + 96 redundant = 480 slots, 5 per GPU), attention DP96; microbatching not "
+          "published: 1 or 2, whichever predicts more", "decode", "480 per GPU (decode batch size)", 2000, 100,
+          "FP8 (block-scaled), BF16 KV", "tokens/s per GPU", 4000.0, "TPOT ~120 ms [D: 480 / 4,000]",
+          "LMSYS Kimi K2 blog: decode 384k tok/s on the 12 decode nodes [D: 384,000 / 96 GPUs]", False,
+          _best_of(_decode("h200-cluster:12", devices=96, ep=96, redundant_experts=96, batch_per_device=480,
+                           kv_len=2050, quant="fp8"),
+                   _decode("h200-cluster:12", devices=96, ep=96, redundant_experts=96, batch_per_device=480,
+                           kv_len=2050, quant="fp8", microbatches=2))),
 )
 
 
@@ -179,9 +267,9 @@ def main() -> int:
     if args.json:
         print(json.dumps({"rows": table, "summary": s}, indent=2, sort_keys=True))
         return 0
-    print(f"{'point':<20}{'hardware':<20}{'metric':<30}{'published':>10}{'predicted':>11}{'error':>9}  use")
+    print(f"{'point':<27}{'hardware':<20}{'metric':<30}{'published':>10}{'predicted':>11}{'error':>9}  use")
     for r in table:
-        print(f"{r['name']:<20}{r['hardware']:<20}{r['metric']:<30}{r['published']:>10.3f}{r['predicted']:>11.3f}"
+        print(f"{r['name']:<27}{r['hardware']:<20}{r['metric']:<30}{r['published']:>10.3f}{r['predicted']:>11.3f}"
               f"{r['error']:>+9.1%}  {'calibration' if r['calibration'] else 'held out'}")
     print(f"\n{s['points']} points ({s['calibration']} calibration, {s['held_out']} held out) on "
           f"{len(s['hardware'])} hardware types, {len(s['models'])} models")
@@ -190,7 +278,7 @@ def main() -> int:
               f"(target: median <= 10%, none > 25%)")
     for r in table:
         print(f"  {r['name']}: {r['served']}, {r['devices']} x {r['hardware']}, {r['parallelism']}; {r['phase']}, "
-              f"batch {r['batch']}, in {r['input_len']}, {r['precision']}, {r['latency']}; source: {r['source']}")
+              f"batch {r['batch']}, in {r['input_len']}, out {r['output_len'] or '-'}, {r['precision']}, {r['latency']}; source: {r['source']}")
     return 0
 
 

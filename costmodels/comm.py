@@ -53,7 +53,8 @@ def dispatch_dest_bytes(hidden: int, act_dtype: str) -> float:
 
     The same message as `opcount.dispatch_bytes_per_token` / top-k.
     """
-    scale = 4.0 if act_dtype in ("int8", "fp8") else 0.0  # one fp32 scale per token (CMI: 7,168 + scale)
+    # one fp32 scale per token (CMI: 7,168 + scale); FP4 formats carry their block scales in dtype_bytes
+    scale = 4.0 if act_dtype in ("int8", "fp8") else 0.0
     return hidden * dtype_bytes(act_dtype) + scale + 8.0  # + int32 expert id + fp32 weight (opcount)
 
 
@@ -239,6 +240,49 @@ def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_tok
                   bytes_per_dest: float, ep: int, imbalance: float = 1.0) -> float:
     """One MoE dispatch or combine in us: latency + transfer of `all_to_all_parts`."""
     return sum(all_to_all_parts(topo, op, tokens_per_rank, dests_per_token, bytes_per_dest, ep, imbalance))
+
+
+# DeepEP normal (high-throughput) kernels, the ones prefill runs: "bottleneck bandwidth" on H800 with one
+# CX7 400 Gb/s NIC per GPU (DeepEP docs/legacy.md, "Normal kernels with NVLink and RDMA forwarding", 4,096
+# tokens, hidden 7,168, top-8, FP8 dispatch, BF16 combine). A token crosses RDMA once per distinct
+# destination node (then NVLink forwards it to the GPUs there), and NVLink once per distinct destination
+# GPU inside one node; the bandwidths are per GPU over those bytes.
+DEEPEP_NORMAL_NVLINK_GBPS = (153.0, 158.0)  # (dispatch, combine), intranode EP8
+DEEPEP_NORMAL_RDMA_GBPS = ((16, 43.0, 43.0), (32, 58.0, 57.0), (64, 51.0, 50.0))  # (EP, dispatch, combine)
+
+
+def expected_distinct(bins: int, picks: int, limit: int = 0) -> float:
+    """Expected distinct bins hit by `picks` uniform draws over `bins` (at most `limit` when > 0): the
+    destination nodes (or GPUs) one token's top-k experts land on under balanced routing."""
+    if bins <= 1:
+        return float(bins)
+    hit = bins * (1.0 - (1.0 - 1.0 / bins) ** picks)
+    return min(hit, limit) if limit > 0 else hit
+
+
+def normal_a2a_parts(topo: Topology, op: str, tokens_per_rank: float, top_k: int, bytes_per_dest: float,
+                     ep: int, imbalance: float = 1.0) -> tuple[float, float] | None:
+    """(latency, transfer) of a prefill dispatch/combine on DeepEP's normal kernels, or None where none
+    are measured for the fabric (Ascend UB: the low-latency profile prices prefill too).
+
+    Bytes count distinct destinations, not top-k copies: nodes over RDMA when the group spans nodes,
+    GPUs over NVLink inside one node; bandwidths scale from H800 by the bounding link.
+    """
+    if profile_for(topo) is not NVIDIA_IB_PROFILE or ep <= 1 or tokens_per_rank <= 0:
+        return None
+    hw = topo.hardware
+    k = 0 if op == "dispatch" else 1
+    node = topo.scaleup_devices * topo.dies_per_device
+    latency = FLOOR_US + path_latency_us(topo, ep)
+    if ep <= node:  # one NVLink domain (an HGX node, or a GB200 NVL72 rack)
+        dests = expected_distinct(ep, top_k)
+        bw = DEEPEP_NORMAL_NVLINK_GBPS[k] * hw.scaleup_gbps / H800.scaleup_gbps
+    else:
+        dests = expected_distinct(math.ceil(ep / node), top_k)
+        measured = tuple((e, (d, c)[k]) for e, d, c in DEEPEP_NORMAL_RDMA_GBPS)
+        bw = _interp_bw(measured, ep) * hw.scaleout_gbps / H800.scaleout_gbps
+    nbytes = tokens_per_rank * dests * bytes_per_dest * imbalance
+    return latency, nbytes / (bw * 1e3)
 
 
 def dispatch_parts(topo: Topology, tokens_per_rank: float, hidden: int, act_dtype: str, dests_per_token: float,

@@ -105,6 +105,15 @@ class Precision:
         return "bf16" if self.quant in FP4_FORMATS else self.quant
 
     @property
+    def dispatch_dtype(self) -> str:
+        """Format of the activations the MoE dispatch moves: the expert GEMM's input format. FP4 experts
+        on FP4 tensor cores take FP4 inputs, which the all-to-all quantises before sending (LMSYS GB200
+        Part II: NVFP4 quantisation fused into DeepEP's dispatch "halving the required network
+        traffic"; TRT-LLM tech blog 3, DeepSeek R1 throughput on B200: "FP4 AllGather" replaces
+        BF16); otherwise the non-expert activation format (FP8/INT8 dispatch, DeepEP and CMI)."""
+        return self.quant if self.quant in FP4_FORMATS and self.fp4_compute else self.act_dtype
+
+    @property
     def expert_dtype(self) -> str:
         """Format the expert GEMMs compute in."""
         if self.quant in FP4_FORMATS:
@@ -198,7 +207,13 @@ def attention_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, seqs: fl
     cached = seqs * kv_len if phase == "decode" else tokens
     kv_values = shape.kv_values_per_token_per_layer()
     core_bytes = cached * kv_values * prec.kv_bytes * kv_replicas
-    core = roofline_us(hw, "attention", core_flops, core_bytes, prec.attention)
+    eff_c, eff_m = hw.fused_mla_decode_eff
+    if phase == "decode" and shape.attention == "mla" and eff_c > 0:
+        # the fused kernel engines run (FlashMLA on Hopper), not the profile's unfused measurement
+        core = max(core_flops / (hw.peak_tflops(prec.attention) * 1e6 * eff_c),
+                   core_bytes / (hw.hbm_tbps * 1e6 * eff_m))
+    else:
+        core = roofline_us(hw, "attention", core_flops, core_bytes, prec.attention)
     return proj + core
 
 

@@ -49,6 +49,10 @@ class DeviceSpec:
     default_quant: str = "bf16"
     # rows of the smallest tensor-core/cube tile a GEMM pads its token dimension to (see compute.py)
     gemm_tile_m: int = 64
+    # (compute, memory) efficiency of the fused MLA decode kernel engines run on this device (absorbed
+    # MQA-mode attention over the latent cache, BF16 math), when its authors published them; (0, 0) =
+    # none published: the profile's or the published generic attention efficiencies apply
+    fused_mla_decode_eff: tuple[float, float] = (0.0, 0.0)
 
     @property
     def chip_bf16_tflops(self) -> float:
@@ -109,7 +113,7 @@ class DeviceSpec:
         """The spec sheet, what a topology's digest hashes: the figures, fabrics and source (the
         platform and the nominal mark describe the same device, so plans keep their digests)."""
         out = asdict(self)
-        del out["platform"], out["nominal"], out["default_quant"], out["gemm_tile_m"]
+        del out["platform"], out["nominal"], out["default_quant"], out["gemm_tile_m"], out["fused_mla_decode_eff"]
         if not out["fp4_tflops"]:
             del out["fp4_tflops"]  # devices without FP4 keep the digests their plans recorded
         return out
@@ -133,6 +137,12 @@ ASCEND_910C = DeviceSpec(
     gemm_tile_m=16,  # Ascend DaVinci cube unit: 16 x 16 x 16 per cycle (Huawei, Hot Chips 31, 2019)
 )
 
+# FlashMLA (deepseek-ai/FlashMLA README, "Performance"): the dense MLA decoding kernel SGLang, vLLM and
+# TensorRT-LLM run on Hopper reaches 3,000 GB/s memory-bound and 660 TFLOPS compute-bound (BF16) on H800
+# SXM5: 3,000 / 3,350 GB/s = 0.896 of HBM, 660 / 989 = 0.667 of the BF16 peak. It is one SM90 kernel;
+# the fractions carry over to H100/H200 (same SMs, HBM3/HBM3e).
+FLASH_MLA_HOPPER = (660.0 / 989.0, 3000.0 / 3350.0)
+
 # NVIDIA SXM parts: NVIDIA's datasheets. INT8 dense = FP8 dense on Hopper (datasheet:
 # 3,958 TOPS INT8 with sparsity, half of it dense). NVLink is quoted bidirectional: halve it.
 # Scale-out: 8 x 400 Gb/s InfiniBand per 8-GPU node = 50 GB/s per GPU (DGX H100 datasheet: 8 x ConnectX-7).
@@ -152,6 +162,7 @@ H100 = DeviceSpec(
     platform="cuda",
     default_quant="fp8",  # DSV3 ships FP8 weights (§3.3) and serves them on H800 (§3.4)
     gemm_tile_m=64,  # Hopper wgmma.mma_async: M = 64 rows per warpgroup instruction (PTX ISA)
+    fused_mla_decode_eff=FLASH_MLA_HOPPER,
 )
 
 H800 = DeviceSpec(
@@ -170,6 +181,7 @@ H800 = DeviceSpec(
     platform="cuda",
     default_quant="fp8",  # DSV3 ships FP8 weights (§3.3) and serves them on H800 (§3.4)
     gemm_tile_m=64,  # Hopper wgmma.mma_async: M = 64 rows per warpgroup instruction (PTX ISA)
+    fused_mla_decode_eff=FLASH_MLA_HOPPER,
 )
 
 H200 = DeviceSpec(
@@ -188,6 +200,7 @@ H200 = DeviceSpec(
     platform="cuda",
     default_quant="fp8",  # DSV3 ships FP8 weights (§3.3) and serves them on H800 (§3.4)
     gemm_tile_m=64,  # Hopper wgmma.mma_async: M = 64 rows per warpgroup instruction (PTX ISA)
+    fused_mla_decode_eff=FLASH_MLA_HOPPER,
 )
 
 # NVIDIA A100 SXM4 80GB: "NVIDIA A100 Tensor Core GPU" datasheet: BF16 312 TFLOPS dense, INT8 624 TOPS

@@ -195,8 +195,11 @@ _NO_MOE = _MoE(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, layout: memory.ExpertLayout,
-                   tokens: float, imbalance: float) -> _MoE:
-    """EP over `layout.ep` dies, each routing `tokens` tokens (its attention share) per microbatch."""
+                   tokens: float, imbalance: float, prefill: bool = False) -> _MoE:
+    """EP over `layout.ep` dies, each routing `tokens` tokens (its attention share) per microbatch.
+
+    prefill: the transfers run the high-throughput (normal) all-to-all kernels where the fabric has
+    measured ones (DeepEP on NVIDIA), else the low-latency ones decode runs."""
     if shape.num_routed_experts == 0:
         return _NO_MOE
     hw = topo.hardware
@@ -212,8 +215,15 @@ def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, l
         shared = compute.experts_us(shape, hw, prec, pairs=tokens, slots=1, params_per_expert=shape.params_shared,
                                     op_class="dense_gemm")
     dests = memory.dests_per_token(shape, layout)
-    d_lat, d_bw = comm.dispatch_parts(topo, tokens, shape.hidden, prec.act_dtype, dests, layout.ep, imbalance)
+    d_lat, d_bw = comm.dispatch_parts(topo, tokens, shape.hidden, prec.dispatch_dtype, dests, layout.ep, imbalance)
     c_lat, c_bw = comm.combine_parts(topo, tokens, shape.hidden, dests, layout.ep, imbalance)
+    if prefill:
+        normal_d = comm.normal_a2a_parts(topo, "dispatch", tokens, dests, comm.dispatch_dest_bytes(
+            shape.hidden, prec.dispatch_dtype), layout.ep, imbalance)
+        normal_c = comm.normal_a2a_parts(topo, "combine", tokens, dests, comm.combine_dest_bytes(shape.hidden),
+                                         layout.ep, imbalance)
+        if normal_d and normal_c:
+            (d_lat, d_bw), (c_lat, c_bw) = normal_d, normal_c
     return _MoE(dispatch=d_bw, experts=routed, shared=shared, combine=c_bw, latency=d_lat + c_lat,
                 routed_pairs=pairs, tokens_per_expert=pairs / slots if slots else 0.0)
 
@@ -441,7 +451,7 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
     dests = shape.top_k + (1 if layout.has_shared else 0)
     recv = domain_tokens * dests / f_dies
     a2e_lat, a2e_bw = comm.disaggregated_transfer_parts(
-        topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.act_dtype), dep.imbalance)
+        topo, "a2e", tok_mb * dests, recv, comm.dispatch_dest_bytes(shape.hidden, prec.dispatch_dtype), dep.imbalance)
     e2a_lat, e2a_bw = comm.disaggregated_transfer_parts(
         topo, "e2a", tok_mb * dests, recv, comm.combine_dest_bytes(shape.hidden), dep.imbalance)
     a2e, e2a = a2e_lat + a2e_bw, e2a_lat + e2a_bw
@@ -559,7 +569,7 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     tp_lat, tp_bw = comm.all_reduce_parts(topo, tp * tok_mb * shape.hidden * 2.0, tp)
     tp_comm = tp_lat + tp_bw
     gate = compute.gate_us(shape, hw, tok_mb)
-    moe = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance)
+    moe = _moe_colocated(shape, topo, prec, layout, tok_mb, dep.imbalance, prefill=True)
     ffn = compute.dense_ffn_us(shape, hw, prec, tokens=tok_mb, tp=tp)
     head = compute.lm_head_us(shape, hw, prec, tokens=prompts)  # only each prompt's last position
     vec_moe = compute.vector_ops_us(shape, hw, prec, tokens=tok_mb, pairs=moe.routed_pairs,
