@@ -119,11 +119,13 @@ def _table(title: str, cols: list[str], left: int = 2, first_width: int | None =
 
 
 def _deployment(plan: Plan) -> Table:
-    table = _table("deployment", ["phase", "instance", "mode", "devices", "device ids", "attention DPxTP", "EP",
-                                  "A:F", "microbatches", "batch/device (seq or tok)", "slots/device"], left=3)
+    mixed = bool(plan.topology.groups)  # a hardware column only where instances differ in hardware
+    table = _table("deployment", ["phase", "instance", *(["hardware"] if mixed else []), "mode", "devices",
+                                  "device ids", "attention DPxTP", "EP", "A:F", "microbatches",
+                                  "batch/device (seq or tok)", "slots/device"], left=4 if mixed else 3)
     for r in deployment_rows(plan):
-        table.add_row(r["phase_label"], r["instance"], r["mode"], str(r["devices"]), r["device_ids"], r["dp_tp"],
-                      str(r["ep"]), r["af"], str(r["microbatches"]),
+        table.add_row(r["phase_label"], r["instance"], *([r["hardware"]] if mixed else []), r["mode"],
+                      str(r["devices"]), r["device_ids"], r["dp_tp"], str(r["ep"]), r["af"], str(r["microbatches"]),
                       batch_label(r["phase"], r["batch_per_device"], r["chunk_per_device"]), str(r["slots_per_device"]))
     return table
 
