@@ -129,13 +129,13 @@ def _split(shape: ModelShape, mixed: MixedTopology, a: str, b: str, wl: ir.Workl
     dec_ok = [c for c in dec_all if wl.tpot_slo_ms is None or (c.estimate.tpot_ms or 0.0) <= wl.tpot_slo_ms]
     pre_ok = [p for p in pre_all if wl.ttft_slo_ms is None or (p.estimate.ttft_ms or 0.0) <= wl.ttft_slo_ms]
     if not dec_ok:
-        best = min(c.estimate.tpot_ms or math.inf for c in dec_all)
+        reach = min(c.estimate.tpot_ms or math.inf for c in dec_all)
         return Assignment(a, b, error=f"no decode configuration on {b} meets --tpot-ms {wl.tpot_slo_ms:g} "
-                                      f"(best {best:.1f} ms)")
+                                      f"(best {reach:.1f} ms)")
     if not pre_ok:
-        best = min(p.estimate.ttft_ms or math.inf for p in pre_all)
+        reach = min(p.estimate.ttft_ms or math.inf for p in pre_all)
         return Assignment(a, b, error=f"no prefill configuration on {a} meets --ttft-ms {wl.ttft_slo_ms:g} with "
-                                      f"the KV hand-off to {b} (best {best:.0f} ms)")
+                                      f"the KV hand-off to {b} (best {reach:.0f} ms)")
     by_size: dict[int, Candidate[PrefillDeployment]] = {}
     for p in pre_ok:
         if p.instance_devices not in by_size or _key(p) > _key(by_size[p.instance_devices]):
@@ -265,9 +265,9 @@ def compile_mixed(model: str, mixed: MixedTopology, opts: CompileOptions,
     if opts.rate is not None:
         raise InputError(f"--rate {opts.rate:g}: not supported on a mixed topology ({mixed.name}) yet; drop --rate")
     wl = opts.workload
-    for g in mixed.groups:
-        if not g.topology.hardware.supports_weights(wl.quant):
-            raise InputError(f"--quant {wl.quant}: {g.topology.hardware.name} (group {g.name}) does not support "
+    for grp in mixed.groups:
+        if not grp.topology.hardware.supports_weights(wl.quant):
+            raise InputError(f"--quant {wl.quant}: {grp.topology.hardware.name} (group {grp.name}) does not support "
                              "it; choose a precision every group runs")
     say(f"tracing {model}")
     traced = trace(model)
