@@ -94,6 +94,24 @@ class HeteroResult:
     def chosen(self) -> Assignment:
         return self.assignments[0]
 
+    @property
+    def side_by_side(self) -> float | None:
+        """Requests/s of every group serving both phases on its own (the sum of the single-group plans),
+        when each group has one. One plan cannot hold it (a phase has one deployment and one prediction),
+        so it is never chosen; the summary names it when it beats the chosen assignment."""
+        alone = [a for a in self.assignments if a.search is not None]
+        if len(alone) < len(self.topology.groups):
+            return None
+        return sum(a.requests_per_s for a in alone)
+
+    def side_by_side_note(self) -> str:
+        """What to do when separate per-group plans would serve more than the chosen assignment."""
+        both, win = self.side_by_side, self.chosen.requests_per_s
+        if both is None or both <= win * (1 + 1e-6):
+            return ""
+        return (f"each group serving both phases on its own would serve {both:,.2f} req/s (+{(both / win - 1) * 100:.1f}%), "
+                "which one plan cannot hold yet: compile each group separately for that")
+
 
 def _with_handoff(c: Candidate[PrefillDeployment], h: Handoff) -> Candidate[PrefillDeployment]:
     """The prefill candidate with its in-group KV transfer replaced by the cross-group hand-off (in TTFT)."""

@@ -248,8 +248,11 @@ def _run_mixed(args: argparse.Namespace, topo: MixedTopology, opts, t0: float) -
         err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
     rows = summary(res, plan.workload)
     if args.json:
+        both = res.side_by_side
         print(json.dumps({"model": plan.model.name, "topology": topo.name, "plan": args.output, "why": res.why,
-                          "devices": topo.num_devices, "assignments": rows}, indent=1, sort_keys=True))
+                          "devices": topo.num_devices, "assignments": rows,
+                          "side_by_side_requests_per_s": None if both is None else round(both, 4),
+                          "notes": [n for n in (res.side_by_side_note(),) if n]}, indent=1, sort_keys=True))
         return 0
     _mixed_summary(plan, res, rows, args.output)
     return 0
@@ -277,6 +280,9 @@ def _mixed_summary(plan, res, rows: list[dict], path: str) -> None:
                     f"({h.bytes_per_request / 1e6:,.0f} MB per request at {h.link_gbps_per_device:g} GB/s per device)")
         out.print(f"    {lat}, {p.throughput_per_device:,.0f} tokens/s per device", soft_wrap=True)
     out.print(f"  assignment: {res.why}", soft_wrap=True)
+    note = res.side_by_side_note()
+    if note:
+        out.print(f"  note: {note}", soft_wrap=True)
     table = Table(title="assignments of phases to groups", title_justify="left", box=None, pad_edge=False)
     for col in ("assignment", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "KV MB/req", "note"):
         table.add_column(col, justify="left" if col in ("assignment", "note") else "right",

@@ -89,6 +89,15 @@ def test_phases_go_to_the_group_that_pays(compiled):
     assert runs[0] == f"assign {win.label}"
 
 
+def test_side_by_side_groups_are_reported_not_chosen(compiled):
+    _, res, _ = compiled
+    alone = [a.requests_per_s for a in res.assignments if a.search is not None]
+    assert res.side_by_side == pytest.approx(sum(alone))
+    # two separate plans beat the split here: the summary says so and what to do
+    assert res.side_by_side > res.chosen.requests_per_s
+    assert "compile each group separately" in res.side_by_side_note()
+
+
 def test_kv_handoff_is_in_ttft_and_scales_with_prompt_length(compiled):
     plan, res, _ = compiled
     h = res.chosen.handoff
