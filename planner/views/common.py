@@ -92,6 +92,14 @@ def instance_row(phase: str, inst: Instance, placement: ExpertPlacement) -> dict
     }
 
 
+def hardware_label(plan: Plan) -> str:
+    """'384 x Ascend 910C', or per group on a mixed topology: '64 x H100 SXM + 64 x H200 SXM'."""
+    t = plan.topology
+    if not t.groups:
+        return f"{t.num_devices} x {t.hardware}"
+    return " + ".join(f"{g.num_devices} x {g.hardware}" for g in t.groups)
+
+
 def instance_hardware(plan: Plan, inst: Instance) -> str | None:
     """'H200 SXM (h200-cluster:8)' for an instance of a mixed topology; None when all devices are one kind."""
     if not plan.topology.groups:
