@@ -176,3 +176,14 @@ def test_views_name_each_instances_hardware(compiled, capsys, tmp_path):
     assert main(["diff", path, path]) == 0
     out = capsys.readouterr().out
     assert "hardware: H100 SXM (h100-cluster:1)" in out and "hardware: H200 SXM (h200-cluster:1)" in out
+
+
+def test_compile_cli_says_which_group_serves_which_phase_and_is_deterministic(compiled, tmp_path, capsys):
+    plan, _, _ = compiled
+    out_path = tmp_path / "cli.json"
+    assert main(["compile", MODEL, "--topology", MIXED, "--tpot-ms", "50", "-o", str(out_path)]) == 0
+    out = capsys.readouterr().out
+    assert "prefill on h100-cluster:1 (H100 SXM)" in out and "decode on h200-cluster:1 (H200 SXM)" in out
+    assert "KV hand-off to h200-cluster:1" in out and "assignments of phases to groups" in out
+    # the same inputs give the same plan, byte for byte
+    assert out_path.read_text() == plan.to_json()
