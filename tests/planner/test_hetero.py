@@ -187,3 +187,14 @@ def test_compile_cli_says_which_group_serves_which_phase_and_is_deterministic(co
     assert "KV hand-off to h200-cluster:1" in out and "assignments of phases to groups" in out
     # the same inputs give the same plan, byte for byte
     assert out_path.read_text() == plan.to_json()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--devices", "8"], "--devices 8: a mixed topology (h100-cluster:1+h200-cluster:1) is planned whole"),
+    (["--rate", "5"], "--rate 5: not supported on a mixed topology"),
+])
+def test_compile_flags_a_mixed_topology_cannot_take(tmp_path, capsys, flags, words):
+    assert main(["compile", MODEL, "--topology", MIXED, *flags, "-o", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+    assert not (tmp_path / "x.json").exists()
