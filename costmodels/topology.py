@@ -386,3 +386,131 @@ def get_topology(name: str) -> Topology:
     if m is None or family is None:
         raise TopologyError(f"unknown topology '{name}'; valid: {VALID_NAMES}")
     return family.build(_count(name, m.group(2), family))
+
+
+# --- heterogeneous topologies: named groups joined by the scale-out network ----------------------
+
+# A mixed topology is written GROUP+GROUP ("h100-cluster:8+h200-cluster:8"): each group is a topology
+# above, with its own hardware and scale-up fabric. Groups reach each other only over the scale-out
+# network (RDMA / InfiniBand): a device's NIC is the bottleneck of any inter-group path, so the link
+# between groups runs at the slower of the two groups' per-device scale-out bandwidth (hardware.py
+# sources each: 400 Gb/s InfiniBand per GPU on DGX/HGX nodes, 200 Gb/s RoCE per 910C die).
+MAX_GROUPS = 4
+# assumed: NIC + leaf + spine + leaf + NIC between two clusters on one scale-out fabric (three switch
+# hops of IB_HOP_US; RDMA_HOP_US when either end is RoCE)
+INTERGROUP_HOPS = 3
+
+
+@dataclass(frozen=True)
+class TopologyGroup:
+    """One group of a mixed topology: a named topology and where its devices start in the mixed numbering."""
+
+    name: str  # the group's topology name, e.g. "h200-cluster:8"; unique in the mixed topology
+    topology: Topology
+    first_device: int
+
+    @property
+    def devices(self) -> range:
+        return range(self.first_device, self.first_device + self.topology.num_devices)
+
+
+class MixedTopology:
+    """Groups of devices, each group a homogeneous `Topology`; devices are numbered group after group.
+
+    The planner serves each phase on one group's hardware (planner/hetero.py); only the KV-cache transfer
+    of a request from its prefill group to its decode group crosses between groups.
+    """
+
+    def __init__(self, groups: tuple[Topology, ...]):
+        first = 0
+        out = []
+        for topo in groups:
+            out.append(TopologyGroup(topo.name, topo, first))
+            first += topo.num_devices
+        self.groups: tuple[TopologyGroup, ...] = tuple(out)
+        self.name = "+".join(g.name for g in self.groups)
+        self.num_devices = first
+
+    def group(self, name: str) -> TopologyGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise TopologyError(f"{self.name}: no group '{name}'; groups: {', '.join(g.name for g in self.groups)}")
+
+    def group_of(self, device: int) -> TopologyGroup:
+        for g in self.groups:
+            if device in g.devices:
+                return g
+        raise TopologyError(f"{self.name}: device {device} out of range 0..{self.num_devices - 1}")
+
+    def link_gbps(self, a: str, b: str) -> float:
+        """GB/s one direction per device between groups a and b: the slower NIC of the two ends."""
+        ha, hb = self.group(a).topology, self.group(b).topology
+        return min(ha.hardware.chip_scaleout_gbps, hb.hardware.chip_scaleout_gbps)
+
+    def link_latency_us(self, a: str, b: str) -> float:
+        """Hop latency (us) between a device of group a and one of group b (assumed, see INTERGROUP_HOPS)."""
+        fabrics = {self.group(a).topology.hardware.scaleout_fabric, self.group(b).topology.hardware.scaleout_fabric}
+        hop = RDMA_HOP_US if "RoCE" in fabrics else IB_HOP_US
+        return INTERGROUP_HOPS * hop
+
+    def describe(self) -> dict:
+        """Canonical description: each group's own description, and the inter-group links."""
+        return {
+            "name": self.name,
+            "groups": [g.topology.describe() for g in self.groups],
+            "links": [[a.name, b.name, round(self.link_gbps(a.name, b.name), 6),
+                       round(self.link_latency_us(a.name, b.name), 6)]
+                      for i, a in enumerate(self.groups) for b in self.groups[i + 1:]],
+        }
+
+    def digest(self) -> str:
+        text = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"MixedTopology({self.name!r}: " + ", ".join(
+            f"{g.topology.num_devices} x {g.topology.hardware.name}" for g in self.groups) + ")"
+
+
+MIXED_USAGE = "GROUP+GROUP (e.g. h100-cluster:8+h200-cluster:8: prefill and decode may run on different hardware)"
+
+
+@functools.lru_cache(maxsize=32)
+def get_any_topology(name: str) -> Topology | MixedTopology:
+    """`get_topology`, or a MixedTopology for a name of '+'-joined groups; bad names raise TopologyError."""
+    if not isinstance(name, str):
+        raise TopologyError(f"topology name must be a string; valid: {VALID_NAMES}")
+    if "+" not in name:
+        return get_topology(name)
+    parts = [p.strip() for p in name.split("+")]
+    for i, part in enumerate(parts):
+        if not part:
+            raise TopologyError(f"topology '{name}': group {i + 1} is empty; write {MIXED_USAGE}")
+    if len(parts) > MAX_GROUPS:
+        raise TopologyError(f"topology '{name}': {len(parts)} groups, at most {MAX_GROUPS}; drop one")
+    groups = []
+    for i, part in enumerate(parts):
+        try:
+            groups.append(get_topology(part))
+        except TopologyError:
+            raise TopologyError(f"topology '{name}': group {i + 1} '{part}' is not a topology; each group is one "
+                                f"of {topology_names()}") from None
+    names = [g.name for g in groups]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise TopologyError(f"topology '{name}': group '{dup}' given twice; a group is one named topology "
+                            f"(use {dup.split(':')[0]}:N with a larger N for more of it)")
+    for g in groups:
+        if g.hardware.scaleout_gbps <= 0:
+            raise TopologyError(f"topology '{name}': group '{g.name}' has no scale-out network ({g.hardware.name}), "
+                                "so nothing can reach it from another group; use cluster topologies as groups")
+        if g.pods > 1:
+            raise TopologyError(f"topology '{name}': group '{g.name}' has {g.pods} pods; a group is one pod or one "
+                                f"GPU cluster for now: use {g.kind} as the group")
+    dies = {g.dies_per_device for g in groups}
+    if len(dies) > 1:
+        # the Plan IR counts parallel degrees in dies with one dies-per-device for the whole plan
+        raise TopologyError(f"topology '{name}': groups mix {' and '.join(str(d) for d in sorted(dies))} dies per "
+                            "device, which one plan cannot describe yet; mix groups of one die count")
+    return MixedTopology(tuple(groups))

@@ -219,6 +219,13 @@ def _solver_runs(sr: SearchResult, phases: list[_PhasePlan], balances: dict[str,
     """The search, then per phase the balancer's worst layer (largest gap to its bound)."""
     runs = [ir.SolverRun(name=f"search ({sr.mode})", solver="enumerate", status="EXHAUSTIVE",
                          objective=round(sr.requests_per_s, 6))]
+    return tuple(runs) + balance_runs(phases, balances, moe_layers)
+
+
+def balance_runs(phases: list[_PhasePlan], balances: dict[str, BalanceResult],
+                 moe_layers: tuple[int, ...]) -> tuple[ir.SolverRun, ...]:
+    """Per phase, the balancer's worst layer (largest gap to its bound)."""
+    runs = []
     for pp in phases:
         res = balances[pp.name]
         worst = int(np.argmax(res.gap))
@@ -432,9 +439,11 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
             predictions=prediction_of(est), memory=memory_of(est, pp.mode, dies),
         )
     frontier = _frontier(sr, {pp.name: pp.cand for pp in phases})
+    topo_info = ir.TopologyInfo.from_topology(topo)
     plan = ir.Plan(
+        schema_version=ir.version_needed(topo_info),
         model=ir.ModelInfo.from_shape(shape, traced.source.digest(), weight_bytes),
-        topology=ir.TopologyInfo.from_topology(topo),
+        topology=topo_info,
         workload=wl,
         stages=table.stages,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,

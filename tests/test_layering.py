@@ -107,7 +107,7 @@ def test_planner_wings_point_down():
 def test_planner_is_in_wings():
     """The flat layout stays gone: top-level planner modules are the drivers only."""
     top = sorted(p.name for p in (ROOT / "planner").glob("*.py"))
-    assert top == ["__init__.py", "__main__.py", "compile.py", "golden.py", "placement.py", "replan.py",
+    assert top == ["__init__.py", "__main__.py", "compile.py", "golden.py", "hetero.py", "placement.py", "replan.py",
                    "run_predictions.py", "search.py"]
 
 

@@ -39,3 +39,24 @@ def at_least(command: str, flag: str, value: int | None, low: int) -> None:
 def decode_mode(text: str) -> str:
     """A --mode / --decode-mode value (argparse `type`); 'afd', the old name of disaggregated, is still read."""
     return "disaggregated" if text == "afd" else text
+
+
+def single_hardware(command: str, plan, path: str, fix: str) -> None:
+    """Commands that run, export, simulate or re-place a plan model one kind of hardware: a plan for a
+    mixed topology (instances on different groups) is refused with what to do instead."""
+    groups = plan.topology.groups
+    if not groups:
+        return
+    names = ", ".join(g.name for g in groups)
+    # the CLI prefixes "podplan COMMAND: error:", so the line starts with the subject
+    raise InputError(f"{path} is a plan for the mixed topology {plan.topology.name}, and {command} handles plans "
+                     f"for one kind of hardware ({fix}); compile for one group instead: {names}")
+
+
+def single_topology(command: str, name: str) -> None:
+    """A --topology value naming hardware groups ('a+b') where a command takes one kind of hardware."""
+    if "+" not in name:
+        return
+    raise InputError(f"--topology {name} mixes hardware groups, and {command} models one kind of "
+                     "hardware; give one group (e.g. --topology " + name.split("+")[0].strip() + "), or use "
+                     "`podplan compile` for the mixed topology")

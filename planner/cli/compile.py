@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from costmodels.compute import QUANTS
 from costmodels.errors import InputError
 from costmodels.serving import DECODE_MODES
-from costmodels.topology import get_topology, topology_names
+from costmodels.topology import MIXED_USAGE, MixedTopology, get_any_topology, topology_names
 from planner.cli import defaults
 from planner.cli.args import MAX_SEED, at_most, decode_mode, finite
 from planner.cli.console import stderr_console, stdout_console
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w = defaults.COMPILE_WORKLOAD  # planner.compile's, without importing torch for --help
     p = sub.add_parser("compile", help="compile a model into a deployment plan for a topology")
     p.add_argument("model", help="bundled name, config.json, or a directory holding one")
-    p.add_argument("--topology", required=True, help=topology_names())
+    p.add_argument("--topology", required=True, help=f"{topology_names()}; or {MIXED_USAGE}")
     p.add_argument("--tpot-ms", type=float, default=w.tpot_slo_ms,
                    help=f"decode TPOT target, ms (default {w.tpot_slo_ms:g})")
     p.add_argument("--ttft-ms", type=float, default=w.ttft_slo_ms, help="prefill TTFT target, ms (default: none)")
@@ -65,8 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_quant(topology: str) -> str:
-    """The precision `podplan estimate` also defaults to on this topology's hardware."""
-    return get_topology(topology).hardware.default_quant
+    """The precision `podplan estimate` also defaults to on this topology's hardware (a mixed topology:
+    its first group's, when every group runs it)."""
+    topo = get_any_topology(topology)
+    if not isinstance(topo, MixedTopology):
+        return topo.hardware.default_quant
+    hws = [g.topology.hardware for g in topo.groups]
+    quant = hws[0].default_quant
+    if not all(hw.supports_weights(quant) for hw in hws):
+        raise InputError(f"compile: the groups of {topo.name} have no default precision in common; give --quant")
+    return quant
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     opts = CompileOptions(workload, pins, loads=args.loads, time_limit=args.time_limit, seed=args.seed,
                           split=args.split, mode=args.mode, devices=args.devices, rate=args.rate)
     t0 = time.perf_counter()
+    topo = get_any_topology(args.topology)
+    if isinstance(topo, MixedTopology):
+        return _run_mixed(args, topo, opts, t0)
     with Progress("compile") as progress:
         plan, sr = compile_report(args.model, args.topology, opts, progress=progress.step)
         write_plan(plan, args.output)
@@ -221,4 +232,69 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
         for row in top:
             table.add_row(phase, row["config"], str(row["devices"]), f"{row['tokens_per_s_per_device']:,.0f}",
                           _ms(row["tpot_ms"]), _ms(row["ttft_ms"], 0), "chosen" if row["chosen"] else "")
+    out.print(table)
+
+
+def _run_mixed(args: argparse.Namespace, topo: MixedTopology, opts, t0: float) -> int:
+    """compile on a mixed topology: the plan, then which group serves which phase and why."""
+    from planner.hetero import compile_mixed, summary
+    from planner.ir.plan import write_plan
+
+    with Progress("compile") as progress:
+        plan, res = compile_mixed(args.model, topo, opts, progress=progress.step)
+        write_plan(plan, args.output)
+    err = stderr_console()
+    if err.is_terminal:
+        err.log(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s")
+    rows = summary(res, plan.workload)
+    if args.json:
+        both = res.side_by_side
+        print(json.dumps({"model": plan.model.name, "topology": topo.name, "plan": args.output, "why": res.why,
+                          "devices": topo.num_devices, "assignments": rows,
+                          "side_by_side_requests_per_s": None if both is None else round(both, 4),
+                          "notes": [n for n in (res.side_by_side_note(),) if n]}, indent=1, sort_keys=True))
+        return 0
+    _mixed_summary(plan, res, rows, args.output)
+    return 0
+
+
+def _mixed_summary(plan, res, rows: list[dict], path: str) -> None:
+    from rich.table import Table
+
+    out = stdout_console()
+    t = plan.topology
+    hw = " + ".join(f"{g.num_devices} x {g.hardware}" for g in t.groups)
+    out.print(f"[bold]{plan.model.name}[/bold] on [bold]{t.name}[/bold] ({hw}) -> {path}", soft_wrap=True)
+    win = res.chosen
+    for name, phase in plan.phases.items():
+        inst = phase.instances[0]
+        group = next(g for g in t.groups if g.name == inst.group)
+        p = phase.predictions
+        label = "prefill+decode" if name == "decode" and plan.prefill is None else name
+        out.print(f"  {label} on {group.name} ({group.hardware}): {_plural(len(phase.instances), inst.mode + ' instance')}"
+                  f" x {_plural(len(inst.devices), 'device')} (EP{inst.ep})", soft_wrap=True)
+        lat = f"TPOT {p.tpot_ms:.1f} ms" if name == "decode" else f"TTFT {p.ttft_ms:.0f} ms"
+        if name == "prefill" and win.handoff is not None:
+            h = win.handoff
+            lat += (f" incl. the KV hand-off to {win.decode} {h.transfer_ms:.1f} ms "
+                    f"({h.bytes_per_request / 1e6:,.0f} MB per request at {h.link_gbps_per_device:g} GB/s per device)")
+        out.print(f"    {lat}, {p.throughput_per_device:,.0f} tokens/s per device", soft_wrap=True)
+    out.print(f"  assignment: {res.why}", soft_wrap=True)
+    note = res.side_by_side_note()
+    if note:
+        out.print(f"  note: {note}", soft_wrap=True)
+    table = Table(title="assignments of phases to groups", title_justify="left", box=None, pad_edge=False)
+    for col in ("assignment", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "KV MB/req", "note"):
+        table.add_column(col, justify="left" if col in ("assignment", "note") else "right",
+                         overflow="fold" if col == "note" else "ellipsis")
+    for row in rows:
+        name = row["assignment"] + (" (chosen)" if row["chosen"] else "")
+        if "error" in row:
+            table.add_row(name, "-", "-", "-", "-", "-", "-", f"no plan: {row['error']}")
+            continue
+        kv = row.get("kv_handoff")
+        table.add_row(name, f"{row['requests_per_s']:,.2f}", f"{row['output_tokens_per_s_per_device']:,.0f}",
+                      str(row["devices_used"]), _ms(row["tpot_ms"]), _ms(row["ttft_ms"], 0),
+                      "-" if kv is None else f"{kv['bytes_per_request'] / 1e6:,.0f}",
+                      f"bound by {row['bound']}" if row.get("bound") else "")
     out.print(table)

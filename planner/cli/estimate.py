@@ -9,7 +9,7 @@ from costmodels.compute import QUANTS
 from costmodels.errors import InputError
 from costmodels.serving import DECODE_MODES, DecodeDeployment, Deployment, Estimate, PrefillDeployment, estimate
 from costmodels.topology import get_topology, topology_names
-from planner.cli.args import decode_mode
+from planner.cli.args import decode_mode, single_topology
 
 # Defaults of the flags a user leaves out (None in argparse, so we can tell "not given").
 DEFAULTS = {
@@ -112,6 +112,7 @@ def build_deployment(args: argparse.Namespace) -> Deployment:
 
 
 def run(args: argparse.Namespace) -> int:
+    single_topology("estimate", args.topology)
     topo = get_topology(args.topology)
     dep = build_deployment(args)
     from planner.frontend.trace import model_shape

@@ -29,9 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from planner.export import export_plan, write_export
     from planner.ir.fileio import check_output_path
     from planner.ir.plan import load_plan
+    from planner.cli.args import single_hardware
 
     check_output_path(args.output, flag="-o", folder=True)  # DIR may be missing; its parent must exist
     plan = load_plan(args.plan)
+    single_hardware("export", plan, args.plan, "engines launch one kind of hardware per deployment file")
     export = export_plan(plan, args.format, plan_file=args.plan)
     write_export(export, args.output)
     err = stderr_console()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from costmodels.errors import InputError
-from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file
+from planner.cli.args import MAX_SEED, at_least, at_most, finite, output_file, single_hardware
 from planner.cli.console import stderr_console, stdout_console
 from planner.cli.defaults import REPLAN_SLACK as DEFAULT_SLACK
 from planner.cli.progress import Progress
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     finite("replan", "--time-limit", args.time_limit)
     finite("replan", "--migration-slack", args.migration_slack)
     plan = load_plan(args.plan)
+    single_hardware("replan", plan, args.plan, "re-placement re-scores instances on one kind of hardware")
     if args.model_config is not None:
         from planner.frontend.zoo import load_source
 

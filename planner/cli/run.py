@@ -22,6 +22,7 @@ from costmodels.hardware import device_named
 from planner.cli.console import stderr_console, stdout_console
 from planner.ir.fileio import check_output_path
 from planner.ir.plan import load_plan
+from planner.cli.args import single_hardware
 
 # A week: beyond this --timeout is a typo, and setitimer would overflow on absurd values.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with _deadline(args.timeout):  # a crafted plan must not make the checks outlast --timeout
         plan = load_plan(args.plan)
+        single_hardware("run", plan, args.plan, "run one group's plan on its hardware")
         spec = spec_from_plan(plan, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                               seed=args.seed, weights=args.weights, backend=args.backend,
                               model_config=args.model_config, graphs=not args.no_graphs,

@@ -8,7 +8,7 @@ import json
 import sys
 
 from costmodels.errors import InputError
-from planner.cli.args import MAX_SEED, at_least, at_most, finite
+from planner.cli.args import MAX_SEED, at_least, at_most, finite, single_hardware
 
 # Longest stream a run simulates (s): a day of traffic.
 MAX_DURATION = 86400.0
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths) if args.lengths else None
 
     plan = load_plan(args.plan)
+    single_hardware("simulate", plan, args.plan, "the fleet simulator prices one kind of hardware")
     wl = plan.workload
     if lengths is None:
         lengths = LengthSpec() if arrivals.kind == "trace" else LengthSpec(wl.input_len, wl.output_len)

@@ -24,8 +24,11 @@ from typing import Annotated, Any, Literal, Union
 from planner.ir.errors import PlanError
 from planner.ir.fileio import write_atomic
 
-# Readers accept exactly this version; any change to the shipped schema file bumps it (docs/plan-ir.md).
-SCHEMA_VERSION = 2
+# The version this podplan writes at most; any change to the shipped schema file bumps it (docs/plan-ir.md).
+SCHEMA_VERSION = 3
+# Versions readers accept: version 3 only adds optional records (a mixed topology's groups, the group of
+# each instance), so a version-2 document is still a valid plan and loads as it is.
+READ_VERSIONS = (2, 3)
 # Significant digits kept for every float: enough for ms and tokens/s, short enough to diff.
 FLOAT_DIGITS = 6
 # Tolerance on "the shares of one expert sum to 1" after rounding to FLOAT_DIGITS.
@@ -70,6 +73,9 @@ StageKind = Literal["embed", "attention", "moe_gate", "dense_ffn", "routed_exper
 # What changed in each schema version: an old plan's reader is told why to recompile.
 VERSION_NOTES = {1: "version 1 had one formula-based stage per layer; version 2 lists the pass pipeline's stages "
                     "with measured cut bytes and the passes that ran"}
+# Fields new in version 3, written only when set: a plan without them stays a byte-identical version-2
+# document (`version_needed`), so plans for one kind of hardware keep their bytes and older readers.
+V3_FIELDS = {"TopologyInfo": ("groups",), "Instance": ("group",)}
 
 
 @dataclass(frozen=True)
@@ -280,8 +286,10 @@ class _Node:
         """Invariants of this node alone (cross-node rules live in Plan._check)."""
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready dict: every field, tuples as lists, keys in canonical (sorted) order."""
-        return {name: _plain_out(getattr(self, name)) for name in sorted(_fields(type(self)))}
+        """Plain JSON-ready dict: every field (a version-3 field only when set), tuples as lists, keys sorted."""
+        optional = V3_FIELDS.get(type(self).__name__, ())
+        return {name: _plain_out(getattr(self, name)) for name in sorted(_fields(type(self)))
+                if not (name in optional and getattr(self, name) in (None, ()))}
 
 
 def _check_limits(node: _Node) -> None:
@@ -376,6 +384,24 @@ class ModelInfo(_Node):
 
 
 @dataclass(frozen=True)
+class GroupInfo(_Node):
+    """One hardware group of a mixed topology ("h100-cluster:8+h200-cluster:8"): devices
+    first_device .. first_device + num_devices - 1 of the plan are this group's."""
+
+    name: Name  # the group's own topology name, e.g. "h200-cluster:8"
+    hardware: Label
+    first_device: int
+    num_devices: int
+    memory_gb_per_device: float
+
+    def _check(self) -> None:
+        if self.first_device < 0:
+            _fail(".first_device", f"{self.first_device} is negative")
+        _positive(".num_devices", self.num_devices)
+        _positive(".memory_gb_per_device", self.memory_gb_per_device)
+
+
+@dataclass(frozen=True)
 class TopologyInfo(_Node):
     """The cluster: devices (NPU chips / GPUs / processes) of `dies_per_device` dies, in servers and pods.
 
@@ -392,7 +418,8 @@ class TopologyInfo(_Node):
     devices_per_server: int
     servers_per_pod: int
     pods: int
-    memory_gb_per_device: float
+    memory_gb_per_device: float  # a mixed topology: the smallest of its groups' (each group says its own)
+    groups: tuple[GroupInfo, ...] = ()  # a mixed topology's hardware groups, in device order (version 3)
 
     def _check(self) -> None:
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
@@ -403,6 +430,26 @@ class TopologyInfo(_Node):
         product = self.devices_per_server * self.servers_per_pod * self.pods
         if product != self.num_devices:
             _fail(".num_devices", f"{self.num_devices} != devices_per_server x servers_per_pod x pods = {product}")
+        first = 0
+        for i, g in enumerate(self.groups):
+            if g.first_device != first:
+                _fail(f".groups[{i}].first_device", f"{g.first_device}, expected {first}: groups list the devices "
+                                                    "in order, without gaps")
+            first += g.num_devices
+        if self.groups and first != self.num_devices:
+            _fail(".groups", f"the groups hold {first} devices, the topology {self.num_devices}")
+
+    def group_of(self, device: int) -> GroupInfo | None:
+        """The hardware group holding `device` (None on a topology of one kind of hardware)."""
+        for g in self.groups:
+            if g.first_device <= device < g.first_device + g.num_devices:
+                return g
+        return None
+
+    def hardware_of(self, device: int) -> str:
+        """The hardware `device` is: its group's on a mixed topology."""
+        g = self.group_of(device)
+        return g.hardware if g is not None else self.hardware
 
     def server_of(self, device: int) -> int:
         return device // self.devices_per_server
@@ -412,13 +459,37 @@ class TopologyInfo(_Node):
 
     @classmethod
     def from_topology(cls, topo: Any) -> TopologyInfo:
-        """From a costmodels Topology."""
+        """From a costmodels Topology or MixedTopology."""
+        if hasattr(topo, "groups"):
+            return cls._from_mixed(topo)
         return cls(
             name=topo.name, kind=topo.kind, params=dict(topo.params), sha256=topo.digest(),
             hardware=topo.hardware.name, num_devices=topo.num_devices, dies_per_device=topo.dies_per_device,
             devices_per_server=topo.devices_per_server, servers_per_pod=topo.servers_per_pod, pods=topo.pods,
             memory_gb_per_device=topo.hardware.chip_hbm_gb,
         )
+
+    @classmethod
+    def _from_mixed(cls, topo: Any) -> TopologyInfo:
+        """One record for the whole mixed topology (server size: the largest that divides every group's
+        servers, so server_of never joins two groups) plus one GroupInfo per group."""
+        tops = [g.topology for g in topo.groups]
+        per_server = math.gcd(*(t.devices_per_server for t in tops))
+        return cls(
+            name=topo.name, kind="mixed", params={"groups": len(tops)}, sha256=topo.digest(),
+            hardware="+".join(t.hardware.name for t in tops), num_devices=topo.num_devices,
+            dies_per_device=tops[0].dies_per_device, devices_per_server=per_server,
+            servers_per_pod=topo.num_devices // per_server, pods=1,
+            memory_gb_per_device=min(t.hardware.chip_hbm_gb for t in tops),
+            groups=tuple(GroupInfo(name=g.name, hardware=g.topology.hardware.name, first_device=g.first_device,
+                                   num_devices=g.topology.num_devices,
+                                   memory_gb_per_device=g.topology.hardware.chip_hbm_gb) for g in topo.groups),
+        )
+
+
+def version_needed(topology: TopologyInfo) -> int:
+    """The oldest schema version that holds a plan for `topology`: 3 for a mixed one (its groups), else 2."""
+    return 3 if topology.groups else 2
 
 
 @dataclass(frozen=True)
@@ -535,6 +606,7 @@ class Instance(_Node):
     experts: int = 0  # index into the phase's `experts` (the expert placement this instance uses)
     dp_domains: int = 1  # disaggregated: attention DP domains taking turns on the expert devices
     shared_expert_devices: tuple[int, ...] = ()  # devices that compute the shared experts
+    group: Name | None = None  # a mixed topology: the hardware group the instance runs on (version 3)
 
     def _check(self) -> None:
         if not self.id:
@@ -822,6 +894,7 @@ class Plan(_Node):
 
     def _check(self) -> None:
         _check_version(self.schema_version)
+        self._check_groups()
         if self.prefill is None and self.decode is None:
             _fail(".decode", "a plan needs a prefill or a decode phase")
         self._check_stages()
@@ -833,6 +906,27 @@ class Plan(_Node):
             chosen = [i for i, p in enumerate(self.frontier) if p.phase == name and p.chosen]
             if len(chosen) > 1:
                 _fail(f".frontier[{chosen[1]}].chosen", f"two chosen {name} points; mark one")
+
+    def _check_groups(self) -> None:
+        """A mixed topology's instances name their group and stay on its devices; version 2 has no groups."""
+        groups = {g.name: g for g in self.topology.groups}
+        if groups and self.schema_version < 3:
+            _fail(".topology.groups", f"hardware groups need schema_version 3, the plan says {self.schema_version}")
+        for name, phase in self.phases.items():
+            for i, inst in enumerate(phase.instances):
+                at = f".{name}.instances[{i}].group"
+                if not groups:
+                    if inst.group is not None:
+                        _fail(at, f"'{inst.group}', but {self.topology.name} has no hardware groups; drop it")
+                    continue
+                g = groups.get(inst.group or "")
+                if g is None:
+                    _fail(at, f"{_short(str(inst.group)) if inst.group else 'missing'}: an instance of a mixed "
+                              f"topology names its group, one of {', '.join(groups)}")
+                for j, d in enumerate(inst.devices):
+                    if not g.first_device <= d < g.first_device + g.num_devices:
+                        _fail(f".{name}.instances[{i}].devices[{j}]", f"device {d} is not in group {g.name} "
+                              f"(devices {g.first_device}..{g.first_device + g.num_devices - 1})")
 
     def _check_stages(self) -> None:
         """Program order (embed, each layer's attention then its FFN side, head), one FFN kind per layer
@@ -965,12 +1059,12 @@ class Plan(_Node):
 
 
 def _check_version(version: int) -> None:
-    if version == SCHEMA_VERSION:
+    if version in READ_VERSIONS:
         return
     if version > SCHEMA_VERSION:
         _fail(".schema_version", f"{version} is newer than this podplan reads ({SCHEMA_VERSION}); upgrade podplan")
     why = f" ({VERSION_NOTES[version]})" if version in VERSION_NOTES else ""
-    _fail(".schema_version", f"{version} is older than this podplan reads ({SCHEMA_VERSION}){why}; "
+    _fail(".schema_version", f"{version} is older than this podplan reads ({min(READ_VERSIONS)}){why}; "
           "recompile it with `podplan compile`")
 
 
@@ -1120,11 +1214,11 @@ def _check_quant(plan: Plan) -> None:
 def _check_topology_name(plan: Plan) -> None:
     """The topology name resolves, and the plan's copy of its facts matches what it resolves to."""
     from costmodels.errors import TopologyError
-    from costmodels.topology import get_topology
+    from costmodels.topology import get_any_topology
 
     t = plan.topology
     try:
-        topo = get_topology(t.name)
+        topo = get_any_topology(t.name)
     except TopologyError:  # its message quotes the name raw, and a crafted name holds newlines
         _fail(".topology.name", f"{_short(t.name)} is not a topology podplan knows; {REGENERATE}")
     if topo.name != t.name:
@@ -1132,7 +1226,7 @@ def _check_topology_name(plan: Plan) -> None:
                                 f"{REGENERATE}")
     expected = TopologyInfo.from_topology(topo)  # what compile would have written for this name
     for field in ("kind", "params", "hardware", "num_devices", "dies_per_device", "devices_per_server",
-                  "servers_per_pod", "pods", "memory_gb_per_device"):
+                  "servers_per_pod", "pods", "memory_gb_per_device", "groups"):
         got, value = getattr(t, field), getattr(expected, field)
         if got != value:
             _fail(f".topology.{field}", f"{got!r}, but {t.name} has {value!r}; the plan contradicts its topology")
@@ -1268,7 +1362,7 @@ def _schema_of(tp: Any, defs: dict[str, dict]) -> dict:
                 if low is not None:
                     target["minimum"] = low
             if tp is Plan:
-                props["schema_version"] = {"const": SCHEMA_VERSION}
+                props["schema_version"] = {"enum": list(READ_VERSIONS)}
             defs[name] = {
                 "type": "object",
                 "description": " ".join((tp.__doc__ or "").split()),

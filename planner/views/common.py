@@ -92,10 +92,27 @@ def instance_row(phase: str, inst: Instance, placement: ExpertPlacement) -> dict
     }
 
 
+def hardware_label(plan: Plan) -> str:
+    """'384 x Ascend 910C', or per group on a mixed topology: '64 x H100 SXM + 64 x H200 SXM'."""
+    t = plan.topology
+    if not t.groups:
+        return f"{t.num_devices} x {t.hardware}"
+    return " + ".join(f"{g.num_devices} x {g.hardware}" for g in t.groups)
+
+
+def instance_hardware(plan: Plan, inst: Instance) -> str | None:
+    """'H200 SXM (h200-cluster:8)' for an instance of a mixed topology; None when all devices are one kind."""
+    if not plan.topology.groups:
+        return None
+    return f"{plan.topology.hardware_of(inst.devices[0])} ({inst.group})"
+
+
 def deployment_rows(plan: Plan) -> list[dict]:
-    """Instance rows; an aggregated instance's row also carries its prompt chunk per device and step."""
+    """Instance rows; an aggregated instance's row also carries its prompt chunk per device and step, and an
+    instance of a mixed topology its hardware group."""
     return [dict(instance_row(phase, inst, plan.placement_of(phase, inst)), phase_label=phase_label(plan, phase),
-                 chunk_per_device=prompt_chunk_per_device(plan, inst) if plan.aggregated else None)
+                 chunk_per_device=prompt_chunk_per_device(plan, inst) if plan.aggregated else None,
+                 hardware=instance_hardware(plan, inst))
             for phase, inst in plan.instances()]
 
 

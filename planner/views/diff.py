@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from costmodels.errors import InputError
-from planner.ir.plan import PHASES, Instance, Plan, device_ranges
-from planner.views.common import human_bytes, num, serving_label
+from planner.ir.plan import PHASES, Instance, Phase, Plan, device_ranges
+from planner.views.common import human_bytes, instance_hardware, num, serving_label
 
 # metric -> (direction that regresses, limit kind, what it measures)
 METRICS: dict[str, tuple[str, str, str]] = {
@@ -154,7 +154,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _instance_view(plan: Plan, phase: str, inst: Instance) -> dict:
     placement = plan.placement_of(phase, inst)
     af = inst.af_ratio
-    return {
+    hardware = instance_hardware(plan, inst)  # a mixed topology's instances say which hardware they run on
+    return {**({"hardware": hardware} if hardware else {}),
         "mode": inst.mode, "devices": device_ranges(inst.devices),
         "attention_devices": device_ranges(inst.attention_devices),
         "expert_devices": device_ranges(inst.expert_devices),
@@ -164,6 +165,12 @@ def _instance_view(plan: Plan, phase: str, inst: Instance) -> dict:
         "af_ratio": f"{len(inst.attention_devices)}:{len(inst.expert_devices)}" if af is not None else None,
         "slots_per_device": placement.slots_per_device, "expert_split": "weighted" if placement.weighted else "equal",
     }
+
+
+def _phase_hardware(plan: Plan, phase: Phase) -> str:
+    """The hardware a phase's instances run on: 'H200 SXM (h200-cluster:8)', or the topology's one kind."""
+    kinds = sorted({instance_hardware(plan, i) or plan.topology.hardware for i in phase.instances})
+    return ", ".join(kinds)
 
 
 def _held(plan: Plan, phase: str) -> list[dict[int, set[int]]]:
@@ -292,6 +299,9 @@ def _phase_diff(old: Plan, new: Plan, name: str) -> dict:
         "feasible": {"old": po.feasible, "new": pn.feasible},
         "experts": _experts(old, new, name),
     }
+    hw_old, hw_new = _phase_hardware(old, po), _phase_hardware(new, pn)
+    if old.topology.groups or new.topology.groups:  # one kind of hardware throughout: the topology line says it
+        out["hardware"] = {"old": hw_old, "new": hw_new}
     out["changed"] = bool(changed or out["instances"]["added"] or out["instances"]["removed"]
                           or any(p["old"] != p["new"] for p in preds)
                           or any(m["old_gb"] != m["new_gb"] for m in memory)
@@ -467,6 +477,9 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
         lines.append(f"{name}: devices {dv['old']} -> {dv['new']}" + (
             "" if dv["old_ids"] == dv["new_ids"] else f" ({dv['old_ids']} -> {dv['new_ids']})")
             + ("" if ph["changed"] else ", unchanged"))
+        hw = ph.get("hardware")
+        if hw is not None:
+            lines.append(f"  hardware: {hw['old']}" + ("" if hw["old"] == hw["new"] else f" -> {hw['new']}"))
         inst = ph["instances"]
         for iid in inst["added"]:
             lines.append(f"  + instance {iid}")

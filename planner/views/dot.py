@@ -5,7 +5,7 @@ plan order, idle devices last), as Graphviz DOT."""
 from __future__ import annotations
 
 from planner.ir.plan import Plan, device_ranges
-from planner.views.common import human_bytes, human_count, phase_label, stage_groups, stage_label, stage_named
+from planner.views.common import human_bytes, human_count, instance_hardware, phase_label, stage_groups, stage_label, stage_named
 from planner.views.html import ROLE_COLOURS, role_fill
 
 
@@ -43,7 +43,9 @@ def render_dot(plan: Plan) -> str:
             node = _node_id(inst.id)
             placement = ph.experts[inst.experts]
             lines.append(f"    subgraph cluster_{node} {{")
+            hardware = instance_hardware(plan, inst)
             head = (f"{inst.id}: {inst.mode}, DP{inst.attention_dp} TP{inst.attention_tp} EP{inst.ep}\n"
+                    + (f"on {hardware}\n" if hardware else "") +
                     f"{inst.microbatches} microbatch{'es' if inst.microbatches != 1 else ''}, "
                     f"{placement.slots_per_device} expert slots/device")
             lines.append(f"      label={_q(head)};")

@@ -11,6 +11,7 @@ from planner.ir.plan import Plan
 from planner.views.common import (
     balance_stats,
     deployment_rows,
+    hardware_label,
     device_counts,
     ffn_label,
     human_bytes,
@@ -28,7 +29,7 @@ def print_summary(plan: Plan, console: Console) -> None:
     """Header, deployment, predictions, step breakdown, memory, expert balance, provenance."""
     m, t, w = plan.model, plan.topology, plan.workload
     ok = "[green]feasible[/]" if plan.feasible else "[red]INFEASIBLE[/]"
-    console.print(f"[bold]{m.name}[/] on [bold]{t.name}[/] ({t.num_devices} x {t.hardware}, "
+    console.print(f"[bold]{m.name}[/] on [bold]{t.name}[/] ({hardware_label(plan)}, "
                   f"{t.dies_per_device} die{'s' if t.dies_per_device > 1 else ''} each) - {ok} - schema v{plan.schema_version}")
     console.print(f"model: {m.num_layers} layers ({len(m.moe_layers)} MoE), {m.num_routed_experts} routed experts "
                   f"top-{m.top_k}, {m.num_shared_experts} shared, {human_count(m.params_total)} params "
@@ -119,11 +120,13 @@ def _table(title: str, cols: list[str], left: int = 2, first_width: int | None =
 
 
 def _deployment(plan: Plan) -> Table:
-    table = _table("deployment", ["phase", "instance", "mode", "devices", "device ids", "attention DPxTP", "EP",
-                                  "A:F", "microbatches", "batch/device (seq or tok)", "slots/device"], left=3)
+    mixed = bool(plan.topology.groups)  # a hardware column only where instances differ in hardware
+    table = _table("deployment", ["phase", "instance", *(["hardware"] if mixed else []), "mode", "devices",
+                                  "device ids", "attention DPxTP", "EP", "A:F", "microbatches",
+                                  "batch/device (seq or tok)", "slots/device"], left=4 if mixed else 3)
     for r in deployment_rows(plan):
-        table.add_row(r["phase_label"], r["instance"], r["mode"], str(r["devices"]), r["device_ids"], r["dp_tp"],
-                      str(r["ep"]), r["af"], str(r["microbatches"]),
+        table.add_row(r["phase_label"], r["instance"], *([r["hardware"]] if mixed else []), r["mode"],
+                      str(r["devices"]), r["device_ids"], r["dp_tp"], str(r["ep"]), r["af"], str(r["microbatches"]),
                       batch_label(r["phase"], r["batch_per_device"], r["chunk_per_device"]), str(r["slots_per_device"]))
     return table
 

@@ -196,7 +196,7 @@ def test_python_construction_errors_name_the_class():
 
 
 @pytest.mark.parametrize("version,words", [
-    (3, "3 is newer than this podplan reads (2); upgrade podplan"),
+    (4, "4 is newer than this podplan reads (3); upgrade podplan"),
     (1, "1 is older than this podplan reads (2) (version 1 had one formula-based stage per layer; version 2 lists "
         "the pass pipeline's stages with measured cut bytes and the passes that ran); recompile it with `podplan compile`"),
     (0, "0 is older than this podplan reads (2); recompile it with `podplan compile`"),
