@@ -168,10 +168,14 @@ def _thin(sizes: list[int], keep: int = 16) -> list[int]:
     return sorted(picked)
 
 
-def _attn_tps(topo: Topology, devices: int, pins: Pins) -> list[int]:
-    """Attention TP degrees for an instance: dividing its dies, inside one server (the all-reduce runs on
-    the server's scale-up links). Only 1 on CPU processes: podplan's runtime runs attention DP only."""
-    dies = devices * topo.dies_per_device
+def _attn_tps(topo: Topology, devices: int, pins: Pins, domains: int = 1) -> list[int]:
+    """Attention TP degrees for `devices` attention devices split into `domains` DP domains: dividing a
+    domain's dies, inside one server (the all-reduce runs on the server's scale-up links). Only 1 on CPU
+    processes: podplan's runtime runs attention DP only."""
+    total = devices * topo.dies_per_device
+    if total % domains:
+        return []
+    dies = total // domains
     if pins.attention_tp:
         return [pins.attention_tp] if dies % pins.attention_tp == 0 else []
     if topo.hardware.platform == "cpu":
@@ -246,13 +250,15 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
             if not sl.fits(attn + moe) or attn + moe >= sl.devices:
                 continue
             for domains in DP_DOMAINS:
-                for mb in MICROBATCHES:
-                    for batch in BATCHES:
-                        dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
-                                      dp_domains=domains, batch_per_device=batch, microbatches=mb)
-                        est = _score(shape, topo, dep, attn + moe, tally)
-                        if est is not None:
-                            out.append(Candidate("decode", dep, est))
+                # head-TP groups sit inside one DP domain of the attention devices (the cost model's rule)
+                for tp in _attn_tps(topo, attn, pins, domains):
+                    for mb in MICROBATCHES:
+                        for batch in BATCHES:
+                            dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
+                                          dp_domains=domains, batch_per_device=batch, microbatches=mb, attn_tp=tp)
+                            est = _score(shape, topo, dep, attn + moe, tally)
+                            if est is not None:
+                                out.append(Candidate("decode", dep, est))
     return out
 
 
