@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from costmodels.errors import InputError
+from costmodels.errors import InfeasibleError, InputError
 from costmodels.hardware import dtype_bytes
 from costmodels.memory import expert_layout
 from costmodels.model_shape import ModelShape
@@ -25,7 +25,8 @@ from planner.balance.balancer import BalanceResult, balance
 from planner.frontend.trace import Traced, trace
 from planner.balance.loads import read_loads
 from planner.placement import InstanceRequest, InstanceSlot, place
-from planner.search import SEARCH_MODES, AnyDeployment, Candidate, Pins, SearchResult, config_line, rescore, search
+from planner.search import (SEARCH_MODES, AnyDeployment, Candidate, Imbalance, ModeResult, Pins, SearchResult,
+                            config_line, rescore, search)
 from planner.frontend.shape import shape_from_traced
 from planner.frontend.stages import TRAFFIC_KINDS, StagedProgram, compile_stages, stage_rows
 
@@ -369,6 +370,87 @@ def _choose_for_rate(sr: SearchResult, shape: ModelShape, topo: Topology, wl: ir
     return replace(sr, decode=c, decode_instances=nd, prefill_instances=np_, requests_per_s=req), run
 
 
+def search_record(sr: SearchResult, wl: ir.Workload, imb: Imbalance) -> ir.SearchRecord:
+    """The plan's record of the search: each mode's best (as the search scored it) or why it has none."""
+    modes = []
+    for r in sr.modes:
+        if not r.ok:
+            modes.append(ir.ModeChoice(mode=r.mode, refused=r.error))  # type: ignore[arg-type]
+            continue
+        s = r.summary(wl, sr.slice.devices)
+        modes.append(ir.ModeChoice(
+            mode=r.mode, chosen=r is sr.modes[0], requests_per_s=r.requests_per_s,  # type: ignore[arg-type]
+            output_tokens_per_s_per_device=s["output_tokens_per_s_per_device"], tpot_ms=s["tpot_ms"],
+            ttft_ms=s["ttft_ms"], devices=r.devices_used, config=mode_config(r)))
+    scored = {"decode": imb.decode} if sr.prefill is None else {"prefill": imb.prefill, "decode": imb.decode}
+    return ir.SearchRecord(modes=tuple(modes), why=sr.why, devices=sr.slice.devices, imbalance=scored,
+                           notes=sr.notes)
+
+
+def mode_config(r: ModeResult) -> str:
+    """'N x <prefill config>; M x <decode config>': one mode's best deployment in one line."""
+    assert r.decode is not None
+    line = f"{r.decode_instances} x {config_line(r.decode)}"
+    if r.prefill is not None:
+        line = f"{r.prefill_instances} x {config_line(r.prefill)}; {line}"
+    return line
+
+
+# How many times the compiler searches again at the balancer's imbalance (each pass can pick another
+# instance shape, whose balance differs a little; two settle every bundled model).
+RESEARCHES = 3
+
+
+def _imbalance(res: BalanceResult) -> float:
+    """The imbalance a phase runs at: the mean over layers of max/mean load (layers run in sequence)."""
+    return max(1.0, float(np.mean(res.max_over_mean)))
+
+
+def _slo_misses(phases: list[_PhasePlan], wl: ir.Workload) -> list[str]:
+    """'TPOT 50.4 ms > 50' for each latency target the balanced plan misses."""
+    out = []
+    for pp in phases:
+        est = pp.cand.estimate
+        if wl.tpot_slo_ms is not None and est.tpot_ms is not None and est.tpot_ms > wl.tpot_slo_ms:
+            out.append(f"TPOT {est.tpot_ms:.2f} ms > {wl.tpot_slo_ms:g}")
+        if wl.ttft_slo_ms is not None and est.ttft_ms is not None and est.ttft_ms > wl.ttft_slo_ms:
+            out.append(f"TTFT {est.ttft_ms:.0f} ms > {wl.ttft_slo_ms:g}")
+    return out
+
+
+def _search_and_balance(shape: ModelShape, topo: Topology, opts: CompileOptions, loads: np.ndarray,
+                        imb: Imbalance, say: Callable[[str], None]
+                        ) -> tuple[SearchResult, list[_PhasePlan], dict[str, BalanceResult], ir.SolverRun | None]:
+    """Search at `imb`, then balance each chosen phase and re-score it at the imbalance reached."""
+    wl = opts.workload
+    say(f"searching deployments on {topo.name}")
+    sr = search(shape, topo, wl, opts.pins, mode=opts.mode, devices=opts.devices, imbalance=imb)
+    chosen_for_rate: ir.SolverRun | None = None
+    if opts.rate is not None:
+        if sr.prefill is None:
+            raise InputError(f"--rate {opts.rate:g}: the search chose aggregated serving, and --rate chooses among "
+                             "disaggregated deployments; add --mode disagg (or drop --rate)")
+        say(f"simulating the top decode candidates at {opts.rate:g} req/s")
+        sr, chosen_for_rate = _choose_for_rate(sr, shape, topo, wl, opts.rate, opts.seed)
+    # an aggregated plan has one phase, "decode", whose instances also run prefill (chunked into the
+    # decode steps): the runtime and the exporters run a one-phase plan's instances for both phases
+    phases = [_phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
+    if sr.prefill is not None:
+        phases.insert(0, _phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo))
+
+    slots = place(topo, [r for pp in phases for r in _requests(pp)], devices=opts.devices)
+    balances: dict[str, BalanceResult] = {}  # by phase name
+    for pp in phases:
+        pp.slots_of = [s for s in slots if s.id.startswith(pp.name + "-")]
+        say(f"balancing {shape.num_moe_layers} layers for {pp.name}: {pp.routed} devices x {pp.slots} slots")
+        res = balance(loads, pp.routed, pp.slots, nodes=1, algorithm="ilp", split=opts.split,
+                      time_limit=opts.time_limit, seed=opts.seed)
+        balances[pp.name] = res
+        # re-score with the imbalance the balancer reached
+        pp.cand = rescore(pp.cand, shape, topo, _imbalance(res), pp.redundant)
+    return sr, phases, balances, chosen_for_rate
+
+
 def compile_plan(model: str, topology: str, opts: CompileOptions,
                  progress: Callable[[str], None] | None = None) -> ir.Plan:
     """Run the whole pipeline and return the plan (nothing is written)."""
@@ -394,33 +476,37 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
     table = stage_table(traced, shape)  # Plan.stages: the pipeline's stages and measured cuts
     loads = read_loads(opts.loads, layers=shape.num_moe_layers, experts=shape.num_routed_experts, seed=opts.seed)
 
-    say(f"searching deployments on {topo.name}")
     wl = opts.workload
-    sr = search(shape, topo, wl, opts.pins, mode=opts.mode, devices=opts.devices)
-    chosen_for_rate: ir.SolverRun | None = None
-    if opts.rate is not None:
-        if sr.prefill is None:
-            raise InputError(f"--rate {opts.rate:g}: the search chose aggregated serving, and --rate chooses among "
-                             "disaggregated deployments; add --mode disagg (or drop --rate)")
-        say(f"simulating the top decode candidates at {opts.rate:g} req/s")
-        sr, chosen_for_rate = _choose_for_rate(sr, shape, topo, wl, opts.rate, opts.seed)
-    # an aggregated plan has one phase, "decode", whose instances also run prefill (chunked into the
-    # decode steps): the runtime and the exporters run a one-phase plan's instances for both phases
-    phases = [_phase_plan("decode", sr.decode, sr.decode_instances, shape, topo)]
-    if sr.prefill is not None:
-        phases.insert(0, _phase_plan("prefill", sr.prefill, sr.prefill_instances, shape, topo))
-
-    slots = place(topo, [r for pp in phases for r in _requests(pp)], devices=opts.devices)
-    balances: dict[str, BalanceResult] = {}  # by phase name
-    for pp in phases:
-        pp.slots_of = [s for s in slots if s.id.startswith(pp.name + "-")]
-        say(f"balancing {shape.num_moe_layers} layers for {pp.name}: {pp.routed} devices x {pp.slots} slots")
-        res = balance(loads, pp.routed, pp.slots, nodes=1, algorithm="ilp", split=opts.split,
-                      time_limit=opts.time_limit, seed=opts.seed)
-        balances[pp.name] = res
-        # re-score with the imbalance the balancer reached (the mean over layers: layers run in sequence)
-        imb = float(np.mean(res.max_over_mean))
-        pp.cand = rescore(pp.cand, shape, topo, imb, pp.redundant)
+    imb = Imbalance()
+    sr, phases, balances, chosen_for_rate = _search_and_balance(shape, topo, opts, loads, imb, say)
+    researches: list[ir.SolverRun] = []
+    first_miss = ""
+    # Step: the search scores candidates at perfect expert balance; the balancer's placement rarely
+    # reaches it, so the balanced plan can miss the TPOT/TTFT target the search honoured. Search again
+    # at the imbalance the balancer reached (it depends on the instance shape, so repeat while it
+    # grows), keeping the first plan when no configuration meets the targets at that imbalance.
+    for _ in range(RESEARCHES):
+        missed = _slo_misses(phases, wl)
+        reached = imb
+        for pp in phases:  # an aggregated plan's one phase is "decode"
+            key = "prefill" if pp.name == "prefill" else "decode"
+            reached = replace(reached, **{key: max(getattr(reached, key), _imbalance(balances[pp.name]))})
+        if not missed or reached == imb:
+            break
+        say(f"{'; '.join(missed)} after expert balancing: searching again at imbalance {reached.describe()}")
+        try:
+            again = _search_and_balance(shape, topo, opts, loads, reached, say)
+        except InfeasibleError:
+            break
+        imb = reached
+        first_miss = first_miss or "; ".join(missed)
+        sr, phases, balances, chosen_for_rate = again
+        researches.append(ir.SolverRun(
+            name=f"search again at expert imbalance {imb.describe()} ({sr.mode}): balanced plan had {'; '.join(missed)}",
+            solver="enumerate", status="EXHAUSTIVE", objective=round(sr.requests_per_s, 6)))
+    if researches:  # the summary says why the chosen plan is not the first search's
+        sr = replace(sr, notes=(*sr.notes, f"searched again at expert imbalance {imb.describe()} "
+                                           f"(first choice, balanced: {first_miss})"))
 
     weight_bytes = dtype_bytes(wl.quant)
     dies = topo.dies_per_device
@@ -440,8 +526,9 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
         provenance=ir.Provenance(podplan_version=__version__, seed=opts.seed,
                                  options=dict(opts.to_dict(), model=model, topology=topology),
                                  solvers=_solver_runs(sr, phases, balances, shape.moe_layers)
-                                 + ((chosen_for_rate,) if chosen_for_rate else ()),
+                                 + tuple(researches) + ((chosen_for_rate,) if chosen_for_rate else ()),
                                  passes=table.passes),
         prefill=phase_ir.get("prefill"), decode=phase_ir["decode"], frontier=frontier,
+        search=search_record(sr, wl, imb),
     )
     return plan, sr

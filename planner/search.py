@@ -85,6 +85,21 @@ class Pins:
         return None
 
 
+@dataclass(frozen=True)
+class Imbalance:
+    """Expert load max/mean each phase's candidates are scored at. The first search assumes perfect
+    balance (1.0); the compiler searches again at what the balancer reached when the balanced plan
+    misses a latency target (planner/compile.py)."""
+
+    decode: float = 1.0  # decode or aggregated instances
+    prefill: float = 1.0
+
+    def describe(self) -> str:
+        """'decode 1.042, prefill 1.013': what a re-search's solver record says."""
+        return ", ".join(f"{k} {v:.3f}" for k, v in (("decode", self.decode), ("prefill", self.prefill))
+                         if round(v, 3) > 1.0)
+
+
 # The deployment type of a candidate: Candidate[DecodeDeployment] for decode, [PrefillDeployment]
 # for prefill, [AggregatedDeployment] for both on one instance; covariant (candidates are frozen).
 D = TypeVar("D", bound=AnyDeployment, covariant=True)
@@ -213,18 +228,20 @@ def _score(shape: ModelShape, topo: Topology, dep: AnyDeployment, devices: int, 
     return est
 
 
-def _decode_common(wl: Workload) -> DecodeDeployment:
-    """What the workload fixes; each candidate replaces the instance shape, batch and microbatches."""
-    return DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant)
+def _decode_common(wl: Workload, imbalance: float) -> DecodeDeployment:
+    """What the workload (and the expert imbalance assumed) fixes; each candidate replaces the instance
+    shape, batch and microbatches."""
+    return DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
+                            imbalance=imbalance)
 
 
 def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                      sl: Slice | None = None) -> list[Candidate[DecodeDeployment]]:
+                      sl: Slice | None = None, imbalance: float = 1.0) -> list[Candidate[DecodeDeployment]]:
     """Step 1 + 3 (decode): every memory-feasible configuration."""
     sl = sl or topology_slice(topo)
     E = shape.num_routed_experts
     out: list[Candidate[DecodeDeployment]] = []
-    common = _decode_common(wl)
+    common = _decode_common(wl, imbalance)
     mode = pins.effective_decode_mode
     colocated = [] if mode == "disaggregated" else (
         [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl)))
@@ -263,7 +280,7 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
 
 
 def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                       sl: Slice | None = None) -> list[Candidate[PrefillDeployment]]:
+                       sl: Slice | None = None, imbalance: float = 1.0) -> list[Candidate[PrefillDeployment]]:
     """Step 2 + 3 (prefill): every memory-feasible instance."""
     sl = sl or topology_slice(topo)
     out: list[Candidate[PrefillDeployment]] = []
@@ -275,7 +292,8 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
                     continue
                 for mb in MICROBATCHES:
                     dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
-                                            microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp)
+                                            microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp,
+                                            imbalance=imbalance)
                     est = _score(shape, topo, dep, devices, tally)
                     if est is not None:
                         out.append(Candidate("prefill", dep, est))
@@ -283,11 +301,11 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
 
 
 def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                          sl: Slice | None = None) -> list[Candidate[AggregatedDeployment]]:
+                          sl: Slice | None = None, imbalance: float = 1.0) -> list[Candidate[AggregatedDeployment]]:
     """Colocated instances serving both phases, chunked prefill in every decode step."""
     sl = sl or topology_slice(topo)
     out: list[Candidate[AggregatedDeployment]] = []
-    common = _decode_common(wl)
+    common = _decode_common(wl, imbalance)
     sizes = [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl))
     for devices in sizes:
         for tp in _attn_tps(topo, devices, pins):
@@ -495,10 +513,10 @@ def _no_memory(shape: ModelShape, topo: Topology, wl: Workload, sl: Slice, phase
 
 
 def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
-                   counter: list[int]) -> ModeResult:
+                   counter: list[int], imb: Imbalance) -> ModeResult:
     dec_tally, pre_tally = Tally(), Tally()
-    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl)
-    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl)
+    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl, imb.decode)
+    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl, imb.prefill)
     counter[0] += len(dec_all) + len(pre_all) + sum(t.invalid + t.memory for t in (dec_tally, pre_tally))
     if not dec_all:
         return ModeResult("disagg", error=_no_memory(shape, topo, wl, sl, "decode", dec_tally))
@@ -552,11 +570,11 @@ def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, 
 
 
 def _search_agg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
-                counter: list[int]) -> ModeResult:
+                counter: list[int], imb: Imbalance) -> ModeResult:
     tally = Tally()
     if pins.effective_decode_mode == "disaggregated":
         return ModeResult("agg", error="aggregated serving runs colocated instances (--decode-mode disaggregated)")
-    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl)
+    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl, imb.decode)
     counter[0] += len(cands) + tally.invalid + tally.memory
     if not cands:
         return ModeResult("agg", error=_no_memory(shape, topo, wl, sl, "aggregated", tally))
@@ -624,13 +642,36 @@ def _idle_notes(res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
             f"{res.decode_instances * dec_rate:,.2f} req/s), and no instance of the other phase fits the remainder",)
 
 
+def _replica_notes(shape: ModelShape, topo: Topology, res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
+    """A model whose weights fit on one device cannot use a pod as one instance (its experts run out
+    long before the devices do): the plan serves it with many independent replicas. Say so, so that
+    "384 instances" reads as intended."""
+    assert res.decode is not None
+    weights_gb = shape.params_total * dtype_bytes(wl.quant) / 1e9
+    if weights_gb >= topo.hardware.chip_hbm_gb or res.decode_instances + res.prefill_instances <= 1:
+        return ()
+    kind = "aggregated" if res.prefill is None else "decode"
+    parts = [f"{_count(res.decode_instances, kind + ' instance')} of {_count(res.decode.instance_devices, 'device')}"]
+    if res.prefill is not None:
+        parts.insert(0, f"{_count(res.prefill_instances, 'prefill instance')} of "
+                        f"{_count(res.prefill.instance_devices, 'device')}")
+    size = f"{weights_gb:,.3g} GB" if weights_gb >= 1 else f"{weights_gb * 1e3:.3g} MB"
+    return (f"{shape.name} is small ({size} of {wl.quant} weights fit on one device): the plan "
+            f"replicates it as {' + '.join(parts)}, using {res.devices_used} of {sl.devices} devices",)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(), mode: str = "disagg",
-           devices: int | None = None) -> SearchResult:
+           devices: int | None = None, imbalance: Imbalance = Imbalance()) -> SearchResult:
     """Search the modes `mode` names ("auto": both) on the first `devices` devices (None: all) and return
     the best plan; raises InfeasibleError naming why nothing fits and the knob that would.
 
-    Candidates are scored at perfect expert balance (imbalance 1.0): the balancer has not run yet;
-    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`).
+    Candidates are scored at `imbalance` (default: perfect expert balance; the balancer has not run yet);
+    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`), and searches again
+    at that imbalance when the re-scored plan misses a latency target.
     """
     if mode not in SEARCH_MODES:
         raise InputError(f"--mode {mode}: use one of {', '.join(SEARCH_MODES)}")
@@ -641,8 +682,8 @@ def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(),
     counter = [0]
     results = []
     for m in (MODES if mode == "auto" else (mode,)):
-        results.append(_search_agg(shape, topo, wl, pins, sl, counter) if m == "agg"
-                       else _search_disagg(shape, topo, wl, pins, sl, counter))
+        results.append(_search_agg(shape, topo, wl, pins, sl, counter, imbalance) if m == "agg"
+                       else _search_disagg(shape, topo, wl, pins, sl, counter, imbalance))
     ok = [r for r in results if r.ok]
     if not ok:
         memory = [r for r in results if r.error.startswith("no memory-feasible")]
@@ -660,7 +701,7 @@ def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(),
         mode=win.mode, decode=win.decode, prefill=win.prefill, decode_instances=win.decode_instances,
         prefill_instances=win.prefill_instances, requests_per_s=win.requests_per_s, frontier=frontier,
         evaluated=counter[0], slice=sl, modes=(win, *others), why=_why(win, others[0] if others else None, wl),
-        notes=_idle_notes(win, sl, wl))
+        notes=_idle_notes(win, sl, wl) + _replica_notes(shape, topo, win, sl, wl))
 
 
 def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float, redundant: int) -> Candidate[D]:

@@ -24,8 +24,10 @@ from typing import Annotated, Any, Literal, Union
 from planner.ir.errors import PlanError
 from planner.ir.fileio import write_atomic
 
-# Readers accept exactly this version; any change to the shipped schema file bumps it (docs/plan-ir.md).
-SCHEMA_VERSION = 2
+# Writers write this version; any change to the shipped schema file bumps it (docs/plan-ir.md).
+SCHEMA_VERSION = 3
+# The oldest version readers still accept: versions since only added optional fields.
+OLDEST_READABLE = 2
 # Significant digits kept for every float: enough for ms and tokens/s, short enough to diff.
 FLOAT_DIGITS = 6
 # Tolerance on "the shares of one expert sum to 1" after rounding to FLOAT_DIGITS.
@@ -70,6 +72,10 @@ StageKind = Literal["embed", "attention", "moe_gate", "dense_ffn", "routed_exper
 # What changed in each schema version: an old plan's reader is told why to recompile.
 VERSION_NOTES = {1: "version 1 had one formula-based stage per layer; version 2 lists the pass pipeline's stages "
                     "with measured cut bytes and the passes that ran"}
+# Top-level fields a version added, optional and written only when set: an older plan keeps its bytes.
+ADDED_IN = {"search": 3}
+# The serving modes the search compares (planner.search.MODES; the IR may not import the planner).
+ServingMode = Literal["agg", "disagg"]
 
 
 @dataclass(frozen=True)
@@ -807,6 +813,63 @@ class Provenance(_Node):
 
 
 @dataclass(frozen=True)
+class ModeChoice(_Node):
+    """The best configuration of one serving mode the search found, or why it refused the mode.
+
+    agg: prefill and decode on the same instances (chunked prefill); disagg: separate prefill and decode
+    instances. Figures are the search's scores (at `SearchRecord.imbalance`), before the balancer ran.
+    """
+
+    mode: ServingMode
+    chosen: bool = False
+    requests_per_s: float | None = None  # on the devices searched
+    output_tokens_per_s_per_device: float | None = None  # the objective: per device of the slice searched
+    tpot_ms: float | None = None
+    ttft_ms: float | None = None
+    devices: int | None = None  # devices its instances use
+    config: str = ""  # "N x <prefill config>; M x <decode config>"
+    refused: str = ""  # why the mode has no plan (the figures are then null)
+
+    def _check(self) -> None:
+        if bool(self.refused) == (self.requests_per_s is not None):
+            _fail(".refused", "give either the figures of the mode's best plan or the reason it has none")
+        if self.refused and self.chosen:
+            _fail(".chosen", "a refused mode cannot be the chosen one")
+        if self.requests_per_s is not None and self.requests_per_s < 0:
+            _fail(".requests_per_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SearchRecord(_Node):
+    """The deployment search behind the plan: the best of each serving mode, which won and why."""
+
+    modes: tuple[ModeChoice, ...]  # the chosen mode first
+    why: str  # why the chosen mode won, in words
+    devices: int  # devices the search planned on (the slice: all the topology's, or --devices)
+    imbalance: dict[str, float]  # phase -> expert load max/mean the candidates were scored at
+    notes: tuple[str, ...] = ()  # idle devices, a re-search, a small model's spare devices
+
+    def _check(self) -> None:
+        _positive(".devices", self.devices)
+        seen = set()
+        for i, m in enumerate(self.modes):
+            if m.mode in seen:
+                _fail(f".modes[{i}].mode", f"mode '{m.mode}' listed twice")
+            seen.add(m.mode)
+        if [m.chosen for m in self.modes][:1] != [True] or sum(m.chosen for m in self.modes) != 1:
+            _fail(".modes", "the chosen mode comes first, and only it is chosen")
+        for phase, value in self.imbalance.items():
+            if phase not in PHASES:
+                _fail(_key(".imbalance", phase), f"unknown phase (phases: {', '.join(PHASES)})")
+            if value < 1.0:
+                _fail(_key(".imbalance", phase), f"{value} < 1: max/mean load is at least 1")
+
+    @property
+    def chosen(self) -> ModeChoice:
+        return self.modes[0]
+
+
+@dataclass(frozen=True)
 class Plan(_Node):
     """A deployment plan: model, topology, workload, stages, prefill/decode phases, frontier, provenance."""
 
@@ -818,10 +881,15 @@ class Plan(_Node):
     prefill: Phase | None = None
     decode: Phase | None = None
     frontier: tuple[FrontierPoint, ...] = ()
+    search: SearchRecord | None = None  # since version 3
     schema_version: int = SCHEMA_VERSION
 
     def _check(self) -> None:
         _check_version(self.schema_version)
+        for name, since in ADDED_IN.items():
+            if getattr(self, name) is not None and self.schema_version < since:
+                _fail(f".{name}", f"a version {self.schema_version} plan has no {name} field (added in version "
+                                  f"{since}); drop it or set schema_version {SCHEMA_VERSION}")
         if self.prefill is None and self.decode is None:
             _fail(".decode", "a plan needs a prefill or a decode phase")
         self._check_stages()
@@ -955,6 +1023,14 @@ class Plan(_Node):
     def placement_of(self, phase: str, instance: Instance) -> ExpertPlacement:
         return self.phases[phase].experts[instance.experts]
 
+    def to_dict(self) -> dict:
+        """As every node's, less the optional fields a version added when unset: an older plan keeps its bytes."""
+        out = super().to_dict()
+        for name in ADDED_IN:
+            if out[name] is None:
+                del out[name]
+        return out
+
     def to_json(self) -> str:
         """The canonical form: sorted keys, rounded floats, scalar lists on one line, trailing newline."""
         return _dump(self.to_dict(), 0) + "\n"
@@ -965,12 +1041,12 @@ class Plan(_Node):
 
 
 def _check_version(version: int) -> None:
-    if version == SCHEMA_VERSION:
+    if OLDEST_READABLE <= version <= SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
         _fail(".schema_version", f"{version} is newer than this podplan reads ({SCHEMA_VERSION}); upgrade podplan")
     why = f" ({VERSION_NOTES[version]})" if version in VERSION_NOTES else ""
-    _fail(".schema_version", f"{version} is older than this podplan reads ({SCHEMA_VERSION}){why}; "
+    _fail(".schema_version", f"{version} is older than this podplan reads ({OLDEST_READABLE}..{SCHEMA_VERSION}){why}; "
           "recompile it with `podplan compile`")
 
 
@@ -1268,7 +1344,7 @@ def _schema_of(tp: Any, defs: dict[str, dict]) -> dict:
                 if low is not None:
                     target["minimum"] = low
             if tp is Plan:
-                props["schema_version"] = {"const": SCHEMA_VERSION}
+                props["schema_version"] = {"enum": list(range(OLDEST_READABLE, SCHEMA_VERSION + 1))}
             defs[name] = {
                 "type": "object",
                 "description": " ".join((tp.__doc__ or "").split()),
