@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 
 from typing import TYPE_CHECKING
@@ -191,8 +192,9 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
     for note in step_notes(plan):
         out.print(f"  {note}", soft_wrap=True, markup=False)
     out.print(f"  mode {sr.mode}: {sr.why}")
-    for note in sr.notes:
-        out.print(f"  {note}")
+    for note in sr.notes:  # wrapped here, at words, rather than by the terminal mid-phrase
+        for line in textwrap.wrap(note, 96, initial_indent="  ", subsequent_indent="    "):
+            out.print(line, markup=False, highlight=False)
     wl = plan.workload
     modes = Table(title="best of each mode", title_justify="left", box=None, pad_edge=False)
     for col in ("mode", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "configuration"):
