@@ -480,7 +480,7 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
     imb = Imbalance()
     sr, phases, balances, chosen_for_rate = _search_and_balance(shape, topo, opts, loads, imb, say)
     researches: list[ir.SolverRun] = []
-    first_miss = ""
+    first_miss = unmet = ""
     # Step: the search scores candidates at perfect expert balance; the balancer's placement rarely
     # reaches it, so the balanced plan can miss the TPOT/TTFT target the search honoured. Search again
     # at the imbalance the balancer reached (it depends on the instance shape, so repeat while it
@@ -496,7 +496,8 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
         say(f"{'; '.join(missed)} after expert balancing: searching again at imbalance {reached.describe()}")
         try:
             again = _search_and_balance(shape, topo, opts, loads, reached, say)
-        except InfeasibleError:
+        except InfeasibleError as exc:  # keep the plan, and say what it misses and why nothing else meets it
+            unmet = f"{'; '.join(missed)} once balanced, and at imbalance {reached.describe()}: {exc}"
             break
         imb = reached
         first_miss = first_miss or "; ".join(missed)
@@ -507,6 +508,8 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
     if researches:  # the summary says why the chosen plan is not the first search's
         sr = replace(sr, notes=(*sr.notes, f"searched again at expert imbalance {imb.describe()} "
                                            f"(first choice, balanced: {first_miss})"))
+    if unmet:
+        sr = replace(sr, notes=(*sr.notes, unmet))
 
     weight_bytes = dtype_bytes(wl.quant)
     dies = topo.dies_per_device

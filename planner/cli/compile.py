@@ -160,6 +160,7 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
     """Short lines (well under 100 columns, so a terminal never breaks one mid-phrase), then the tables."""
     from rich.table import Table
 
+    from planner.compile import mode_config
     from planner.views.text import step_notes
 
     out = stdout_console()
@@ -205,9 +206,7 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
             modes.add_row(r.mode, "-", "-", "-", "-", "-", f"no plan: {r.error}")
             continue
         s = r.summary(wl, sr.slice.devices)
-        cfg = f"{r.decode_instances} x {s['decode']['config']}"
-        if r.prefill is not None:
-            cfg = f"{r.prefill_instances} x {s['prefill']['config']}; {cfg}"
+        cfg = mode_config(r)  # as the plan's search record says it
         modes.add_row(r.mode + (" (chosen)" if r is sr.modes[0] else ""), f"{r.requests_per_s:,.2f}",
                       f"{s['output_tokens_per_s_per_device']:,.0f}", str(r.devices_used), _ms(s["tpot_ms"]),
                       _ms(s["ttft_ms"], 0), cfg)
