@@ -559,10 +559,13 @@ def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, 
     if best is None:
         smallest = min(by_shape.values(), key=lambda c: c.instance_devices)
         smallest_pre = min(by_size.values(), key=lambda c: c.instance_devices)
+        dec_n, pre_n = smallest.instance_devices, smallest_pre.instance_devices
+        # an instance takes whole servers: say so when that, not the count, is what does not fit
+        dec_span = f" (on whole servers: {sl.span(dec_n)})" if sl.span(dec_n) != dec_n else ""
+        pre_span = f" (on whole servers: {sl.span(pre_n)})" if sl.span(pre_n) != pre_n else ""
         return ModeResult("disagg", error=(
-            f"no decode instance leaves room for a prefill instance (smallest feasible: decode "
-            f"{smallest.instance_devices} + prefill {smallest_pre.instance_devices} devices, "
-            f"{sl.devices} available); use --mode agg or a larger topology"))
+            f"no decode instance leaves room for a prefill instance (smallest feasible: decode {dec_n}{dec_span} "
+            f"+ prefill {pre_n}{pre_span} devices, {sl.devices} available); use --mode agg or a larger topology"))
     _, dec, pre, nd, np_, rate = best
     used = nd * sl.span(dec.instance_devices) + np_ * sl.span(pre.instance_devices)
     return ModeResult("disagg", rate, used, dec, pre, nd, np_, tuple(pareto(dec_ok)),
@@ -648,7 +651,7 @@ def _replica_notes(shape: ModelShape, topo: Topology, res: ModeResult, sl: Slice
     "384 instances" reads as intended."""
     assert res.decode is not None
     weights_gb = shape.params_total * dtype_bytes(wl.quant) / 1e9
-    if weights_gb >= topo.hardware.chip_hbm_gb or res.decode_instances + res.prefill_instances <= 1:
+    if weights_gb >= topo.hardware.chip_hbm_gb or max(res.decode_instances, res.prefill_instances) <= 1:
         return ()
     kind = "aggregated" if res.prefill is None else "decode"
     parts = [f"{_count(res.decode_instances, kind + ' instance')} of {_count(res.decode.instance_devices, 'device')}"]

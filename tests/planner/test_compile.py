@@ -153,3 +153,25 @@ def test_golden_plans_meet_their_latency_targets_after_balancing():
                 assert p.ttft_ms <= wl.ttft_slo_ms, (path.name, name, p.ttft_ms)
     mixtral = load_plan(PLANS_DIR / "mixtral-8x22b.h100-cluster-2.json")
     assert any(s.name.startswith("search again at expert imbalance decode 1.0") for s in mixtral.provenance.solvers)
+
+
+def test_a_re_search_that_finds_nothing_keeps_the_plan_and_says_what_it_misses(monkeypatch):
+    import planner.compile as driver
+    from costmodels.errors import InfeasibleError
+
+    calls = []
+
+    def first_only(*args, **kwargs):
+        calls.append(kwargs["imbalance"])
+        if len(calls) > 1:
+            raise InfeasibleError("mixtral-8x22b on h100-cluster:2: nothing meets --tpot-ms 50")
+        return real(*args, **kwargs)
+
+    real = driver.search
+    monkeypatch.setattr(driver, "search", first_only)
+    golden = next(g for g in GOLDEN if g.model == "mixtral-8x22b")
+    plan, sr = driver.compile_report(golden.model, golden.topology, golden.options)
+    assert len(calls) == 2 and calls[1].decode > 1.0  # searched again at the balancer's imbalance
+    assert plan.decode.predictions.tpot_ms > 50.0  # the first plan, which misses the target once balanced
+    assert sr.notes[-1].startswith("TPOT 50.42 ms > 50 once balanced, and at imbalance decode 1.046: ")
+    assert plan.search.notes == sr.notes
