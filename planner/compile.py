@@ -382,7 +382,9 @@ def search_record(sr: SearchResult, wl: ir.Workload, imb: Imbalance) -> ir.Searc
             mode=r.mode, chosen=r is sr.modes[0], requests_per_s=r.requests_per_s,  # type: ignore[arg-type]
             output_tokens_per_s_per_device=s["output_tokens_per_s_per_device"], tpot_ms=s["tpot_ms"],
             ttft_ms=s["ttft_ms"], devices=r.devices_used, config=mode_config(r)))
-    scored = {"decode": imb.decode} if sr.prefill is None else {"prefill": imb.prefill, "decode": imb.decode}
+    scored = {"decode": imb.of("decode", sr.decode.expert_devices)}
+    if sr.prefill is not None:
+        scored["prefill"] = imb.of("prefill", sr.prefill.expert_devices)
     return ir.SearchRecord(modes=tuple(modes), why=sr.why, devices=sr.slice.devices, imbalance=scored,
                            notes=sr.notes)
 
@@ -418,9 +420,13 @@ def _slo_misses(phases: list[_PhasePlan], wl: ir.Workload) -> list[str]:
     return out
 
 
+# What one search + balance gives: the search, its phases re-scored once balanced, the balancer's results
+# by phase, and the --rate simulation's record (None without --rate).
+_Searched = tuple[SearchResult, list[_PhasePlan], dict[str, BalanceResult], ir.SolverRun | None]
+
+
 def _search_and_balance(shape: ModelShape, topo: Topology, opts: CompileOptions, loads: np.ndarray,
-                        imb: Imbalance, say: Callable[[str], None]
-                        ) -> tuple[SearchResult, list[_PhasePlan], dict[str, BalanceResult], ir.SolverRun | None]:
+                        imb: Imbalance, say: Callable[[str], None]) -> _Searched:
     """Search at `imb`, then balance each chosen phase and re-score it at the imbalance reached."""
     wl = opts.workload
     say(f"searching deployments on {topo.name}")
@@ -478,36 +484,51 @@ def compile_report(model: str, topology: str, opts: CompileOptions,
 
     wl = opts.workload
     imb = Imbalance()
-    sr, phases, balances, chosen_for_rate = _search_and_balance(shape, topo, opts, loads, imb, say)
+    state = _search_and_balance(shape, topo, opts, loads, imb, say)
     researches: list[ir.SolverRun] = []
     first_miss = unmet = ""
+    meeting: tuple[Imbalance, _Searched] | None = None  # the last plan that met the targets once balanced
     # Step: the search scores candidates at perfect expert balance; the balancer's placement rarely
-    # reaches it, so the balanced plan can miss the TPOT/TTFT target the search honoured. Search again
-    # at the imbalance the balancer reached (it depends on the instance shape, so repeat while it
-    # grows), keeping the first plan when no configuration meets the targets at that imbalance.
+    # reaches it, so the balanced plan can miss the TPOT/TTFT target the search honoured. Then search
+    # again, scoring the shapes balanced so far at what the balancer reached and the others at the
+    # worst of those (docs/compile.md step 4). A plan that meets the targets but was scored at a worse
+    # imbalance than its shape reached gets one more search at the learnt value, kept only if it
+    # also meets them once balanced.
     for _ in range(RESEARCHES):
+        sr, phases, balances, _rate = state
         missed = _slo_misses(phases, wl)
-        reached = imb
+        learned, pessimistic = imb, False
         for pp in phases:  # an aggregated plan's one phase is "decode"
-            key = "prefill" if pp.name == "prefill" else "decode"
-            reached = replace(reached, **{key: max(getattr(reached, key), _imbalance(balances[pp.name]))})
-        if not missed or reached == imb:
+            key, n = ("prefill" if pp.name == "prefill" else "decode"), pp.cand.expert_devices
+            reached = _imbalance(balances[pp.name])
+            pessimistic |= reached < imb.of(key, n) - 1e-9
+            learned = learned.learn(key, n, reached)
+        if not missed:
+            meeting = (imb, state)
+            if not researches or not pessimistic:
+                break
+        if learned == imb:
             break
-        say(f"{'; '.join(missed)} after expert balancing: searching again at imbalance {reached.describe()}")
+        say(f"{'; '.join(missed) or 'scored pessimistically'} after expert balancing: searching again at "
+            f"imbalance {learned.describe()}")
         try:
-            again = _search_and_balance(shape, topo, opts, loads, reached, say)
+            again = _search_and_balance(shape, topo, opts, loads, learned, say)
         except InfeasibleError as exc:  # keep the plan, and say what it misses and why nothing else meets it
-            unmet = f"{'; '.join(missed)} once balanced, and at imbalance {reached.describe()}: {exc}"
+            if missed:
+                unmet = f"{'; '.join(missed)} once balanced, and at imbalance {learned.describe()}: {exc}"
             break
-        imb = reached
+        imb, state = learned, again
         first_miss = first_miss or "; ".join(missed)
-        sr, phases, balances, chosen_for_rate = again
         researches.append(ir.SolverRun(
-            name=f"search again at expert imbalance {imb.describe()} ({sr.mode}): balanced plan had {'; '.join(missed)}",
-            solver="enumerate", status="EXHAUSTIVE", objective=round(sr.requests_per_s, 6)))
+            name=f"search again at expert imbalance {imb.describe()} ({again[0].mode}): balanced plan had "
+                 f"{'; '.join(missed) or 'met the targets, scored pessimistically'}",
+            solver="enumerate", status="EXHAUSTIVE", objective=round(again[0].requests_per_s, 6)))
+    if meeting is not None and _slo_misses(state[1], wl):  # the improvement missed: back to the plan that met
+        imb, state = meeting
+    sr, phases, balances, chosen_for_rate = state
     if researches:  # the summary says why the chosen plan is not the first search's
-        sr = replace(sr, notes=(*sr.notes, f"searched again at expert imbalance {imb.describe()} "
-                                           f"(first choice, balanced: {first_miss})"))
+        sr = replace(sr, notes=(*sr.notes, f"the first choice had {first_miss} once balanced: searched again at "
+                                           f"expert imbalance {imb.describe()}"))
     if unmet:
         sr = replace(sr, notes=(*sr.notes, unmet))
 

@@ -87,17 +87,39 @@ class Pins:
 
 @dataclass(frozen=True)
 class Imbalance:
-    """Expert load max/mean each phase's candidates are scored at. The first search assumes perfect
-    balance (1.0); the compiler searches again at what the balancer reached when the balanced plan
-    misses a latency target (planner/compile.py)."""
+    """Expert load max/mean each candidate is scored at, by phase ("decode" also for aggregated
+    instances) and the number of devices holding its experts (what the balancer's result depends on).
 
-    decode: float = 1.0  # decode or aggregated instances
+    The first search assumes perfect balance (1.0 everywhere). When the balanced plan misses a latency
+    target the compiler searches again, having learnt what the balancer reached for the chosen shapes
+    (`balanced`); shapes not balanced yet are scored at the worst value learnt so far (`decode`,
+    `prefill`), so that an unknown shape does not win on an optimism the known ones lost.
+    """
+
+    decode: float = 1.0
     prefill: float = 1.0
+    balanced: tuple[tuple[str, int, float], ...] = ()  # (phase, expert devices, max/mean reached), sorted
+
+    def of(self, phase: str, expert_devices: int) -> float:
+        for p, n, value in self.balanced:
+            if p == phase and n == expert_devices:
+                return value
+        return self.prefill if phase == "prefill" else self.decode
+
+    def learn(self, phase: str, expert_devices: int, value: float) -> Imbalance:
+        """With what the balancer reached for one shape; the default for unknown shapes only grows."""
+        rest = tuple(b for b in self.balanced if b[:2] != (phase, expert_devices))
+        default = max(getattr(self, phase), value)
+        return replace(self, **{phase: default}, balanced=tuple(sorted((*rest, (phase, expert_devices, value)))))
 
     def describe(self) -> str:
-        """'decode 1.042, prefill 1.013': what a re-search's solver record says."""
-        return ", ".join(f"{k} {v:.3f}" for k, v in (("decode", self.decode), ("prefill", self.prefill))
-                         if round(v, 3) > 1.0)
+        """'decode 1.131 (168 devices 1.131), prefill 1.000': what a re-search's record says."""
+        parts = []
+        for phase in ("decode", "prefill"):
+            known = [f"{n} devices {v:.3f}" for p, n, v in self.balanced if p == phase]
+            if round(getattr(self, phase), 3) > 1.0 or known:
+                parts.append(f"{phase} {getattr(self, phase):.3f}" + (f" ({', '.join(known)})" if known else ""))
+        return ", ".join(parts)
 
 
 # The deployment type of a candidate: Candidate[DecodeDeployment] for decode, [PrefillDeployment]
@@ -118,6 +140,14 @@ class Candidate(Generic[D]):
         dep = self.deployment
         if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
             return dep.attention_devices + dep.moe_devices
+        return dep.devices
+
+    @property
+    def expert_devices(self) -> int:
+        """Devices holding the instance's experts: what its balance (`Imbalance`) depends on."""
+        dep = self.deployment
+        if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
+            return dep.moe_devices
         return dep.devices
 
     @property
@@ -228,20 +258,19 @@ def _score(shape: ModelShape, topo: Topology, dep: AnyDeployment, devices: int, 
     return est
 
 
-def _decode_common(wl: Workload, imbalance: float) -> DecodeDeployment:
-    """What the workload (and the expert imbalance assumed) fixes; each candidate replaces the instance
-    shape, batch and microbatches."""
-    return DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant,
-                            imbalance=imbalance)
+def _decode_common(wl: Workload) -> DecodeDeployment:
+    """What the workload fixes; each candidate replaces the instance shape, batch, microbatches and the
+    expert imbalance it is scored at."""
+    return DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant)
 
 
 def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                      sl: Slice | None = None, imbalance: float = 1.0) -> list[Candidate[DecodeDeployment]]:
+                      sl: Slice | None = None, imb: Imbalance = Imbalance()) -> list[Candidate[DecodeDeployment]]:
     """Step 1 + 3 (decode): every memory-feasible configuration."""
     sl = sl or topology_slice(topo)
     E = shape.num_routed_experts
     out: list[Candidate[DecodeDeployment]] = []
-    common = _decode_common(wl, imbalance)
+    common = _decode_common(wl)
     mode = pins.effective_decode_mode
     colocated = [] if mode == "disaggregated" else (
         [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl)))
@@ -250,7 +279,7 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
             for mb in MICROBATCHES:
                 for batch in BATCHES:
                     dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
-                                  attn_tp=tp)
+                                  attn_tp=tp, imbalance=imb.of("decode", devices))
                     est = _score(shape, topo, dep, devices, tally)
                     if est is not None:
                         out.append(Candidate("decode", dep, est))
@@ -272,7 +301,8 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
                     for mb in MICROBATCHES:
                         for batch in BATCHES:
                             dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
-                                          dp_domains=domains, batch_per_device=batch, microbatches=mb, attn_tp=tp)
+                                          dp_domains=domains, batch_per_device=batch, microbatches=mb, attn_tp=tp,
+                                          imbalance=imb.of("decode", moe))
                             est = _score(shape, topo, dep, attn + moe, tally)
                             if est is not None:
                                 out.append(Candidate("decode", dep, est))
@@ -280,7 +310,7 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
 
 
 def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                       sl: Slice | None = None, imbalance: float = 1.0) -> list[Candidate[PrefillDeployment]]:
+                       sl: Slice | None = None, imb: Imbalance = Imbalance()) -> list[Candidate[PrefillDeployment]]:
     """Step 2 + 3 (prefill): every memory-feasible instance."""
     sl = sl or topology_slice(topo)
     out: list[Candidate[PrefillDeployment]] = []
@@ -293,7 +323,7 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
                 for mb in MICROBATCHES:
                     dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
                                             microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp,
-                                            imbalance=imbalance)
+                                            imbalance=imb.of("prefill", devices))
                     est = _score(shape, topo, dep, devices, tally)
                     if est is not None:
                         out.append(Candidate("prefill", dep, est))
@@ -301,18 +331,18 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
 
 
 def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                          sl: Slice | None = None, imbalance: float = 1.0) -> list[Candidate[AggregatedDeployment]]:
+                          sl: Slice | None = None, imb: Imbalance = Imbalance()) -> list[Candidate[AggregatedDeployment]]:
     """Colocated instances serving both phases, chunked prefill in every decode step."""
     sl = sl or topology_slice(topo)
     out: list[Candidate[AggregatedDeployment]] = []
-    common = _decode_common(wl, imbalance)
+    common = _decode_common(wl)
     sizes = [pins.decode_devices] if pins.decode_devices else _thin(_instance_sizes(topo, sl))
     for devices in sizes:
         for tp in _attn_tps(topo, devices, pins):
             for mb in MICROBATCHES:
                 for batch in BATCHES:
                     dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
-                                  attn_tp=tp)
+                                  attn_tp=tp, imbalance=imb.of("decode", devices))
                     dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
                                                prefix_hit=wl.prefix_hit)
                     est = _score(shape, topo, dep, devices, tally)
@@ -515,8 +545,8 @@ def _no_memory(shape: ModelShape, topo: Topology, wl: Workload, sl: Slice, phase
 def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
                    counter: list[int], imb: Imbalance) -> ModeResult:
     dec_tally, pre_tally = Tally(), Tally()
-    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl, imb.decode)
-    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl, imb.prefill)
+    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl, imb)
+    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl, imb)
     counter[0] += len(dec_all) + len(pre_all) + sum(t.invalid + t.memory for t in (dec_tally, pre_tally))
     if not dec_all:
         return ModeResult("disagg", error=_no_memory(shape, topo, wl, sl, "decode", dec_tally))
@@ -577,7 +607,7 @@ def _search_agg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl:
     tally = Tally()
     if pins.effective_decode_mode == "disaggregated":
         return ModeResult("agg", error="aggregated serving runs colocated instances (--decode-mode disaggregated)")
-    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl, imb.decode)
+    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl, imb)
     counter[0] += len(cands) + tally.invalid + tally.memory
     if not cands:
         return ModeResult("agg", error=_no_memory(shape, topo, wl, sl, "aggregated", tally))

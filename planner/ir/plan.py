@@ -846,7 +846,7 @@ class SearchRecord(_Node):
     modes: tuple[ModeChoice, ...]  # the chosen mode first
     why: str  # why the chosen mode won, in words
     devices: int  # devices the search planned on (the slice: all the topology's, or --devices)
-    imbalance: dict[str, float]  # phase -> expert load max/mean the candidates were scored at
+    imbalance: dict[str, float]  # phase -> expert load max/mean the chosen configuration was scored at
     notes: tuple[str, ...] = ()  # idle devices, a re-search, a small model's spare devices
 
     def _check(self) -> None:

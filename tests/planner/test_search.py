@@ -13,7 +13,7 @@ from costmodels.serving import DecodeDeployment, estimate_decode
 from costmodels.topology import get_topology
 from planner.compile import DEFAULT_WORKLOAD, CompileOptions, _layout, compile_report
 from planner.frontend.shape import shape_of
-from planner.search import Pins, search
+from planner.search import Pins, Tally, decode_candidates, search
 from planner.placement import max_second, packed_count, topology_slice
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -186,3 +186,16 @@ def test_disaggregated_decode_searches_attention_tp_where_it_pays():
     assert {c.deployment.attn_tp for c in mla.frontier if c.phase == "decode"} > {1}  # TP > 1 was searched
     pinned = search(shape_of("qwen3-235b-a22b"), cm, DEFAULT_WORKLOAD, replace(pins, attention_tp=2), mode="disagg")
     assert pinned.decode.deployment.attn_tp == 2
+
+
+def test_imbalance_learns_per_shape_and_scores_unknown_shapes_at_the_worst():
+    from planner.search import Imbalance
+
+    imb = Imbalance().learn("decode", 168, 1.131).learn("decode", 64, 1.0).learn("prefill", 40, 1.0)
+    assert imb.of("decode", 168) == 1.131 and imb.of("decode", 64) == 1.0
+    assert imb.of("decode", 96) == 1.131  # not balanced yet: the worst learnt, not perfect balance
+    assert imb.of("prefill", 96) == 1.0
+    assert imb.describe() == "decode 1.131 (64 devices 1.000, 168 devices 1.131), prefill 1.000 (40 devices 1.000)"
+    cands = decode_candidates(shape_of("deepseek-v3"), get_topology("cloudmatrix384"), DEFAULT_WORKLOAD,
+                              Pins(decode_devices=64), Tally(), imb=imb)
+    assert cands and {c.deployment.imbalance for c in cands} == {1.0}
