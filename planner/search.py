@@ -85,6 +85,43 @@ class Pins:
         return None
 
 
+@dataclass(frozen=True)
+class Imbalance:
+    """Expert load max/mean each candidate is scored at, by phase ("decode" also for aggregated
+    instances) and the number of devices holding its experts (what the balancer's result depends on).
+
+    The first search assumes perfect balance (1.0 everywhere). When the balanced plan misses a latency
+    target the compiler searches again, having learnt what the balancer reached for the chosen shapes
+    (`balanced`); shapes not balanced yet are scored at the worst value learnt so far (`decode`,
+    `prefill`), so that an unknown shape does not win on an optimism the known ones lost.
+    """
+
+    decode: float = 1.0
+    prefill: float = 1.0
+    balanced: tuple[tuple[str, int, float], ...] = ()  # (phase, expert devices, max/mean reached), sorted
+
+    def of(self, phase: str, expert_devices: int) -> float:
+        for p, n, value in self.balanced:
+            if p == phase and n == expert_devices:
+                return value
+        return self.prefill if phase == "prefill" else self.decode
+
+    def learn(self, phase: str, expert_devices: int, value: float) -> Imbalance:
+        """With what the balancer reached for one shape; the default for unknown shapes only grows."""
+        rest = tuple(b for b in self.balanced if b[:2] != (phase, expert_devices))
+        default = max(getattr(self, phase), value)
+        return replace(self, **{phase: default}, balanced=tuple(sorted((*rest, (phase, expert_devices, value)))))
+
+    def describe(self) -> str:
+        """'decode 1.131 (168 devices 1.131), prefill 1.000': what a re-search's record says."""
+        parts = []
+        for phase in ("decode", "prefill"):
+            known = [f"{n} devices {v:.3f}" for p, n, v in self.balanced if p == phase]
+            if round(getattr(self, phase), 3) > 1.0 or known:
+                parts.append(f"{phase} {getattr(self, phase):.3f}" + (f" ({', '.join(known)})" if known else ""))
+        return ", ".join(parts)
+
+
 # The deployment type of a candidate: Candidate[DecodeDeployment] for decode, [PrefillDeployment]
 # for prefill, [AggregatedDeployment] for both on one instance; covariant (candidates are frozen).
 D = TypeVar("D", bound=AnyDeployment, covariant=True)
@@ -103,6 +140,14 @@ class Candidate(Generic[D]):
         dep = self.deployment
         if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
             return dep.attention_devices + dep.moe_devices
+        return dep.devices
+
+    @property
+    def expert_devices(self) -> int:
+        """Devices holding the instance's experts: what its balance (`Imbalance`) depends on."""
+        dep = self.deployment
+        if isinstance(dep, DecodeDeployment) and dep.mode == "disaggregated":
+            return dep.moe_devices
         return dep.devices
 
     @property
@@ -168,10 +213,14 @@ def _thin(sizes: list[int], keep: int = 16) -> list[int]:
     return sorted(picked)
 
 
-def _attn_tps(topo: Topology, devices: int, pins: Pins) -> list[int]:
-    """Attention TP degrees for an instance: dividing its dies, inside one server (the all-reduce runs on
-    the server's scale-up links). Only 1 on CPU processes: podplan's runtime runs attention DP only."""
-    dies = devices * topo.dies_per_device
+def _attn_tps(topo: Topology, devices: int, pins: Pins, domains: int = 1) -> list[int]:
+    """Attention TP degrees for `devices` attention devices split into `domains` DP domains: dividing a
+    domain's dies, inside one server (the all-reduce runs on the server's scale-up links). Only 1 on CPU
+    processes: podplan's runtime runs attention DP only."""
+    total = devices * topo.dies_per_device
+    if total % domains:
+        return []
+    dies = total // domains
     if pins.attention_tp:
         return [pins.attention_tp] if dies % pins.attention_tp == 0 else []
     if topo.hardware.platform == "cpu":
@@ -210,12 +259,13 @@ def _score(shape: ModelShape, topo: Topology, dep: AnyDeployment, devices: int, 
 
 
 def _decode_common(wl: Workload) -> DecodeDeployment:
-    """What the workload fixes; each candidate replaces the instance shape, batch and microbatches."""
+    """What the workload fixes; each candidate replaces the instance shape, batch, microbatches and the
+    expert imbalance it is scored at."""
     return DecodeDeployment(kv_len=wl.input_len + wl.output_len // 2, mtp_accept=wl.mtp_accept, quant=wl.quant)
 
 
 def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                      sl: Slice | None = None) -> list[Candidate[DecodeDeployment]]:
+                      sl: Slice | None = None, imb: Imbalance = Imbalance()) -> list[Candidate[DecodeDeployment]]:
     """Step 1 + 3 (decode): every memory-feasible configuration."""
     sl = sl or topology_slice(topo)
     E = shape.num_routed_experts
@@ -229,7 +279,7 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
             for mb in MICROBATCHES:
                 for batch in BATCHES:
                     dep = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
-                                  attn_tp=tp)
+                                  attn_tp=tp, imbalance=imb.of("decode", devices))
                     est = _score(shape, topo, dep, devices, tally)
                     if est is not None:
                         out.append(Candidate("decode", dep, est))
@@ -246,18 +296,21 @@ def decode_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pin
             if not sl.fits(attn + moe) or attn + moe >= sl.devices:
                 continue
             for domains in DP_DOMAINS:
-                for mb in MICROBATCHES:
-                    for batch in BATCHES:
-                        dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
-                                      dp_domains=domains, batch_per_device=batch, microbatches=mb)
-                        est = _score(shape, topo, dep, attn + moe, tally)
-                        if est is not None:
-                            out.append(Candidate("decode", dep, est))
+                # head-TP groups sit inside one DP domain of the attention devices (the cost model's rule)
+                for tp in _attn_tps(topo, attn, pins, domains):
+                    for mb in MICROBATCHES:
+                        for batch in BATCHES:
+                            dep = replace(common, mode="disaggregated", attention_devices=attn, moe_devices=moe,
+                                          dp_domains=domains, batch_per_device=batch, microbatches=mb, attn_tp=tp,
+                                          imbalance=imb.of("decode", moe))
+                            est = _score(shape, topo, dep, attn + moe, tally)
+                            if est is not None:
+                                out.append(Candidate("decode", dep, est))
     return out
 
 
 def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                       sl: Slice | None = None) -> list[Candidate[PrefillDeployment]]:
+                       sl: Slice | None = None, imb: Imbalance = Imbalance()) -> list[Candidate[PrefillDeployment]]:
     """Step 2 + 3 (prefill): every memory-feasible instance."""
     sl = sl or topology_slice(topo)
     out: list[Candidate[PrefillDeployment]] = []
@@ -269,7 +322,8 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
                     continue
                 for mb in MICROBATCHES:
                     dep = PrefillDeployment(devices=devices, tokens_per_device=tokens, prompt_len=wl.input_len,
-                                            microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp)
+                                            microbatches=mb, prefix_hit=wl.prefix_hit, quant=wl.quant, attn_tp=tp,
+                                            imbalance=imb.of("prefill", devices))
                     est = _score(shape, topo, dep, devices, tally)
                     if est is not None:
                         out.append(Candidate("prefill", dep, est))
@@ -277,7 +331,7 @@ def prefill_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pi
 
 
 def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, tally: Tally,
-                          sl: Slice | None = None) -> list[Candidate[AggregatedDeployment]]:
+                          sl: Slice | None = None, imb: Imbalance = Imbalance()) -> list[Candidate[AggregatedDeployment]]:
     """Colocated instances serving both phases, chunked prefill in every decode step."""
     sl = sl or topology_slice(topo)
     out: list[Candidate[AggregatedDeployment]] = []
@@ -288,7 +342,7 @@ def aggregated_candidates(shape: ModelShape, topo: Topology, wl: Workload, pins:
             for mb in MICROBATCHES:
                 for batch in BATCHES:
                     dec = replace(common, mode="colocated", devices=devices, batch_per_device=batch, microbatches=mb,
-                                  attn_tp=tp)
+                                  attn_tp=tp, imbalance=imb.of("decode", devices))
                     dep = AggregatedDeployment(dec, input_len=wl.input_len, output_len=wl.output_len,
                                                prefix_hit=wl.prefix_hit)
                     est = _score(shape, topo, dep, devices, tally)
@@ -489,10 +543,10 @@ def _no_memory(shape: ModelShape, topo: Topology, wl: Workload, sl: Slice, phase
 
 
 def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
-                   counter: list[int]) -> ModeResult:
+                   counter: list[int], imb: Imbalance) -> ModeResult:
     dec_tally, pre_tally = Tally(), Tally()
-    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl)
-    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl)
+    dec_all = decode_candidates(shape, topo, wl, pins, dec_tally, sl, imb)
+    pre_all = prefill_candidates(shape, topo, wl, pins, pre_tally, sl, imb)
     counter[0] += len(dec_all) + len(pre_all) + sum(t.invalid + t.memory for t in (dec_tally, pre_tally))
     if not dec_all:
         return ModeResult("disagg", error=_no_memory(shape, topo, wl, sl, "decode", dec_tally))
@@ -535,10 +589,13 @@ def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, 
     if best is None:
         smallest = min(by_shape.values(), key=lambda c: c.instance_devices)
         smallest_pre = min(by_size.values(), key=lambda c: c.instance_devices)
+        dec_n, pre_n = smallest.instance_devices, smallest_pre.instance_devices
+        # an instance takes whole servers: say so when that, not the count, is what does not fit
+        dec_span = f" (on whole servers: {sl.span(dec_n)})" if sl.span(dec_n) != dec_n else ""
+        pre_span = f" (on whole servers: {sl.span(pre_n)})" if sl.span(pre_n) != pre_n else ""
         return ModeResult("disagg", error=(
-            f"no decode instance leaves room for a prefill instance (smallest feasible: decode "
-            f"{smallest.instance_devices} + prefill {smallest_pre.instance_devices} devices, "
-            f"{sl.devices} available); use --mode agg or a larger topology"))
+            f"no decode instance leaves room for a prefill instance (smallest feasible: decode {dec_n}{dec_span} "
+            f"+ prefill {pre_n}{pre_span} devices, {sl.devices} available); use --mode agg or a larger topology"))
     _, dec, pre, nd, np_, rate = best
     used = nd * sl.span(dec.instance_devices) + np_ * sl.span(pre.instance_devices)
     return ModeResult("disagg", rate, used, dec, pre, nd, np_, tuple(pareto(dec_ok)),
@@ -546,11 +603,11 @@ def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, 
 
 
 def _search_agg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, sl: Slice,
-                counter: list[int]) -> ModeResult:
+                counter: list[int], imb: Imbalance) -> ModeResult:
     tally = Tally()
     if pins.effective_decode_mode == "disaggregated":
         return ModeResult("agg", error="aggregated serving runs colocated instances (--decode-mode disaggregated)")
-    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl)
+    cands = aggregated_candidates(shape, topo, wl, pins, tally, sl, imb)
     counter[0] += len(cands) + tally.invalid + tally.memory
     if not cands:
         return ModeResult("agg", error=_no_memory(shape, topo, wl, sl, "aggregated", tally))
@@ -618,13 +675,36 @@ def _idle_notes(res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
             f"{res.decode_instances * dec_rate:,.2f} req/s), and no instance of the other phase fits the remainder",)
 
 
+def _replica_notes(shape: ModelShape, topo: Topology, res: ModeResult, sl: Slice, wl: Workload) -> tuple[str, ...]:
+    """A model whose weights fit on one device cannot use a pod as one instance (its experts run out
+    long before the devices do): the plan serves it with many independent replicas. Say so, so that
+    "384 instances" reads as intended."""
+    assert res.decode is not None
+    weights_gb = shape.params_total * dtype_bytes(wl.quant) / 1e9
+    if weights_gb >= topo.hardware.chip_hbm_gb or max(res.decode_instances, res.prefill_instances) <= 1:
+        return ()
+    kind = "aggregated" if res.prefill is None else "decode"
+    parts = [f"{_count(res.decode_instances, kind + ' instance')} of {_count(res.decode.instance_devices, 'device')}"]
+    if res.prefill is not None:
+        parts.insert(0, f"{_count(res.prefill_instances, 'prefill instance')} of "
+                        f"{_count(res.prefill.instance_devices, 'device')}")
+    size = f"{weights_gb:,.3g} GB" if weights_gb >= 1 else f"{weights_gb * 1e3:.3g} MB"
+    return (f"{shape.name} is small ({size} of {wl.quant} weights fit on one device): the plan "
+            f"replicates it as {' + '.join(parts)}, using {res.devices_used} of {sl.devices} devices",)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(), mode: str = "disagg",
-           devices: int | None = None) -> SearchResult:
+           devices: int | None = None, imbalance: Imbalance = Imbalance()) -> SearchResult:
     """Search the modes `mode` names ("auto": both) on the first `devices` devices (None: all) and return
     the best plan; raises InfeasibleError naming why nothing fits and the knob that would.
 
-    Candidates are scored at perfect expert balance (imbalance 1.0): the balancer has not run yet;
-    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`).
+    Candidates are scored at `imbalance` (default: perfect expert balance; the balancer has not run yet);
+    the compiler re-scores the chosen ones with the imbalance it reaches (`rescore`), and searches again
+    at that imbalance when the re-scored plan misses a latency target.
     """
     if mode not in SEARCH_MODES:
         raise InputError(f"--mode {mode}: use one of {', '.join(SEARCH_MODES)}")
@@ -635,8 +715,8 @@ def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(),
     counter = [0]
     results = []
     for m in (MODES if mode == "auto" else (mode,)):
-        results.append(_search_agg(shape, topo, wl, pins, sl, counter) if m == "agg"
-                       else _search_disagg(shape, topo, wl, pins, sl, counter))
+        results.append(_search_agg(shape, topo, wl, pins, sl, counter, imbalance) if m == "agg"
+                       else _search_disagg(shape, topo, wl, pins, sl, counter, imbalance))
     ok = [r for r in results if r.ok]
     if not ok:
         memory = [r for r in results if r.error.startswith("no memory-feasible")]
@@ -654,7 +734,7 @@ def search(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins = Pins(),
         mode=win.mode, decode=win.decode, prefill=win.prefill, decode_instances=win.decode_instances,
         prefill_instances=win.prefill_instances, requests_per_s=win.requests_per_s, frontier=frontier,
         evaluated=counter[0], slice=sl, modes=(win, *others), why=_why(win, others[0] if others else None, wl),
-        notes=_idle_notes(win, sl, wl))
+        notes=_idle_notes(win, sl, wl) + _replica_notes(shape, topo, win, sl, wl))
 
 
 def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float, redundant: int) -> Candidate[D]:

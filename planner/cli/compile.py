@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 
 from typing import TYPE_CHECKING
@@ -170,6 +171,7 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
     """Short lines (well under 100 columns, so a terminal never breaks one mid-phrase), then the tables."""
     from rich.table import Table
 
+    from planner.compile import mode_config
     from planner.views.text import step_notes
 
     out = stdout_console()
@@ -202,8 +204,9 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
     for note in step_notes(plan):
         out.print(f"  {note}", soft_wrap=True, markup=False)
     out.print(f"  mode {sr.mode}: {sr.why}")
-    for note in sr.notes:
-        out.print(f"  {note}")
+    for note in sr.notes:  # wrapped here, at words, rather than by the terminal mid-phrase
+        for line in textwrap.wrap(note, 96, initial_indent="  ", subsequent_indent="    "):
+            out.print(line, markup=False, highlight=False)
     wl = plan.workload
     modes = Table(title="best of each mode", title_justify="left", box=None, pad_edge=False)
     for col in ("mode", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "configuration"):
@@ -214,9 +217,7 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
             modes.add_row(r.mode, "-", "-", "-", "-", "-", f"no plan: {r.error}")
             continue
         s = r.summary(wl, sr.slice.devices)
-        cfg = f"{r.decode_instances} x {s['decode']['config']}"
-        if r.prefill is not None:
-            cfg = f"{r.prefill_instances} x {s['prefill']['config']}; {cfg}"
+        cfg = mode_config(r)  # as the plan's search record says it
         modes.add_row(r.mode + (" (chosen)" if r is sr.modes[0] else ""), f"{r.requests_per_s:,.2f}",
                       f"{s['output_tokens_per_s_per_device']:,.0f}", str(r.devices_used), _ms(s["tpot_ms"]),
                       _ms(s["ttft_ms"], 0), cfg)

@@ -27,7 +27,7 @@ from planner.ir.fileio import write_atomic
 # The version this podplan writes at most; any change to the shipped schema file bumps it (docs/plan-ir.md).
 SCHEMA_VERSION = 3
 # Versions readers accept: version 3 only adds optional records (a mixed topology's groups, the group of
-# each instance), so a version-2 document is still a valid plan and loads as it is.
+# each instance, the search record), so a version-2 document is still a valid plan and loads as it is.
 READ_VERSIONS = (2, 3)
 # Significant digits kept for every float: enough for ms and tokens/s, short enough to diff.
 FLOAT_DIGITS = 6
@@ -74,8 +74,12 @@ StageKind = Literal["embed", "attention", "moe_gate", "dense_ffn", "routed_exper
 VERSION_NOTES = {1: "version 1 had one formula-based stage per layer; version 2 lists the pass pipeline's stages "
                     "with measured cut bytes and the passes that ran"}
 # Fields new in version 3, written only when set: a plan without them stays a byte-identical version-2
-# document (`version_needed`), so plans for one kind of hardware keep their bytes and older readers.
+# document (`version_needed`).
 V3_FIELDS = {"TopologyInfo": ("groups",), "Instance": ("group",)}
+# Top-level fields a version added, optional and written only when set: an older plan keeps its bytes.
+ADDED_IN = {"search": 3}
+# The serving modes the search compares (planner.search.MODES; the IR may not import the planner).
+ServingMode = Literal["agg", "disagg"]
 
 
 @dataclass(frozen=True)
@@ -487,9 +491,10 @@ class TopologyInfo(_Node):
         )
 
 
-def version_needed(topology: TopologyInfo) -> int:
-    """The oldest schema version that holds a plan for `topology`: 3 for a mixed one (its groups), else 2."""
-    return 3 if topology.groups else 2
+def version_needed(topology: TopologyInfo, search: object | None = None) -> int:
+    """The oldest schema version that holds a plan for `topology` with this `search` record: 3 for a mixed
+    topology (its groups) or a search record, else 2."""
+    return 3 if topology.groups or search is not None else 2
 
 
 @dataclass(frozen=True)
@@ -879,6 +884,63 @@ class Provenance(_Node):
 
 
 @dataclass(frozen=True)
+class ModeChoice(_Node):
+    """The best configuration of one serving mode the search found, or why it refused the mode.
+
+    agg: prefill and decode on the same instances (chunked prefill); disagg: separate prefill and decode
+    instances. Figures are the search's scores (at `SearchRecord.imbalance`), before the balancer ran.
+    """
+
+    mode: ServingMode
+    chosen: bool = False
+    requests_per_s: float | None = None  # on the devices searched
+    output_tokens_per_s_per_device: float | None = None  # the objective: per device of the slice searched
+    tpot_ms: float | None = None
+    ttft_ms: float | None = None
+    devices: int | None = None  # devices its instances use
+    config: str = ""  # "N x <prefill config>; M x <decode config>"
+    refused: str = ""  # why the mode has no plan (the figures are then null)
+
+    def _check(self) -> None:
+        if bool(self.refused) == (self.requests_per_s is not None):
+            _fail(".refused", "give either the figures of the mode's best plan or the reason it has none")
+        if self.refused and self.chosen:
+            _fail(".chosen", "a refused mode cannot be the chosen one")
+        if self.requests_per_s is not None and self.requests_per_s < 0:
+            _fail(".requests_per_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SearchRecord(_Node):
+    """The deployment search behind the plan: the best of each serving mode, which won and why."""
+
+    modes: tuple[ModeChoice, ...]  # the chosen mode first
+    why: str  # why the chosen mode won, in words
+    devices: int  # devices the search planned on (the slice: all the topology's, or --devices)
+    imbalance: dict[str, float]  # phase -> expert load max/mean the chosen configuration was scored at
+    notes: tuple[str, ...] = ()  # idle devices, a re-search, a small model's spare devices
+
+    def _check(self) -> None:
+        _positive(".devices", self.devices)
+        seen = set()
+        for i, m in enumerate(self.modes):
+            if m.mode in seen:
+                _fail(f".modes[{i}].mode", f"mode '{m.mode}' listed twice")
+            seen.add(m.mode)
+        if [m.chosen for m in self.modes][:1] != [True] or sum(m.chosen for m in self.modes) != 1:
+            _fail(".modes", "the chosen mode comes first, and only it is chosen")
+        for phase, value in self.imbalance.items():
+            if phase not in PHASES:
+                _fail(_key(".imbalance", phase), f"unknown phase (phases: {', '.join(PHASES)})")
+            if value < 1.0:
+                _fail(_key(".imbalance", phase), f"{value} < 1: max/mean load is at least 1")
+
+    @property
+    def chosen(self) -> ModeChoice:
+        return self.modes[0]
+
+
+@dataclass(frozen=True)
 class Plan(_Node):
     """A deployment plan: model, topology, workload, stages, prefill/decode phases, frontier, provenance."""
 
@@ -890,11 +952,16 @@ class Plan(_Node):
     prefill: Phase | None = None
     decode: Phase | None = None
     frontier: tuple[FrontierPoint, ...] = ()
+    search: SearchRecord | None = None  # since version 3
     schema_version: int = SCHEMA_VERSION
 
     def _check(self) -> None:
         _check_version(self.schema_version)
         self._check_groups()
+        for name, since in ADDED_IN.items():
+            if getattr(self, name) is not None and self.schema_version < since:
+                _fail(f".{name}", f"a version {self.schema_version} plan has no {name} field (added in version "
+                                  f"{since}); drop it or set schema_version {SCHEMA_VERSION}")
         if self.prefill is None and self.decode is None:
             _fail(".decode", "a plan needs a prefill or a decode phase")
         self._check_stages()
@@ -1048,6 +1115,14 @@ class Plan(_Node):
 
     def placement_of(self, phase: str, instance: Instance) -> ExpertPlacement:
         return self.phases[phase].experts[instance.experts]
+
+    def to_dict(self) -> dict:
+        """As every node's, less the optional fields a version added when unset: an older plan keeps its bytes."""
+        out = super().to_dict()
+        for name in ADDED_IN:
+            if out[name] is None:
+                del out[name]
+        return out
 
     def to_json(self) -> str:
         """The canonical form: sorted keys, rounded floats, scalar lists on one line, trailing newline."""

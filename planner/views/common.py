@@ -304,3 +304,32 @@ def slo_status(plan: Plan) -> dict[str, str]:
     if first is not None and w.ttft_slo_ms is not None and first.predictions.ttft_ms is not None:
         out["ttft"] = "ok" if first.predictions.ttft_ms <= w.ttft_slo_ms else "miss"
     return out
+
+
+# What each serving mode means, for the row a view shows it in.
+MODE_NAMES = {"agg": "aggregated (chunked prefill)", "disagg": "disaggregated prefill/decode"}
+
+
+def serving_mode_rows(plan: Plan) -> list[dict]:
+    """The search record's modes as display strings, the chosen one first ([] for a plan without one)."""
+    if plan.search is None:
+        return []
+    rows = []
+    for m in plan.search.modes:
+        mode = m.mode + (" (chosen)" if m.chosen else "")
+        if m.refused:
+            rows.append({"mode": mode, "meaning": MODE_NAMES[m.mode], "chosen": False, "req_s": "-", "tput": "-",
+                         "devices": "-", "tpot": "-", "ttft": "-", "config": f"refused: {m.refused}"})
+            continue
+        rows.append({"mode": mode, "meaning": MODE_NAMES[m.mode], "chosen": m.chosen,
+                     "req_s": f"{m.requests_per_s:,.2f}", "tput": f"{m.output_tokens_per_s_per_device:,.0f}",
+                     "devices": f"{m.devices} of {plan.search.devices}", "tpot": num(m.tpot_ms, 3),
+                     "ttft": "-" if m.ttft_ms is None else f"{m.ttft_ms:,.0f}", "config": m.config})
+    return rows
+
+
+def search_notes(plan: Plan) -> list[str]:
+    """Why the chosen mode won, then the search's notes (idle devices, a re-search)."""
+    if plan.search is None:
+        return []
+    return [f"chosen {plan.search.chosen.mode}: {plan.search.why}", *plan.search.notes]

@@ -324,6 +324,24 @@ def _stages_diff(old: Plan, new: Plan) -> dict:
     return out
 
 
+def _search_view(plan: Plan) -> dict | None:
+    """The chosen serving mode, why, and each mode's requests/s (or why it was refused); None for a plan
+    without a search record (version 2, or not made by the search)."""
+    if plan.search is None:
+        return None
+    return {"chosen": plan.search.chosen.mode, "why": plan.search.why,
+            "modes": {m.mode: m.requests_per_s if not m.refused else f"refused: {m.refused}"
+                      for m in plan.search.modes}}
+
+
+def search_line(search: dict) -> str:
+    """'' unless both plans record a search and its chosen mode changed."""
+    old, new = search["old"], search["new"]
+    if old is None or new is None or old["chosen"] == new["chosen"]:
+        return ""
+    return f"search: chosen mode {old['chosen']} -> {new['chosen']} ({new['why']})"
+
+
 def diff_plans(old: Plan, new: Plan) -> dict:
     """The semantic difference between two plans, as JSON-ready data."""
     chosen = {n: [f"{p.phase}: {p.config}" for p in plan.frontier if p.chosen] for n, plan in (("old", old), ("new", new))}
@@ -337,6 +355,7 @@ def diff_plans(old: Plan, new: Plan) -> dict:
                                                                     _flat(new.topology.to_dict()))},
         "workload": _changes(old.workload.to_dict(), new.workload.to_dict()),
         "serving": {"old": serving_label(old), "new": serving_label(new)},
+        "search": {"old": _search_view(old), "new": _search_view(new)},
         "stages": _stages_diff(old, new),
         "phases": {name: _phase_diff(old, new, name) for name in PHASES if name in old.phases or name in new.phases},
         "frontier": {"old_points": len(old.frontier), "new_points": len(new.frontier),
@@ -468,6 +487,9 @@ def render_text(diff: dict, violations: list[dict], rules: list[Rule], old: str,
     serving = serving_line(diff["serving"])
     if serving:
         lines.append(serving)
+    search = search_line(diff["search"])
+    if search:
+        lines.append(search)
     lines += _stage_lines(diff["stages"])
     for name, ph in diff["phases"].items():
         if ph["status"] != "compared":

@@ -21,6 +21,8 @@ from planner.views.common import (
     is_aggregated_point,
     num,
     phase_label,
+    search_notes,
+    serving_mode_rows,
     slo_status,
     stage_groups,
     stage_names,
@@ -118,6 +120,8 @@ def page(plan: Plan) -> dict:
         "phases": phases,
         "deployment": deployment_rows(plan),
         "balance": balance_stats(plan),
+        "serving_modes": serving_mode_rows(plan),
+        "search_notes": search_notes(plan),
         "grid": {"cells": cells, "servers": servers, "width": gw, "height": gh},
         "legend": [{"label": f"{inst} {role}" if inst else role, "fill": role_fill(plan, ph, role, inst)}
                    for ph, role, inst in used_roles],

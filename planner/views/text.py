@@ -19,6 +19,8 @@ from planner.views.common import (
     num,
     phase_label,
     prompt_chunk_per_device,
+    search_notes,
+    serving_mode_rows,
     slo_status,
     stage_groups,
     stage_names,
@@ -43,6 +45,10 @@ def print_summary(plan: Plan, console: Console) -> None:
     console.print(_predictions(plan))
     for note in step_notes(plan) + aggregated_notes(plan):
         console.print(note)
+    if plan.search is not None:
+        console.print(_serving_modes(plan))
+        for note in search_notes(plan):
+            console.print(note, markup=False)
     console.print(_breakdown(plan))
     console.print(_memory(plan))
     console.print(_balance(plan))
@@ -141,6 +147,18 @@ def _predictions(plan: Plan) -> Table:
         runs_prompts = name == "prefill" or plan.aggregated  # the phase whose TTFT the SLO bounds
         ttft = num(p.ttft_ms) + (" (SLO miss)" if runs_prompts and slo.get("ttft") == "miss" else "")
         table.add_row(phase_label(plan, name), feas, tpot, ttft, num(p.step_ms), num(p.throughput_per_device))
+    return table
+
+
+def _serving_modes(plan: Plan) -> Table:
+    """The best of each serving mode the search found (its scores, before balancing), or why it has none."""
+    table = _table("serving modes (objective: output tokens/s per device under the SLOs)",
+                   ["mode", "serving", "req/s", "out tok/s/dev", "devices", "TPOT ms", "TTFT ms", "configuration"],
+                   left=2)
+    table.columns[-1].justify = "left"
+    table.columns[-1].overflow = "fold"
+    for r in serving_mode_rows(plan):
+        table.add_row(r["mode"], r["meaning"], r["req_s"], r["tput"], r["devices"], r["tpot"], r["ttft"], r["config"])
     return table
 
 

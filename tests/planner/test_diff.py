@@ -293,3 +293,24 @@ def test_unchanged_breakdown_entries_are_not_listed(base):
     d = diff_plans(base, _with_decode(base, breakdown=b))
     listed = [p["metric"] for p in d["phases"]["decode"]["predictions"] if p["metric"].startswith("breakdown.")]
     assert listed == [f"breakdown.{stage}"]
+
+
+def test_a_changed_serving_mode_choice_is_named_with_why(base, capsys, tmp_path):
+    from planner.ir.plan import ModeChoice, SearchRecord
+
+    def record(chosen: str, why: str) -> SearchRecord:
+        other = "agg" if chosen == "disagg" else "disagg"
+        return SearchRecord(modes=(ModeChoice(mode=chosen, chosen=True, requests_per_s=10.0,
+                                              output_tokens_per_s_per_device=100.0, devices=8, config="x"),
+                                   ModeChoice(mode=other, refused="no plan")), why=why, devices=8,
+                            imbalance={"decode": 1.0})
+
+    old = dataclasses.replace(base, search=record("agg", "disagg has no plan"))
+    new = dataclasses.replace(base, search=record("disagg", "agg has no plan"))
+    d = diff_plans(old, new)
+    assert d["search"]["old"] == {"chosen": "agg", "why": "disagg has no plan",
+                                  "modes": {"agg": 10.0, "disagg": "refused: no plan"}}
+    _, out, _ = _diff(capsys, tmp_path, old, new)
+    assert "search: chosen mode agg -> disagg (agg has no plan)" in out
+    _, out, _ = _diff(capsys, tmp_path, base, new)  # a plan without a record: nothing to compare
+    assert "search:" not in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from planner.ir import plan as plan_mod
 from planner.ir.plan import (
     SCHEMA_VERSION,
     LayerPlacement,
+    ModeChoice,
     Plan,
+    SearchRecord,
     device_ranges,
     devices_of,
     from_dict,
@@ -412,3 +415,50 @@ def test_unparseable_text_says_whether_it_was_a_plan(tmp_path):
     damaged.write_text((ROOT / "plans" / "tiny-deepseek-v3.local-8.json").read_text()[:300])
     with pytest.raises(PlanError, match="a damaged plan: regenerate it with `podplan compile`"):
         load_plan(damaged)
+
+
+# --- version 3: the search record ---------------------------------------------------------------
+
+
+def _search_record() -> SearchRecord:
+    return SearchRecord(
+        modes=(ModeChoice(mode="disagg", chosen=True, requests_per_s=12.5, output_tokens_per_s_per_device=800.0,
+                          tpot_ms=41.0, ttft_ms=900.0, devices=8, config="2 x prefill 1 dev; 1 x colocated 6 dev"),
+               ModeChoice(mode="agg", refused="no aggregated configuration meets --tpot-ms 5")),
+        why="agg has no plan under these targets and devices (see its row)", devices=8,
+        imbalance={"prefill": 1.0, "decode": 1.04}, notes=("tiny is small",))
+
+
+def test_version_2_plans_still_load_and_keep_their_bytes(tiny):
+    doc = _doc(tiny)
+    assert "search" not in doc  # optional: written only when set
+    doc["schema_version"] = 2
+    text = json.dumps(doc, sort_keys=True)
+    back = from_json(text)
+    assert back.schema_version == 2 and back.search is None
+    assert json.loads(back.to_json()) == doc  # re-written as version 2, nothing added
+
+
+def test_search_record_round_trips_and_needs_version_3(tiny):
+    plan = replace(tiny, search=_search_record())
+    text = plan.to_json()
+    assert from_json(text) == plan and from_json(text).to_json() == text
+    doc = json.loads(text)
+    doc["schema_version"] = 2
+    assert _error(doc) == ("plan.search: a version 2 plan has no search field (added in version 3); drop it or set "
+                           "schema_version 3")
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda s: s["modes"].reverse(), "plan.search.modes: the chosen mode comes first, and only it is chosen"),
+    (lambda s: s["modes"][1].update(mode="disagg"), "plan.search.modes[1].mode: mode 'disagg' listed twice"),
+    (lambda s: s["modes"][1].update(refused=""), "plan.search.modes[1].refused: give either the figures of the "
+                                                 "mode's best plan or the reason it has none"),
+    (lambda s: s["imbalance"].update(decode=0.9), "plan.search.imbalance.decode: 0.9 < 1: max/mean load is at least 1"),
+    (lambda s: s["modes"][0].update(mode="hybrid"), "plan.search.modes[0].mode: the string 'hybrid' is not one of agg, "
+                                                    "disagg"),
+])
+def test_search_record_rules_name_the_path(tiny, mutate, expected):
+    doc = _doc(replace(tiny, search=_search_record()))
+    mutate(doc["search"])
+    assert _error(doc) == expected

@@ -13,7 +13,7 @@ from costmodels.serving import DecodeDeployment, estimate_decode
 from costmodels.topology import get_topology
 from planner.compile import DEFAULT_WORKLOAD, CompileOptions, _layout, compile_report
 from planner.frontend.shape import shape_of
-from planner.search import Pins, search
+from planner.search import Pins, Tally, decode_candidates, search
 from planner.placement import max_second, packed_count, topology_slice
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -171,3 +171,31 @@ def test_compile_cli_pin_over_the_topology_is_one_line(tmp_path):
     assert_one_line_error(proc, "--decode-devices 400: cloudmatrix384 has 384 devices")
     proc = run_cli("compile", "tiny-mixtral", "--topology", "local:8", "--devices", "9", "-o", str(tmp_path / "p.json"))
     assert_one_line_error(proc, "--devices 9: local:8 has 8 devices")
+
+
+def test_disaggregated_decode_searches_attention_tp_where_it_pays():
+    # GQA (few KV heads): head-TP splits the attention weights and KV reads, and pays for its all-reduce;
+    # MLA (one latent KV shared by every head) gains nothing from it, so TP 1 wins there
+    cm = get_topology("cloudmatrix384")
+    pins = Pins(decode_mode="disaggregated")
+    gqa = search(shape_of("qwen3-235b-a22b"), cm, DEFAULT_WORKLOAD, pins, mode="disagg")
+    assert gqa.decode.deployment.mode == "disaggregated" and gqa.decode.deployment.attn_tp > 1
+    assert gqa.decode.estimate.breakdown["tp_allreduce"] > 0  # the all-reduce is priced, not free
+    mla = search(shape_of("deepseek-v3"), cm, DEFAULT_WORKLOAD, pins, mode="disagg")
+    assert mla.decode.deployment.attn_tp == 1
+    assert {c.deployment.attn_tp for c in mla.frontier if c.phase == "decode"} > {1}  # TP > 1 was searched
+    pinned = search(shape_of("qwen3-235b-a22b"), cm, DEFAULT_WORKLOAD, replace(pins, attention_tp=2), mode="disagg")
+    assert pinned.decode.deployment.attn_tp == 2
+
+
+def test_imbalance_learns_per_shape_and_scores_unknown_shapes_at_the_worst():
+    from planner.search import Imbalance
+
+    imb = Imbalance().learn("decode", 168, 1.131).learn("decode", 64, 1.0).learn("prefill", 40, 1.0)
+    assert imb.of("decode", 168) == 1.131 and imb.of("decode", 64) == 1.0
+    assert imb.of("decode", 96) == 1.131  # not balanced yet: the worst learnt, not perfect balance
+    assert imb.of("prefill", 96) == 1.0
+    assert imb.describe() == "decode 1.131 (64 devices 1.000, 168 devices 1.131), prefill 1.000 (40 devices 1.000)"
+    cands = decode_candidates(shape_of("deepseek-v3"), get_topology("cloudmatrix384"), DEFAULT_WORKLOAD,
+                              Pins(decode_devices=64), Tally(), imb=imb)
+    assert cands and {c.deployment.imbalance for c in cands} == {1.0}

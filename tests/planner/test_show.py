@@ -160,7 +160,7 @@ def _version_1(tmp_path):
     del doc["provenance"]["passes"]
     p = tmp_path / "v1.json"
     p.write_text(json.dumps(doc))
-    return str(p), "plan.schema_version: 1 is older than this podplan reads (2) (version 1 had one formula-based stage"
+    return str(p), "plan.schema_version: 1 is older than this podplan reads (2..3) (version 1 had one formula-based stage"
 
 
 def _bad_expert(tmp_path):
@@ -365,3 +365,22 @@ def test_dot_lists_instances_in_order_with_idle_devices_in_a_narrow_column(plans
     # every label line stays short: the graph is one column that fits a page's width
     labels = re.findall(r'label="([^"]*)"', out)
     assert max(len(line) for text in labels for line in text.split("\\n")) <= 60
+
+
+def test_serving_modes_section_in_text_and_html(plans, capsys):
+    # a compiled plan records the search: the best of each serving mode side by side, and why the winner won
+    path = Path(__file__).resolve().parents[2] / "plans" / "mixtral-8x22b.h100-cluster-2.json"
+    plan = load_plan(path)
+    assert plan.search is not None and plan.search.chosen.mode == "agg"
+    _, text, _ = _show(capsys, str(path), "--format", "text")
+    assert "serving modes (objective: output tokens/s per device under the SLOs)" in text
+    assert re.search(r"agg \(chosen\) .*aggregated \(chunked prefill\)", text)
+    assert re.search(r"disagg .*disaggregated prefill/decode", text)
+    assert "chosen agg: agg serves " in text
+    assert "the first choice had TPOT 50.42 ms > 50 once balanced: searched again at expert imbalance decode 1.0" in text
+    _, html, _ = _show(capsys, str(path), "--format", "html")
+    assert "<h2>Serving modes</h2>" in html and '<tr class="chosen"><td class="l">agg (chosen)</td>' in html
+    assert '<p class="sub search-note">chosen agg: agg serves ' in html
+    # a plan without a record (synthetic, or version 2) shows no such section
+    _, bare, _ = _show(capsys, plans["tiny"][1], "--format", "text")
+    assert plans["tiny"][0].search is None and "serving modes" not in bare
