@@ -78,10 +78,12 @@ def _best_of(*predictors: Callable[[ModelShape], float]) -> Callable[[ModelShape
     return lambda shape: max(p(shape) for p in predictors)
 
 
-def _aggregated(topo: str, input_len: int, output_len: int, **kw) -> Callable[[ModelShape], float]:
+def _aggregated(topo: str, input_len: int, output_len: int, max_num_tokens: int = 0, chunked: bool = True,
+                **kw) -> Callable[[ModelShape], float]:
     """Output tokens/s per device of an aggregated (in-flight batching) instance: TRT-LLM's trtllm-bench."""
     def run(shape: ModelShape) -> float:
-        dep = AggregatedDeployment(DecodeDeployment(**kw), input_len=input_len, output_len=output_len)
+        dep = AggregatedDeployment(DecodeDeployment(**kw), input_len=input_len, output_len=output_len,
+                                   max_num_tokens=max_num_tokens, chunked=chunked)
         return estimate_aggregated(shape, get_topology(topo), dep).throughput_per_device
     return run
 
@@ -187,27 +189,29 @@ POINTS: tuple[Point, ...] = (
                            kv_len=65536 + 2048, quant="fp8"))),
     # TensorRT-LLM "How to get best performance on DeepSeek-R1 in TensorRT LLM" (NVIDIA/TensorRT-LLM
     # docs/source/blogs/Best_perf_practice_on_DeepSeek-R1_in_TensorRT-LLM.md): trtllm-bench max-throughput,
-    # in-flight batching (aggregated), attention DP8 + EP8 on one 8-GPU node, ISL 1K / OSL 2K.
+    # in-flight batching (aggregated), attention DP8 + EP8 on one 8-GPU node, ISL 1K / OSL 2K. No run passes
+    # --enable_chunked_context (off by default; the guide: MLA chunked context not supported on Hopper), so
+    # each prompt runs whole in one step within the run's --max_num_tokens per rank.
     Point("trtllm-h200-maxtput", "deepseek-v3", "DeepSeek-R1", "H200 SXM (Hopper)", "h200-cluster:1", 8,
           "attention DP8 + EP8, aggregated (in-flight batching)", "aggregated", "128 per GPU (concurrency 1,024)",
           1024, 2048, "FP8 W8A8, BF16 KV", "output tokens/s per GPU", 1436.0, "-",
           "TRT-LLM DeepSeek-R1 best-perf guide, 'H200 max-throughput': 1,436.16 tok/s/GPU", False,
-          _aggregated("h200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=128, kv_len=2048,
-                      quant="fp8")),
+          _aggregated("h200-cluster:1", 1024, 2048, max_num_tokens=1151, chunked=False, devices=8, ep=8,
+                      batch_per_device=128, kv_len=2048, quant="fp8")),
     Point("trtllm-b200-maxtput", "deepseek-v3", "DeepSeek-R1", "B200 (Blackwell)", "b200-cluster:1", 8,
           "attention DP8 + EP8, aggregated (in-flight batching)", "aggregated", "384 per GPU (concurrency 3,072)",
           1024, 2048, "NVFP4 experts, BF16 KV", "output tokens/s per GPU", 4548.0, "-",
           "TRT-LLM DeepSeek-R1 best-perf guide, 'B200 max-throughput for R1 with FP16 KV cache': "
           "4,548.01 tok/s/GPU", False,
-          _aggregated("b200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=384, kv_len=2048,
-                      quant="nvfp4")),
+          _aggregated("b200-cluster:1", 1024, 2048, max_num_tokens=1536, chunked=False, devices=8, ep=8,
+                      batch_per_device=384, kv_len=2048, quant="nvfp4")),
     Point("trtllm-b200-maxtput-fp8kv", "deepseek-v3", "DeepSeek-R1", "B200 (Blackwell)", "b200-cluster:1", 8,
           "attention DP8 + EP8, aggregated (in-flight batching)", "aggregated", "896 per GPU (concurrency 7,168)",
           1024, 2048, "NVFP4 experts, FP8 KV", "output tokens/s per GPU", 5393.0, "-",
           "TRT-LLM DeepSeek-R1 best-perf guide, 'B200 max-throughput for R1-0528 with FP8 KV cache': "
           "5,393.28 tok/s/GPU", False,
-          _aggregated("b200-cluster:1", 1024, 2048, devices=8, ep=8, batch_per_device=896, kv_len=2048,
-                      quant="nvfp4", kv_dtype="fp8")),
+          _aggregated("b200-cluster:1", 1024, 2048, max_num_tokens=2048, chunked=False, devices=8, ep=8,
+                      batch_per_device=896, kv_len=2048, quant="nvfp4", kv_dtype="fp8")),
     # SGLang on GB200 NVL72 (LMSYS "Deploying DeepSeek on GB200 NVL72 with PD and Large Scale EP (Part II)",
     # 2025-09-25): decode on 48 ranks of one NVL72 rack, FP8 attention (FP8 KV cache) and NVFP4 MoE,
     # fine-grained combine overlap instead of two-batch overlap (1 microbatch here).

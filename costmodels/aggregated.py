@@ -20,6 +20,17 @@ compute and memory traffic here; docs/compile.md describes where the search uses
 TTFT is the time to feed one prompt through the chunks at the steady-state rate (one prompt on
 one die's attention DP rank): ceil(prompt tokens / chunk tokens per die) steps. Queueing is not
 modelled, as for disaggregated prefill.
+
+Without chunked prefill (`chunked=False`: TensorRT-LLM's default, `--enable_chunked_context` off;
+its DeepSeek-R1 guide also notes MLA chunked context was not supported on Hopper) a prompt runs whole
+in one step, and the per-rank token budget `max_num_tokens` fits `c = (max_num_tokens - decode
+tokens) // prompt` of them (at least one). Then only a fraction f = chunk / (c x prompt) of the steps
+carry prompts, and they carry whole ones, so the mean step is
+
+    step = decode step(batch) + f x [prefill batch(c prompts per die) - prefill batch(one token per die)]
+
+with the attention-DP ranks taking their prompts in the same steps (trtllm-bench starts every request
+of a run together, and the MoE layers synchronise the ranks every step); TTFT is one such step.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ class AggregatedDeployment:
     input_len: int = 4096
     output_len: int = 1024
     prefix_hit: float = 0.0
+    chunked: bool = True  # False: each prompt runs whole in one step (no chunked prefill)
+    max_num_tokens: int = 0  # per-die token budget of one step (engine setting); 0 = unbounded
 
     # The fields the planner reads off any deployment (instance size, microbatches, head-TP, batch).
     @property
@@ -69,6 +82,14 @@ class AggregatedDeployment:
     def chunk_tokens_per_device(self) -> float:
         """Prompt tokens per device per step that admit requests as fast as decode finishes them."""
         return self.decode.batch_per_device * self.tokens_per_step * self.input_len / self.output_len
+
+    def prompts_per_step(self, dies: int) -> float:
+        """Unchunked: whole prompts per die in a step that carries prompts (the token budget's room)."""
+        tokens = self.input_len * (1.0 - self.prefix_hit)
+        if self.max_num_tokens <= 0 or tokens <= 0:
+            return 1.0
+        room = self.max_num_tokens - self.decode.batch_per_device / dies * self.tokens_per_step
+        return float(max(1, int(room // tokens)))
 
     def with_balance(self, imbalance: float, redundant: int) -> AggregatedDeployment:
         """The same deployment re-scored at the balancer's expert imbalance and exact slot layout."""
@@ -102,13 +123,24 @@ def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeploy
     dec = estimate_decode(shape, topo, dep.decode)
     dies = topo.dies_per_device
     chunk = dep.chunk_tokens_per_device
-    full = estimate_prefill(shape, topo, _prefill(dep, chunk))
-    chunk_cost = chunk_ms(shape, topo, dep, chunk)
-    step_ms = dec.step_ms + chunk_cost
-    tpot_ms = step_ms / dep.tokens_per_step
     computed_prompt = dep.input_len * (1.0 - dep.prefix_hit)
-    chunk_per_die = chunk * (1.0 - dep.prefix_hit) / dies
-    ttft_ms = math.ceil(computed_prompt / max(chunk_per_die, 1e-9) - 1e-9) * step_ms
+    whole = dep.prompts_per_step(dies) * dep.input_len * dies  # prompt tokens per device in a prompt step
+    if not dep.chunked and chunk < whole:
+        # whole prompts in a fraction of the steps (module docstring)
+        prompt_steps = chunk / whole
+        full = estimate_prefill(shape, topo, _prefill(dep, whole))
+        prompt_step_ms = chunk_ms(shape, topo, dep, whole)
+        chunk_cost = prompt_steps * prompt_step_ms
+        step_ms = dec.step_ms + chunk_cost
+        ttft_ms = dec.step_ms + prompt_step_ms
+    else:
+        prompt_steps = 1.0
+        full = estimate_prefill(shape, topo, _prefill(dep, chunk))
+        chunk_cost = chunk_ms(shape, topo, dep, chunk)
+        step_ms = dec.step_ms + chunk_cost
+        chunk_per_die = chunk * (1.0 - dep.prefix_hit) / dies
+        ttft_ms = math.ceil(computed_prompt / max(chunk_per_die, 1e-9) - 1e-9) * step_ms
+    tpot_ms = step_ms / dep.tokens_per_step
     breakdown = dict(dec.breakdown)
     breakdown["prefill_chunk"] = chunk_cost
     feasible = dec.feasible and full.feasible
@@ -123,5 +155,6 @@ def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeploy
         memory_per_device_gb=max(dec.memory_per_device_gb, full.memory_per_device_gb),
         memory=memory, feasible=feasible, infeasible_reason=reason if not feasible else "",
         details={"decode": dec.details, "chunk_tokens_per_device": chunk, "chunk_ms": chunk_cost,
-                 "decode_step_ms": dec.step_ms, "prefill_steps_per_prompt": ttft_ms / step_ms if step_ms else 0.0},
+                 "decode_step_ms": dec.step_ms, "prefill_steps_per_prompt": ttft_ms / step_ms if step_ms else 0.0,
+                 "chunked": dep.chunked, "prompt_step_fraction": prompt_steps},
     )

@@ -192,18 +192,20 @@ def path_latency_us(topo: Topology, group_dies: int) -> float:
 def _a2a_bandwidth(topo: Topology, op: str, ep: int) -> float:
     """Effective all-to-all GB/s per rank for `ep` ranks on this topology's hardware.
 
-    The measured profile, scaled to this device by the link that bounds it: the scale-out NIC for
-    the NVIDIA profile (DeepEP's low-latency kernels run over RDMA: A100's 200 Gb/s HDR halves it);
-    inside an NVLink domain larger than one 8-GPU node (GB200 NVL72) the NVLink itself at the
-    efficiency the measured one-node combine reached (`collective_efficiency`).
+    The measured profile, scaled to this device by the link that bounds it. For the NVIDIA profile:
+    a group inside one NVLink domain (one 8-GPU HGX node, or a whole GB200 NVL72 rack) moves over
+    NVLink, priced as the measured one-node (EP8) operator scaled by NVLink bandwidth (H800 400 GB/s
+    -> H100/H200 900 GB/s, B200/GB200 NVLink 5 1.8 TB/s bidirectional, spec sheets), i.e. the link
+    at the efficiency DeepEP reached on H800's NVLink; a group spanning nodes is bounded by the
+    scale-out NIC (A100's 200 Gb/s HDR halves it).
     """
     profile = profile_for(topo)
     hw = topo.hardware
     bw = profile.bandwidth(op, ep)
     if profile.spans_scaleout and not topo.scaleup_spans_pod:
         domain = topo.scaleup_devices * topo.dies_per_device
-        if domain > GPUS_PER_HGX_NODE and ep <= domain:
-            return hw.scaleup_gbps * collective_efficiency(profile)
+        if ep <= domain:
+            return profile.bandwidth(op, profile.server_ep) * hw.scaleup_gbps / profile.measured_on.scaleup_gbps
         if hw.scaleout_gbps > 0 and profile.measured_on.scaleout_gbps > 0:
             bw *= hw.scaleout_gbps / profile.measured_on.scaleout_gbps
     return bw

@@ -148,6 +148,7 @@ def report(plan, sr: SearchResult, path: str) -> dict:
                         "ttft_ms": None if p.ttft_ms is None else round(p.ttft_ms, 1)}
     return {
         "model": plan.model.name, "topology": plan.topology.name, "plan": path,
+        "hardware_source": _hardware_source(plan.topology.name),
         "devices": {"topology": plan.topology.num_devices, "slice": sr.slice.devices, "used": sr.devices_used,
                     "idle": sr.slice.devices - sr.devices_used},
         "mode": sr.mode, "why": sr.why, "notes": list(sr.notes),
@@ -157,6 +158,13 @@ def report(plan, sr: SearchResult, path: str) -> dict:
         "modes": [m.summary(wl, sr.slice.devices) for m in sr.modes],
         "frontier": frontier_rows(sr),
     }
+
+
+def _hardware_source(topology: str) -> str:
+    """Whether the cost model ran on a measured profile, one derived from it, or spec-sheet values."""
+    from costmodels import profiles
+
+    return profiles.source_of(get_topology(topology).hardware)
 
 
 def _ms(x: float | None, digits: int = 1) -> str:
@@ -204,6 +212,9 @@ def _summary(plan, sr: SearchResult, path: str) -> None:
     for note in step_notes(plan):
         out.print(f"  {note}", soft_wrap=True, markup=False)
     out.print(f"  mode {sr.mode}: {sr.why}")
+    for line in textwrap.wrap(f"hardware figures: {_hardware_source(plan.topology.name)}", 96,
+                              initial_indent="  ", subsequent_indent="    "):
+        out.print(line, markup=False, highlight=False)
     for note in sr.notes:  # wrapped here, at words, rather than by the terminal mid-phrase
         for line in textwrap.wrap(note, 96, initial_indent="  ", subsequent_indent="    "):
             out.print(line, markup=False, highlight=False)

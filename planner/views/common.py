@@ -9,7 +9,7 @@ from costmodels.serving import DecodeDeployment
 from planner.ir.plan import ExpertPlacement, FrontierPoint, Instance, Plan, Stage, device_ranges
 
 # Display order of step stages; others follow alphabetically.
-STAGE_ORDER = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts", "other", "scheduling")
+STAGE_ORDER = ("attention", "gate", "dispatch", "experts", "combine", "shared_experts")
 
 
 def human_count(n: float) -> str:

@@ -100,7 +100,9 @@ def test_a_new_topology_needs_no_change_here():
 
     new = _gpu_cluster(H100, "test", 4)  # not in FAMILIES, not named anywhere in comm
     assert comm.profile_for(new) is comm.NVIDIA_IB_PROFILE
-    assert comm.dispatch_us(new, 128, 7168, "fp8", 8, 8) == pytest.approx(77.0)  # DeepEP EP8 (same 400 Gb/s NIC)
+    # DeepEP's EP8 on H800 (77 us) stays on NVLink: H100's 900 GB/s is 2.25x H800's 400 GB/s
+    assert comm.dispatch_us(new, 128, 7168, "fp8", 8, 8) == pytest.approx(21.0 + (77.0 - 21.0) * 200.0 / 450.0)
+    assert comm.dispatch_us(new, 128, 7168, "fp8", 8, 16) == pytest.approx(comm.dispatch_us(H800, 128, 7168, "fp8", 8, 16))
     assert comm.collective_efficiency(comm.profile_for(new)) == comm.collective_efficiency(comm.profile_for(H800))
 
 
@@ -116,6 +118,10 @@ def test_gpu_fabrics_scale_by_the_link_that_bounds_them():
     across = comm.dispatch_parts(nvl, 128, 7168, "fp8", 8, 144)  # two racks: InfiniBand
     assert inside[1] < h800[1] / 5 and across[1] > 5 * inside[1]
     assert inside[0] == pytest.approx(21.0) and across[0] == pytest.approx(23.0)  # NVLink vs IB hops
+    # B200 (NVLink 5, 1.8 TB/s bidirectional): one 8-GPU node moves at 4.5x H800's NVLink, not at its NIC
+    b200 = comm.dispatch_parts(get_topology("b200-cluster:2"), 128, 7168, "fp8", 8, 8)
+    assert b200[1] == pytest.approx(comm.dispatch_parts(H800, 128, 7168, "fp8", 8, 8)[1] * 200.0 / 900.0)
+    assert inside[1] == pytest.approx(b200[1])  # the same NVLink 5 per GPU inside a rack
 
 
 def test_a_fabric_without_measurements_is_one_line():

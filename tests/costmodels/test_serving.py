@@ -180,3 +180,24 @@ def test_one_evaluation_is_well_under_a_millisecond(dsv3):
         estimate_decode(dsv3, CM, CMI_DECODE)
         estimate_prefill(dsv3, CM, CMI_PREFILL)
     assert (time.perf_counter() - t0) / (2 * n) < 1e-3
+
+
+def test_unchunked_prompts_run_whole_in_a_fraction_of_the_steps(dsv3):
+    """No chunked prefill (TensorRT-LLM's default): whole prompts in B / (OSL x c) of the steps, c from the budget."""
+    from costmodels.aggregated import AggregatedDeployment, chunk_ms, estimate_aggregated
+
+    topo = get_topology("h200-cluster:1")
+    dec = DecodeDeployment(devices=8, ep=8, batch_per_device=128, kv_len=2048, quant="fp8")
+    chunked = AggregatedDeployment(dec, input_len=1024, output_len=2048)
+    whole = AggregatedDeployment(dec, input_len=1024, output_len=2048, chunked=False, max_num_tokens=1151)
+    assert whole.prompts_per_step(1) == 1.0  # 1,151 - 128 decode tokens leaves room for one 1,024-token prompt
+    assert AggregatedDeployment(dec, input_len=512, output_len=2048, chunked=False,
+                                max_num_tokens=1151).prompts_per_step(1) == 1.0
+    assert AggregatedDeployment(dec, input_len=256, output_len=2048, chunked=False,
+                                max_num_tokens=1151).prompts_per_step(1) == 3.0
+    a, b = estimate_aggregated(dsv3, topo, chunked), estimate_aggregated(dsv3, topo, whole)
+    assert b.details["prompt_step_fraction"] == pytest.approx(128 / 2048)
+    assert b.breakdown["prefill_chunk"] == pytest.approx(128 / 2048 * chunk_ms(dsv3, topo, whole, 1024))
+    assert b.step_ms > a.step_ms  # a whole prompt per step, not 64-token slices: the prefill is less spread
+    assert b.ttft_ms == pytest.approx(b.details["decode_step_ms"] + chunk_ms(dsv3, topo, whole, 1024))
+    assert sum(b.breakdown.values()) == pytest.approx(b.step_ms)

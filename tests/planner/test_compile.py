@@ -44,6 +44,7 @@ def test_compile_cli_writes_plan_and_summary(tmp_path):
     tables = [i for i, line in enumerate(lines) if line.strip() == "best of each mode"]
     summary = lines[1:tables[0]] if tables else lines[1:]
     assert summary and max(len(line) for line in summary) < 100  # the tables after it are tables
+    assert "hardware figures: spec sheet" in proc.stdout  # measured profile, derived or spec sheet: said
     plan = json.loads(out.read_text())
     assert plan["schema_version"] >= 1 and plan["model"]["name"] == "tiny-mixtral"
     again = tmp_path / "again.json"
