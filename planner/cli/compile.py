@@ -164,7 +164,8 @@ def _hardware_source(topology: str) -> str:
     """Whether the cost model ran on a measured profile, one derived from it, or spec-sheet values."""
     from costmodels import profiles
 
-    return profiles.source_of(get_topology(topology).hardware)
+    topo = get_any_topology(topology)  # the single-hardware summary: a plain Topology
+    return profiles.source_of(topo.hardware)  # type: ignore[union-attr]
 
 
 def _ms(x: float | None, digits: int = 1) -> str:
