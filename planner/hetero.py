@@ -42,7 +42,7 @@ from planner.frontend.shape import shape_from_traced
 from planner.frontend.trace import trace
 from planner.ir import plan as ir
 from planner.placement import packed_count, place, topology_slice
-from planner.search import (AnyDeployment, Candidate, Pins, SearchResult, Tally, _key, config_line,
+from planner.search import (AnyDeployment, Candidate, Pins, SearchResult, Tally, _key, best_per_shape, config_line,
                             decode_candidates, pareto, prefill_candidates, rescore, search)
 
 
@@ -123,13 +123,7 @@ def _with_handoff(c: Candidate[PrefillDeployment], h: Handoff) -> Candidate[Pref
 
 
 def _best_per_shape(dec_ok: list[Candidate[DecodeDeployment]]) -> list[Candidate[DecodeDeployment]]:
-    by_shape: dict[tuple[str, int, int, int], Candidate[DecodeDeployment]] = {}
-    for c in dec_ok:
-        dep = c.deployment
-        k = (dep.mode, c.instance_devices, dep.attention_devices, dep.moe_devices)
-        if k not in by_shape or _key(c) > _key(by_shape[k]):
-            by_shape[k] = c
-    return sorted(by_shape.values(), key=_key, reverse=True)
+    return sorted(best_per_shape(dec_ok).values(), key=_key, reverse=True)
 
 
 def _split(shape: ModelShape, mixed: MixedTopology, a: str, b: str, wl: ir.Workload, pins: Pins) -> Assignment:

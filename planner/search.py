@@ -565,12 +565,7 @@ def _search_disagg(shape: ModelShape, topo: Topology, wl: Workload, pins: Pins, 
             f"no prefill configuration meets --ttft-ms {wl.ttft_slo_ms:g} (best reachable TTFT {_ttft(best_ttft):.0f} ms "
             f"with {config_line(best_ttft)}); relax --ttft-ms to {math.ceil(_ttft(best_ttft))} or shorten --input-len"))
     # the best configuration of each decode shape and each prefill size; the split decides between them
-    by_shape: dict[tuple[str, int, int, int], Candidate[DecodeDeployment]] = {}
-    for c in dec_ok:
-        dep = c.deployment
-        k = (dep.mode, c.instance_devices, dep.attention_devices, dep.moe_devices)
-        if k not in by_shape or _key(c) > _key(by_shape[k]):
-            by_shape[k] = c
+    by_shape = best_per_shape(dec_ok)
     by_size: dict[int, Candidate[PrefillDeployment]] = {}
     for p in pre_ok:
         if p.instance_devices not in by_size or _key(p) > _key(by_size[p.instance_devices]):
@@ -746,3 +741,15 @@ def rescore(c: Candidate[D], shape: ModelShape, topo: Topology, imbalance: float
         return Candidate(c.phase, agg, estimate_aggregated(shape, topo, agg))  # type: ignore[arg-type]
     new = replace(dep, imbalance=max(1.0, imbalance), redundant_experts=redundant)
     return Candidate(c.phase, new, estimate(shape, topo, new))
+
+
+def best_per_shape(dec_ok: list[Candidate[DecodeDeployment]]
+                   ) -> dict[tuple[str, int, int, int], Candidate[DecodeDeployment]]:
+    """The best configuration of each decode shape (mode, instance, attention and MoE devices)."""
+    by_shape: dict[tuple[str, int, int, int], Candidate[DecodeDeployment]] = {}
+    for c in dec_ok:
+        dep = c.deployment
+        k = (dep.mode, c.instance_devices, dep.attention_devices, dep.moe_devices)
+        if k not in by_shape or _key(c) > _key(by_shape[k]):
+            by_shape[k] = c
+    return by_shape
