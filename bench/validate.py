@@ -107,7 +107,7 @@ def _mb_gain(topo: str, **kw) -> Callable[[ModelShape], float]:
     return run
 
 
-# CMI §3 deployment (reference cloudmatrix384.md §3): decode 160 NPUs, EP320, attention DP320,
+# CMI §3 deployment: decode 160 NPUs, EP320, attention DP320,
 # MTP 1 draft at ~70%, KV 4,096; INT8.
 _CMI_DECODE = dict(devices=160, ep=320, kv_len=4096, mtp_accept=0.7, quant="int8")
 
@@ -115,11 +115,11 @@ POINTS: tuple[Point, ...] = (
     Point("cmi-decode-50ms", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "EP320, attention DP320 (TP1 per die), MTP 1 @ 70%, 2 microbatches", "decode", "96 per NPU", 4096, None,
           "INT8 W8A8, BF16 KV", "tokens/s per NPU", 1943.0, "TPOT 49.4 ms",
-          "CMI abstract + Table 3 (reference §4)", True,
+          "CMI abstract + Table 3", True,
           _decode("cloudmatrix384", batch_per_device=96, microbatches=2, **_CMI_DECODE)),
     Point("cmi-prefill", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
           "EP32, 2 microbatches, perfect expert balance", "prefill", "16,384 tokens per NPU", 4096, None,
-          "INT8 W8A8", "prompt tokens/s per NPU", 6688.0, "-", "CMI abstract + Table 2 (reference §4)", True,
+          "INT8 W8A8", "prompt tokens/s per NPU", 6688.0, "-", "CMI abstract + Table 2", True,
           _prefill("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384, quant="int8",
                    microbatches=2)),
     Point("cmi-decode-15ms", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
@@ -128,20 +128,20 @@ POINTS: tuple[Point, ...] = (
           "TPOT <= 15 ms", "CMI abstract", True, _under_tpot("cloudmatrix384", 15.0, **_CMI_DECODE)),
     Point("cmi-mb-gain-b64", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "64 per NPU", 4096, None, "INT8 W8A8",
-          "throughput ratio 2 mb / 1 mb", 1.058, "-", "CMI §3 microbatching ablation [S] (reference §3)", False,
+          "throughput ratio 2 mb / 1 mb", 1.058, "-", "CMI §3 microbatching ablation [S]", False,
           _mb_gain("cloudmatrix384", batch_per_device=64, **_CMI_DECODE)),
     Point("cmi-mb-gain-b96", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "96 per NPU", 4096, None, "INT8 W8A8",
-          "throughput ratio 2 mb / 1 mb", 1.094, "-", "CMI §3 microbatching ablation [S] (reference §3)", False,
+          "throughput ratio 2 mb / 1 mb", 1.094, "-", "CMI §3 microbatching ablation [S]", False,
           _mb_gain("cloudmatrix384", batch_per_device=96, **_CMI_DECODE)),
     Point("cmi-mb-gain-b128", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "128 per NPU", 4096, None, "INT8 W8A8",
-          "throughput ratio 2 mb / 1 mb", 1.069, "-", "CMI §3 microbatching ablation [S] (reference §3)", False,
+          "throughput ratio 2 mb / 1 mb", 1.069, "-", "CMI §3 microbatching ablation [S]", False,
           _mb_gain("cloudmatrix384", batch_per_device=128, **_CMI_DECODE)),
     Point("cmi-prefill-mb-gain", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
           "as cmi-prefill, 2 vs 1 microbatches", "prefill", "16,384 tokens per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.27, "-",
-          "CMI §3 microbatching ablation [S] (reference §3): +23 to +31%; 1.27 is the midpoint "
+          "CMI §3 microbatching ablation [S]: +23 to +31%; 1.27 is the midpoint "
           "[D: (1.23 + 1.31) / 2]", False,
           _prefill_mb_gain("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384,
                            quant="int8")),

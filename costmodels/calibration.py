@@ -9,7 +9,7 @@ All three are physical per-layer quantities, not scale factors on the whole pred
 - overlap_efficiency: the share of the ideal compute/communication overlap that microbatching
   realises (0..1).
 They are solved on the three end-to-end points of CloudMatrix-Infer (arXiv 2506.12708,
-DeepSeek-R1 INT8; reference §4 and abstract): decode 1,943 tokens/s per NPU at TPOT 49.4 ms,
+DeepSeek-R1 INT8; abstract and Tables 2-3): decode 1,943 tokens/s per NPU at TPOT 49.4 ms,
 prefill 6,688 tokens/s per NPU, and decode 538 tokens/s per NPU under a 15 ms TPOT.
 `bench/calibrate.py` re-derives them and rewrites the file; `bench/validate.py` checks them
 against the published points they were not fitted on.

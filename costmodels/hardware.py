@@ -158,7 +158,7 @@ H100 = DeviceSpec(
     scaleout_gbps=50.0,  # DGX H100 datasheet: 400 Gb/s IB per GPU
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
-    source="NVIDIA H100 SXM spec sheet (reference §8)",
+    source="NVIDIA H100 SXM spec sheet",
     platform="cuda",
     default_quant="fp8",  # DSV3 ships FP8 weights (§3.3) and serves them on H800 (§3.4)
     gemm_tile_m=64,  # Hopper wgmma.mma_async: M = 64 rows per warpgroup instruction (PTX ISA)
@@ -177,7 +177,7 @@ H800 = DeviceSpec(
     scaleout_gbps=50.0,  # DGX H100 datasheet: 400 Gb/s IB per GPU
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
-    source="NVIDIA H800 SXM spec sheet (reference §8)",
+    source="NVIDIA H800 SXM spec sheet",
     platform="cuda",
     default_quant="fp8",  # DSV3 ships FP8 weights (§3.3) and serves them on H800 (§3.4)
     gemm_tile_m=64,  # Hopper wgmma.mma_async: M = 64 rows per warpgroup instruction (PTX ISA)
@@ -196,7 +196,7 @@ H200 = DeviceSpec(
     scaleout_gbps=50.0,  # DGX H100 datasheet: 400 Gb/s IB per GPU
     scaleup_fabric="NVLink",
     scaleout_fabric="InfiniBand",
-    source="NVIDIA H200 SXM spec sheet (reference §8)",
+    source="NVIDIA H200 SXM spec sheet",
     platform="cuda",
     default_quant="fp8",  # DSV3 ships FP8 weights (§3.3) and serves them on H800 (§3.4)
     gemm_tile_m=64,  # Hopper wgmma.mma_async: M = 64 rows per warpgroup instruction (PTX ISA)
