@@ -247,6 +247,13 @@ def _status_summary(statuses: tuple[str, ...]) -> str:
     return ",".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
+def frontier_point(c: Candidate[AnyDeployment], chosen: bool) -> ir.FrontierPoint:
+    """One searched configuration as the plan's frontier record."""
+    return ir.FrontierPoint(phase="prefill" if c.phase == "prefill" else "decode", throughput_per_device=c.tput,
+                            config=config_line(c), tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms,
+                            chosen=chosen)
+
+
 def _frontier(sr: SearchResult, final: dict[str, Candidate[AnyDeployment]]) -> tuple[ir.FrontierPoint, ...]:
     """The Pareto frontier the search kept (decode or aggregated, plus the best prefill of each size),
     the other mode's best (so a plan shows both modes side by side), and the chosen point of each phase.
@@ -262,9 +269,7 @@ def _frontier(sr: SearchResult, final: dict[str, Candidate[AnyDeployment]]) -> t
         if c.deployment in seen:
             return
         seen.add(c.deployment)
-        points.append(ir.FrontierPoint(phase="prefill" if c.phase == "prefill" else "decode",
-                                       throughput_per_device=c.tput, config=config_line(c),
-                                       tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms, chosen=is_chosen))
+        points.append(frontier_point(c, is_chosen))
 
     for other in sr.modes[1:]:
         for best in (other.prefill, other.decode):

@@ -37,12 +37,13 @@ from planner import __version__
 from planner.balance.balancer import BalanceResult, balance
 from planner.balance.loads import read_loads
 from planner.compile import (CompileOptions, _frontier, _instances, _phase_plan, _placement, _PhasePlan,
-                             _requests, _validate, balance_runs, memory_of, prediction_of, stage_table)
+                             _requests, _validate, balance_runs, frontier_point, memory_of, prediction_of,
+                             stage_table)
 from planner.frontend.shape import shape_from_traced
 from planner.frontend.trace import trace
 from planner.ir import plan as ir
 from planner.placement import packed_count, place, topology_slice
-from planner.search import (AnyDeployment, Candidate, Pins, SearchResult, Tally, _key, best_per_shape, config_line,
+from planner.search import (AnyDeployment, Candidate, Pins, SearchResult, Tally, _key, best_per_shape,
                             decode_candidates, pareto, prefill_candidates, rescore, search)
 
 
@@ -250,9 +251,7 @@ def _frontier_split(win: Assignment, final: dict[str, Candidate[AnyDeployment]])
         if c.deployment in seen:
             continue
         seen.add(c.deployment)
-        points.append(ir.FrontierPoint(phase="prefill" if c.phase == "prefill" else "decode",
-                                       throughput_per_device=c.tput, config=config_line(c),
-                                       tpot_ms=c.estimate.tpot_ms, ttft_ms=c.estimate.ttft_ms, chosen=is_chosen))
+        points.append(frontier_point(c, is_chosen))
     return tuple(points)
 
 
