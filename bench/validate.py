@@ -88,37 +88,20 @@ def _aggregated(topo: str, input_len: int, output_len: int, max_num_tokens: int 
     return run
 
 
-def _prefill_mb_gain(topo: str, **kw) -> Callable[[ModelShape], float]:
-    def run(shape: ModelShape) -> float:
-        t = get_topology(topo)
-        two = estimate_prefill(shape, t, PrefillDeployment(microbatches=2, **kw)).throughput_per_device
-        one = estimate_prefill(shape, t, PrefillDeployment(microbatches=1, **kw)).throughput_per_device
-        return two / one
-    return run
-
-
-def _prompt_ratio(topo: str, short: int, long: int, **kw) -> Callable[[ModelShape], float]:
-    """Prefill throughput with `short` prompts / with `long` ones, the rest of the deployment fixed."""
-    def run(shape: ModelShape) -> float:
-        t = get_topology(topo)
-        a = estimate_prefill(shape, t, PrefillDeployment(prompt_len=short, **kw)).throughput_per_device
-        return a / estimate_prefill(shape, t, PrefillDeployment(prompt_len=long, **kw)).throughput_per_device
-    return run
-
-
-def _mb_gain(topo: str, **kw) -> Callable[[ModelShape], float]:
-    """Throughput with 2 microbatches / with 1, the rest of the deployment fixed."""
-    def run(shape: ModelShape) -> float:
-        t = get_topology(topo)
-        two = estimate_decode(shape, t, DecodeDeployment(microbatches=2, **kw)).throughput_per_device
-        one = estimate_decode(shape, t, DecodeDeployment(microbatches=1, **kw)).throughput_per_device
-        return two / one
-    return run
+def _ratio(predict: Callable[..., Callable[[ModelShape], float]], topo: str, field: str, a: object, b: object,
+           **kw) -> Callable[[ModelShape], float]:
+    """`predict` (_decode or _prefill) with `field` = a over the same with `field` = b, the rest fixed:
+    a published gain (2 microbatches / 1) or ratio (short / long prompts) of one deployment."""
+    num, den = predict(topo, **{field: a}, **kw), predict(topo, **{field: b}, **kw)
+    return lambda shape: num(shape) / den(shape)
 
 
 # CMI §3 deployment: decode 160 NPUs, EP320, attention DP320,
 # MTP 1 draft at ~70%, KV 4,096; INT8.
 _CMI_DECODE = dict(devices=160, ep=320, kv_len=4096, mtp_accept=0.7, quant="int8")
+
+# SGLang's decode instance of the 96xH100 blog: 9 nodes, EP72 over 256 routed + 32 redundant experts.
+_SGLANG_H100_DECODE = dict(devices=72, ep=72, redundant_experts=32, kv_len=2000, quant="fp8")
 
 POINTS: tuple[Point, ...] = (
     Point("cmi-decode-50ms", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
@@ -138,22 +121,22 @@ POINTS: tuple[Point, ...] = (
     Point("cmi-mb-gain-b64", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "64 per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.058, "-", "CMI §3 microbatching ablation [S]", False,
-          _mb_gain("cloudmatrix384", batch_per_device=64, **_CMI_DECODE)),
+          _ratio(_decode, "cloudmatrix384", "microbatches", 2, 1, batch_per_device=64, **_CMI_DECODE)),
     Point("cmi-mb-gain-b96", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "96 per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.094, "-", "CMI §3 microbatching ablation [S]", False,
-          _mb_gain("cloudmatrix384", batch_per_device=96, **_CMI_DECODE)),
+          _ratio(_decode, "cloudmatrix384", "microbatches", 2, 1, batch_per_device=96, **_CMI_DECODE)),
     Point("cmi-mb-gain-b128", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "as cmi-decode-50ms, 2 vs 1 microbatches", "decode", "128 per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.069, "-", "CMI §3 microbatching ablation [S]", False,
-          _mb_gain("cloudmatrix384", batch_per_device=128, **_CMI_DECODE)),
+          _ratio(_decode, "cloudmatrix384", "microbatches", 2, 1, batch_per_device=128, **_CMI_DECODE)),
     Point("cmi-prefill-mb-gain", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 16,
           "as cmi-prefill, 2 vs 1 microbatches", "prefill", "16,384 tokens per NPU", 4096, None, "INT8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.27, "-",
           "CMI §3 microbatching ablation [S]: +23 to +31%; 1.27 is the midpoint "
           "[D: (1.23 + 1.31) / 2]", False,
-          _prefill_mb_gain("cloudmatrix384", devices=16, ep=32, prompt_len=4096, tokens_per_device=16384,
-                           quant="int8")),
+          _ratio(_prefill, "cloudmatrix384", "microbatches", 2, 1, devices=16, ep=32, prompt_len=4096,
+                 tokens_per_device=16384, quant="int8")),
     Point("step3-dsv3-hopper", "deepseek-v3", "DeepSeek-V3", "H800 SXM (Hopper)", "h800-cluster:40", 320,
           "not in the abstract: EP320 over 320 GPUs (DSV3 §3.4 decode unit), attention DP or TP4 (DSV3 §3.4), "
           "whichever predicts more; no MTP; batch solved for the SLO",
@@ -183,40 +166,37 @@ POINTS: tuple[Point, ...] = (
           "decode", "256 per GPU", 2000, 100, "FP8 W8A8, BF16 KV", "tokens/s per GPU", 2785.0,
           "TPOT ~92 ms [D: 256 / 2,785]",
           "LMSYS 96xH100 blog, decode table: 22,282 tok/s per node, batch 256, KV 2,000 [D: 22,282 / 8]", False,
-          _decode("h100-cluster:9", devices=72, ep=72, redundant_experts=32, batch_per_device=256, kv_len=2000,
-                  quant="fp8", microbatches=2)),
+          _decode("h100-cluster:9", batch_per_device=256, microbatches=2, **_SGLANG_H100_DECODE)),
     # The same 96xH100 blog's ablations ("Ablation Study: Two-batch Overlap", "Prefill Phase"): gains and
     # ratios of one deployment, so the unpublished expert imbalance cancels. Not used: the "simulated MTP"
     # runs (dummy kernels slow attention on purpose) and DeepSeek's production average (not a steady state).
     Point("sglang-h100-tbo-gain-b256", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:9", 72,
           "as sglang-h100-decode, two-batch overlap vs none", "decode", "256 per GPU", 2000, 100, "FP8 W8A8",
           "throughput ratio 2 mb / 1 mb", 1.255, "-", "LMSYS 96xH100 blog, TBO ablation: +25.5% at 256 tokens",
-          False, _mb_gain("h100-cluster:9", devices=72, ep=72, redundant_experts=32, batch_per_device=256,
-                          kv_len=2000, quant="fp8")),
+          False, _ratio(_decode, "h100-cluster:9", "microbatches", 2, 1, batch_per_device=256, **_SGLANG_H100_DECODE)),
     Point("sglang-h100-tbo-gain-b32", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:9", 72,
           "as sglang-h100-decode, two-batch overlap vs none", "decode", "32 per GPU", 2000, 100, "FP8 W8A8",
           "throughput ratio 2 mb / 1 mb", 0.73, "-", "LMSYS 96xH100 blog, TBO ablation: -27% at 32 tokens/device",
-          False, _mb_gain("h100-cluster:9", devices=72, ep=72, redundant_experts=32, batch_per_device=32,
-                          kv_len=2000, quant="fp8")),
+          False, _ratio(_decode, "h100-cluster:9", "microbatches", 2, 1, batch_per_device=32, **_SGLANG_H100_DECODE)),
     Point("sglang-h100-prefill-tbo-gain", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
           "as sglang-h100-prefill at 8,192 tokens per GPU (no-TBO OOMs at 16,384), TBO vs none", "prefill",
           "8,192 tokens per GPU", 4096, None, "FP8 W8A8", "throughput ratio 2 mb / 1 mb", 1.31, "-",
           "LMSYS 96xH100 blog, TBO ablation: +27% to +35% at the same tokens per device; 1.31 is the midpoint "
           "[D: (1.27 + 1.35) / 2]", False,
-          _prefill_mb_gain("h100-cluster:4", devices=32, ep=32, prompt_len=4096, tokens_per_device=8192,
-                           quant="fp8")),
+          _ratio(_prefill, "h100-cluster:4", "microbatches", 2, 1, devices=32, ep=32, prompt_len=4096,
+                 tokens_per_device=8192, quant="fp8")),
     Point("sglang-h100-prefill-1k-vs-4k", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
           "as sglang-h100-prefill, 1K vs 4K prompts", "prefill", "16,384 tokens per GPU", 1024, None, "FP8 W8A8",
           "throughput ratio 1K / 4K prompts", 1.1466, "-",
           "LMSYS 96xH100 blog, prefill phase: 57,674 vs 50,302 tok/s per node [D: 57,674 / 50,302]", False,
-          _prompt_ratio("h100-cluster:4", 1024, 4096, devices=32, ep=32, tokens_per_device=16384, quant="fp8",
-                        microbatches=2)),
+          _ratio(_prefill, "h100-cluster:4", "prompt_len", 1024, 4096, devices=32, ep=32, tokens_per_device=16384,
+                 quant="fp8", microbatches=2)),
     Point("sglang-h100-prefill-2k-vs-4k", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
           "as sglang-h100-prefill, 2K vs 4K prompts", "prefill", "16,384 tokens per GPU", 2048, None, "FP8 W8A8",
           "throughput ratio 2K / 4K prompts", 1.0843, "-",
           "LMSYS 96xH100 blog, prefill phase: 54,543 vs 50,302 tok/s per node [D: 54,543 / 50,302]", False,
-          _prompt_ratio("h100-cluster:4", 2048, 4096, devices=32, ep=32, tokens_per_device=16384, quant="fp8",
-                        microbatches=2)),
+          _ratio(_prefill, "h100-cluster:4", "prompt_len", 2048, 4096, devices=32, ep=32, tokens_per_device=16384,
+                 quant="fp8", microbatches=2)),
     # SGLang MTP blog (LMSYS "Accelerating SGLang with Multiple Token Prediction", 2025-07-17), case study 1:
     # the latency-bound small-batch point (no MTP, overlap scheduling on).
     Point("sglang-h200-small-batch", "deepseek-v3", "DeepSeek-V3", "H200 SXM (Hopper)", "h200-cluster:2", 16,
@@ -312,9 +292,10 @@ def main() -> int:
     if args.json:
         print(json.dumps({"rows": table, "summary": s}, indent=2, sort_keys=True))
         return 0
-    print(f"{'point':<30}{'hardware':<20}{'metric':<30}{'published':>10}{'predicted':>11}{'error':>9}  use")
+    w = max(len(r["name"]) for r in table) + 2
+    print(f"{'point':<{w}}{'hardware':<20}{'metric':<30}{'published':>10}{'predicted':>11}{'error':>9}  use")
     for r in table:
-        print(f"{r['name']:<30}{r['hardware']:<20}{r['metric']:<30}{r['published']:>10.3f}{r['predicted']:>11.3f}"
+        print(f"{r['name']:<{w}}{r['hardware']:<20}{r['metric']:<30}{r['published']:>10.3f}{r['predicted']:>11.3f}"
               f"{r['error']:>+9.1%}  {'calibration' if r['calibration'] else 'held out'}")
     print(f"\n{s['points']} points ({s['calibration']} calibration, {s['held_out']} held out) on "
           f"{len(s['hardware'])} hardware types, {len(s['models'])} models")
