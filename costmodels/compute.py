@@ -44,12 +44,20 @@ class Efficiencies:
     attention_memory: float
     gemm_memory: float
     source: str
+    # Weight-read efficiency of grouped expert GEMMs per weight format, where a profile measured it
+    # ((dtype, fraction of spec HBM), ...); a format not listed streams at `gemm_memory`.
+    expert_memory: tuple[tuple[str, float], ...] = ()
 
-    def of(self, op_class: str) -> tuple[float, float]:
-        """(compute, memory) efficiency of an op class: dense_gemm, expert_gemm or attention."""
+    def of(self, op_class: str, dtype: str = "") -> tuple[float, float]:
+        """(compute, memory) efficiency of an op class (dense_gemm, expert_gemm or attention) for weights
+        in `dtype`."""
         if op_class == "dense_gemm":
             return self.dense_gemm, self.gemm_memory
         if op_class == "expert_gemm":
+            return self.expert_gemm, dict(self.expert_memory).get(dtype, self.gemm_memory)
+        if op_class == "podplan_expert_gemm":
+            # podplan's own runtime kernel (runtime.moe_triton) streams each expert's weights once at the
+            # copy rate: 4.01-4.27 TB/s on H200 against a 4.28 TB/s copy (bench/moe_kernels.py)
             return self.expert_gemm, self.gemm_memory
         if op_class == "attention":
             return self.attention_compute, self.attention_memory
@@ -72,7 +80,11 @@ def efficiencies(hw: DeviceSpec) -> Efficiencies:
     # measured in BF16; applied as the same fraction of the FP8/FP4 peak (docs/profile.md)
     grouped = prof.grouped_efficiency(4096, hw.bf16_tflops) or EXPERT_GEMM_EFF  # the large-group asymptote
     attn_mem = min(1.0, prof.mla_decode_kv_tbps / hw.hbm_tbps) if prof.mla_decode_kv_tbps > 0 else ATTN_MEMORY_EFF
-    return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source)
+    # A decode-sized grouped GEMM streams its experts' weights well below a plain copy (H200: ~0.5-0.6 of
+    # spec against 0.89); the profile's small-group rows give the rate per weight format (docs/profile.md).
+    expert_mem = tuple((q, min(1.0, rate / hw.hbm_tbps)) for q in QUANTS
+                       if (rate := prof.grouped_stream_tbps(q)) is not None)
+    return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source, expert_memory=expert_mem)
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,7 @@ def padded_rows(tokens: float, tile: int) -> float:
 
 def roofline_us(hw: DeviceSpec, op_class: str, flops: float, nbytes: float, dtype: str) -> float:
     """Time of one op on one die (us): the slower of its compute and its memory traffic."""
-    eff_c, eff_m = efficiencies(hw).of(op_class)
+    eff_c, eff_m = efficiencies(hw).of(op_class, dtype)
     compute = flops / (hw.peak_tflops(dtype) * 1e6 * eff_c)  # TFLOPS -> FLOP/us
     memory = nbytes / (hw.hbm_tbps * 1e6 * eff_m)  # TB/s -> bytes/us
     return max(compute, memory)
@@ -233,13 +245,17 @@ def gate_us(shape: ModelShape, hw: DeviceSpec, tokens: float) -> float:
 
 
 def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: float, slots: float,
-               params_per_expert: int, op_class: str = "expert_gemm") -> float:
+               params_per_expert: int, op_class: str = "expert_gemm", podplan_kernel: bool = False) -> float:
     """Grouped GEMM of `pairs` token-expert pairs over `slots` resident experts of one die.
 
-    A shared expert is one plain MLP: pass op_class="dense_gemm".
+    A shared expert is one plain MLP: pass op_class="dense_gemm". `podplan_kernel`: the experts run on
+    podplan's runtime (`podplan run` on this host's GPUs), whose kernel streams weights at the copy rate;
+    otherwise they run on a serving engine's grouped GEMM, at the profile's measured grouped rate.
     """
     if pairs <= 0 or slots <= 0:
         return 0.0
+    if podplan_kernel and op_class == "expert_gemm":
+        op_class = "podplan_expert_gemm"
     if op_class == "dense_gemm":  # the shared expert: the linear layers' format
         wb, dtype = prec.weight_bytes, prec.act_dtype
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +39,19 @@ class GemmPoint:
     tflops: float
 
 
+# Tokens per expert up to which a grouped GEMM is bound by streaming its weights (on H200 every measured
+# shape at <= 64 tokens per group sits on a flat weight-read rate; BF16 turns compute-bound by 256).
+SMALL_GROUP_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class GroupedPoint:
     tokens_per_group: int
     n: int
     k: int
     tflops: float
+    dtype: str = "bf16"
+    weight_tbps: float = 0.0  # expert weights read / time
 
 
 @dataclass(frozen=True)
@@ -67,11 +75,24 @@ class HardwareProfile:
         rows = [g.tflops for g in self.gemm if g.dtype == dtype and g.m >= 1024]
         return min(1.0, max(rows) / peak_tflops) if rows and peak_tflops > 0 else None
 
+    def grouped_stream_tbps(self, dtype: str) -> float | None:
+        """Median weight-read rate (TB/s) of the measured grouped GEMMs of `dtype` at <= SMALL_GROUP_TOKENS
+        tokens per group: what a decode-sized expert GEMM streams its weights at. A precision with no rows
+        of its own takes the BF16 rows (the same kernel family); None without any."""
+        for dt in (dtype, "bf16"):
+            rates = sorted(g.weight_tbps for g in self.grouped
+                           if g.dtype == dt and g.tokens_per_group <= SMALL_GROUP_TOKENS and g.weight_tbps > 0)
+            if rates:
+                return statistics.median(rates)
+        return None
+
     def grouped_efficiency(self, tokens_per_group: float, peak_tflops: float) -> float | None:
         """Achieved / peak BF16 compute of a grouped GEMM at `tokens_per_group`, interpolated in log2 over the
-        measured points (largest weight shape at each token count); None without measurements."""
+        measured BF16 points (largest weight shape at each token count); None without measurements."""
         by_t: dict[int, float] = {}
         for g in self.grouped:
+            if g.dtype != "bf16":
+                continue
             by_t[g.tokens_per_group] = max(by_t.get(g.tokens_per_group, 0.0), g.tflops)
         if not by_t or peak_tflops <= 0:
             return None
@@ -105,7 +126,8 @@ def read_profile(path: Path, key: str | None = None) -> HardwareProfile:
         gemm = tuple(GemmPoint(str(r["dtype"]), int(r["m"]), int(r["n"]), int(r["k"]), _num(r["tflops"], "gemm"))
                      for r in m.get("gemm", []) if "tflops" in r)
         grouped = tuple(GroupedPoint(int(r["tokens_per_group"]), int(r["n"]), int(r["k"]),
-                                     _num(r["tflops"], "grouped_gemm"))
+                                     _num(r["tflops"], "grouped_gemm"), str(r.get("dtype", "bf16")),
+                                     _num(r.get("weight_tbps", 0.0), "grouped_gemm"))
                         for r in m.get("grouped_gemm", []) if "tflops" in r)
         mla = [_num(r["kv_tbps"], "attention") for r in m.get("attention", [])
                if r.get("kind") == "mla_decode" and "kv_tbps" in r]
@@ -134,7 +156,8 @@ def derive(measured: HardwareProfile, measured_hw: DeviceSpec, target_key: str, 
                 f"NVLink x{link:.3f}"),
         derived=True, hbm_tbps=measured.hbm_tbps * hbm, launch_us=measured.launch_us,
         gemm=tuple(GemmPoint(g.dtype, g.m, g.n, g.k, g.tflops * comp) for g in measured.gemm),
-        grouped=tuple(GroupedPoint(g.tokens_per_group, g.n, g.k, g.tflops * comp) for g in measured.grouped),
+        grouped=tuple(GroupedPoint(g.tokens_per_group, g.n, g.k, g.tflops * comp, g.dtype, g.weight_tbps * hbm)
+                      for g in measured.grouped),
         mla_decode_kv_tbps=measured.mla_decode_kv_tbps * hbm, allreduce_busbw_gbps=measured.allreduce_busbw_gbps * link,
     )
 

@@ -25,7 +25,7 @@ from costmodels.calibration import Calibration, load_calibration
 from costmodels.errors import InputError
 from costmodels.hardware import ASCEND_910C
 from costmodels.model_shape import ModelShape
-from costmodels.topology import Topology
+from costmodels.topology import HOST_GPU_KINDS, Topology
 
 # How a decode instance lays out attention and experts (the plan's Instance.mode uses the same names).
 DECODE_MODES = ("colocated", "disaggregated")
@@ -206,7 +206,8 @@ def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, l
     group_tokens = tokens * layout.ep
     pairs = group_tokens * shape.top_k / layout.routed_dies * imbalance
     slots = layout.max_slots_per_routed_die
-    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert)
+    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert,
+                                podplan_kernel=topo.kind in HOST_GPU_KINDS)
     shared = 0.0
     if layout.shared_dies > 0:  # dedicated dies run it in parallel: only the excess is on the path
         shared = max(0.0, compute.experts_us(shape, hw, prec, pairs=group_tokens / layout.shared_dies, slots=1,
@@ -226,6 +227,13 @@ def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, l
             (d_lat, d_bw), (c_lat, c_bw) = normal_d, normal_c
     return _MoE(dispatch=d_bw, experts=routed, shared=shared, combine=c_bw, latency=d_lat + c_lat,
                 routed_pairs=pairs, tokens_per_expert=pairs / slots if slots else 0.0)
+
+
+def _overlap_term(total_us: float, stages: dict[str, float]) -> float:
+    """What microbatch overlap hides: the step less its terms' sequential sum (<= 0). Rounding residue of
+    a step with nothing overlapped (|x| < 1e-9 of the step) is 0, so plans do not carry 1e-15 noise."""
+    hidden = total_us - sum(stages.values())
+    return 0.0 if abs(hidden) <= 1e-9 * max(abs(total_us), 1.0) else hidden
 
 
 def _overlapped(compute_us: float, comm_us: float, m: int, eff: float) -> float:
@@ -354,7 +362,7 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
     # Step 3: the breakdown: every term's sequential sum, minus what microbatch overlap hides.
     stages = _terms(n_moe, n_dense, m, moe, att=att, tp_bw=tp_bw, tp_lat=tp_lat, gate=gate, ffn=ffn, head=head,
                     vec_moe=vec_moe, vec_dense=vec_dense, tok_cost=tok_cost, launch=launch)
-    stages["overlap"] = t_iter - sum(stages.values())
+    stages["overlap"] = _overlap_term(t_iter, stages)
     step_us = t_iter
     tpot_ms = step_us / 1e3 / (1.0 + dep.mtp_accept)
 
@@ -439,7 +447,8 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
     gate = compute.gate_us(shape, hw, tok_mb)
     pairs = domain_tokens * shape.top_k / layout.routed_dies * dep.imbalance
     slots = layout.max_slots_per_routed_die
-    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert)
+    routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert,
+                                podplan_kernel=topo.kind in HOST_GPU_KINDS)
     if layout.shared_dies:
         shared_die = compute.experts_us(shape, hw, prec, pairs=domain_tokens / layout.shared_dies, slots=1,
                                         params_per_expert=shape.params_shared, op_class="dense_gemm")
@@ -591,7 +600,7 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
     # Step 3: breakdown summing to TTFT (the batch, then its KV over RDMA to a decode instance).
     stages = _terms(n_moe, n_dense, m, moe, att=att, tp_bw=tp_bw, tp_lat=tp_lat, gate=gate, ffn=ffn, head=head,
                     vec_moe=vec_moe, vec_dense=vec_dense, tok_cost=tok_cost, launch=launch)
-    stages["overlap"] = step_us - sum(stages.values())
+    stages["overlap"] = _overlap_term(step_us, stages)
     stages["kv_transfer"] = kv_xfer
 
     # Step 4: memory.

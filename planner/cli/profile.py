@@ -1,6 +1,7 @@
 """`podplan profile [-o FILE] [--quick]`: measure this GPU host into a hardware profile the cost model reads.
 
-Measures what costmodels/serving.py prices: dense GEMM and grouped GEMM (torch._grouped_mm) across
+Measures what costmodels/serving.py prices: dense GEMM and grouped GEMM (torch._grouped_mm; FP8:
+torch._scaled_grouped_mm) across
 token counts and weight shapes, FP8 GEMM where the GPU has it, attention (SDPA, and MLA-style
 absorbed decode as two batched GEMMs) across batch and KV length, HBM bandwidth (a large
 device-to-device copy), the per-kernel launch cost, and NCCL all-reduce / all-to-all across every
@@ -25,6 +26,9 @@ from typing import Any
 
 PROFILE_FORMAT = "podplan-hardware-profile"
 PROFILE_VERSION = 1
+# Tokens per group up to which a grouped GEMM streams its weights (the memory-bound rows); the same
+# threshold as costmodels.profiles.SMALL_GROUP_TOKENS, which the cost model reads.
+SMALL_GROUP_TOKENS = 64
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,36 +104,58 @@ def measure_gemm(device: Any, shapes: list[tuple[int, int, int]], dtype: str = "
     return rows
 
 
-def measure_grouped_gemm(device: Any, cases: list[tuple[int, int, int, int]], reps: int = 10) -> list[dict]:
-    """BF16 grouped GEMMs (MoE experts): `groups` experts each getting `tokens` tokens, weights [K, N] each.
+def measure_grouped_gemm(device: Any, cases: list[tuple[int, int, int, int]], dtype: str = "bf16",
+                         reps: int = 10) -> list[dict]:
+    """Grouped GEMMs (MoE experts): `groups` experts each getting `tokens` tokens, weights [K, N] each.
 
-    torch._grouped_mm with a 2-D activation and 3-D weights (offsets per group) is the kernel MoE
+    bf16: torch._grouped_mm with a 2-D activation and 3-D weights (offsets per group), the kernel MoE
     engines call; where it fails the row records the error and a per-expert loop of matmuls instead
-    (impl "loop"), so the profile still has a number.
+    (impl "loop"), so the profile still has a number. fp8: torch._scaled_grouped_mm with row-wise
+    scales (FP8 activations per token, FP8 weights per output channel), the FP8 MoE path of torch;
+    a row it cannot run keeps an "error" and no timing (an FP8 loop would time a different kernel).
     """
     import torch
 
     rows = []
     for groups, tokens, n, k in cases:
-        row: dict[str, Any] = {"dtype": "bf16", "groups": groups, "tokens_per_group": tokens, "n": n, "k": k}
-        a = torch.randn(groups * tokens, k, device=device, dtype=torch.bfloat16)
-        w = torch.randn(groups, n, k, device=device, dtype=torch.bfloat16).transpose(-2, -1)  # [G, K, N], K-major
+        row: dict[str, Any] = {"dtype": dtype, "groups": groups, "tokens_per_group": tokens, "n": n, "k": k}
         offs = torch.arange(tokens, groups * tokens + 1, tokens, device=device, dtype=torch.int32)
         try:
-            fn: Callable[[], object] = lambda: torch._grouped_mm(a, w, offs=offs)
-            fn()
-            row["impl"] = "torch._grouped_mm"
-        except Exception as exc:
-            row["grouped_mm_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            chunks = a.split(tokens)
-            fn = lambda: [c @ w[g] for g, c in enumerate(chunks)]
-            row["impl"] = "loop"
+            if dtype == "fp8":
+                a = torch.randn(groups * tokens, k, device=device).to(torch.float8_e4m3fn)
+                w = torch.randn(groups, n, k, device=device).to(torch.float8_e4m3fn).transpose(-2, -1)
+                sa = torch.ones(groups * tokens, device=device, dtype=torch.float32)
+                sb = torch.ones(groups, n, device=device, dtype=torch.float32)
+                fn: Callable[[], object] = lambda: torch._scaled_grouped_mm(
+                    a, w, sa, sb, offs=offs, out_dtype=torch.bfloat16)
+                fn()
+                row["impl"] = "torch._scaled_grouped_mm"
+            else:
+                a = torch.randn(groups * tokens, k, device=device, dtype=torch.bfloat16)
+                w = torch.randn(groups, n, k, device=device, dtype=torch.bfloat16).transpose(-2, -1)  # [G, K, N]
+                try:
+                    fn = lambda: torch._grouped_mm(a, w, offs=offs)
+                    fn()
+                    row["impl"] = "torch._grouped_mm"
+                except Exception as exc:
+                    row["grouped_mm_error"] = _error(exc)
+                    chunks = a.split(tokens)
+                    fn = lambda: [c @ w[g] for g, c in enumerate(chunks)]
+                    row["impl"] = "loop"
+        except Exception as exc:  # an FP8 path this device or torch lacks is a result, not a crash
+            row["error"] = _error(exc)
+            rows.append(row)
+            continue
         us = time_us(fn, device, reps=reps)
         flops = 2.0 * groups * tokens * n * k
-        weight_bytes = groups * n * k * 2.0
+        weight_bytes = groups * n * k * (1.0 if dtype == "fp8" else 2.0)
         row.update(us=us, tflops=flops / us / 1e6, weight_tbps=weight_bytes / us / 1e6)
         rows.append(row)
     return rows
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def measure_attention(device: Any, cases: list[dict], reps: int = 10) -> list[dict]:
@@ -334,7 +360,10 @@ def collect(device: Any, *, quick: bool, tiny: bool = False, log: Callable[[str]
         log(f"GEMM fp8 ({len(p['gemm'])} shapes)")
         m["gemm"] += measure_gemm(device, p["gemm"], "fp8", reps=reps)
     log(f"grouped GEMM ({len(p['grouped'])} cases)")
-    m["grouped_gemm"] = measure_grouped_gemm(device, p["grouped"], reps=reps)
+    m["grouped_gemm"] = measure_grouped_gemm(device, p["grouped"], "bf16", reps=reps)
+    if p["fp8"] and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        log(f"grouped GEMM fp8 ({len(p['grouped'])} cases)")
+        m["grouped_gemm"] += measure_grouped_gemm(device, p["grouped"], "fp8", reps=reps)
     log(f"attention ({len(p['attention'])} cases)")
     m["attention"] = measure_attention(device, p["attention"], reps=reps)
     count = env.get("count", 1)
@@ -390,12 +419,19 @@ def summary(doc: dict[str, Any]) -> list[str]:
             peak = spec.peak_tflops_or_zero(dtype) if spec else 0.0
             lines.append(f"GEMM {dtype}: best {best['tflops']:.0f} TFLOPS at {best['m']}x{best['n']}x{best['k']}"
                          f"{vs(best['tflops'], peak, 'TFLOPS')}")
-    ok = [r for r in m["grouped_gemm"] if "tflops" in r]
-    if ok:
+    for dtype in ("bf16", "fp8"):
+        ok = [r for r in m["grouped_gemm"] if r.get("dtype", "bf16") == dtype and "tflops" in r]
+        if not ok:
+            continue
         best = max(ok, key=lambda r: r["tflops"])
-        peak = spec.bf16_tflops if spec else 0.0
-        lines.append(f"grouped GEMM bf16: best {best['tflops']:.0f} TFLOPS at {best['groups']} groups x "
+        peak = spec.peak_tflops_or_zero(dtype) if spec else 0.0
+        lines.append(f"grouped GEMM {dtype}: best {best['tflops']:.0f} TFLOPS at {best['groups']} groups x "
                      f"{best['tokens_per_group']} tokens ({best['impl']}){vs(best['tflops'], peak, 'TFLOPS')}")
+        small = sorted(r["weight_tbps"] for r in ok if r["tokens_per_group"] <= SMALL_GROUP_TOKENS)
+        if small:
+            rate = small[len(small) // 2]
+            lines.append(f"grouped GEMM {dtype}: median weight stream {rate:.2f} TB/s at <= {SMALL_GROUP_TOKENS} "
+                         f"tokens per group{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
     mla = [r for r in m["attention"] if r.get("kind") == "mla_decode" and "kv_tbps" in r]
     if mla:
         best = max(mla, key=lambda r: r["kv_tbps"])

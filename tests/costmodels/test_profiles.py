@@ -21,7 +21,11 @@ def _doc(hbm_tbps: float = 4.4) -> dict:
             "gemm": [{"dtype": "bf16", "m": 4096, "n": 4096, "k": 7168, "us": 1.0, "tflops": 700.0},
                      {"dtype": "fp8", "m": 1, "n": 4096, "k": 7168, "error": "RuntimeError: too small"}],
             "grouped_gemm": [{"tokens_per_group": t, "n": 4096, "k": 7168, "groups": 32, "impl": "torch._grouped_mm",
-                              "us": 1.0, "tflops": f} for t, f in ((1, 5.0), (64, 250.0), (1024, 650.0))],
+                              "us": 1.0, "tflops": f, "weight_tbps": w}
+                             for t, f, w in ((1, 5.0, 2.5), (64, 250.0, 3.0), (1024, 650.0, 0.5))]
+                            + [{"dtype": "fp8", "tokens_per_group": t, "n": 4096, "k": 7168, "groups": 32,
+                                "impl": "torch._scaled_grouped_mm", "us": 1.0, "tflops": f, "weight_tbps": w}
+                               for t, f, w in ((1, 4.8, 2.4), (16, 77.0, 2.4), (32, 150.0, 2.3), (2048, 1000.0, 0.2))],
             "attention": [{"kind": "mla_decode", "kv_tbps": 3.9, "us": 1.0}],
             "collectives": {"world": 8, "all_reduce": [{"bytes": 1 << 28, "us": 1.0, "busbw_gbps": 360.0}]},
         },
@@ -36,12 +40,50 @@ def test_read_derive_and_interpolate(tmp_path):
     assert p.gemm_efficiency("bf16", 989.0) == pytest.approx(700 / 989)
     assert p.gemm_efficiency("fp8", 1979.0) is None  # the failed row is not a measurement
     assert p.grouped_efficiency(8, 989.0) == pytest.approx((5 + (250 - 5) * 0.5) / 989)  # log2 halfway 1..64
+    # the FP8 rows do not join the BF16 compute curve (1,000 FP8 TFLOPS over the BF16 peak would read > 1)
+    assert p.grouped_efficiency(4096, 989.0) == pytest.approx(650 / 989)
     h100 = profiles.derive(p, H200, "h100", H100)
     assert h100.derived and "derived from h200" in h100.source
     assert h100.hbm_tbps == pytest.approx(4.4 * 3.35 / 4.8)
     assert h100.gemm_efficiency("bf16", 989.0) == pytest.approx(700 / 989)  # same tensor cores
     h800 = profiles.derive(p, H200, "h800", H800)
     assert h800.allreduce_busbw_gbps == pytest.approx(360.0 * 200 / 450)
+
+
+def test_grouped_weight_stream_rate_per_format(tmp_path):
+    path = tmp_path / "h200.json"
+    path.write_text(json.dumps(_doc()))
+    p = profiles.read_profile(path)
+    assert p.grouped_stream_tbps("bf16") == pytest.approx(2.75)  # median of the <= 64-token rows: 2.5, 3.0
+    assert p.grouped_stream_tbps("fp8") == pytest.approx(2.4)  # 2.4, 2.4, 2.3; the 2,048-token row is compute-bound
+    assert p.grouped_stream_tbps("nvfp4") == pytest.approx(2.75)  # no rows of its own: the BF16 kernel family's
+    h800 = profiles.derive(p, H200, "h800", H800)  # an H800 streams the same fraction of its own HBM
+    assert h800.grouped_stream_tbps("fp8") / H800.hbm_tbps == pytest.approx(2.4 / H200.hbm_tbps)
+    doc = _doc()
+    for r in doc["measurements"]["grouped_gemm"]:
+        r.pop("weight_tbps")
+    path.write_text(json.dumps(doc))
+    assert profiles.read_profile(path).grouped_stream_tbps("fp8") is None
+
+
+def test_expert_gemms_stream_at_the_measured_grouped_rate(tmp_path, monkeypatch):
+    """A decode-sized expert GEMM is priced at the profile's grouped weight-read rate for its format,
+    not at the plain copy bandwidth; dense GEMMs keep the copy rate."""
+    (tmp_path / "h200.json").write_text(json.dumps(_doc()))
+    monkeypatch.setattr(profiles, "PROFILE_DIR", tmp_path)
+    profiles._load.cache_clear()
+    compute.efficiencies.cache_clear()
+    try:
+        eff = compute.efficiencies(H200)
+        assert eff.of("expert_gemm", "fp8")[1] == pytest.approx(2.4 / 4.8)
+        assert eff.of("expert_gemm", "bf16")[1] == pytest.approx(2.75 / 4.8)
+        assert eff.of("dense_gemm", "fp8")[1] == pytest.approx(4.4 / 4.8)
+        weights = 32 * 4096 * 7168  # 32 FP8 experts, one token each: weight reads dominate
+        us = compute.roofline_us(H200, "expert_gemm", 2.0 * weights, weights, "fp8")
+        assert us == pytest.approx(weights / (2.4e6))
+    finally:
+        profiles._load.cache_clear()
+        compute.efficiencies.cache_clear()
 
 
 def test_bundled_folder_is_used_and_falls_back(tmp_path, monkeypatch):
@@ -82,3 +124,19 @@ def test_bad_profile_is_one_line_error(tmp_path):
     bad.write_text(json.dumps({**_doc(), "version": 99}))
     with pytest.raises(InputError, match="podplan profile"):
         profiles.read_profile(bad)
+
+
+def test_podplan_runtime_experts_stream_at_the_copy_rate(dsv3):
+    """`podplan run` topologies (h200:N) run podplan's own expert kernel, which streams at the copy rate;
+    cluster topologies run an engine's grouped GEMM at the profile's grouped rate. At 2 sequences per GPU
+    the experts are weight reads, so the two differ by the ratio of the two rates."""
+    from costmodels.serving import DecodeDeployment, estimate_decode
+    from costmodels.topology import get_topology
+
+    dep = DecodeDeployment(devices=8, ep=8, batch_per_device=2, quant="fp8")
+    host = estimate_decode(dsv3, get_topology("h200:8"), dep).breakdown["experts"]
+    cluster = estimate_decode(dsv3, get_topology("h200-cluster:1"), dep).breakdown["experts"]
+    eff = compute.efficiencies(H200)
+    grouped, copy = eff.of("expert_gemm", "fp8")[1], eff.of("podplan_expert_gemm", "fp8")[1]
+    assert grouped < copy
+    assert cluster / host == pytest.approx(copy / grouped, rel=0.02)

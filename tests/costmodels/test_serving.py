@@ -38,6 +38,15 @@ def test_breakdowns_add_up(dsv3):
     assert sum(afd.breakdown.values()) == pytest.approx(afd.step_ms)
 
 
+def test_one_microbatch_hides_nothing_exactly(dsv3):
+    """With one microbatch nothing overlaps: the overlap term is exactly 0.0, not the float residue of
+    subtracting the terms' sum (a 7e-15 once leaked into golden plans)."""
+    for topo in (CM, H800):
+        dec = estimate_decode(dsv3, topo, DecodeDeployment(devices=32, ep=32, batch_per_device=24, microbatches=1))
+        pre = estimate_prefill(dsv3, topo, PrefillDeployment(devices=16, ep=16, microbatches=1))
+        assert dec.breakdown["overlap"] == 0.0 and pre.breakdown["overlap"] == 0.0
+
+
 def test_tpot_and_throughput_rise_with_batch_until_memory_binds(dsv3):
     rows = [estimate_decode(dsv3, CM, DecodeDeployment(devices=160, ep=320, batch_per_device=b, kv_len=4096,
                                                        mtp_accept=0.7, quant="int8", microbatches=2))

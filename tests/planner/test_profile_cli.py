@@ -36,6 +36,19 @@ def test_tiny_cpu_profile_has_every_section_and_loads(tmp_path):
     assert profile.summary(doc)[0].startswith(doc["device"]["name"])
 
 
+def test_fp8_grouped_rows_time_or_name_their_error():
+    """FP8 grouped GEMM rows count 1 byte per weight, or keep an error where torch or the device lacks the
+    kernel (CPU builds may): never a crash and never a timing of another kernel."""
+    rows = profile.measure_grouped_gemm("cpu", [(2, 4, 32, 64)], "fp8", reps=1)
+    assert len(rows) == 1 and rows[0]["dtype"] == "fp8"
+    r = rows[0]
+    if "error" in r:
+        assert "us" not in r and r["error"]
+    else:
+        assert r["impl"] == "torch._scaled_grouped_mm"
+        assert r["tflops"] == pytest.approx(2 * 4 * r["weight_tbps"])  # 2 x tokens x (weights at 1 byte)
+
+
 def test_collectives_over_two_cpu_processes():
     out = profile.measure_collectives(2, [1 << 10, 1 << 12], backend="gloo", device_type="cpu", reps=2)
     assert out["world"] == 2
