@@ -10,11 +10,11 @@ workload:
 
 The step time is built from serving.py's public estimates, not a second model of the hardware:
 
-    step = decode step(batch) + [prefill batch(chunk) - prefill batch(one token per die)]
+    step = decode step(batch) + [prefill batch(chunk + decode tokens) - prefill batch(decode tokens)]
 
-The bracket is the chunk's marginal cost: a prefill batch of one token per die pays the same
-fixed costs (weight reads, collective latency floors) the decode step already pays, so they are
-not counted twice. It is an approximation (the two halves of a mixed step do not overlap their
+The bracket is the chunk's marginal cost: the decode tokens already pay the step's fixed costs
+(the weight reads of the experts they touch, collective latency floors), so they are not counted
+twice; experts that only the chunk's tokens touch are. It is an approximation (the two halves of a mixed step do not overlap their
 compute and memory traffic here; docs/compile.md describes where the search uses it).
 
 TTFT is the time to feed one prompt through the chunks at the steady-state rate (one prompt on
@@ -27,7 +27,7 @@ in one step, and the per-rank token budget `max_num_tokens` fits `c = (max_num_t
 tokens) // prompt` of them (at least one). Then only a fraction f = chunk / (c x prompt) of the steps
 carry prompts, and they carry whole ones, so the mean step is
 
-    step = decode step(batch) + f x [prefill batch(c prompts per die) - prefill batch(one token per die)]
+    step = decode step(batch) + f x [prefill batch(c prompts per die + decode tokens) - prefill batch(decode tokens)]
 
 with the attention-DP ranks taking their prompts in the same steps (trtllm-bench starts every request
 of a run together, and the MoE layers synchronise the ranks every step); TTFT is one such step.
@@ -105,11 +105,14 @@ def _prefill(dep: AggregatedDeployment, tokens_per_device: float) -> PrefillDepl
 
 
 def chunk_ms(shape: ModelShape, topo: Topology, dep: AggregatedDeployment, tokens_per_device: float) -> float:
-    """What a chunk of `tokens_per_device` prompt tokens adds to a mixed step (ms): its prefill batch
-    less a batch of one token per die (the fixed costs the decode step already pays). `podplan simulate`
-    costs every chunk it runs with this."""
-    full = estimate_prefill(shape, topo, _prefill(dep, tokens_per_device))
-    floor = estimate_prefill(shape, topo, _prefill(dep, topo.dies_per_device))
+    """What a chunk of `tokens_per_device` prompt tokens adds to a mixed step (ms): a prefill batch of the
+    chunk plus the decode batch's tokens, less one of the decode tokens alone. The decode tokens already
+    pay the step's fixed costs (weight reads of the experts they touch, collective latency floors), so
+    those are not counted twice; the experts only the chunk touches are. `podplan simulate` costs
+    every chunk it runs with this."""
+    floor_tokens = max(float(topo.dies_per_device), dep.decode.batch_per_device * dep.tokens_per_step)
+    full = estimate_prefill(shape, topo, _prefill(dep, floor_tokens + tokens_per_device))
+    floor = estimate_prefill(shape, topo, _prefill(dep, floor_tokens))
     return max(0.0, full.step_ms - floor.step_ms)
 
 

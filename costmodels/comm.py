@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from costmodels import profiles
+from costmodels.opcount import expected_distinct
 from costmodels.errors import InputError, TopologyError
 from costmodels.hardware import ASCEND_910C, CPU_PROCESS, H800, DeviceSpec, dtype_bytes
 from costmodels.topology import (
@@ -251,15 +252,6 @@ def all_to_all_us(topo: Topology, op: str, tokens_per_rank: float, dests_per_tok
 # GPU inside one node; the bandwidths are per GPU over those bytes.
 DEEPEP_NORMAL_NVLINK_GBPS = (153.0, 158.0)  # (dispatch, combine), intranode EP8
 DEEPEP_NORMAL_RDMA_GBPS = ((16, 43.0, 43.0), (32, 58.0, 57.0), (64, 51.0, 50.0))  # (EP, dispatch, combine)
-
-
-def expected_distinct(bins: int, picks: int, limit: int = 0) -> float:
-    """Expected distinct bins hit by `picks` uniform draws over `bins` (at most `limit` when > 0): the
-    destination nodes (or GPUs) one token's top-k experts land on under balanced routing."""
-    if bins <= 1:
-        return float(bins)
-    hit = bins * (1.0 - (1.0 - 1.0 / bins) ** picks)
-    return min(hit, limit) if limit > 0 else hit
 
 
 def normal_a2a_parts(topo: Topology, op: str, tokens_per_rank: float, top_k: int, bytes_per_dest: float,

@@ -254,12 +254,16 @@ def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: flo
     """
     if pairs <= 0 or slots <= 0:
         return 0.0
-    if podplan_kernel and op_class == "expert_gemm":
-        op_class = "podplan_expert_gemm"
     if op_class == "dense_gemm":  # the shared expert: the linear layers' format
         wb, dtype = prec.weight_bytes, prec.act_dtype
     else:
         wb, dtype = prec.expert_weight_bytes, prec.expert_dtype
+        if podplan_kernel:
+            op_class = "podplan_expert_gemm"
+        # a grouped GEMM reads only the experts that got rows (empty groups launch no tiles): with few
+        # pairs per slot, the expected distinct experts balanced routing touches (skewed routing touches
+        # fewer, so this is the upper bound)
+        slots = opcount.expected_distinct(slots, pairs)
     return gemm_us(hw, op_class, tokens=pairs / slots, params=params_per_expert, weight_bytes=wb, dtype=dtype,
                    groups=slots, extra_bytes=2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype))
 

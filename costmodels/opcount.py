@@ -84,3 +84,13 @@ def dispatch_bytes_per_token(shape: ModelShape, act_bytes: float, scale_bytes: f
 def combine_bytes_per_token(shape: ModelShape, act_bytes: float = 2.0) -> float:
     """Experts -> attention: one weighted expert output per top-k destination (BF16 in CMI)."""
     return shape.top_k * shape.hidden * act_bytes
+
+
+def expected_distinct(bins: float, picks: float, limit: float = 0) -> float:
+    """Expected distinct bins hit by `picks` uniform draws over `bins` (at most `limit` when > 0): the
+    destination nodes (or GPUs) one token's top-k experts land on, or the resident experts a die's
+    routed pairs touch, under balanced routing."""
+    if bins <= 1:
+        return float(bins)
+    hit = bins * (1.0 - (1.0 - 1.0 / bins) ** picks)
+    return min(hit, limit) if limit > 0 else hit

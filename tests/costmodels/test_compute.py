@@ -136,3 +136,17 @@ def test_default_precision_per_hardware():
     assert compute.precision(None, None, H100).quant == "fp8"
     assert compute.precision(None, None, B200).quant == "fp8"
     assert compute.precision(None, None, A100).quant == "bf16"
+
+
+def test_grouped_gemm_reads_only_the_experts_its_pairs_touch(dsv3):
+    """Empty groups launch no tiles: 1 pair on a die of 32 experts reads one expert's weights, and as many
+    pairs as experts touch 1 - (1 - 1/32)^32 = 64% of them under balanced routing (not all 32)."""
+    def us(pairs: float, slots: float) -> float:
+        return compute.experts_us(dsv3, ASCEND_910C, INT8, pairs=pairs, slots=slots, params_per_expert=dsv3.params_expert)
+
+    assert us(1, 32) == pytest.approx(us(1, 1), rel=1e-6)
+    touched = 32 * (1 - (1 - 1 / 32) ** 32)
+    assert us(32, 32) == pytest.approx(touched * us(32 / touched, 1), rel=1e-6)
+    assert us(32, 32) < 0.7 * 32 * us(1, 1)
+    # with many pairs per expert every expert is read: the slots' weights, once each
+    assert us(4096, 32) == pytest.approx(32 * us(128, 1), rel=1e-3)

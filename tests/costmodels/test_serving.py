@@ -210,3 +210,18 @@ def test_unchunked_prompts_run_whole_in_a_fraction_of_the_steps(dsv3):
     assert b.step_ms > a.step_ms  # a whole prompt per step, not 64-token slices: the prefill is less spread
     assert b.ttft_ms == pytest.approx(b.details["decode_step_ms"] + chunk_ms(dsv3, topo, whole, 1024))
     assert sum(b.breakdown.values()) == pytest.approx(b.step_ms)
+
+
+def test_a_chunk_pays_only_the_expert_reads_its_decode_batch_did_not(dsv3):
+    """The chunk's marginal cost is measured on top of the decode batch's tokens: beside 128 decode
+    sequences per GPU (every expert already read) a 64-token chunk is cheap; beside 1 sequence per GPU
+    the same chunk also pays the reads of the experts only it touches."""
+    from costmodels.aggregated import AggregatedDeployment, chunk_ms
+
+    topo = get_topology("h200-cluster:1")
+    def dep(batch: int) -> AggregatedDeployment:
+        return AggregatedDeployment(DecodeDeployment(devices=8, ep=8, batch_per_device=batch, kv_len=2048,
+                                                     quant="fp8"), input_len=1024, output_len=2048)
+
+    busy, idle = chunk_ms(dsv3, topo, dep(128), 64), chunk_ms(dsv3, topo, dep(1), 64)
+    assert 0 < busy < 0.5 * idle

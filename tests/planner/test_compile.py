@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -142,7 +143,7 @@ def test_a_pass_added_to_the_pipeline_changes_the_compiled_plan(monkeypatch):
 
 def test_golden_plans_meet_their_latency_targets_after_balancing():
     # the search scores at perfect balance; a plan whose balanced TPOT misses the target is searched
-    # again at the balancer's imbalance (mixtral-8x22b: TPOT over 50 ms at first, under it after)
+    # again at the balancer's imbalance (mixtral-8x22b: TPOT over 45 ms at first, under it after)
     for path in sorted(PLANS_DIR.glob("*.json")):
         plan = load_plan(path)
         wl = plan.workload
@@ -153,7 +154,7 @@ def test_golden_plans_meet_their_latency_targets_after_balancing():
             if wl.ttft_slo_ms is not None and p.ttft_ms is not None:
                 assert p.ttft_ms <= wl.ttft_slo_ms, (path.name, name, p.ttft_ms)
     mixtral = load_plan(PLANS_DIR / "mixtral-8x22b.h100-cluster-2.json")
-    assert any(s.name.startswith("search again at expert imbalance decode 1.0") for s in mixtral.provenance.solvers)
+    assert any(re.match(r"search again at expert imbalance decode 1\.[1-9]", s.name) for s in mixtral.provenance.solvers)
 
 
 def test_a_re_search_that_finds_nothing_keeps_the_plan_and_says_what_it_misses(monkeypatch):
@@ -165,7 +166,7 @@ def test_a_re_search_that_finds_nothing_keeps_the_plan_and_says_what_it_misses(m
     def first_only(*args, **kwargs):
         calls.append(kwargs["imbalance"])
         if len(calls) > 1:
-            raise InfeasibleError("mixtral-8x22b on h100-cluster:2: nothing meets --tpot-ms 50")
+            raise InfeasibleError("mixtral-8x22b on h100-cluster:2: nothing meets --tpot-ms 45")
         return real(*args, **kwargs)
 
     real = driver.search
@@ -173,10 +174,11 @@ def test_a_re_search_that_finds_nothing_keeps_the_plan_and_says_what_it_misses(m
     golden = next(g for g in GOLDEN if g.model == "mixtral-8x22b")
     plan, sr = driver.compile_report(golden.model, golden.topology, golden.options)
     assert len(calls) == 2 and calls[1].of("decode", 16) > 1.0  # searched again at the balancer's imbalance
-    assert plan.decode.predictions.tpot_ms > 50.0  # the first plan, which misses the target once balanced
+    assert plan.decode.predictions.tpot_ms > 45.0  # the first plan, which misses the target once balanced
     tpot = f"{plan.decode.predictions.tpot_ms:.2f}"
-    assert sr.notes[-1].startswith(f"TPOT {tpot} ms > 50 once balanced, and at imbalance decode 1.046 (16 devices "
-                                   "1.046): mixtral-8x22b on h100-cluster:2: nothing meets --tpot-ms 50")
+    imb = f"{calls[1].of('decode', 16):.3f}"
+    assert sr.notes[-1].startswith(f"TPOT {tpot} ms > 45 once balanced, and at imbalance decode {imb} (16 devices "
+                                   f"{imb}): mixtral-8x22b on h100-cluster:2: nothing meets --tpot-ms 45")
     assert plan.search.notes == sr.notes
 
 
