@@ -268,6 +268,12 @@ def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: flo
                    groups=slots, extra_bytes=2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype))
 
 
+def expert_stream_tbps(hw: DeviceSpec, prec: Precision, podplan_kernel: bool = False) -> float:
+    """TB/s at which a decode-sized expert GEMM reads its weights (the memory side of `experts_us`)."""
+    op_class = "podplan_expert_gemm" if podplan_kernel else "expert_gemm"
+    return hw.hbm_tbps * efficiencies(hw).of(op_class, prec.expert_dtype)[1]
+
+
 def dense_ffn_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float, tp: int = 1) -> float:
     """One dense FFN layer for a die's share of `tokens` tokens: with TP, tp x tokens on 1/tp of the weights."""
     if shape.params_dense_ffn == 0 or tokens <= 0:

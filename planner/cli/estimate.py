@@ -175,6 +175,9 @@ def _print(doc: dict, est: Estimate, model: str, topo) -> None:
     if "pipeline_wait" in est.breakdown:
         notes.append("pipeline_wait: a microbatch waiting for the busier side of the disaggregated pipeline")
     console.print("; ".join(notes))
+    if d.get("routed_slots_per_die"):
+        console.print(f"experts: {d['experts_touched_per_die']:.1f} of {d['routed_slots_per_die']:g} resident per die "
+                      f"touched per layer (balanced routing), weights read at {d['expert_stream_tbps']:.2f} TB/s")
     console.print(f"hardware figures: {d['hardware_source']}")
     if topo.hardware.nominal:
         console.print(f"note: {topo.name} uses nominal {topo.hardware.name} numbers; its predictions are not meaningful")

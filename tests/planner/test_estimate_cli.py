@@ -126,3 +126,17 @@ def cli_err(capsys, *args: str) -> tuple[int, str, str]:
 def test_unknown_model_as_a_user_runs_it():
     proc = run_cli("estimate", "no-such-model", "--topology", "cloudmatrix384", "--phase", "decode")
     assert_one_line_error(proc, "no-such-model")
+
+
+def test_small_decode_batch_says_how_many_experts_it_reads(capsys):
+    """2 sequences per GPU on EP16: a die's 16 routed pairs touch ~10.6 of its 17 experts, read at the
+    bundled H200 profile's FP8 grouped rate; the text says so and --json carries both figures."""
+    args = ["estimate", "deepseek-v3", "--topology", "h200-cluster:2", "--phase", "decode", "--devices", "16",
+            "--ep", "16", "--batch-per-device", "2", "--kv-len", "8192"]
+    code, out, _ = cli(capsys, *args)
+    assert code == 0
+    assert "experts: 10.6 of 17 resident per die touched per layer (balanced routing), weights read at 2.4" in out
+    code, out, _ = cli(capsys, *args, "--json")
+    d = json.loads(out)["details"]
+    assert d["experts_touched_per_die"] == pytest.approx(17 * (1 - (1 - 1 / 17) ** 16), abs=1e-3)  # JSON rounds
+    assert 2.0 < d["expert_stream_tbps"] < 3.0  # the profile's grouped rate, not the 4.3 TB/s copy
