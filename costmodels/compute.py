@@ -47,6 +47,7 @@ class Efficiencies:
     # Weight-read efficiency of grouped expert GEMMs per weight format, where a profile measured it
     # ((dtype, fraction of spec HBM), ...); a format not listed streams at `gemm_memory`.
     expert_memory: tuple[tuple[str, float], ...] = ()
+    podplan_expert_memory: float = 0.0  # the same for podplan's own experts kernel (0: not measured)
 
     def of(self, op_class: str, dtype: str = "") -> tuple[float, float]:
         """(compute, memory) efficiency of an op class (dense_gemm, expert_gemm or attention) for weights
@@ -56,9 +57,10 @@ class Efficiencies:
         if op_class == "expert_gemm":
             return self.expert_gemm, dict(self.expert_memory).get(dtype, self.gemm_memory)
         if op_class == "podplan_expert_gemm":
-            # podplan's own runtime kernel (runtime.moe_triton) streams each expert's weights once at the
-            # copy rate: 4.01-4.27 TB/s on H200 against a 4.28 TB/s copy (bench/moe_kernels.py)
-            return self.expert_gemm, self.gemm_memory
+            # podplan's own runtime kernel (runtime.moe_triton, BF16: all `podplan run` executes) at the
+            # profile's measured rate for it, else at the copy rate it was benchmarked near
+            # (4.01-4.27 TB/s on H200 against a 4.28 TB/s copy, bench/moe_kernels.py)
+            return self.expert_gemm, self.podplan_expert_memory or self.gemm_memory
         if op_class == "attention":
             return self.attention_compute, self.attention_memory
         raise KeyError(op_class)
@@ -84,7 +86,9 @@ def efficiencies(hw: DeviceSpec) -> Efficiencies:
     # spec against 0.89); the profile's small-group rows give the rate per weight format (docs/profile.md).
     expert_mem = tuple((q, min(1.0, rate / hw.hbm_tbps)) for q in QUANTS
                        if (rate := prof.grouped_stream_tbps(q)) is not None)
-    return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source, expert_memory=expert_mem)
+    ours = min(1.0, prof.podplan_stream_tbps / hw.hbm_tbps) if prof.podplan_stream_tbps > 0 else 0.0
+    return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source, expert_memory=expert_mem,
+                        podplan_expert_memory=ours)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ class HardwareProfile:
     gemm: tuple[GemmPoint, ...] = ()
     grouped: tuple[GroupedPoint, ...] = ()
     mla_decode_kv_tbps: float = 0.0  # best achieved KV read rate of the MLA decode measurement (0 = none)
+    # median weight-read rate of podplan's own experts kernel (runtime.moe_triton) at <= SMALL_GROUP_TOKENS
+    # tokens per expert: what `podplan run` plans stream at (0 = not measured)
+    podplan_stream_tbps: float = 0.0
     allreduce_busbw_gbps: float = 0.0  # largest-message NCCL all-reduce bus bandwidth (0 = not measured)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -131,6 +134,8 @@ def read_profile(path: Path, key: str | None = None) -> HardwareProfile:
                         for r in m.get("grouped_gemm", []) if "tflops" in r)
         mla = [_num(r["kv_tbps"], "attention") for r in m.get("attention", [])
                if r.get("kind") == "mla_decode" and "kv_tbps" in r]
+        ours = [_num(r["weight_tbps"], "podplan_experts") for r in m.get("podplan_experts", [])
+                if "weight_tbps" in r and int(r["tokens_per_expert"]) <= SMALL_GROUP_TOKENS]
         col = m.get("collectives") or {}
         ar = [_num(r["busbw_gbps"], "collectives") for r in col.get("all_reduce", [])]
         return HardwareProfile(
@@ -139,6 +144,7 @@ def read_profile(path: Path, key: str | None = None) -> HardwareProfile:
             derived=False, hbm_tbps=_num(m["hbm"]["tbps"], "hbm"), launch_us=_num(m["launch"]["us"], "launch"),
             gemm=gemm, grouped=grouped, mla_decode_kv_tbps=max(mla, default=0.0),
             allreduce_busbw_gbps=max(ar, default=0.0),
+            podplan_stream_tbps=statistics.median(ours) if ours else 0.0,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a readable hardware profile ({exc}); re-measure it with 'podplan profile "
@@ -159,6 +165,7 @@ def derive(measured: HardwareProfile, measured_hw: DeviceSpec, target_key: str, 
         grouped=tuple(GroupedPoint(g.tokens_per_group, g.n, g.k, g.tflops * comp, g.dtype, g.weight_tbps * hbm)
                       for g in measured.grouped),
         mla_decode_kv_tbps=measured.mla_decode_kv_tbps * hbm, allreduce_busbw_gbps=measured.allreduce_busbw_gbps * link,
+        podplan_stream_tbps=measured.podplan_stream_tbps * hbm,
     )
 
 

@@ -35,8 +35,9 @@ WINGS = {
     "export": {"planner", "ir", "frontend"},
     "simulate": {"planner", "ir", "frontend"},  # re-scores a plan's instances: the model shape from the frontend
 }
-# the CLI command that runs plans is the one place where planner meets runtime
-CLI_MAY_IMPORT_RUNTIME = {"planner/cli/run.py"}
+# the CLI command that runs plans is where planner meets runtime; `podplan profile` also times the runtime's
+# own experts kernel (runtime.moe_triton), the one `podplan run` executes
+CLI_MAY_IMPORT_RUNTIME = {"planner/cli/run.py", "planner/cli/profile.py"}
 
 
 def _imports(path: Path) -> list[str]:

@@ -158,6 +158,49 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
+def measure_podplan_experts(device: Any, cases: list[tuple[int, int, int, int]], top_k: int = 8,
+                            reps: int = 10) -> list[dict]:
+    """podplan's own routed-experts kernel (`runtime.moe_triton`, BF16, what `podplan run` executes on a GPU):
+    `experts` experts of hidden H and intermediate I, each getting `tokens` rows of `top_k`-way routing.
+
+    Token i routes to experts (i x top_k + j) mod experts, j < top_k: every expert gets exactly `tokens`
+    rows. `weight_tbps` counts gate, up and down weights of every expert once, as bench/moe_kernels.py
+    does. Needs CUDA and Triton; where either is missing each row keeps an "error"."""
+    import types
+
+    import torch
+
+    rows = []
+    for experts, hidden, inter, tokens in cases:
+        row: dict[str, Any] = {"impl": "runtime.moe_triton", "dtype": "bf16", "experts": experts, "hidden": hidden,
+                               "intermediate": inter, "top_k": top_k, "tokens_per_expert": tokens}
+        try:
+            from runtime import moe_triton
+
+            n_tok = experts * tokens // top_k
+            mod = types.SimpleNamespace(
+                num_experts=experts, hidden_dim=hidden, intermediate_dim=inter, is_transposed=False,
+                _podplan_triton=True,  # the shapes are on the kernels' tile grid; skip transformers' probe
+                gate_up_proj=torch.randn(experts, 2 * inter, hidden, device=device, dtype=torch.bfloat16),
+                down_proj=torch.randn(experts, hidden, inter, device=device, dtype=torch.bfloat16))
+            x = torch.randn(n_tok, hidden, device=device, dtype=torch.bfloat16)
+            ids = ((torch.arange(n_tok, device=device)[:, None] * top_k + torch.arange(top_k, device=device))
+                   % experts).to(torch.int64)
+            w = torch.full((n_tok, top_k), 1.0 / top_k, device=device, dtype=torch.float32)
+            fn: Callable[[], object] = lambda: moe_triton.triton_experts_forward(mod, x, ids, w)
+            fn()
+        except Exception as exc:  # no CUDA or no Triton here: a result, not a crash
+            row["error"] = _error(exc)
+            rows.append(row)
+            continue
+        us = time_us(fn, device, reps=reps)
+        weight_bytes = experts * 3.0 * hidden * inter * 2.0
+        row.update(us=us, tflops=2.0 * 3 * experts * tokens * hidden * inter / us / 1e6,
+                   weight_tbps=weight_bytes / us / 1e6)
+        rows.append(row)
+    return rows
+
+
 def measure_attention(device: Any, cases: list[dict], reps: int = 10) -> list[dict]:
     """Attention cores. kind "sdpa": scaled_dot_product_attention (GQA via enable_gqa), q_len 1 for decode
     or q_len = kv_len (causal) for prefill; kind "mla_decode": absorbed MLA decode as two batched GEMMs
@@ -301,7 +344,9 @@ def plan(quick: bool, tiny: bool = False) -> dict[str, Any]:
                           "kv_len": s})
         attention.append({"kind": "sdpa", "batch": 1, "heads": 128, "kv_heads": 128, "head_dim": 192 if not quick
                           else 128, "q_len": s, "kv_len": s})
+    podplan = [(32, 7168, 2048, t) for t in ([1, 8, 32, 128] if quick else [1, 2, 4, 8, 16, 32, 64, 128])]
     return {
+        "podplan_experts": podplan,
         "gemm": [(m, n, k) for n, k in weights for m in tokens],
         "grouped": [(8 if quick else 32, t, n, k) for n, k in expert_shapes for t in per_expert],
         "attention": attention,
@@ -364,6 +409,9 @@ def collect(device: Any, *, quick: bool, tiny: bool = False, log: Callable[[str]
     if p["fp8"] and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
         log(f"grouped GEMM fp8 ({len(p['grouped'])} cases)")
         m["grouped_gemm"] += measure_grouped_gemm(device, p["grouped"], "fp8", reps=reps)
+    if p.get("podplan_experts") and torch.device(device).type == "cuda":
+        log(f"podplan experts kernel ({len(p['podplan_experts'])} cases)")
+        m["podplan_experts"] = measure_podplan_experts(device, p["podplan_experts"], reps=reps)
     log(f"attention ({len(p['attention'])} cases)")
     m["attention"] = measure_attention(device, p["attention"], reps=reps)
     count = env.get("count", 1)
@@ -432,6 +480,12 @@ def summary(doc: dict[str, Any]) -> list[str]:
             rate = small[len(small) // 2]
             lines.append(f"grouped GEMM {dtype}: median weight stream {rate:.2f} TB/s at <= {SMALL_GROUP_TOKENS} "
                          f"tokens per group{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
+    ours = sorted(r["weight_tbps"] for r in m.get("podplan_experts", [])
+                  if "weight_tbps" in r and r["tokens_per_expert"] <= SMALL_GROUP_TOKENS)
+    if ours:
+        rate = ours[len(ours) // 2]
+        lines.append(f"podplan experts kernel (runtime.moe_triton, bf16): median weight stream {rate:.2f} TB/s at "
+                     f"<= {SMALL_GROUP_TOKENS} tokens per expert{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
     mla = [r for r in m["attention"] if r.get("kind") == "mla_decode" and "kv_tbps" in r]
     if mla:
         best = max(mla, key=lambda r: r["kv_tbps"])

@@ -27,6 +27,8 @@ def _doc(hbm_tbps: float = 4.4) -> dict:
                                 "impl": "torch._scaled_grouped_mm", "us": 1.0, "tflops": f, "weight_tbps": w}
                                for t, f, w in ((1, 4.8, 2.4), (16, 77.0, 2.4), (32, 150.0, 2.3), (2048, 1000.0, 0.2))],
             "attention": [{"kind": "mla_decode", "kv_tbps": 3.9, "us": 1.0}],
+            "podplan_experts": [{"impl": "runtime.moe_triton", "tokens_per_expert": t, "us": 1.0, "weight_tbps": w}
+                                for t, w in ((1, 3.8), (32, 4.0), (64, 4.1), (128, 2.0))],
             "collectives": {"world": 8, "all_reduce": [{"bytes": 1 << 28, "us": 1.0, "busbw_gbps": 360.0}]},
         },
     }
@@ -66,6 +68,19 @@ def test_grouped_weight_stream_rate_per_format(tmp_path):
     assert profiles.read_profile(path).grouped_stream_tbps("fp8") is None
 
 
+def test_podplan_kernel_rate_is_read_and_derived(tmp_path):
+    path = tmp_path / "h200.json"
+    path.write_text(json.dumps(_doc()))
+    p = profiles.read_profile(path)
+    assert p.podplan_stream_tbps == pytest.approx(4.0)  # median of the <= 64-token rows: 3.8, 4.0, 4.1
+    h800 = profiles.derive(p, H200, "h800", H800)
+    assert h800.podplan_stream_tbps == pytest.approx(4.0 * H800.hbm_tbps / H200.hbm_tbps)
+    doc = _doc()
+    del doc["measurements"]["podplan_experts"]
+    path.write_text(json.dumps(doc))
+    assert profiles.read_profile(path).podplan_stream_tbps == 0.0  # not measured: the copy rate stands in
+
+
 def test_expert_gemms_stream_at_the_measured_grouped_rate(tmp_path, monkeypatch):
     """A decode-sized expert GEMM is priced at the profile's grouped weight-read rate for its format,
     not at the plain copy bandwidth; dense GEMMs keep the copy rate."""
@@ -78,6 +93,7 @@ def test_expert_gemms_stream_at_the_measured_grouped_rate(tmp_path, monkeypatch)
         assert eff.of("expert_gemm", "fp8")[1] == pytest.approx(2.4 / 4.8)
         assert eff.of("expert_gemm", "bf16")[1] == pytest.approx(2.75 / 4.8)
         assert eff.of("dense_gemm", "fp8")[1] == pytest.approx(4.4 / 4.8)
+        assert eff.of("podplan_expert_gemm", "bf16")[1] == pytest.approx(4.0 / 4.8)  # podplan's own kernel
         weights = 32 * 4096 * 7168  # 32 FP8 experts, one token each: weight reads dominate
         us = compute.roofline_us(H200, "expert_gemm", 2.0 * weights, weights, "fp8")
         assert us == pytest.approx(weights / (2.4e6))
@@ -126,9 +142,9 @@ def test_bad_profile_is_one_line_error(tmp_path):
         profiles.read_profile(bad)
 
 
-def test_podplan_runtime_experts_stream_at_the_copy_rate(dsv3):
-    """`podplan run` topologies (h200:N) run podplan's own expert kernel, which streams at the copy rate;
-    cluster topologies run an engine's grouped GEMM at the profile's grouped rate. At 2 sequences per GPU
+def test_podplan_runtime_experts_stream_at_their_own_kernels_rate(dsv3):
+    """`podplan run` topologies (h200:N) run podplan's own expert kernel, at its measured rate (or the copy
+    rate without one); cluster topologies run an engine's grouped GEMM at the profile's grouped rate. At 2 sequences per GPU
     the experts are weight reads, so the two differ by the ratio of the two rates."""
     from costmodels.serving import DecodeDeployment, estimate_decode
     from costmodels.topology import get_topology

@@ -49,6 +49,17 @@ def test_fp8_grouped_rows_time_or_name_their_error():
         assert r["tflops"] == pytest.approx(2 * 4 * r["weight_tbps"])  # 2 x tokens x (weights at 1 byte)
 
 
+def test_podplan_experts_rows_time_or_name_their_error():
+    """The runtime's experts kernel needs CUDA and Triton: elsewhere each row keeps an error, no timing."""
+    rows = profile.measure_podplan_experts("cpu", [(8, 256, 128, 2)], reps=1)
+    assert len(rows) == 1 and rows[0]["impl"] == "runtime.moe_triton" and rows[0]["tokens_per_expert"] == 2
+    r = rows[0]
+    if "error" in r:
+        assert "us" not in r and r["error"]
+    else:  # 8 experts x (gate, up, down) x 256 x 128 BF16 weights over the time
+        assert r["weight_tbps"] == pytest.approx(8 * 3 * 256 * 128 * 2 / r["us"] / 1e6)
+
+
 def test_collectives_over_two_cpu_processes():
     out = profile.measure_collectives(2, [1 << 10, 1 << 12], backend="gloo", device_type="cpu", reps=2)
     assert out["world"] == 2
