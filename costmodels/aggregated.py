@@ -12,10 +12,11 @@ The step time is built from serving.py's public estimates, not a second model of
 
     step = decode step(batch) + [prefill batch(chunk + decode tokens) - prefill batch(decode tokens)]
 
-The bracket is the chunk's marginal cost: the decode tokens already pay the step's fixed costs
-(the weight reads of the experts they touch, collective latency floors), so they are not counted
-twice; experts that only the chunk's tokens touch are. It is an approximation (the two halves of a mixed step do not overlap their
-compute and memory traffic here; docs/compile.md describes where the search uses it).
+The bracket is the chunk's marginal cost: the decode tokens already pay the step's fixed costs (the
+weight reads of the experts they touch, collective latency floors), so they are not counted twice;
+experts that only the chunk's tokens touch are. It is an approximation (the two halves of a mixed
+step do not overlap their compute and memory traffic here; docs/compile.md describes where the
+search uses it).
 
 TTFT is the time to feed one prompt through the chunks at the steady-state rate (one prompt on
 one die's attention DP rank): ceil(prompt tokens / chunk tokens per die) steps. Queueing is not
@@ -27,7 +28,8 @@ in one step, and the per-rank token budget `max_num_tokens` fits `c = (max_num_t
 tokens) // prompt` of them (at least one). Then only a fraction f = chunk / (c x prompt) of the steps
 carry prompts, and they carry whole ones, so the mean step is
 
-    step = decode step(batch) + f x [prefill batch(c prompts per die + decode tokens) - prefill batch(decode tokens)]
+    step = decode step(batch)
+           + f x [prefill batch(c prompts per die + decode tokens) - prefill batch(decode tokens)]
 
 with the attention-DP ranks taking their prompts in the same steps (trtllm-bench starts every request
 of a run together, and the MoE layers synchronise the ranks every step); TTFT is one such step.

@@ -253,8 +253,8 @@ def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: flo
     """Grouped GEMM of `pairs` token-expert pairs over `slots` resident experts of one die.
 
     A shared expert is one plain MLP: pass op_class="dense_gemm". `podplan_kernel`: the experts run on
-    podplan's runtime (`podplan run` on this host's GPUs), whose kernel streams weights at the copy rate;
-    otherwise they run on a serving engine's grouped GEMM, at the profile's measured grouped rate.
+    podplan's runtime (`podplan run` on this host's GPUs) at its own kernel's measured rate; otherwise
+    on a serving engine's grouped GEMM, at the profile's measured grouped rate.
     """
     if pairs <= 0 or slots <= 0:
         return 0.0

@@ -83,8 +83,8 @@ class HardwareProfile:
         tokens per group: what a decode-sized expert GEMM streams its weights at. A precision with no rows
         of its own takes the BF16 rows (the same kernel family); None without any."""
         for dt in (dtype, "bf16"):
-            rates = sorted(g.weight_tbps for g in self.grouped
-                           if g.dtype == dt and g.tokens_per_group <= SMALL_GROUP_TOKENS and g.weight_tbps > 0)
+            rates = [g.weight_tbps for g in self.grouped
+                     if g.dtype == dt and g.tokens_per_group <= SMALL_GROUP_TOKENS and g.weight_tbps > 0]
             if rates:
                 return statistics.median(rates)
         return None

@@ -207,7 +207,7 @@ def _moe_colocated(shape: ModelShape, topo: Topology, prec: compute.Precision, l
     pairs = group_tokens * shape.top_k / layout.routed_dies * imbalance
     slots = layout.max_slots_per_routed_die
     routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert,
-                                podplan_kernel=topo.kind in HOST_GPU_KINDS)
+                                podplan_kernel=_runs_podplan(topo))
     shared = 0.0
     if layout.shared_dies > 0:  # dedicated dies run it in parallel: only the excess is on the path
         shared = max(0.0, compute.experts_us(shape, hw, prec, pairs=group_tokens / layout.shared_dies, slots=1,
@@ -267,10 +267,15 @@ def _sources(topo: Topology, cal: Calibration) -> dict:
             "calibration": cal.to_dict()}
 
 
+def _runs_podplan(topo: Topology) -> bool:
+    """A topology `podplan run` executes (this host's GPUs): its experts run podplan's own kernel."""
+    return topo.kind in HOST_GPU_KINDS
+
+
 def _expert_reads(topo: Topology, prec: compute.Precision, pairs: float, slots: float) -> dict:
     """How the routed experts' weights are read: distinct experts a die's pairs touch, and at what rate."""
     return {"experts_touched_per_die": opcount.expected_distinct(slots, pairs) if pairs > 0 else 0.0,
-            "expert_stream_tbps": compute.expert_stream_tbps(topo.hardware, prec, topo.kind in HOST_GPU_KINDS)}
+            "expert_stream_tbps": compute.expert_stream_tbps(topo.hardware, prec, _runs_podplan(topo))}
 
 
 def _terms(n_moe: int, n_dense: int, m: int, moe: _MoE, *, att: float, tp_bw: float, tp_lat: float, gate: float,
@@ -455,7 +460,7 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
     pairs = domain_tokens * shape.top_k / layout.routed_dies * dep.imbalance
     slots = layout.max_slots_per_routed_die
     routed = compute.experts_us(shape, hw, prec, pairs=pairs, slots=slots, params_per_expert=shape.params_expert,
-                                podplan_kernel=topo.kind in HOST_GPU_KINDS)
+                                podplan_kernel=_runs_podplan(topo))
     if layout.shared_dies:
         shared_die = compute.experts_us(shape, hw, prec, pairs=domain_tokens / layout.shared_dies, slots=1,
                                         params_per_expert=shape.params_shared, op_class="dense_gemm")
