@@ -103,6 +103,19 @@ _CMI_DECODE = dict(devices=160, ep=320, kv_len=4096, mtp_accept=0.7, quant="int8
 # SGLang's decode instance of the 96xH100 blog: 9 nodes, EP72 over 256 routed + 32 redundant experts.
 _SGLANG_H100_DECODE = dict(devices=72, ep=72, redundant_experts=32, kv_len=2000, quant="fp8")
 
+def _prefill_vs_4k(prompt: int, node_tps: int) -> Point:
+    """The 96xH100 blog's prefill at `prompt`-token prompts over 4K ones (50,302 tok/s per node), the rest of
+    sglang-h100-prefill unchanged: a held-out ratio."""
+    k = prompt // 1024
+    return Point(
+        f"sglang-h100-prefill-{k}k-vs-4k", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
+        f"as sglang-h100-prefill, {k}K vs 4K prompts", "prefill", "16,384 tokens per GPU", prompt, None, "FP8 W8A8",
+        f"throughput ratio {k}K / 4K prompts", round(node_tps / 50302, 4), "-",
+        f"LMSYS 96xH100 blog, prefill phase: {node_tps:,} vs 50,302 tok/s per node [D: {node_tps:,} / 50,302]", False,
+        _ratio(_prefill, "h100-cluster:4", "prompt_len", prompt, 4096, devices=32, ep=32, tokens_per_device=16384,
+               quant="fp8", microbatches=2))
+
+
 POINTS: tuple[Point, ...] = (
     Point("cmi-decode-50ms", "deepseek-v3", "DeepSeek-R1", "Ascend 910C", "cloudmatrix384", 160,
           "EP320, attention DP320 (TP1 per die), MTP 1 @ 70%, 2 microbatches", "decode", "96 per NPU", 4096, None,
@@ -185,18 +198,7 @@ POINTS: tuple[Point, ...] = (
           "[D: (1.27 + 1.35) / 2]", False,
           _ratio(_prefill, "h100-cluster:4", "microbatches", 2, 1, devices=32, ep=32, prompt_len=4096,
                  tokens_per_device=8192, quant="fp8")),
-    Point("sglang-h100-prefill-1k-vs-4k", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
-          "as sglang-h100-prefill, 1K vs 4K prompts", "prefill", "16,384 tokens per GPU", 1024, None, "FP8 W8A8",
-          "throughput ratio 1K / 4K prompts", 1.1466, "-",
-          "LMSYS 96xH100 blog, prefill phase: 57,674 vs 50,302 tok/s per node [D: 57,674 / 50,302]", False,
-          _ratio(_prefill, "h100-cluster:4", "prompt_len", 1024, 4096, devices=32, ep=32, tokens_per_device=16384,
-                 quant="fp8", microbatches=2)),
-    Point("sglang-h100-prefill-2k-vs-4k", "deepseek-v3", "DeepSeek-V3", "H100 SXM (Hopper)", "h100-cluster:4", 32,
-          "as sglang-h100-prefill, 2K vs 4K prompts", "prefill", "16,384 tokens per GPU", 2048, None, "FP8 W8A8",
-          "throughput ratio 2K / 4K prompts", 1.0843, "-",
-          "LMSYS 96xH100 blog, prefill phase: 54,543 vs 50,302 tok/s per node [D: 54,543 / 50,302]", False,
-          _ratio(_prefill, "h100-cluster:4", "prompt_len", 2048, 4096, devices=32, ep=32, tokens_per_device=16384,
-                 quant="fp8", microbatches=2)),
+    _prefill_vs_4k(1024, 57674), _prefill_vs_4k(2048, 54543),
     # SGLang MTP blog (LMSYS "Accelerating SGLang with Multiple Token Prediction", 2025-07-17), case study 1:
     # the latency-bound small-batch point (no MTP, overlap scheduling on).
     Point("sglang-h200-small-batch", "deepseek-v3", "DeepSeek-V3", "H200 SXM (Hopper)", "h200-cluster:2", 16,

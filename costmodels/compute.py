@@ -55,7 +55,7 @@ class Efficiencies:
         if op_class == "dense_gemm":
             return self.dense_gemm, self.gemm_memory
         if op_class == "expert_gemm":
-            return self.expert_gemm, dict(self.expert_memory).get(dtype, self.gemm_memory)
+            return self.expert_gemm, next((eff for q, eff in self.expert_memory if q == dtype), self.gemm_memory)
         if op_class == "podplan_expert_gemm":
             # podplan's own runtime kernel (runtime.moe_triton, BF16: all `podplan run` executes) at the
             # profile's measured rate for it, else at the copy rate it was benchmarked near

@@ -116,36 +116,42 @@ def _num(x: object, where: str) -> float:
     return float(x)
 
 
+def profile_from_doc(doc: dict, key: str, filename: str = "") -> HardwareProfile:
+    """The figures the cost model takes from one profile document (`podplan profile`'s JSON); a malformed
+    document raises ValueError, KeyError or TypeError."""
+    if doc.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"format is {doc.get('format')!r}, expected {PROFILE_FORMAT!r}")
+    if doc.get("version") not in SUPPORTED_VERSIONS:
+        raise ValueError(f"version {doc.get('version')!r} is not one of {SUPPORTED_VERSIONS}")
+    m = doc["measurements"]
+    dev = doc["device"]
+    gemm = tuple(GemmPoint(str(r["dtype"]), int(r["m"]), int(r["n"]), int(r["k"]), _num(r["tflops"], "gemm"))
+                 for r in m.get("gemm", []) if "tflops" in r)
+    grouped = tuple(GroupedPoint(int(r["tokens_per_group"]), int(r["n"]), int(r["k"]),
+                                 _num(r["tflops"], "grouped_gemm"), str(r.get("dtype", "bf16")),
+                                 _num(r.get("weight_tbps", 0.0), "grouped_gemm"))
+                    for r in m.get("grouped_gemm", []) if "tflops" in r)
+    mla = [_num(r["kv_tbps"], "attention") for r in m.get("attention", [])
+           if r.get("kind") == "mla_decode" and "kv_tbps" in r]
+    ours = [_num(r["weight_tbps"], "podplan_experts") for r in m.get("podplan_experts", [])
+            if "weight_tbps" in r and int(r["tokens_per_expert"]) <= SMALL_GROUP_TOKENS]
+    col = m.get("collectives") or {}
+    ar = [_num(r["busbw_gbps"], "collectives") for r in col.get("all_reduce", [])]
+    where = f"; {filename}" if filename else ""
+    return HardwareProfile(
+        key=key, device_name=str(dev["name"]),
+        source=f"measured {doc['date']} (torch {dev.get('torch')}, driver {dev.get('driver')}{where})",
+        derived=False, hbm_tbps=_num(m["hbm"]["tbps"], "hbm"), launch_us=_num(m["launch"]["us"], "launch"),
+        gemm=gemm, grouped=grouped, mla_decode_kv_tbps=max(mla, default=0.0),
+        allreduce_busbw_gbps=max(ar, default=0.0),
+        podplan_stream_tbps=statistics.median(ours) if ours else 0.0,
+    )
+
+
 def read_profile(path: Path, key: str | None = None) -> HardwareProfile:
     """Parse and check one profile file; a malformed file is an InputError naming the file and the fix."""
     try:
-        doc = json.loads(Path(path).read_text())
-        if doc.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"format is {doc.get('format')!r}, expected {PROFILE_FORMAT!r}")
-        if doc.get("version") not in SUPPORTED_VERSIONS:
-            raise ValueError(f"version {doc.get('version')!r} is not one of {SUPPORTED_VERSIONS}")
-        m = doc["measurements"]
-        dev = doc["device"]
-        gemm = tuple(GemmPoint(str(r["dtype"]), int(r["m"]), int(r["n"]), int(r["k"]), _num(r["tflops"], "gemm"))
-                     for r in m.get("gemm", []) if "tflops" in r)
-        grouped = tuple(GroupedPoint(int(r["tokens_per_group"]), int(r["n"]), int(r["k"]),
-                                     _num(r["tflops"], "grouped_gemm"), str(r.get("dtype", "bf16")),
-                                     _num(r.get("weight_tbps", 0.0), "grouped_gemm"))
-                        for r in m.get("grouped_gemm", []) if "tflops" in r)
-        mla = [_num(r["kv_tbps"], "attention") for r in m.get("attention", [])
-               if r.get("kind") == "mla_decode" and "kv_tbps" in r]
-        ours = [_num(r["weight_tbps"], "podplan_experts") for r in m.get("podplan_experts", [])
-                if "weight_tbps" in r and int(r["tokens_per_expert"]) <= SMALL_GROUP_TOKENS]
-        col = m.get("collectives") or {}
-        ar = [_num(r["busbw_gbps"], "collectives") for r in col.get("all_reduce", [])]
-        return HardwareProfile(
-            key=key or Path(path).stem, device_name=str(dev["name"]),
-            source=f"measured {doc['date']} (torch {dev.get('torch')}, driver {dev.get('driver')}; {Path(path).name})",
-            derived=False, hbm_tbps=_num(m["hbm"]["tbps"], "hbm"), launch_us=_num(m["launch"]["us"], "launch"),
-            gemm=gemm, grouped=grouped, mla_decode_kv_tbps=max(mla, default=0.0),
-            allreduce_busbw_gbps=max(ar, default=0.0),
-            podplan_stream_tbps=statistics.median(ours) if ours else 0.0,
-        )
+        return profile_from_doc(json.loads(Path(path).read_text()), key or Path(path).stem, Path(path).name)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a readable hardware profile ({exc}); re-measure it with 'podplan profile "
                          f"-o {path}' on that hardware or delete it to use spec-sheet values") from None

@@ -26,9 +26,6 @@ from typing import Any
 
 PROFILE_FORMAT = "podplan-hardware-profile"
 PROFILE_VERSION = 1
-# Tokens per group up to which a grouped GEMM streams its weights (the memory-bound rows); the same
-# threshold as costmodels.profiles.SMALL_GROUP_TOKENS, which the cost model reads.
-SMALL_GROUP_TOKENS = 64
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +96,7 @@ def measure_gemm(device: Any, shapes: list[tuple[int, int, int]], dtype: str = "
             us = time_us(fn, device, reps=reps)
             row.update(us=us, tflops=2.0 * m * n * k / us / 1e6)
         except Exception as exc:  # an unsupported shape/dtype on this device is a result, not a crash
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            row["error"] = _error(exc)
         rows.append(row)
     return rows
 
@@ -154,8 +151,9 @@ def measure_grouped_gemm(device: Any, cases: list[tuple[int, int, int, int]], dt
     return rows
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+def _error(exc: BaseException, width: int = 200) -> str:
+    """One line naming a failed measurement's exception: what a row keeps instead of a timing."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:width] if str(exc) else ''}"
 
 
 def measure_podplan_experts(device: Any, cases: list[tuple[int, int, int, int]], top_k: int = 8,
@@ -239,7 +237,7 @@ def measure_attention(device: Any, cases: list[dict], reps: int = 10) -> list[di
             us = time_us(fn, device, reps=reps)
             row.update(us=us, tflops=flops / us / 1e6, kv_tbps=nbytes / us / 1e6)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            row["error"] = _error(exc)
         rows.append(row)
     return rows
 
@@ -401,12 +399,13 @@ def collect(device: Any, *, quick: bool, tiny: bool = False, log: Callable[[str]
     m["hbm"] = measure_hbm(device, p["hbm"], reps=reps)
     log(f"GEMM bf16 ({len(p['gemm'])} shapes)")
     m["gemm"] = measure_gemm(device, p["gemm"], "bf16" if not tiny else "fp32", reps=reps)
-    if p["fp8"] and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+    fp8 = p["fp8"] and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if fp8:
         log(f"GEMM fp8 ({len(p['gemm'])} shapes)")
         m["gemm"] += measure_gemm(device, p["gemm"], "fp8", reps=reps)
     log(f"grouped GEMM ({len(p['grouped'])} cases)")
     m["grouped_gemm"] = measure_grouped_gemm(device, p["grouped"], "bf16", reps=reps)
-    if p["fp8"] and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+    if fp8:
         log(f"grouped GEMM fp8 ({len(p['grouped'])} cases)")
         m["grouped_gemm"] += measure_grouped_gemm(device, p["grouped"], "fp8", reps=reps)
     if p.get("podplan_experts") and torch.device(device).type == "cuda":
@@ -423,7 +422,7 @@ def collect(device: Any, *, quick: bool, tiny: bool = False, log: Callable[[str]
         try:
             m["collectives"] = measure_collectives(world, p["collective_sizes"], reps=reps)
         except Exception as exc:  # a broken NCCL setup should not lose the single-GPU numbers
-            m["collectives"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            m["collectives"] = {"error": _error(exc, 300)}
     return {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -449,8 +448,10 @@ def hardware_key(device_name: str) -> str | None:
 def summary(doc: dict[str, Any]) -> list[str]:
     """Headline figures of a profile, one line each, beside the spec sheet where the device is known."""
     from costmodels.hardware import DEVICES
+    from costmodels.profiles import SMALL_GROUP_TOKENS, profile_from_doc
 
     m = doc["measurements"]
+    prof = profile_from_doc(doc, "summary")  # the rates as the cost model will read them
     key = hardware_key(doc["device"]["name"])
     spec = DEVICES[key] if key else None
 
@@ -475,15 +476,12 @@ def summary(doc: dict[str, Any]) -> list[str]:
         peak = spec.peak_tflops_or_zero(dtype) if spec else 0.0
         lines.append(f"grouped GEMM {dtype}: best {best['tflops']:.0f} TFLOPS at {best['groups']} groups x "
                      f"{best['tokens_per_group']} tokens ({best['impl']}){vs(best['tflops'], peak, 'TFLOPS')}")
-        small = sorted(r["weight_tbps"] for r in ok if r["tokens_per_group"] <= SMALL_GROUP_TOKENS)
-        if small:
-            rate = small[len(small) // 2]
+        if any(r["tokens_per_group"] <= SMALL_GROUP_TOKENS for r in ok):
+            rate = prof.grouped_stream_tbps(dtype) or 0.0
             lines.append(f"grouped GEMM {dtype}: median weight stream {rate:.2f} TB/s at <= {SMALL_GROUP_TOKENS} "
                          f"tokens per group{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
-    ours = sorted(r["weight_tbps"] for r in m.get("podplan_experts", [])
-                  if "weight_tbps" in r and r["tokens_per_expert"] <= SMALL_GROUP_TOKENS)
-    if ours:
-        rate = ours[len(ours) // 2]
+    if prof.podplan_stream_tbps > 0:
+        rate = prof.podplan_stream_tbps
         lines.append(f"podplan experts kernel (runtime.moe_triton, bf16): median weight stream {rate:.2f} TB/s at "
                      f"<= {SMALL_GROUP_TOKENS} tokens per expert{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
     mla = [r for r in m["attention"] if r.get("kind") == "mla_decode" and "kv_tbps" in r]
