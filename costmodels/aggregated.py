@@ -31,8 +31,27 @@ carry prompts, and they carry whole ones, so the mean step is
     step = decode step(batch)
            + f x [prefill batch(c prompts per die + decode tokens) - prefill batch(decode tokens)]
 
-with the attention-DP ranks taking their prompts in the same steps (trtllm-bench starts every request
-of a run together, and the MoE layers synchronise the ranks every step); TTFT is one such step.
+TTFT is one such step.
+
+Whole prompts on attention-DP ranks. Each of the N attention-DP ranks (dies / head-TP) admits its own
+prompts, and the MoE layers synchronise the ranks every step, so a step lasts as long as its slowest
+rank. TensorRT-LLM's default scheduler does not line the ranks' prompts up: "some ranks may be
+processing computationally intensive context phases while others execute generation phases ... the
+iteration time is dominated by the slowest rank" (TensorRT-LLM tech blog 10, "ADP Balance Strategy",
+which measured a mean per-step balance of 54% and 1.33x from lining them up, DeepSeek-V3 on 8 GB200,
+attention DP8 + EP8). With `prompt_sync=False` (that default) each rank carries a prompt in a fraction
+f of the steps independently of the others, so a share 1 - (1 - f)^N of the steps waits for some rank's
+prompt. What that rank does for its own prompt (attention, dense and shared-expert GEMMs, per-token
+work, and sending its tokens through dispatch and combine, which its own links carry) is paid in every
+such step; the routed experts' extra GEMM work is spread over the EP ranks and paid per prompt:
+
+    step = decode step(batch) + (1 - (1 - f)^N) x [prompt marginal less experts] + f x [experts marginal]
+
+`prompt_sync=True` (TensorRT-LLM's `attention_dp_config: enable_balance`, which holds prompts until
+every rank has one) runs them in the same steps: N = 1 above. Independence is an assumption between
+two bounds: fully lined-up ranks (the sync formula) and fully staggered ones (min(1, N x f) of the
+steps), docs/costmodel.md compares the three on the published points. With chunked prefill every rank
+carries a chunk every step, so the ranks stay balanced and none of this applies.
 """
 
 from __future__ import annotations
@@ -57,6 +76,7 @@ class AggregatedDeployment:
     prefix_hit: float = 0.0
     chunked: bool = True  # False: each prompt runs whole in one step (no chunked prefill)
     max_num_tokens: int = 0  # per-die token budget of one step (engine setting); 0 = unbounded
+    prompt_sync: bool = False  # unchunked: attention-DP ranks run their prompts in the same steps
 
     # The fields the planner reads off any deployment (instance size, microbatches, head-TP, batch).
     @property
@@ -106,16 +126,41 @@ def _prefill(dep: AggregatedDeployment, tokens_per_device: float) -> PrefillDepl
                              prompt_len=dep.input_len, prefix_hit=dep.prefix_hit)
 
 
-def chunk_ms(shape: ModelShape, topo: Topology, dep: AggregatedDeployment, tokens_per_device: float) -> float:
-    """What a chunk of `tokens_per_device` prompt tokens adds to a mixed step (ms): a prefill batch of the
-    chunk plus the decode batch's tokens, less one of the decode tokens alone. The decode tokens already
-    pay the step's fixed costs (weight reads of the experts they touch, collective latency floors), so
-    those are not counted twice; the experts only the chunk touches are. `podplan simulate` costs
-    every chunk it runs with this."""
+def chunk_stages(shape: ModelShape, topo: Topology, dep: AggregatedDeployment,
+                 tokens_per_device: float) -> dict[str, float]:
+    """What a chunk of `tokens_per_device` prompt tokens adds to a mixed step, per stage (ms): a prefill
+    batch of the chunk plus the decode batch's tokens, less one of the decode tokens alone. The decode
+    tokens already pay the step's fixed costs (weight reads of the experts they touch, collective
+    latency floors), so those are not counted twice; the experts only the chunk touches are."""
     floor_tokens = max(float(topo.dies_per_device), dep.decode.batch_per_device * dep.tokens_per_step)
     full = estimate_prefill(shape, topo, _prefill(dep, floor_tokens + tokens_per_device))
     floor = estimate_prefill(shape, topo, _prefill(dep, floor_tokens))
-    return max(0.0, full.step_ms - floor.step_ms)
+    # kv_transfer is the prefill instance's hand-off to decode: no part of a mixed step
+    return {k: v - floor.breakdown.get(k, 0.0) for k, v in full.breakdown.items() if k != "kv_transfer"}
+
+
+def chunk_ms(shape: ModelShape, topo: Topology, dep: AggregatedDeployment, tokens_per_device: float) -> float:
+    """What a chunk of `tokens_per_device` prompt tokens adds to a mixed step (ms): chunk_stages summed.
+    `podplan simulate` costs every chunk it runs with this."""
+    return max(0.0, sum(chunk_stages(shape, topo, dep, tokens_per_device).values()))
+
+
+def attention_dp_ranks(topo: Topology, dep: AggregatedDeployment) -> int:
+    """Attention-DP ranks of the instance: each admits and runs its own prompts."""
+    return max(1, dep.devices * topo.dies_per_device // max(1, dep.attn_tp))
+
+
+def prompt_step_cost(stages: dict[str, float], f: float, ranks: int) -> tuple[float, float]:
+    """Unchunked: mean time whole prompts add to a step (ms), and the share of steps that wait for one.
+
+    stages: chunk_stages of one prompt step with every rank carrying its prompts; f: the share of a
+    rank's steps that carry prompts; ranks: attention-DP ranks admitting prompts independently (1 when
+    they are lined up). The routed experts' part scales with the prompts in the step; the rest is the
+    prompt rank's own critical path, paid once in any step some rank carries a prompt (module docstring)."""
+    waiting = 1.0 - (1.0 - f) ** ranks
+    experts = max(0.0, stages.get("experts", 0.0))
+    own = max(0.0, sum(stages.values()) - experts)
+    return waiting * own + f * experts, waiting
 
 
 def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeployment) -> Estimate:
@@ -134,12 +179,14 @@ def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeploy
         # whole prompts in a fraction of the steps (module docstring)
         prompt_steps = chunk / whole
         full = estimate_prefill(shape, topo, _prefill(dep, whole))
-        prompt_step_ms = chunk_ms(shape, topo, dep, whole)
-        chunk_cost = prompt_steps * prompt_step_ms
+        stages = chunk_stages(shape, topo, dep, whole)
+        ranks = 1 if dep.prompt_sync else attention_dp_ranks(topo, dep)
+        chunk_cost, waiting = prompt_step_cost(stages, prompt_steps, ranks)
         step_ms = dec.step_ms + chunk_cost
-        ttft_ms = dec.step_ms + prompt_step_ms
+        ttft_ms = dec.step_ms + max(0.0, sum(stages.values()))
     else:
-        prompt_steps = 1.0
+        prompt_steps = waiting = 1.0
+        ranks = 1
         full = estimate_prefill(shape, topo, _prefill(dep, chunk))
         chunk_cost = chunk_ms(shape, topo, dep, chunk)
         step_ms = dec.step_ms + chunk_cost
@@ -161,5 +208,6 @@ def estimate_aggregated(shape: ModelShape, topo: Topology, dep: AggregatedDeploy
         memory=memory, feasible=feasible, infeasible_reason=reason if not feasible else "",
         details={"decode": dec.details, "chunk_tokens_per_device": chunk, "chunk_ms": chunk_cost,
                  "decode_step_ms": dec.step_ms, "prefill_steps_per_prompt": ttft_ms / step_ms if step_ms else 0.0,
-                 "chunked": dep.chunked, "prompt_step_fraction": prompt_steps},
+                 "chunked": dep.chunked, "prompt_step_fraction": prompt_steps,
+                 "prompt_ranks": ranks, "steps_waiting_for_prompt": waiting},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -204,12 +205,55 @@ def test_unchunked_prompts_run_whole_in_a_fraction_of_the_steps(dsv3):
                                 max_num_tokens=1151).prompts_per_step(1) == 1.0
     assert AggregatedDeployment(dec, input_len=256, output_len=2048, chunked=False,
                                 max_num_tokens=1151).prompts_per_step(1) == 3.0
-    a, b = estimate_aggregated(dsv3, topo, chunked), estimate_aggregated(dsv3, topo, whole)
+    synced = dataclasses.replace(whole, prompt_sync=True)
+    a, b = estimate_aggregated(dsv3, topo, chunked), estimate_aggregated(dsv3, topo, synced)
     assert b.details["prompt_step_fraction"] == pytest.approx(128 / 2048)
     assert b.breakdown["prefill_chunk"] == pytest.approx(128 / 2048 * chunk_ms(dsv3, topo, whole, 1024))
     assert b.step_ms > a.step_ms  # a whole prompt per step, not 64-token slices: the prefill is less spread
     assert b.ttft_ms == pytest.approx(b.details["decode_step_ms"] + chunk_ms(dsv3, topo, whole, 1024))
     assert sum(b.breakdown.values()) == pytest.approx(b.step_ms)
+
+
+def test_unsynchronised_attention_dp_ranks_wait_for_each_others_prompts(dsv3):
+    """Without prompt sync (TensorRT-LLM's default ADP scheduling) each of the 8 attention-DP ranks carries a
+    prompt in 1/16 of its steps on its own, so 1 - (15/16)^8 of the steps wait for some rank's prompt; the
+    result lies between lined-up ranks and fully staggered ones, and head-TP over all dies (one rank) is
+    the lined-up case."""
+    from costmodels.aggregated import AggregatedDeployment, attention_dp_ranks, chunk_stages, estimate_aggregated
+
+    topo = get_topology("h200-cluster:1")
+    dec = DecodeDeployment(devices=8, ep=8, batch_per_device=128, kv_len=2048, quant="fp8")
+    free = AggregatedDeployment(dec, input_len=1024, output_len=2048, chunked=False, max_num_tokens=1151)
+    synced = dataclasses.replace(free, prompt_sync=True)
+    f = 128 / 2048
+    stages = chunk_stages(dsv3, topo, free, 1024)
+    experts, total = stages["experts"], sum(stages.values())
+    assert 0 < experts < total
+    est = estimate_aggregated(dsv3, topo, free)
+    waiting = 1 - (1 - f) ** 8
+    assert attention_dp_ranks(topo, free) == 8 and est.details["prompt_ranks"] == 8
+    assert est.details["steps_waiting_for_prompt"] == pytest.approx(waiting)
+    assert est.breakdown["prefill_chunk"] == pytest.approx(waiting * (total - experts) + f * experts)
+    lined_up = estimate_aggregated(dsv3, topo, synced).step_ms
+    staggered = est.details["decode_step_ms"] + min(1.0, 8 * f) * (total - experts) + f * experts
+    assert lined_up < est.step_ms < staggered
+    assert est.ttft_ms == pytest.approx(est.details["decode_step_ms"] + total)  # a prompt's own step is unchanged
+    one_rank = dataclasses.replace(free, decode=dataclasses.replace(dec, attn_tp=8))
+    assert attention_dp_ranks(topo, one_rank) == 1
+    tp = estimate_aggregated(dsv3, topo, one_rank)
+    assert tp.step_ms == pytest.approx(estimate_aggregated(dsv3, topo, dataclasses.replace(one_rank, prompt_sync=True)).step_ms)
+
+
+def test_prompt_step_cost_bounds():
+    from costmodels.aggregated import prompt_step_cost
+
+    stages = {"attention": 10.0, "experts": 4.0, "dispatch": 2.0}
+    assert prompt_step_cost(stages, 0.0, 8) == (0.0, 0.0)
+    assert prompt_step_cost(stages, 1.0, 8) == (16.0, 1.0)  # every step carries prompts
+    cost, waiting = prompt_step_cost(stages, 0.25, 1)
+    assert (cost, waiting) == (pytest.approx(0.25 * 16.0), pytest.approx(0.25))  # one rank: the lined-up formula
+    cost, waiting = prompt_step_cost(stages, 0.25, 4)
+    assert waiting == pytest.approx(1 - 0.75 ** 4) and cost == pytest.approx(waiting * 12.0 + 0.25 * 4.0)
 
 
 def test_a_chunk_pays_only_the_expert_reads_its_decode_batch_did_not(dsv3):

@@ -377,7 +377,7 @@ def test_serving_modes_section_in_text_and_html(plans, capsys):
     assert re.search(r"agg \(chosen\) .*aggregated \(chunked prefill\)", text)
     assert re.search(r"disagg .*disaggregated prefill/decode", text)
     assert "chosen agg: agg serves " in text
-    assert re.search(r"the first choice had TPOT \d+\.\d\d ms > 45 once balanced: searched again at expert imbalance "
+    assert re.search(r"the first choice had TPOT \d+\.\d\d ms > 46 once balanced: searched again at expert imbalance "
                      r"decode 1\.[1-9]", text), text
     _, html, _ = _show(capsys, str(path), "--format", "html")
     assert "<h2>Serving modes</h2>" in html and '<tr class="chosen"><td class="l">agg (chosen)</td>' in html
