@@ -47,20 +47,28 @@ class Efficiencies:
     # Weight-read efficiency of grouped expert GEMMs per weight format, where a profile measured it
     # ((dtype, fraction of spec HBM), ...); a format not listed streams at `gemm_memory`.
     expert_memory: tuple[tuple[str, float], ...] = ()
-    podplan_expert_memory: float = 0.0  # the same for podplan's own experts kernel (0: not measured)
+    # the same for podplan's own experts kernel, per measured expert size (parameters of one expert) a
+    # (tokens per expert, efficiency) curve (profiles.Curves; empty: not measured)
+    podplan_expert_memory: profiles.Curves = ()
 
-    def of(self, op_class: str, dtype: str = "") -> tuple[float, float]:
+    def of(self, op_class: str, dtype: str = "", group_params: float = 0.0,
+           group_tokens: float = 1.0) -> tuple[float, float]:
         """(compute, memory) efficiency of an op class (dense_gemm, expert_gemm or attention) for weights
-        in `dtype`."""
+        in `dtype`; `group_params`, `group_tokens`: one expert's parameters and rows (podplan's kernel
+        was measured over both; 0 parameters: the largest measured)."""
         if op_class == "dense_gemm":
             return self.dense_gemm, self.gemm_memory
         if op_class == "expert_gemm":
             return self.expert_gemm, next((eff for q, eff in self.expert_memory if q == dtype), self.gemm_memory)
         if op_class == "podplan_expert_gemm":
             # podplan's own runtime kernel (runtime.moe_triton, BF16: all `podplan run` executes) at the
-            # profile's measured rate for it, else at the copy rate it was benchmarked near
-            # (4.01-4.27 TB/s on H200 against a 4.28 TB/s copy, bench/moe_kernels.py)
-            return self.expert_gemm, self.podplan_expert_memory or self.gemm_memory
+            # profile's measured rate for experts of this size, else at the copy rate it was benchmarked
+            # near (4.01-4.27 TB/s on H200 against a 4.28 TB/s copy, bench/moe_kernels.py)
+            if not self.podplan_expert_memory:
+                return self.expert_gemm, self.gemm_memory
+            # measured end to end, so at many rows per expert this "memory" rate also carries the
+            # kernel's compute (the roofline's max keeps whichever side is slower)
+            return self.expert_gemm, profiles.curves_interp(self.podplan_expert_memory, group_params, group_tokens)
         if op_class == "attention":
             return self.attention_compute, self.attention_memory
         raise KeyError(op_class)
@@ -86,7 +94,8 @@ def efficiencies(hw: DeviceSpec) -> Efficiencies:
     # spec against 0.89); the profile's small-group rows give the rate per weight format (docs/profile.md).
     expert_mem = tuple((q, min(1.0, rate / hw.hbm_tbps)) for q in QUANTS
                        if (rate := prof.grouped_stream_tbps(q)) is not None)
-    ours = min(1.0, prof.podplan_stream_tbps / hw.hbm_tbps) if prof.podplan_stream_tbps > 0 else 0.0
+    ours = tuple((size, tuple((t, min(1.0, rate / hw.hbm_tbps)) for t, rate in curve))
+                 for size, curve in prof.podplan_stream)
     return Efficiencies(dense, grouped, ATTN_COMPUTE_EFF, attn_mem, hbm, source=prof.source, expert_memory=expert_mem,
                         podplan_expert_memory=ours)
 
@@ -167,9 +176,11 @@ def padded_rows(tokens: float, tile: int) -> float:
     return math.ceil(tokens / tile - 1e-9) * tile
 
 
-def roofline_us(hw: DeviceSpec, op_class: str, flops: float, nbytes: float, dtype: str) -> float:
-    """Time of one op on one die (us): the slower of its compute and its memory traffic."""
-    eff_c, eff_m = efficiencies(hw).of(op_class, dtype)
+def roofline_us(hw: DeviceSpec, op_class: str, flops: float, nbytes: float, dtype: str,
+                group_params: float = 0.0, group_tokens: float = 1.0) -> float:
+    """Time of one op on one die (us): the slower of its compute and its memory traffic (`group_params`,
+    `group_tokens`: one group's parameters and rows in a grouped GEMM, Efficiencies.of)."""
+    eff_c, eff_m = efficiencies(hw).of(op_class, dtype, group_params, group_tokens)
     compute = flops / (hw.peak_tflops(dtype) * 1e6 * eff_c)  # TFLOPS -> FLOP/us
     memory = nbytes / (hw.hbm_tbps * 1e6 * eff_m)  # TB/s -> bytes/us
     return max(compute, memory)
@@ -185,7 +196,8 @@ def gemm_us(hw: DeviceSpec, op_class: str, *, tokens: float, params: float, weig
         return 0.0
     rows = padded_rows(tokens, hw.gemm_tile_m)
     flops = opcount.matrix_params_flops(1) * params * rows * groups
-    return roofline_us(hw, op_class, flops, groups * params * weight_bytes + extra_bytes, dtype)
+    return roofline_us(hw, op_class, flops, groups * params * weight_bytes + extra_bytes, dtype,
+                       group_params=params, group_tokens=tokens)
 
 
 def grouped_gemm_efficiency(hw: DeviceSpec, prec: Precision, tokens_per_expert: float, params: int) -> float:
@@ -272,10 +284,11 @@ def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: flo
                    groups=slots, extra_bytes=2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype))
 
 
-def expert_stream_tbps(hw: DeviceSpec, prec: Precision, podplan_kernel: bool = False) -> float:
+def expert_stream_tbps(hw: DeviceSpec, prec: Precision, podplan_kernel: bool = False,
+                       params_per_expert: float = 0.0, tokens_per_expert: float = 1.0) -> float:
     """TB/s at which a decode-sized expert GEMM reads its weights (the memory side of `experts_us`)."""
     op_class = "podplan_expert_gemm" if podplan_kernel else "expert_gemm"
-    return hw.hbm_tbps * efficiencies(hw).of(op_class, prec.expert_dtype)[1]
+    return hw.hbm_tbps * efficiencies(hw).of(op_class, prec.expert_dtype, params_per_expert, tokens_per_expert)[1]
 
 
 def dense_ffn_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float, tp: int = 1) -> float:

@@ -44,6 +44,10 @@ class GemmPoint:
 SMALL_GROUP_TOKENS = 64
 
 
+# A family of measured curves: per size, (x, y) points; both levels sorted by their first element.
+Curves = tuple[tuple[float, tuple[tuple[float, float], ...]], ...]
+
+
 @dataclass(frozen=True)
 class GroupedPoint:
     tokens_per_group: int
@@ -67,9 +71,10 @@ class HardwareProfile:
     gemm: tuple[GemmPoint, ...] = ()
     grouped: tuple[GroupedPoint, ...] = ()
     mla_decode_kv_tbps: float = 0.0  # best achieved KV read rate of the MLA decode measurement (0 = none)
-    # median weight-read rate of podplan's own experts kernel (runtime.moe_triton) at <= SMALL_GROUP_TOKENS
-    # tokens per expert: what `podplan run` plans stream at (0 = not measured)
-    podplan_stream_tbps: float = 0.0
+    # weight-read rate of podplan's own experts kernel (runtime.moe_triton), what `podplan run` plans stream at:
+    # per measured expert size (parameters of one expert), its (tokens per expert, TB/s) curve; both sorted;
+    # empty = not measured
+    podplan_stream: Curves = ()
     allreduce_busbw_gbps: float = 0.0  # largest-message NCCL all-reduce bus bandwidth (0 = not measured)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -88,6 +93,17 @@ class HardwareProfile:
             if rates:
                 return statistics.median(rates)
         return None
+
+    def podplan_stream_tbps(self, expert_params: float = 0.0, tokens_per_expert: float = 1.0) -> float:
+        """podplan's experts kernel's weight-read rate (TB/s) for experts of `expert_params` parameters with
+        `tokens_per_expert` rows each, from the measured grid (`curves_interp`; 0 = not measured)."""
+        return curves_interp(self.podplan_stream, expert_params, tokens_per_expert) if self.podplan_stream else 0.0
+
+    def podplan_stream_median(self) -> tuple[tuple[float, float], ...]:
+        """(expert parameters, median TB/s at <= SMALL_GROUP_TOKENS tokens per expert) per measured size:
+        the headline figure `podplan profile` prints."""
+        return tuple((size, statistics.median(r for t, r in curve if t <= SMALL_GROUP_TOKENS))
+                     for size, curve in self.podplan_stream if any(t <= SMALL_GROUP_TOKENS for t, _ in curve))
 
     def grouped_efficiency(self, tokens_per_group: float, peak_tflops: float) -> float | None:
         """Achieved / peak BF16 compute of a grouped GEMM at `tokens_per_group`, interpolated in log2 over the
@@ -108,6 +124,36 @@ class HardwareProfile:
                 w = (math.log2(t) - math.log2(t0)) / (math.log2(t1) - math.log2(t0)) if t1 > t0 else 0.0
                 return min(1.0, ((1 - w) * f0 + w * f1) / peak_tflops)
         return min(1.0, pts[0][1] / peak_tflops)
+
+
+def log_interp(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """y at `x` on the curve through `points` (x > 0, sorted by x), linear in log(x), held flat outside them;
+    x <= 0 takes the last point."""
+    if x <= 0 or x >= points[-1][0]:
+        return points[-1][1]
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            w = math.log(x / x0) / math.log(x1 / x0) if x1 > x0 else 0.0
+            return (1 - w) * y0 + w * y1
+    return points[-1][1]
+
+
+def curves_interp(curves: Curves, size: float, x: float) -> float:
+    """y of a family of curves, one per size: each curve at `x` (log_interp), then across sizes at `size`
+    (log_interp; size <= 0 takes the largest)."""
+    return log_interp(tuple((s, log_interp(curve, x)) for s, curve in curves), size)
+
+
+def _podplan_stream(rows: list[dict]) -> Curves:
+    """Per measured expert shape (parameters of one expert), the (tokens per expert, weight_tbps) curve."""
+    by_size: dict[float, dict[float, float]] = {}
+    for r in rows:
+        if "weight_tbps" in r:
+            size = 3.0 * int(r["hidden"]) * int(r["intermediate"])  # gate, up and down
+            by_size.setdefault(size, {})[float(r["tokens_per_expert"])] = _num(r["weight_tbps"], "podplan_experts")
+    return tuple((size, tuple(sorted(curve.items()))) for size, curve in sorted(by_size.items()))
 
 
 def _num(x: object, where: str) -> float:
@@ -133,8 +179,6 @@ def profile_from_doc(doc: dict, key: str, filename: str = "") -> HardwareProfile
                     for r in m.get("grouped_gemm", []) if "tflops" in r)
     mla = [_num(r["kv_tbps"], "attention") for r in m.get("attention", [])
            if r.get("kind") == "mla_decode" and "kv_tbps" in r]
-    ours = [_num(r["weight_tbps"], "podplan_experts") for r in m.get("podplan_experts", [])
-            if "weight_tbps" in r and int(r["tokens_per_expert"]) <= SMALL_GROUP_TOKENS]
     col = m.get("collectives") or {}
     ar = [_num(r["busbw_gbps"], "collectives") for r in col.get("all_reduce", [])]
     where = f"; {filename}" if filename else ""
@@ -144,7 +188,7 @@ def profile_from_doc(doc: dict, key: str, filename: str = "") -> HardwareProfile
         derived=False, hbm_tbps=_num(m["hbm"]["tbps"], "hbm"), launch_us=_num(m["launch"]["us"], "launch"),
         gemm=gemm, grouped=grouped, mla_decode_kv_tbps=max(mla, default=0.0),
         allreduce_busbw_gbps=max(ar, default=0.0),
-        podplan_stream_tbps=statistics.median(ours) if ours else 0.0,
+        podplan_stream=_podplan_stream(m.get("podplan_experts", [])),
     )
 
 
@@ -171,7 +215,8 @@ def derive(measured: HardwareProfile, measured_hw: DeviceSpec, target_key: str, 
         grouped=tuple(GroupedPoint(g.tokens_per_group, g.n, g.k, g.tflops * comp, g.dtype, g.weight_tbps * hbm)
                       for g in measured.grouped),
         mla_decode_kv_tbps=measured.mla_decode_kv_tbps * hbm, allreduce_busbw_gbps=measured.allreduce_busbw_gbps * link,
-        podplan_stream_tbps=measured.podplan_stream_tbps * hbm,
+        podplan_stream=tuple((size, tuple((t, rate * hbm) for t, rate in curve))
+                             for size, curve in measured.podplan_stream),
     )
 
 

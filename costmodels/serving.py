@@ -272,10 +272,12 @@ def _runs_podplan(topo: Topology) -> bool:
     return topo.kind in HOST_GPU_KINDS
 
 
-def _expert_reads(topo: Topology, prec: compute.Precision, pairs: float, slots: float) -> dict:
+def _expert_reads(shape: ModelShape, topo: Topology, prec: compute.Precision, pairs: float, slots: float) -> dict:
     """How the routed experts' weights are read: distinct experts a die's pairs touch, and at what rate."""
-    return {"experts_touched_per_die": opcount.expected_distinct(slots, pairs) if pairs > 0 else 0.0,
-            "expert_stream_tbps": compute.expert_stream_tbps(topo.hardware, prec, _runs_podplan(topo))}
+    touched = opcount.expected_distinct(slots, pairs) if pairs > 0 else 0.0
+    return {"experts_touched_per_die": touched,
+            "expert_stream_tbps": compute.expert_stream_tbps(topo.hardware, prec, _runs_podplan(topo), shape.params_expert,
+                                                             pairs / touched if touched else 1.0)}
 
 
 def _terms(n_moe: int, n_dense: int, m: int, moe: _MoE, *, att: float, tp_bw: float, tp_lat: float, gate: float,
@@ -394,7 +396,7 @@ def _decode_colocated(shape: ModelShape, topo: Topology, dep: DecodeDeployment, 
             "routed_slots_per_die": layout.slots_per_routed_die, "shared_expert_dies": layout.shared_dies,
             "redundant_experts": layout.redundant, "quant": prec.quant, "kv_dtype": prec.kv,
             "tokens_per_expert": moe.tokens_per_expert,
-            **_expert_reads(topo, prec, moe.routed_pairs, layout.max_slots_per_routed_die),
+            **_expert_reads(shape, topo, prec, moe.routed_pairs, layout.max_slots_per_routed_die),
             **_sources(topo, cal),
             "per_layer_us": {"attention": att, "tp_allreduce": tp_comm, "gate": gate, "dispatch": moe.dispatch,
                              "experts": moe.experts, "combine": moe.combine, "shared_experts": moe.shared,
@@ -547,7 +549,7 @@ def _decode_disaggregated(shape: ModelShape, topo: Topology, dep: DecodeDeployme
             "routed_slots_per_die": layout.slots_per_routed_die, "shared_expert_dies": layout.shared_dies,
             "redundant_experts": layout.redundant, "quant": prec.quant, "kv_dtype": prec.kv,
             "tokens_per_expert": pairs / slots if slots else 0.0,
-            **_expert_reads(topo, prec, pairs, slots),
+            **_expert_reads(shape, topo, prec, pairs, slots),
             **_sources(topo, cal),
             "per_layer_us": {"attention": t_a, "a2e": a2e, "experts": t_e, "e2a": e2a, "round": t_round,
                              "dense_layer": dense_layer, "launch_overhead": launch},
@@ -633,7 +635,7 @@ def estimate_prefill(shape: ModelShape, topo: Topology, dep: PrefillDeployment,
             "prefix_hit": hit, "routed_slots_per_die": layout.slots_per_routed_die,
             "shared_expert_dies": layout.shared_dies, "redundant_experts": layout.redundant,
             "quant": prec.quant, "kv_dtype": prec.kv, "tokens_per_expert": moe.tokens_per_expert,
-            **_expert_reads(topo, prec, moe.routed_pairs, layout.max_slots_per_routed_die),
+            **_expert_reads(shape, topo, prec, moe.routed_pairs, layout.max_slots_per_routed_die),
             **_sources(topo, cal),
             "per_layer_us": {"attention": att, "tp_allreduce": tp_comm, "gate": gate, "dispatch": moe.dispatch,
                              "experts": moe.experts, "combine": moe.combine, "shared_experts": moe.shared,

@@ -342,7 +342,10 @@ def plan(quick: bool, tiny: bool = False) -> dict[str, Any]:
                           "kv_len": s})
         attention.append({"kind": "sdpa", "batch": 1, "heads": 128, "kv_heads": 128, "head_dim": 192 if not quick
                           else 128, "q_len": s, "kv_len": s})
-    podplan = [(32, 7168, 2048, t) for t in ([1, 8, 32, 128] if quick else [1, 2, 4, 8, 16, 32, 64, 128])]
+    # podplan's kernel at two expert sizes, DeepSeek-V3's (7,168 x 2,048, 88 MB in BF16) and Qwen3-30B-A3B's
+    # (2,048 x 768, 9.4 MB, 128 of them): small experts give each tile less work and stream slower
+    podplan = [(e, h, i, t) for e, h, i in ((32, 7168, 2048), (128, 2048, 768))
+               for t in ([1, 8, 32, 128] if quick else [1, 2, 4, 8, 16, 32, 64, 128])]
     return {
         "podplan_experts": podplan,
         "gemm": [(m, n, k) for n, k in weights for m in tokens],
@@ -480,10 +483,10 @@ def summary(doc: dict[str, Any]) -> list[str]:
             rate = prof.grouped_stream_tbps(dtype) or 0.0
             lines.append(f"grouped GEMM {dtype}: median weight stream {rate:.2f} TB/s at <= {SMALL_GROUP_TOKENS} "
                          f"tokens per group{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
-    if prof.podplan_stream_tbps > 0:
-        rate = prof.podplan_stream_tbps
+    for size, rate in prof.podplan_stream_median():
         lines.append(f"podplan experts kernel (runtime.moe_triton, bf16): median weight stream {rate:.2f} TB/s at "
-                     f"<= {SMALL_GROUP_TOKENS} tokens per expert{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
+                     f"<= {SMALL_GROUP_TOKENS} tokens per expert, {2 * size / 1e6:.1f} MB experts"
+                     f"{vs(rate, spec.hbm_tbps if spec else 0, 'TB/s')}")
     mla = [r for r in m["attention"] if r.get("kind") == "mla_decode" and "kv_tbps" in r]
     if mla:
         best = max(mla, key=lambda r: r["kv_tbps"])

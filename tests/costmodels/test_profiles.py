@@ -27,8 +27,12 @@ def _doc(hbm_tbps: float = 4.4) -> dict:
                                 "impl": "torch._scaled_grouped_mm", "us": 1.0, "tflops": f, "weight_tbps": w}
                                for t, f, w in ((1, 4.8, 2.4), (16, 77.0, 2.4), (32, 150.0, 2.3), (2048, 1000.0, 0.2))],
             "attention": [{"kind": "mla_decode", "kv_tbps": 3.9, "us": 1.0}],
-            "podplan_experts": [{"impl": "runtime.moe_triton", "tokens_per_expert": t, "us": 1.0, "weight_tbps": w}
-                                for t, w in ((1, 3.8), (32, 4.0), (64, 4.1), (128, 2.0))],
+            "podplan_experts": [{"impl": "runtime.moe_triton", "experts": 32, "hidden": 7168, "intermediate": 2048,
+                                 "tokens_per_expert": t, "us": 1.0, "weight_tbps": w}
+                                for t, w in ((1, 3.8), (32, 4.0), (64, 4.1), (128, 2.0))]
+                               + [{"impl": "runtime.moe_triton", "experts": 128, "hidden": 2048, "intermediate": 768,
+                                   "tokens_per_expert": t, "us": 1.0, "weight_tbps": w}
+                                  for t, w in ((1, 3.0), (64, 3.4), (128, 1.0))],
             "collectives": {"world": 8, "all_reduce": [{"bytes": 1 << 28, "us": 1.0, "busbw_gbps": 360.0}]},
         },
     }
@@ -72,13 +76,23 @@ def test_podplan_kernel_rate_is_read_and_derived(tmp_path):
     path = tmp_path / "h200.json"
     path.write_text(json.dumps(_doc()))
     p = profiles.read_profile(path)
-    assert p.podplan_stream_tbps == pytest.approx(4.0)  # median of the <= 64-token rows: 3.8, 4.0, 4.1
+    big, small = 3 * 7168 * 2048, 3 * 2048 * 768
+    assert p.podplan_stream_median() == ((small, pytest.approx(3.2)), (big, pytest.approx(4.0)))  # <= 64 tokens
+    # the measured grid itself: (parameters, tokens per expert) -> TB/s
+    assert p.podplan_stream_tbps(big, 1) == pytest.approx(3.8) and p.podplan_stream_tbps(big, 128) == pytest.approx(2.0)
+    assert p.podplan_stream_tbps(small, 64) == pytest.approx(3.4) and p.podplan_stream_tbps() == pytest.approx(3.8)
+    # between measured points: linear in log(tokens), then in log(parameters); held flat outside the grid
+    assert p.podplan_stream_tbps(big, 8) == pytest.approx(3.8 + 0.2 * 3 / 5)  # 8 tokens: 3/5 of the way 1 -> 32
+    assert p.podplan_stream_tbps(big, 0.5) == pytest.approx(3.8) and p.podplan_stream_tbps(big, 4096) == pytest.approx(2.0)
+    assert p.podplan_stream_tbps(small / 4, 1) == pytest.approx(3.0) and p.podplan_stream_tbps(big * 4, 1) == pytest.approx(3.8)
+    mid = (small * big) ** 0.5  # halfway in log(parameters)
+    assert p.podplan_stream_tbps(mid, 1) == pytest.approx(3.4) and p.podplan_stream_tbps(mid, 128) == pytest.approx(1.5)
     h800 = profiles.derive(p, H200, "h800", H800)
-    assert h800.podplan_stream_tbps == pytest.approx(4.0 * H800.hbm_tbps / H200.hbm_tbps)
+    assert h800.podplan_stream_tbps(big, 64) == pytest.approx(4.1 * H800.hbm_tbps / H200.hbm_tbps)
     doc = _doc()
     del doc["measurements"]["podplan_experts"]
     path.write_text(json.dumps(doc))
-    assert profiles.read_profile(path).podplan_stream_tbps == 0.0  # not measured: the copy rate stands in
+    assert profiles.read_profile(path).podplan_stream_tbps(big) == 0.0  # not measured: the copy rate stands in
 
 
 def test_expert_gemms_stream_at_the_measured_grouped_rate(tmp_path, monkeypatch):
@@ -93,7 +107,8 @@ def test_expert_gemms_stream_at_the_measured_grouped_rate(tmp_path, monkeypatch)
         assert eff.of("expert_gemm", "fp8")[1] == pytest.approx(2.4 / 4.8)
         assert eff.of("expert_gemm", "bf16")[1] == pytest.approx(2.75 / 4.8)
         assert eff.of("dense_gemm", "fp8")[1] == pytest.approx(4.4 / 4.8)
-        assert eff.of("podplan_expert_gemm", "bf16")[1] == pytest.approx(4.0 / 4.8)  # podplan's own kernel
+        assert eff.of("podplan_expert_gemm", "bf16", 3 * 7168 * 2048, 32)[1] == pytest.approx(4.0 / 4.8)  # podplan's kernel
+        assert eff.of("podplan_expert_gemm", "bf16", 3 * 2048 * 768, 1)[1] == pytest.approx(3.0 / 4.8)  # small experts
         weights = 32 * 4096 * 7168  # 32 FP8 experts, one token each: weight reads dominate
         us = compute.roofline_us(H200, "expert_gemm", 2.0 * weights, weights, "fp8")
         assert us == pytest.approx(weights / (2.4e6))
@@ -178,3 +193,21 @@ def test_roofline_reproduces_the_bundled_grouped_rows():
     assert len(errors["bf16"]) >= 40 and len(errors["fp8"]) >= 30
     for dtype, errs in errors.items():
         assert statistics.median(errs) <= 0.10, (dtype, statistics.median(errs))
+
+
+def test_podplan_runtime_prices_its_experts_by_size_and_tokens():
+    """`podplan run` topologies read podplan's kernel's measured grid at the model's expert size and its
+    tokens per touched expert: Qwen3-30B-A3B's 9.4 MB experts stream slower than DeepSeek-V3's 88 MB ones,
+    and the estimate reports the rate it used."""
+    from costmodels.serving import DecodeDeployment, estimate_decode
+    from costmodels.topology import get_topology
+    from planner.frontend.trace import model_shape
+
+    prof = profiles.profile_for(H200)
+    assert prof is not None and len(prof.podplan_stream) >= 2  # the bundled profile holds two expert sizes
+    qwen, dsv3 = model_shape("qwen3-30b-a3b"), model_shape("deepseek-v3")
+    assert prof.podplan_stream_tbps(qwen.params_expert, 2) < prof.podplan_stream_tbps(dsv3.params_expert, 2)
+    est = estimate_decode(qwen, get_topology("h200:1"), DecodeDeployment(devices=1, batch_per_device=32, quant="bf16"))
+    d = est.details
+    per_expert = 32 * qwen.top_k / d["experts_touched_per_die"]
+    assert d["expert_stream_tbps"] == pytest.approx(prof.podplan_stream_tbps(qwen.params_expert, per_expert))
