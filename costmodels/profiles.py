@@ -115,15 +115,8 @@ class HardwareProfile:
             by_t[g.tokens_per_group] = max(by_t.get(g.tokens_per_group, 0.0), g.tflops)
         if not by_t or peak_tflops <= 0:
             return None
-        pts = sorted(by_t.items())
-        t = max(tokens_per_group, pts[0][0])
-        if t >= pts[-1][0]:
-            return min(1.0, pts[-1][1] / peak_tflops)
-        for (t0, f0), (t1, f1) in zip(pts, pts[1:]):
-            if t0 <= t <= t1:
-                w = (math.log2(t) - math.log2(t0)) / (math.log2(t1) - math.log2(t0)) if t1 > t0 else 0.0
-                return min(1.0, ((1 - w) * f0 + w * f1) / peak_tflops)
-        return min(1.0, pts[0][1] / peak_tflops)
+        pts = tuple(sorted((float(t), f) for t, f in by_t.items()))
+        return min(1.0, log_interp(pts, max(tokens_per_group, pts[0][0])) / peak_tflops)
 
 
 def log_interp(points: tuple[tuple[float, float], ...], x: float) -> float:
