@@ -274,21 +274,31 @@ def experts_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, pairs: flo
         wb, dtype = prec.weight_bytes, prec.act_dtype
     else:
         wb, dtype = prec.expert_weight_bytes, prec.expert_dtype
-        if podplan_kernel:
-            op_class = "podplan_expert_gemm"
-        # a grouped GEMM reads only the experts that got rows (empty groups launch no tiles): with few
-        # pairs per slot, the expected distinct experts balanced routing touches (skewed routing touches
-        # fewer, so this is the upper bound)
-        slots = opcount.expected_distinct(slots, pairs)
+        op_class = _routed_op(podplan_kernel)
+        slots = _touched(slots, pairs)
     return gemm_us(hw, op_class, tokens=pairs / slots, params=params_per_expert, weight_bytes=wb, dtype=dtype,
                    groups=slots, extra_bytes=2 * pairs * shape.hidden * dtype_bytes(prec.act_dtype))
 
 
-def expert_stream_tbps(hw: DeviceSpec, prec: Precision, podplan_kernel: bool = False,
-                       params_per_expert: float = 0.0, tokens_per_expert: float = 1.0) -> float:
-    """TB/s at which a decode-sized expert GEMM reads its weights (the memory side of `experts_us`)."""
-    op_class = "podplan_expert_gemm" if podplan_kernel else "expert_gemm"
-    return hw.hbm_tbps * efficiencies(hw).of(op_class, prec.expert_dtype, params_per_expert, tokens_per_expert)[1]
+def _routed_op(podplan_kernel: bool) -> str:
+    """The op class of routed experts: podplan's own kernel on `podplan run` hosts, else an engine's."""
+    return "podplan_expert_gemm" if podplan_kernel else "expert_gemm"
+
+
+def _touched(slots: float, pairs: float) -> float:
+    """Resident experts a grouped GEMM of `pairs` rows over `slots` experts reads: only those that got rows
+    (empty groups launch no tiles), the expected distinct ones under balanced routing (skewed routing
+    touches fewer, so this is the upper bound)."""
+    return opcount.expected_distinct(slots, pairs)
+
+
+def expert_reads(hw: DeviceSpec, prec: Precision, *, pairs: float, slots: float, params_per_expert: float,
+                 podplan_kernel: bool = False) -> tuple[float, float]:
+    """How `experts_us` reads the routed experts' weights: (experts touched, TB/s their weights stream at)."""
+    touched = _touched(slots, pairs) if pairs > 0 and slots > 0 else 0.0
+    tokens = pairs / touched if touched else 1.0
+    eff = efficiencies(hw).of(_routed_op(podplan_kernel), prec.expert_dtype, params_per_expert, tokens)[1]
+    return touched, hw.hbm_tbps * eff
 
 
 def dense_ffn_us(shape: ModelShape, hw: DeviceSpec, prec: Precision, *, tokens: float, tp: int = 1) -> float:

@@ -274,10 +274,9 @@ def _runs_podplan(topo: Topology) -> bool:
 
 def _expert_reads(shape: ModelShape, topo: Topology, prec: compute.Precision, pairs: float, slots: float) -> dict:
     """How the routed experts' weights are read: distinct experts a die's pairs touch, and at what rate."""
-    touched = opcount.expected_distinct(slots, pairs) if pairs > 0 else 0.0
-    return {"experts_touched_per_die": touched,
-            "expert_stream_tbps": compute.expert_stream_tbps(topo.hardware, prec, _runs_podplan(topo), shape.params_expert,
-                                                             pairs / touched if touched else 1.0)}
+    touched, rate = compute.expert_reads(topo.hardware, prec, pairs=pairs, slots=slots,
+                                         params_per_expert=shape.params_expert, podplan_kernel=_runs_podplan(topo))
+    return {"experts_touched_per_die": touched, "expert_stream_tbps": rate}
 
 
 def _terms(n_moe: int, n_dense: int, m: int, moe: _MoE, *, att: float, tp_bw: float, tp_lat: float, gate: float,
